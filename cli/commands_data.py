@@ -1,0 +1,97 @@
+"""Data commands: convert and inspect."""
+import sys
+
+import click
+
+from cli.main import call, main, parse_list
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@click.option("--channels", required=True,
+              help="Images to crop, in order, as named in Image.csv's FileName_<name> columns "
+                   "(e.g. DNA,Tubulin,Actin).")
+@click.option("--objects", default="Nuclei", show_default=True,
+              help="Object tables to take features from; the first one's Location_Center_X/Y "
+                   "centres the crops. Tables are joined on ImageNumber and ObjectNumber.")
+@click.option("--table", is_flag=True,
+              help="INPUT is a single-cell CSV/Parquet table (CytoTable/pycytominer style) "
+                   "with a column of crop files, instead of an ExportToSpreadsheet folder.")
+@click.option("--crop-column", default=None,
+              help="With --table: the column of crop files (TIFF or .npy) "
+                   "[default: Metadata_CropFile].")
+@click.option("--crop-size", default=68, show_default=True, type=int, help="Crop side in pixels.")
+@click.option("--edge", type=click.Choice(["skip", "pad"]), default="skip", show_default=True,
+              help="Cells whose crop leaves the field: skip them (listed in rejects.csv) or "
+                   "pad with zeros.")
+@click.option("--include", default=None, help="Keep only features whose name matches this regex.")
+@click.option("--exclude", default=None, help="Leave out features whose name matches this regex.")
+@click.option("--features-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text file with the feature names to use, one per line, in order.")
+@click.option("--split-by", default=None,
+              help="Column(s) keeping cells together across splits, e.g. Metadata_Well or "
+                   "Metadata_Plate [default: ImageNumber, i.e. by field].")
+@click.option("--split", "split_fractions", default="0.8,0.1,0.1", show_default=True,
+              help="Train,val,test fractions of cells (whole groups at a time).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+@click.option("--treatment-column", default=None,
+              help="Column(s) naming each cell's treatment [default: the first of "
+                   "Metadata_Treatment, Metadata_Compound, Metadata_pert_iname, ...].")
+@click.option("--shard-size", default=1000, show_default=True, type=int,
+              help="Cells per shard at most (whole fields; shards hold one treatment each).")
+@click.option("--compression", type=click.Choice(["none", "GZIP"]), default="none",
+              show_default=True, help="TFRecord compression.")
+@click.option("--intensity-percentile", default=99.99, show_default=True, type=float,
+              help="Per-channel percentile of training-split pixels that maps to 1.0 in "
+                   "the reader's default (dataset-level) scaling.")
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="Processes writing shards in parallel.")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already in OUT_DIR.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def convert(input_path, out_dir, channels, objects, table, crop_column, crop_size, edge, include,
+            exclude, features_file, split_by, split_fractions, seed, treatment_column, shard_size,
+            compression, intensity_percentile, workers, overwrite, quiet):
+    """Cut single-cell crops and pair them with CellProfiler features as sharded TFRecords.
+
+    INPUT is a CellProfiler ExportToSpreadsheet folder (Image.csv plus one CSV per
+    object set) or, with --table, a single-cell table. OUT_DIR receives
+    <split>-<i>-of-<n>.tfrecord shards, manifest.json and rejects.csv. An
+    interrupted run is finished by running the same command again.
+    """
+    from tfrecords_tools.convert import ConvertConfig, convert as run
+
+    config = ConvertConfig(
+        input=input_path, out_dir=out_dir, channels=parse_list(channels),
+        objects=parse_list(objects), table=table, crop_column=crop_column, crop_size=crop_size,
+        edge=edge, include=include, exclude=exclude, features_file=features_file,
+        split_by=parse_list(split_by), split=split_fractions, seed=seed,
+        treatment_column=parse_list(treatment_column), shard_size=shard_size,
+        compression="" if compression == "none" else compression,
+        intensity_percentile=intensity_percentile, workers=workers, overwrite=overwrite)
+    manifest = call(run, config, progress=not quiet, command=["cp2image-tf"] + sys.argv[1:])
+    counts = manifest["counts"]
+    click.echo(f"Wrote {counts['cells']} cells ({counts['splits']['train']} train, "
+               f"{counts['splits']['val']} val, {counts['splits']['test']} test) with "
+               f"{manifest['features']['count']} features in {len(manifest['shards'])} shards "
+               f"to {out_dir}; {counts['rejected']} cells rejected (see rejects.csv), "
+               f"{len(manifest['features']['dropped'])} features dropped (see manifest.json).")
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path())
+@click.option("--verify", is_flag=True,
+              help="Read every record and check checksums and counts against the manifest.")
+def inspect(data_dir, verify):
+    """Summarise a converted dataset; --verify checks every shard and record."""
+    from tfrecords_tools import inspect as lib
+
+    click.echo(call(lib.summarize, data_dir))
+    if verify:
+        problems = call(lib.verify, data_dir)
+        if problems:
+            for problem in problems:
+                click.echo(f"  {problem}", err=True)
+            raise click.ClickException(f"{data_dir}: verification failed ({len(problems)} problem(s)).")
+        click.echo("  verify: every shard matches its checksum and every record parses; "
+                   "counts agree with the manifest.")

@@ -1,0 +1,50 @@
+"""The `cp2image-tf` command: a thin Click layer over the library.
+
+Each command parses options, calls one library function and reports. Heavy
+imports (TensorFlow, cp-measure) happen inside the commands so that `--help`
+and argument errors stay fast.
+"""
+import os
+
+import click
+
+from cp2image_tf._version import __version__
+from tfrecords_tools.errors import UserInputError
+
+# TensorFlow's C++ start-up chatter (no CUDA here, oneDNN notes) is not for users.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def call(fn, *args, **kwargs):
+    """Run a library function, turning a UserInputError into a one-line CLI error."""
+    try:
+        return fn(*args, **kwargs)
+    except UserInputError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def parse_list(value):
+    """'A,B, C' -> ['A', 'B', 'C'] (None stays None)."""
+    if value is None:
+        return None
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cp2image-tf")
+def main():
+    """Generate single-cell images from CellProfiler features.
+
+    \b
+    Typical flow:
+      cp2image-tf sample-data OUT          # or bring your own CellProfiler run
+      cp2image-tf convert CP_DIR DATA --objects Nuclei --channels DNA,Tubulin,Actin
+      cp2image-tf inspect DATA --verify
+    """
+
+
+def _register():
+    from cli import commands_data  # noqa: F401  (registers its commands on `main`)
+
+
+_register()

@@ -1,0 +1,46 @@
+"""Packaging for cp2image-tf: see README.md."""
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = {}
+exec((HERE / "cp2image_tf" / "_version.py").read_text(), VERSION)
+
+setup(
+    name="cp2image-tf",
+    version=VERSION["__version__"],
+    description=(
+        "Generate single-cell images from CellProfiler features "
+        "(CP2Image on TensorFlow/Keras)"
+    ),
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=["cp2image_tf", "tfrecords_tools", "cli"],
+    install_requires=[
+        "tensorflow>=2.16,<2.22",
+        "keras>=3.3,<4",
+        "numpy>=1.26",
+        "pandas>=2.0",
+        "tifffile>=2023.1",
+        "click>=8.1",
+        "cp-measure>=0.3,<0.4",
+        "scikit-image>=0.22",
+        "scipy>=1.11",
+        "pyarrow>=14",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # CUDA wheels of TensorFlow for GPU hosts (Linux).
+        "gpu": ["tensorflow[and-cuda]>=2.16,<2.22"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["cp2image-tf=cli.main:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Bio-Informatics",
+        "Topic :: Scientific/Engineering :: Image Processing",
+    ],
+)

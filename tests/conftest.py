@@ -1,0 +1,75 @@
+"""Shared test data: a small CellProfiler ExportToSpreadsheet folder made in the test."""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+CHANNELS = ("DNA", "Tubulin", "Actin")
+
+
+def make_cellprofiler_folder(root, n_fields=8, cells_per_field=6, size=96, seed=0,
+                             treatments=("DMSO", "Taxol"), edge_cell=True, absolute_paths=False):
+    """Random 16-bit fields plus Image.csv / Nuclei.csv / Cells.csv as CellProfiler lays them out.
+
+    Images go to root/images (PathName relative to the CSV folder unless absolute_paths);
+    CSVs to root/cp. Column order is shuffled, as merged batches have it. Nuclei.csv has a
+    constant column, an all-NaN column and one NaN value; with edge_cell the first field's
+    first cell sits 5 px from the border.
+    """
+    rng = np.random.default_rng(seed)
+    cp_dir = root / "cp"
+    img_dir = root / "images" / "plate1"
+    cp_dir.mkdir(parents=True)
+    img_dir.mkdir(parents=True)
+    images, nuclei, cells = [], [], []
+    for f in range(n_fields):
+        number = f + 1
+        well = f"B{f // 2 + 2:02d}"
+        row = {"ImageNumber": number, "Metadata_Plate": "plate1", "Metadata_Well": well,
+               "Metadata_Site": f % 2 + 1,
+               "Metadata_Treatment": treatments[(f // 2) % len(treatments)],
+               "Count_Nuclei": cells_per_field, "Threshold_FinalThreshold_Nuclei": 0.01}
+        for ch in CHANNELS:
+            name = f"plate1_{well}_s{f % 2 + 1}_{ch}.tif"
+            tifffile.imwrite(img_dir / name, rng.integers(0, 60000, (size, size), dtype=np.uint16))
+            row[f"FileName_{ch}"] = name
+            row[f"PathName_{ch}"] = str(img_dir) if absolute_paths else os.path.join("..", "images", "plate1")
+        row["FileName_IllumDNA"] = "illum.npy"  # not a channel: never asked for
+        row["PathName_IllumDNA"] = "/nowhere"
+        images.append(row)
+        for o in range(cells_per_field):
+            x, y = rng.uniform(20, size - 20, 2)
+            if edge_cell and f == 0 and o == 0:
+                x = 5.0
+            nuclei.append({
+                "ImageNumber": number, "ObjectNumber": o + 1,
+                "Location_Center_X": x, "Location_Center_Y": y,
+                "AreaShape_Area": rng.uniform(100, 400),
+                "AreaShape_Center_X": x, "AreaShape_BoundingBoxMinimum_X": x - 5,
+                "Intensity_MeanIntensity_DNA": rng.uniform(0.05, 0.5),
+                "Texture_Contrast_DNA_3_00_256": rng.uniform(0, 5),
+                "Parent_Cells": o + 1, "Children_Cytoplasm_Count": 1,
+                "Number_Object_Number": o + 1,
+                "AreaShape_EulerNumber": 1.0,
+                "Correlation_Costes_DNA_Actin": np.nan,
+            })
+            cells.append({"ImageNumber": number, "ObjectNumber": o + 1,
+                          "Location_Center_X": x + 1, "Location_Center_Y": y + 1,
+                          "AreaShape_Area": rng.uniform(500, 2000),
+                          "Intensity_MeanIntensity_Actin": rng.uniform(0.05, 0.5)})
+    nuclei[3]["Intensity_MeanIntensity_DNA"] = np.nan
+    image_df = pd.DataFrame(images)
+    nuclei_df = pd.DataFrame(nuclei)
+    cells_df = pd.DataFrame(cells)
+    order = rng.permutation(nuclei_df.columns)
+    image_df.sample(frac=1, axis=1, random_state=seed).to_csv(cp_dir / "Image.csv", index=False)
+    nuclei_df[order].to_csv(cp_dir / "Nuclei.csv", index=False)
+    cells_df.to_csv(cp_dir / "Cells.csv", index=False)
+    return cp_dir
+
+
+@pytest.fixture
+def cp_folder(tmp_path):
+    return make_cellprofiler_folder(tmp_path)

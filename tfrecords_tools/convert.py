@@ -1,0 +1,754 @@
+"""convert: CellProfiler outputs + images -> sharded TFRecords of (features, crop) + manifest.
+
+Plan, then write. The plan (which cells, which features, which split, which
+shard) is made from the tables and image headers alone; each shard is then one
+independent part: it reads its fields once each, cuts its crops and writes
+`<split>-<i>-of-<n>.tfrecord` under a temporary name, renamed when complete.
+Completed parts leave a summary in `.parts/` (checksum, counts, pixel
+histogram) so that an interrupted run picks up where it stopped. The manifest
+is written last, from the part summaries.
+
+Shards are treatment-pure (one treatment per shard), so that the reader can
+draw treatment-balanced batches without reading anything twice.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tfrecords_tools import cellprofiler as cp
+from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.features import (as_float_matrix, drop_uninformative, feature_statistics,
+                                      select_features)
+from tfrecords_tools.manifest import (MANIFEST, SCHEMA_VERSION, sha256_file,
+                                      write_json_atomic)
+from tfrecords_tools.splits import SPLITS, assign_splits, group_keys, parse_fractions
+
+PARTS = ".parts"
+REJECTS = "rejects.csv"
+TREATMENT_CANDIDATES = ("Metadata_Treatment", "Metadata_Compound", "Metadata_pert_iname",
+                        "Metadata_JCP2022", "Metadata_broad_sample", "Metadata_Perturbation")
+CROP_COLUMN_CANDIDATES = ("Metadata_CropFile", "Metadata_Crop", "CropFile")
+
+
+@dataclass
+class ConvertConfig:
+    """Everything that decides the dataset; saved in the manifest."""
+    input: str
+    out_dir: str
+    channels: list[str]
+    objects: list[str] = field(default_factory=lambda: ["Nuclei"])
+    table: bool = False
+    crop_column: str | None = None
+    crop_size: int = 68
+    edge: str = "skip"
+    include: str | None = None
+    exclude: str | None = None
+    features_file: str | None = None
+    split_by: list[str] | None = None
+    split: tuple = (0.8, 0.1, 0.1)
+    seed: int = 0
+    treatment_column: list[str] | None = None
+    shard_size: int = 1000
+    compression: str = ""
+    intensity_percentile: float = 99.99
+    workers: int = 1
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.channels:
+            raise UserInputError("--channels: name at least one channel, e.g. DNA,Tubulin,Actin.")
+        if len(set(self.channels)) != len(self.channels):
+            raise UserInputError(f"--channels {','.join(self.channels)}: a channel is named twice.")
+        if self.crop_size < 8:
+            raise UserInputError(f"--crop-size {self.crop_size}: use at least 8 pixels.")
+        if self.edge not in ("skip", "pad"):
+            raise UserInputError(f"--edge {self.edge}: choose skip or pad.")
+        if self.shard_size < 1:
+            raise UserInputError(f"--shard-size {self.shard_size}: must be at least 1.")
+        if self.compression not in ("", "GZIP"):
+            raise UserInputError(f"--compression {self.compression}: choose none or GZIP.")
+        if not 50 <= self.intensity_percentile <= 100:
+            raise UserInputError(f"--intensity-percentile {self.intensity_percentile}: "
+                                 "use a value between 50 and 100.")
+        self.split = parse_fractions(self.split)
+        if self.workers < 1:
+            raise UserInputError(f"--workers {self.workers}: must be at least 1.")
+
+
+# ---------------------------------------------------------------------------
+# Reading the tables into one cell table
+
+
+def load_cellprofiler_cells(config: ConvertConfig):
+    """Cells of an ExportToSpreadsheet folder: one row each, features prefixed by object."""
+    folder = Path(config.input)
+    image_csv = cp.find_table(folder, cp.IMAGE_TABLE)
+    image_df = cp.read_table(image_csv)
+    cp.require_columns(image_df, ["ImageNumber"], image_csv)
+    if image_df["ImageNumber"].duplicated().any():
+        dup = image_df["ImageNumber"][image_df["ImageNumber"].duplicated()].iloc[0]
+        raise UserInputError(f"{image_csv}: ImageNumber {dup} appears twice; merge batches "
+                             "with distinct ImageNumbers.")
+    paths = {ch: cp.channel_paths(image_df, ch, image_csv) for ch in config.channels}
+    fields = pd.DataFrame({"ImageNumber": image_df["ImageNumber"].to_numpy()})
+    for ch in config.channels:
+        fields[f"path_{ch}"] = paths[ch]
+    meta_cols = [c for c in image_df.columns if c.startswith("Metadata_")]
+    source_files = [image_csv]
+    cells = None
+    for k, obj in enumerate(config.objects):
+        path = cp.find_table(folder, obj)
+        source_files.append(path)
+        table = cp.read_table(path)
+        need = ["ImageNumber", "ObjectNumber"] + (
+            ["Location_Center_X", "Location_Center_Y"] if k == 0 else [])
+        cp.require_columns(table, need, path, " (needed to place crops)" if k == 0 else "")
+        table = table.drop(columns=[c for c in table.columns if c.startswith("Metadata_")])
+        renamed = {c: f"{obj}_{c}" for c in table.columns if c not in ("ImageNumber", "ObjectNumber")}
+        table = table.rename(columns=renamed)
+        if cells is None:
+            cells = table
+        else:
+            cells = cells.merge(table, on=["ImageNumber", "ObjectNumber"], how="left",
+                                indicator=f"_has_{obj}")
+    cells = cells.rename(columns={f"{config.objects[0]}_Location_Center_X": "_x",
+                                  f"{config.objects[0]}_Location_Center_Y": "_y"})
+    cells = cells.merge(image_df[["ImageNumber"] + meta_cols], on="ImageNumber", how="left",
+                        indicator="_has_image")
+    cells = cells.merge(fields, on="ImageNumber", how="left")
+    cells["_cell_id"] = cells["ImageNumber"].astype(str) + "-" + cells["ObjectNumber"].astype(str)
+    return cells, source_files, image_csv
+
+
+def load_table_cells(config: ConvertConfig):
+    """Cells of a CytoTable/pycytominer single-cell table, each with a crop file."""
+    path = Path(config.input)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such file. With --table, INPUT is a single-cell "
+                             "CSV or Parquet file.")
+    cells = cp.read_table(path)
+    column = config.crop_column or next((c for c in CROP_COLUMN_CANDIDATES if c in cells.columns), None)
+    if column is None or column not in cells.columns:
+        raise UserInputError(
+            f"{path}: no crop file column {column or '(tried ' + ', '.join(CROP_COLUMN_CANDIDATES) + ')'}; "
+            "name the column of crop files with --crop-column.")
+    base = path.resolve().parent
+    cells["_crop_path"] = [None if pd.isna(p) else os.path.normpath(
+        str(p) if os.path.isabs(str(p)) else str(base / str(p))) for p in cells[column]]
+    for key, target in (("Metadata_ImageNumber", "ImageNumber"), ("Metadata_ObjectNumber", "ObjectNumber")):
+        cells[target] = cells[key] if key in cells.columns else (
+            np.arange(len(cells)) + 1 if target == "ObjectNumber" else 0)
+    cells["_cell_id"] = (cells["ImageNumber"].astype(str) + "-" + cells["ObjectNumber"].astype(str)
+                         if "Metadata_ObjectNumber" in cells.columns
+                         else pd.Series(np.arange(len(cells)).astype(str)))
+    cells = cells.drop(columns=[column])
+    return cells, [path], path
+
+
+def table_compartments(columns) -> list[str]:
+    skip = {"Metadata", "Image", "ImageNumber", "ObjectNumber"}
+    return sorted({c.split("_")[0] for c in columns if "_" in c and c.split("_")[0] not in skip})
+
+
+# ---------------------------------------------------------------------------
+# Planning
+
+
+def pick_column(columns, requested, candidates, option, source):
+    if requested:
+        missing = [c for c in requested if c not in columns]
+        if missing:
+            raise UserInputError(f"{option} {','.join(requested)}: no column {', '.join(missing)} "
+                                 f"in {source}.")
+        return list(requested)
+    lower = {c.lower(): c for c in columns}
+    for cand in candidates:
+        for name in (cand, "Image_" + cand):
+            if name.lower() in lower:
+                return [lower[name.lower()]]
+    return []
+
+
+def plan_dataset(config: ConvertConfig):
+    """Everything decided before any pixel is read: cells, features, splits, shards, rejects."""
+    config.validate()
+    if config.table:
+        cells, sources, source = load_table_cells(config)
+        compartments = table_compartments(cells.columns)
+    else:
+        cells, sources, source = load_cellprofiler_cells(config)
+        compartments = list(config.objects)
+    rejects = []
+
+    def reject(mask, reason):
+        nonlocal cells
+        mask = np.asarray(mask, dtype=bool)
+        if mask.any():
+            for _, row in cells.loc[mask, ["_cell_id", "ImageNumber", "ObjectNumber"]].iterrows():
+                rejects.append({"cell_id": row["_cell_id"], "ImageNumber": row["ImageNumber"],
+                                "ObjectNumber": row["ObjectNumber"], "reason": reason})
+            cells = cells.loc[~mask].reset_index(drop=True)
+
+    if not config.table:
+        for obj in config.objects[1:]:
+            flag = f"_has_{obj}"
+            reject(cells[flag] != "both", f"no {obj} object with this ObjectNumber")
+            cells = cells.drop(columns=[flag])
+        reject(cells["_has_image"] != "both", "ImageNumber not in Image.csv")
+        reject(~np.isfinite(cells["_x"].astype(float)) | ~np.isfinite(cells["_y"].astype(float)),
+               "no Location_Center_X/Y")
+        for ch in config.channels:
+            reject(cells[f"path_{ch}"].isna(), f"no {ch} image listed for this image set")
+    else:
+        reject(cells["_crop_path"].isna(), "no crop file")
+
+    treatment_cols = pick_column(cells.columns, config.treatment_column, TREATMENT_CANDIDATES,
+                                 "--treatment-column", source)
+    if treatment_cols:
+        values = cells[treatment_cols].astype("string")
+        reject(values.isna().any(axis=1).to_numpy(), f"no value in {','.join(treatment_cols)}")
+        treatment = cells[treatment_cols].astype(str).agg("@".join, axis=1) if len(treatment_cols) > 1 \
+            else cells[treatment_cols[0]].astype(str)
+    else:
+        treatment = pd.Series([""] * len(cells))
+    cells["_treatment"] = treatment.to_numpy()
+
+    split_by = config.split_by
+    if not split_by:
+        if not config.table:
+            split_by = ["ImageNumber"]
+        elif "Metadata_ImageNumber" in cells.columns:
+            split_by = ["Metadata_ImageNumber"]
+        else:
+            raise UserInputError(f"{source}: no Metadata_ImageNumber column to keep fields together "
+                                 "across splits; name the grouping column(s) with --split-by.")
+    cells["_group"] = group_keys(cells, split_by, source).to_numpy()
+
+    # Image sizes from headers: checks channels agree and finds cells at the border.
+    shape_of = {}
+    if not config.table:
+        shape_of = check_field_images(cells, config)
+        size = config.crop_size
+        if config.edge == "skip":
+            height = cells["ImageNumber"].map(lambda n: shape_of[n][0]).to_numpy()
+            width = cells["ImageNumber"].map(lambda n: shape_of[n][1]).to_numpy()
+            top = np.floor(cells["_y"].astype(float).to_numpy() + 0.5).astype(int) - size // 2
+            left = np.floor(cells["_x"].astype(float).to_numpy() + 0.5).astype(int) - size // 2
+            reject((top < 0) | (left < 0) | (top + size > height) | (left + size > width),
+                   f"within {size // 2} px of the image border (--edge skip)")
+    if len(cells) == 0:
+        raise UserInputError(f"{source}: no cell left to convert ({len(rejects)} rejected; "
+                             f"first reason: {rejects[0]['reason'] if rejects else 'no rows'}).")
+
+    split = assign_splits(pd.Series(cells["_group"]), config.split, config.seed)
+    cells["_split"] = split
+    train = cells["_split"].to_numpy() == "train"
+
+    selection = select_features(cells.drop(columns=[c for c in cells.columns if c.startswith("_")
+                                                    or c.startswith("path_")]),
+                                compartments, config.include, config.exclude,
+                                config.features_file, source=str(source))
+    values = as_float_matrix(cells, selection.names)
+    keep, uninformative = drop_uninformative(values, selection.names, train)
+    if not keep:
+        raise UserInputError(f"{source}: every selected feature is all-NaN or constant in the "
+                             "training split; nothing to learn from.")
+    names = [selection.names[j] for j in keep]
+    values = values[:, keep]
+    stats = feature_statistics(values[train])
+    dropped = selection.dropped + uninformative
+
+    treatments = sorted(set(cells["_treatment"]))
+    shards = plan_shards(cells, config)
+    return {
+        "cells": cells, "values": values, "names": names, "stats": stats, "dropped": dropped,
+        "rejects": rejects, "treatments": treatments, "treatment_columns": treatment_cols,
+        "split_by": split_by, "shards": shards, "sources": sources, "source": source,
+        "compartments": compartments,
+    }
+
+
+def check_field_images(cells: pd.DataFrame, config: ConvertConfig) -> dict:
+    """(Y, X) per ImageNumber from TIFF headers; every channel must agree and exist."""
+    shapes = {}
+    per_field = cells.drop_duplicates("ImageNumber")
+    for _, row in per_field.iterrows():
+        field_shapes = {}
+        for ch in config.channels:
+            path = row[f"path_{ch}"]
+            if not os.path.exists(path):
+                raise UserInputError(f"{path}: image file not found (channel {ch}, ImageNumber "
+                                     f"{row['ImageNumber']}). Check PathName_{ch} in Image.csv, "
+                                     "or run from the folder its relative paths start from.")
+            field_shapes[ch] = cp.image_shape(path)
+        distinct = set(field_shapes.values())
+        if len(distinct) > 1:
+            listed = "; ".join(f"{ch} {s[1]}x{s[0]} ({row[f'path_{ch}']})" for ch, s in field_shapes.items())
+            raise UserInputError(f"ImageNumber {row['ImageNumber']}: channel images differ in size: "
+                                 f"{listed}. Every channel of a field must have the same size.")
+        shape = distinct.pop()
+        if len(shape) != 2:
+            raise UserInputError(f"{row[f'path_{config.channels[0]}']}: expected a 2-D image, "
+                                 f"found shape {shape}.")
+        if config.crop_size > min(shape):
+            raise UserInputError(f"--crop-size {config.crop_size}: larger than the images "
+                                 f"({shape[1]}x{shape[0]} px, {row[f'path_{config.channels[0]}']}). "
+                                 "Choose a smaller crop.")
+        shapes[row["ImageNumber"]] = shape
+    return shapes
+
+
+def plan_shards(cells: pd.DataFrame, config: ConvertConfig) -> list[dict]:
+    """Shards per split: treatment-pure, whole fields, at most shard_size cells (unless one field has more)."""
+    shards = []
+    for split in SPLITS:
+        in_split = cells[cells["_split"] == split]
+        split_shards = []
+        for treatment in sorted(set(in_split["_treatment"])):
+            block = in_split[in_split["_treatment"] == treatment]
+            # A table's crops are files of their own: pack them one cell at a time.
+            key = block.index if config.table else "ImageNumber"
+            current, count = [], 0
+            for _, rows in block.groupby(key, sort=True):
+                n = len(rows)
+                if current and count + n > config.shard_size:
+                    split_shards.append({"treatment": treatment, "rows": current})
+                    current, count = [], 0
+                current.extend(rows.index.tolist())
+                count += n
+            if current:
+                split_shards.append({"treatment": treatment, "rows": current})
+        for i, shard in enumerate(split_shards):
+            shard["split"] = split
+            shard["file"] = f"{split}-{i:05d}-of-{len(split_shards):05d}.tfrecord"
+            shards.append(shard)
+    return shards
+
+
+# ---------------------------------------------------------------------------
+# Writing one shard (a part): runs in a worker process
+
+
+def cut_crop(stack: np.ndarray, x: float, y: float, size: int, edge: str):
+    """A size x size crop of an (H, W, C) stack centred on pixel (round(y), round(x)).
+
+    Rounding is half-up. With edge='pad' the outside of the field is zeros.
+    Returns None when the crop would leave the field and edge='skip'.
+    """
+    height, width = stack.shape[:2]
+    top = int(np.floor(y + 0.5)) - size // 2
+    left = int(np.floor(x + 0.5)) - size // 2
+    if 0 <= top and 0 <= left and top + size <= height and left + size <= width:
+        return stack[top:top + size, left:left + size]
+    if edge == "skip":
+        return None
+    crop = np.zeros((size, size, stack.shape[2]), dtype=stack.dtype)
+    t0, l0 = max(top, 0), max(left, 0)
+    t1, l1 = min(top + size, height), min(left + size, width)
+    if t0 < t1 and l0 < l1:
+        crop[t0 - top:t1 - top, l0 - left:l1 - left] = stack[t0:t1, l0:l1]
+    return crop
+
+
+def fit_table_crop(crop: np.ndarray, n_channels: int, size: int, path: str) -> np.ndarray:
+    """A crop file as (size, size, C): CHW is transposed, larger crops centre-cut."""
+    if crop.ndim == 2 and n_channels == 1:
+        crop = crop[..., None]
+    if crop.ndim != 3:
+        raise UserInputError(f"{path}: a crop must be H x W x C, found shape {crop.shape}.")
+    if crop.shape[-1] != n_channels and crop.shape[0] == n_channels:
+        crop = np.moveaxis(crop, 0, -1)
+    if crop.shape[-1] != n_channels:
+        raise UserInputError(f"{path}: crop has shape {crop.shape}, expected {n_channels} channels "
+                             "(one per --channels name).")
+    h, w = crop.shape[:2]
+    if h < size or w < size:
+        raise UserInputError(f"{path}: crop is {w}x{h} px, smaller than --crop-size {size}.")
+    top, left = (h - size) // 2, (w - size) // 2
+    return crop[top:top + size, left:left + size]
+
+
+def histogram_bins(dtype) -> int:
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui" and dtype.itemsize <= 2:
+        return 1 << (8 * dtype.itemsize)
+    return 65536
+
+
+def pixel_histogram(crops: np.ndarray, bins: int) -> np.ndarray:
+    """Per-channel histogram of crop pixels: exact counts per integer value for 8/16-bit
+    data, 65536 bins over [0, 1] otherwise (values outside go to the end bins)."""
+    channels = crops.shape[-1]
+    hist = np.zeros((channels, bins), dtype=np.int64)
+    exact = crops.dtype.kind in "ui" and crops.dtype.itemsize <= 2
+    for c in range(channels):
+        values = crops[..., c].ravel()
+        if exact:
+            index = np.clip(values.astype(np.int64), 0, bins - 1)
+        else:
+            index = np.clip((values.astype(np.float64) * (bins - 1)).round(), 0, bins - 1)
+        hist[c] = np.bincount(index.astype(np.int64), minlength=bins)
+    return hist
+
+
+def read_array(path: str):
+    """A TIFF or .npy file as an array, read once, with the file's size and sha256."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    info = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        if path.endswith(".npy"):
+            return np.load(io.BytesIO(data)), info
+        import tifffile
+        return tifffile.imread(io.BytesIO(data)), info
+    except Exception as err:
+        raise UserInputError(f"{path}: cannot be read as an image ({err}).") from None
+
+
+def read_field(paths: list[str]):
+    """The channels of one field as an (H, W, C) stack, with each file's size and sha256."""
+    planes, files = [], {}
+    for path in paths:
+        plane, files[path] = read_array(path)
+        if plane.ndim == 3 and 1 in (plane.shape[0], plane.shape[-1]):
+            plane = np.squeeze(plane)
+        planes.append(plane)
+    dtype = np.result_type(*[p.dtype for p in planes])
+    return np.stack([p.astype(dtype, copy=False) for p in planes], axis=-1), files
+
+
+def write_part(task: dict) -> dict:
+    """Write one shard and its summary. Pure and idempotent: the same task gives the same bytes."""
+    from tfrecords_tools.records import encode_example
+    import tensorflow as tf
+
+    out_dir = Path(task["out_dir"])
+    final = out_dir / task["file"]
+    tmp = out_dir / f".{task['file']}.partial"
+    hist = None
+    crop_dtype = None
+    files = {}
+    records = 0
+    options = tf.io.TFRecordOptions(compression_type=task["compression"] or None)
+    with tf.io.TFRecordWriter(str(tmp), options) as writer:
+        for fld in task["fields"]:
+            if task["table"]:
+                stack = None
+            else:
+                stack, fld_files = read_field(fld["paths"])
+                files.update(fld_files)
+                if stack.shape[:2] != tuple(fld["shape"]):
+                    raise UserInputError(f"{fld['paths'][0]}: image is {stack.shape[1]}x{stack.shape[0]} px "
+                                         "but its header said otherwise; the file may be corrupt.")
+            for cell in fld["cells"]:
+                if task["table"]:
+                    raw, files[cell["crop_path"]] = read_array(cell["crop_path"])
+                    crop = fit_table_crop(np.asarray(raw), len(task["channels"]), task["crop_size"],
+                                          cell["crop_path"])
+                else:
+                    crop = cut_crop(stack, cell["x"], cell["y"], task["crop_size"], task["edge"])
+                crop = np.ascontiguousarray(crop)
+                if crop_dtype is None:
+                    crop_dtype = crop.dtype
+                    hist = np.zeros((crop.shape[-1], histogram_bins(crop_dtype)), dtype=np.int64)
+                if crop.dtype != crop_dtype:
+                    raise UserInputError(f"{cell['cell_id']}: crop dtype {crop.dtype} differs from "
+                                         f"{crop_dtype} of other cells; use images of one bit depth.")
+                hist += pixel_histogram(crop, hist.shape[1])
+                writer.write(encode_example(cell["features"], crop, cell["cell_id"],
+                                            cell["image_number"], cell["object_number"],
+                                            task["treatment"], task["treatment_index"],
+                                            cell["group"]))
+                records += 1
+    os.replace(tmp, final)
+    summary = {
+        "file": task["file"], "split": task["split"], "treatment": task["treatment"],
+        "records": records, "bytes": final.stat().st_size, "sha256": sha256_file(final),
+        "plan_hash": task["plan_hash"], "dtype": str(crop_dtype), "source_files": files,
+    }
+    parts = out_dir / PARTS
+    np.save(parts / f"{task['file']}.hist.npy", hist)
+    write_json_atomic(parts / f"{task['file']}.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# Orchestration
+
+
+def prepare_output(out_dir: Path, overwrite: bool) -> bool:
+    """Make out_dir ready; True when it holds unfinished work of an earlier run to resume."""
+    manifest = out_dir / MANIFEST
+    if manifest.exists():
+        if not overwrite:
+            raise UserInputError(f"{out_dir}: already holds a dataset ({MANIFEST}). "
+                                 "Pass --overwrite to replace it, or choose another OUT_DIR.")
+        manifest.unlink()  # first: a half-replaced dataset must never look complete
+        for path in out_dir.glob("*.tfrecord"):
+            path.unlink()
+        for name in (REJECTS, PARTS):
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    if out_dir.exists() and not (out_dir / PARTS).exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserInputError(f"{out_dir}: exists and is not empty, but holds no cp2image-tf "
+                             "dataset. Choose an empty or new OUT_DIR, or pass --overwrite "
+                             "(only files convert writes are removed).")
+    resuming = (out_dir / PARTS).is_dir()
+    (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
+    return resuming
+
+
+def build_tasks(plan: dict, config: ConvertConfig, out_dir: Path) -> list[dict]:
+    cells, values = plan["cells"], plan["values"]
+    treatment_index = {t: i for i, t in enumerate(plan["treatments"])}
+    shape_cache = {}
+    tasks = []
+    for shard in plan["shards"]:
+        rows = cells.loc[shard["rows"]]
+        fields = []
+        for image_number, fld in rows.groupby("ImageNumber", sort=True):
+            entry = {"cells": []}
+            if not config.table:
+                entry["paths"] = [fld.iloc[0][f"path_{ch}"] for ch in config.channels]
+                if image_number not in shape_cache:
+                    shape_cache[image_number] = tuple(cp.image_shape(entry["paths"][0]))
+                entry["shape"] = shape_cache[image_number]
+            for idx, row in fld.iterrows():
+                cell = {"cell_id": row["_cell_id"], "image_number": int(row["ImageNumber"]),
+                        "object_number": int(row["ObjectNumber"]), "group": row["_group"],
+                        "features": values[idx]}
+                if config.table:
+                    cell["crop_path"] = row["_crop_path"]
+                else:
+                    cell["x"], cell["y"] = float(row["_x"]), float(row["_y"])
+                entry["cells"].append(cell)
+            fields.append(entry)
+        task = {"file": shard["file"], "split": shard["split"], "treatment": shard["treatment"],
+                "treatment_index": treatment_index[shard["treatment"]], "fields": fields,
+                "out_dir": str(out_dir), "compression": config.compression,
+                "crop_size": config.crop_size, "edge": config.edge, "table": config.table,
+                "channels": list(config.channels)}
+        task["plan_hash"] = task_hash(task)
+        tasks.append(task)
+    return tasks
+
+
+def task_hash(task: dict) -> str:
+    digest = hashlib.sha256()
+    for key in ("file", "split", "treatment", "treatment_index", "compression", "crop_size",
+                "edge", "table", "channels"):
+        digest.update(repr(task[key]).encode())
+    for fld in task["fields"]:
+        digest.update(repr(fld.get("paths")).encode())
+        for cell in fld["cells"]:
+            digest.update(repr({k: v for k, v in cell.items() if k != "features"}).encode())
+            digest.update(np.asarray(cell["features"], dtype="<f4").tobytes())
+    return digest.hexdigest()
+
+
+def completed_part(out_dir: Path, task: dict):
+    """The summary of a part an earlier run finished, if its shard verifies by checksum."""
+    summary_path = out_dir / PARTS / f"{task['file']}.json"
+    shard = out_dir / task["file"]
+    hist = out_dir / PARTS / f"{task['file']}.hist.npy"
+    if not (summary_path.is_file() and shard.is_file() and hist.is_file()):
+        return None
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if summary.get("plan_hash") != task["plan_hash"] or summary.get("sha256") != sha256_file(shard):
+        return None
+    return summary
+
+
+def run_parts(tasks: list[dict], workers: int, progress: bool):
+    """Run the parts (in a process pool when workers > 1) with a progress bar over parts."""
+    from tqdm import tqdm
+
+    total_cells = sum(len(f["cells"]) for t in tasks for f in t["fields"])
+    summaries = []
+    bar = tqdm(total=len(tasks), unit="shard", disable=not progress or not tasks,
+               desc="convert", file=sys.stderr)
+    start, done_cells = time.perf_counter(), 0
+
+    def advance(summary):
+        nonlocal done_cells
+        summaries.append(summary)
+        done_cells += summary["records"]
+        rate = done_cells / max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix_str(f"{done_cells}/{total_cells} cells, {rate:.0f} cells/s")
+        bar.update(1)
+
+    try:
+        if workers == 1 or len(tasks) <= 1:
+            for task in tasks:
+                advance(write_part(task))
+        else:
+            import multiprocessing
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                futures = [pool.submit(write_part, task) for task in tasks]
+                for future in as_completed(futures):
+                    advance(future.result())
+    finally:
+        bar.close()
+    return summaries
+
+
+def intensity_ranges(summaries, out_dir: Path, channels, dtype: str, percentile: float) -> dict:
+    """Per-channel dataset-level intensity range from the training split's pixel histograms."""
+    hist = None
+    for summary in summaries:
+        if summary["split"] != "train":
+            continue
+        part = np.load(out_dir / PARTS / f"{summary['file']}.hist.npy")
+        hist = part if hist is None else hist + part
+    np_dtype = np.dtype(dtype)
+    integer = np_dtype.kind in "ui" and np_dtype.itemsize <= 2
+    ranges = {}
+    for c, ch in enumerate(channels):
+        counts = hist[c]
+        cumulative = np.cumsum(counts)
+        total = cumulative[-1]
+        high_bin = int(np.searchsorted(cumulative, percentile / 100.0 * total, side="left"))
+        max_bin = int(np.nonzero(counts)[0].max()) if total else 0
+        unit = 1.0 if integer else 1.0 / (counts.size - 1)  # value of one bin
+        ranges[ch] = {"low": 0.0, "high": max(high_bin, 1) * unit, "percentile": percentile,
+                      "max": max_bin * unit,
+                      "mean": float(counts @ np.arange(counts.size, dtype=np.float64)) * unit
+                      / max(int(total), 1)}
+    return ranges
+
+
+def dtype_max(dtype: str) -> float:
+    np_dtype = np.dtype(dtype)
+    if np_dtype.kind in "ui":
+        return float(np.iinfo(np_dtype).max)
+    return 1.0
+
+
+def convert(config: ConvertConfig, progress: bool = True, command: list[str] | None = None) -> dict:
+    """Convert CellProfiler outputs (or a single-cell table with crops) into a TFRecord dataset.
+
+    Returns the manifest. Safe to interrupt: re-running the same call finishes
+    the job, redoing only shards that are not complete.
+    """
+    started = time.time()
+    out_dir = Path(config.out_dir)
+    if not config.overwrite and (out_dir / MANIFEST).exists():
+        prepare_output(out_dir, False)  # raises the clear error before any work
+    plan = plan_dataset(config)
+    resuming = prepare_output(out_dir, config.overwrite)
+    tasks = build_tasks(plan, config, out_dir)
+    planned = {t["file"] for t in tasks}
+    for stale in out_dir.glob("*.tfrecord"):
+        if stale.name not in planned:
+            stale.unlink()
+    done, todo = [], []
+    for task in tasks:
+        summary = completed_part(out_dir, task)
+        (done if summary else todo).append(summary or task)
+    if resuming and progress:
+        print(f"Resuming: {len(done)} of {len(tasks)} shards already complete.", file=sys.stderr)
+    summaries = done + run_parts(todo, config.workers, progress)
+    order = {t["file"]: i for i, t in enumerate(tasks)}
+    summaries.sort(key=lambda s: order[s["file"]])
+
+    dtypes = {s["dtype"] for s in summaries if s["records"]}
+    if len(dtypes) > 1:
+        raise UserInputError(f"{config.input}: images of different bit depths ({', '.join(sorted(dtypes))}); "
+                             "convert each kind separately or save them at one bit depth.")
+    dtype = dtypes.pop()
+    manifest = build_manifest(config, plan, summaries, out_dir, dtype, command, started)
+    rejects = pd.DataFrame(plan["rejects"], columns=["cell_id", "ImageNumber", "ObjectNumber", "reason"])
+    tmp = out_dir / f".{REJECTS}.partial"
+    rejects.to_csv(tmp, index=False)
+    os.replace(tmp, out_dir / REJECTS)
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    shutil.rmtree(out_dir / PARTS, ignore_errors=True)
+    return manifest
+
+
+def build_manifest(config, plan, summaries, out_dir, dtype, command, started) -> dict:
+    from cp2image_tf._version import __version__
+
+    cells = plan["cells"]
+    counts = {split: int((cells["_split"] == split).sum()) for split in SPLITS}
+    per_treatment = {split: {t: int(((cells["_split"] == split) & (cells["_treatment"] == t)).sum())
+                             for t in plan["treatments"]} for split in SPLITS}
+    groups = {split: int(cells.loc[cells["_split"] == split, "_group"].nunique()) for split in SPLITS}
+    written = sum(s["records"] for s in summaries)
+    if written != len(cells):
+        raise RuntimeError(f"wrote {written} records for {len(cells)} planned cells")
+    source_files = []
+    base = Path(config.input).resolve()
+    base = base if base.is_dir() else base.parent
+    for path in plan["sources"]:
+        source_files.append({"path": _relative(path, base), "bytes": Path(path).stat().st_size,
+                             "sha256": sha256_file(path)})
+    images = {}
+    for s in summaries:
+        images.update(s["source_files"])
+    for path in sorted(images):
+        source_files.append({"path": _relative(path, base), **images[path]})
+    rejects_by_reason = pd.Series([r["reason"] for r in plan["rejects"]], dtype=object).value_counts()
+    size = config.crop_size
+    channels = list(config.channels)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tool": {"name": "cp2image-tf", "version": __version__},
+        "command": command if command is not None else sys.argv,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "seconds": round(time.time() - started, 2),
+        "source": {"kind": "table" if config.table else "cellprofiler",
+                   "input": str(base), "objects": list(config.objects) if not config.table else None,
+                   "compartments": plan["compartments"], "files": source_files},
+        "channels": channels,
+        "crop": {"height": size, "width": size, "channels": len(channels), "dtype": dtype,
+                 "layout": "HWC", "dtype_max": dtype_max(dtype), "edge": config.edge,
+                 "centre": "pixel (floor(y + 0.5), floor(x + 0.5)) of Location_Center_X/Y at "
+                           f"row/column {size // 2} of the crop"},
+        "intensity": intensity_ranges(summaries, out_dir, channels, dtype,
+                                      config.intensity_percentile),
+        "features": {
+            "names": plan["names"], "count": len(plan["names"]),
+            "stats": plan["stats"], "dropped": plan["dropped"],
+            "nonfinite": "stored as they are; the reader replaces NaN/inf with the training median",
+        },
+        "treatments": {"columns": plan["treatment_columns"], "names": plan["treatments"]},
+        "split": {"by": plan["split_by"], "fractions": list(config.split), "seed": config.seed,
+                  "groups": groups},
+        "counts": {"cells": int(len(cells)), "rejected": len(plan["rejects"]), "splits": counts,
+                   "treatments": per_treatment},
+        "rejects": {"file": REJECTS, "count": len(plan["rejects"]),
+                    "by_reason": {str(k): int(v) for k, v in rejects_by_reason.items()}},
+        "compression": config.compression,
+        "shards": [{k: s[k] for k in ("file", "split", "treatment", "records", "bytes", "sha256")}
+                   for s in summaries],
+    }
+
+
+def _relative(path, base: Path) -> str:
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)

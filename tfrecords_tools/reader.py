@@ -1,0 +1,195 @@
+"""Reading a converted dataset as a tf.data pipeline.
+
+`make_dataset(data_dir, "train", batch_size=104)` gives batches of
+(normalised features [B, F] float32, crop [B, H, W, C] float32 in [0, 1]).
+Shards are interleaved, records batched and then parsed a whole batch at a time
+(decode_raw), shuffled and prefetched.
+
+Crop scaling (`scaling`):
+  "dataset"   (default) x / high, clipped to [0, 1], with `high` the training
+              split's per-channel intensity percentile from the manifest. Keeps
+              each cell's absolute brightness, so intensity features survive.
+  "dtype"     x / the dtype's maximum (65535 for 16-bit): CellProfiler's own scaling.
+  "crop_max"  each crop's channels divided by their own maximum, as the published
+              CP2Image code does; erases brightness differences between cells.
+  "none"      the stored values as float32.
+Feature normalisation (`normalization`): "standard" (x - mean) / std or
+"robust" (x - median) / (1.4826 MAD), both with training-split statistics;
+NaN and inf are replaced by the training median first.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.manifest import load_manifest, shard_files
+from tfrecords_tools.records import feature_spec
+
+SCALINGS = ("dataset", "dtype", "crop_max", "none")
+NORMALIZATIONS = ("standard", "robust", "none")
+
+
+def feature_normalizer(manifest: dict, normalization: str = "standard"):
+    """(median, center, scale) float32 vectors: z = (where(finite, x, median) - center) / scale."""
+    if normalization not in NORMALIZATIONS:
+        raise UserInputError(f"normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}.")
+    stats = manifest["features"]["stats"]
+    median = np.asarray(stats["median"], dtype=np.float64)
+    if normalization == "standard":
+        center, scale = np.asarray(stats["mean"]), np.asarray(stats["std"])
+    elif normalization == "robust":
+        center, scale = median, 1.4826 * np.asarray(stats["mad"])
+        # A feature with MAD 0 (mostly one value) falls back to its SD.
+        scale = np.where(scale > 0, scale, np.asarray(stats["std"]))
+    else:
+        center, scale = np.zeros_like(median), np.ones_like(median)
+    scale = np.where(scale > 0, scale, 1.0)
+    return median.astype(np.float32), center.astype(np.float32), scale.astype(np.float32)
+
+
+def normalize_features(raw, manifest: dict, normalization: str = "standard"):
+    """Raw CellProfiler values [..., F] -> normalised float32 (TensorFlow op)."""
+    import tensorflow as tf
+
+    median, center, scale = feature_normalizer(manifest, normalization)
+    raw = tf.cast(raw, tf.float32)
+    filled = tf.where(tf.math.is_finite(raw), raw, median)
+    return (filled - center) / scale
+
+
+def crop_scale(manifest: dict, scaling: str = "dataset"):
+    """Per-channel divisor for 'dataset' / 'dtype' scaling (float32 [C]); None otherwise."""
+    if scaling not in SCALINGS:
+        raise UserInputError(f"scaling {scaling!r}: choose one of {', '.join(SCALINGS)}.")
+    if scaling == "dataset":
+        return np.asarray([manifest["intensity"][ch]["high"] for ch in manifest["channels"]],
+                          dtype=np.float32)
+    if scaling == "dtype":
+        return np.full(len(manifest["channels"]), manifest["crop"]["dtype_max"], dtype=np.float32)
+    return None
+
+
+def scale_crops(crops, manifest: dict, scaling: str = "dataset"):
+    """Stored crops [..., H, W, C] -> float32, scaled as `scaling` says (TensorFlow op).
+
+    Usable inside a model step too, so that the cast and scaling run on the device.
+    """
+    import tensorflow as tf
+
+    crops = tf.cast(crops, tf.float32)
+    divisor = crop_scale(manifest, scaling)
+    if divisor is not None:
+        return tf.clip_by_value(crops / divisor, 0.0, 1.0)
+    if scaling == "crop_max":
+        peak = tf.reduce_max(crops, axis=[-3, -2], keepdims=True)
+        return tf.math.divide_no_nan(crops, peak)
+    return crops
+
+
+def _tf_dtype(name: str):
+    import tensorflow as tf
+
+    return tf.as_dtype(np.dtype(name).name)
+
+
+def parse_batch_fn(manifest: dict, scaling: str = "dataset", normalization: str = "standard",
+                   with_metadata: bool = False, raw_crops: bool = False):
+    """A function: serialized records [B] -> (features, crops) or (features, crops, metadata)."""
+    import tensorflow as tf
+
+    spec = feature_spec()
+    crop = manifest["crop"]
+    shape = [crop["height"], crop["width"], crop["channels"]]
+    n_features = manifest["features"]["count"]
+    dtype = _tf_dtype(crop["dtype"])
+
+    def parse(serialized):
+        parsed = tf.io.parse_example(serialized, spec)
+        raw = tf.reshape(tf.io.decode_raw(parsed["features"], tf.float32, little_endian=True),
+                         [-1, n_features])
+        features = normalize_features(raw, manifest, normalization)
+        crops = tf.reshape(tf.io.decode_raw(parsed["crop"], dtype, little_endian=True), [-1] + shape)
+        if not raw_crops:
+            crops = scale_crops(crops, manifest, scaling)
+        if not with_metadata:
+            return features, crops
+        metadata = {k: parsed[k] for k in ("cell_id", "image_number", "object_number",
+                                           "treatment", "treatment_index", "group")}
+        metadata["raw_features"] = raw
+        return features, crops, metadata
+
+    return parse
+
+
+def _records(files, compression, shuffle, seed, input_context, cycle_length=8):
+    import tensorflow as tf
+
+    files = list(files)
+    shard_records = False
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+        if len(files) >= n:
+            files = files[i::n]
+        else:
+            shard_records = True
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=compression or None),
+        cycle_length=min(cycle_length, len(files)), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    if shard_records:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    return ds
+
+
+def make_dataset(data_dir, split: str = "train", batch_size: int = 104, *, shuffle: bool | None = None,
+                 repeat: bool | None = None, seed: int | None = None, scaling: str = "dataset",
+                 normalization: str = "standard", stratify: bool = False,
+                 drop_remainder: bool = False, with_metadata: bool = False,
+                 raw_crops: bool = False, shuffle_buffer: int = 10_000, input_context=None,
+                 manifest: dict | None = None):
+    """A tf.data.Dataset of batches from one split of a converted dataset.
+
+    shuffle and repeat default to True for "train" and False otherwise.
+    stratify=True draws treatment-balanced batches: treatments take turns, so a
+    batch of as many cells as there are treatments holds one cell of each (the
+    published method's batches); it implies repeat. raw_crops=True emits the
+    stored crops uncast (scale them in the model step with `scale_crops`).
+    input_context (from strategy.distribute_datasets_from_function) shards the
+    input by file, or by record when there are fewer files than pipelines;
+    batch_size is then the per-replica batch.
+    """
+    import tensorflow as tf
+
+    manifest = manifest or load_manifest(data_dir)
+    if split not in manifest["counts"]["splits"]:
+        raise UserInputError(f"split {split!r}: choose train, val or test.")
+    if manifest["counts"]["splits"][split] == 0:
+        raise UserInputError(f"{data_dir}: the {split} split is empty; convert with other --split fractions.")
+    shuffle = (split == "train") if shuffle is None else shuffle
+    repeat = (split == "train") if repeat is None else repeat
+    compression = manifest.get("compression", "")
+    parse = parse_batch_fn(manifest, scaling, normalization, with_metadata, raw_crops)
+    if stratify:
+        streams = []
+        for treatment in manifest["treatments"]["names"]:
+            files = shard_files(manifest, data_dir, split, treatment)
+            if not files:
+                continue
+            n = manifest["counts"]["treatments"][split][treatment]
+            stream = _records(files, compression, True, seed, input_context)
+            streams.append(stream.shuffle(max(1, min(n, shuffle_buffer)), seed=seed).repeat())
+        turns = tf.data.Dataset.range(len(streams)).repeat()
+        ds = tf.data.Dataset.choose_from_datasets(streams, turns)
+    else:
+        files = shard_files(manifest, data_dir, split)
+        ds = _records(files, compression, shuffle, seed, input_context)
+        if shuffle:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder or (repeat or stratify))
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,94 @@
+"""The record format: one tf.train.Example per cell.
+
+    features         bytes  float32 little-endian [F], raw CellProfiler values
+                            (NaN/inf kept; the reader imputes them)
+    crop             bytes  the crop in its source dtype, little-endian, H x W x C
+    cell_id          bytes  '<ImageNumber>-<ObjectNumber>' (or the table's row id)
+    image_number     int64
+    object_number    int64
+    treatment        bytes
+    treatment_index  int64  index into manifest["treatments"]["names"]
+    group            bytes  the --split-by key
+
+Raw bytes rather than float lists: decode_raw of a whole batch is the cheapest
+parse there is.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+RECORD_KEYS = ("features", "crop", "cell_id", "image_number", "object_number",
+               "treatment", "treatment_index", "group")
+
+
+def encode_example(features: np.ndarray, crop: np.ndarray, cell_id: str, image_number: int,
+                   object_number: int, treatment: str, treatment_index: int, group: str) -> bytes:
+    import tensorflow as tf
+
+    def b(value: bytes):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def i(value: int):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "features": b(np.asarray(features, dtype="<f4").tobytes()),
+        "crop": b(np.ascontiguousarray(crop).astype(crop.dtype.newbyteorder("<")).tobytes()),
+        "cell_id": b(str(cell_id).encode()),
+        "image_number": i(image_number),
+        "object_number": i(object_number),
+        "treatment": b(str(treatment).encode()),
+        "treatment_index": i(treatment_index),
+        "group": b(str(group).encode()),
+    }))
+    return example.SerializeToString()
+
+
+def feature_spec():
+    import tensorflow as tf
+
+    return {
+        "features": tf.io.FixedLenFeature([], tf.string),
+        "crop": tf.io.FixedLenFeature([], tf.string),
+        "cell_id": tf.io.FixedLenFeature([], tf.string),
+        "image_number": tf.io.FixedLenFeature([], tf.int64),
+        "object_number": tf.io.FixedLenFeature([], tf.int64),
+        "treatment": tf.io.FixedLenFeature([], tf.string),
+        "treatment_index": tf.io.FixedLenFeature([], tf.int64),
+        "group": tf.io.FixedLenFeature([], tf.string),
+    }
+
+
+def decode_example(serialized: bytes, n_features: int, crop_shape, dtype: str) -> dict:
+    """One record as numpy values (for checks and tests; the reader uses tf.data)."""
+    import tensorflow as tf
+
+    example = tf.train.Example.FromString(serialized)
+    f = example.features.feature
+
+    def one_bytes(key):
+        return f[key].bytes_list.value[0]
+
+    features = np.frombuffer(one_bytes("features"), dtype="<f4")
+    crop = np.frombuffer(one_bytes("crop"), dtype=np.dtype(dtype).newbyteorder("<"))
+    if features.size != n_features or crop.size != int(np.prod(crop_shape)):
+        raise ValueError(f"record sizes {features.size} features / {crop.size} pixels do not "
+                         f"match the manifest ({n_features} / {int(np.prod(crop_shape))})")
+    return {
+        "features": features.astype(np.float32),
+        "crop": crop.reshape(crop_shape).astype(np.dtype(dtype)),
+        "cell_id": one_bytes("cell_id").decode(),
+        "image_number": f["image_number"].int64_list.value[0],
+        "object_number": f["object_number"].int64_list.value[0],
+        "treatment": one_bytes("treatment").decode(),
+        "treatment_index": f["treatment_index"].int64_list.value[0],
+        "group": one_bytes("group").decode(),
+    }
+
+
+def iterate_records(path: str, compression: str = ""):
+    """Serialized records of one shard, in order."""
+    import tensorflow as tf
+
+    for record in tf.data.TFRecordDataset(path, compression_type=compression or None):
+        yield record.numpy()

@@ -1,0 +1,67 @@
+"""Train/val/test splits by group, so that no field, well or plate leaks across splits."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from tfrecords_tools.errors import UserInputError
+
+SPLITS = ("train", "val", "test")
+
+
+def parse_fractions(text) -> tuple[float, float, float]:
+    """'0.8,0.1,0.1' -> (0.8, 0.1, 0.1); they must be non-negative and sum to 1."""
+    if isinstance(text, str):
+        try:
+            parts = tuple(float(p) for p in text.split(","))
+        except ValueError:
+            parts = ()
+    else:
+        parts = tuple(float(p) for p in text)
+    if len(parts) != 3 or min(parts) < 0 or abs(sum(parts) - 1) > 1e-6 or parts[0] == 0:
+        raise UserInputError(
+            f"--split {text!r}: give three fractions train,val,test that sum to 1, "
+            "e.g. 0.8,0.1,0.1 (train must not be 0).")
+    return parts
+
+
+def assign_splits(groups: pd.Series, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> np.ndarray:
+    """Split name per cell, whole groups at a time.
+
+    Groups are visited in a seeded random order; each goes to the split that is
+    furthest below its target number of cells. With at least as many groups as
+    non-empty fractions, every such split receives at least one group.
+    """
+    keys = groups.astype(str).to_numpy()
+    unique, counts = np.unique(keys, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    targets = np.asarray(fractions, dtype=np.float64) * counts.sum()
+    filled = np.zeros(3)
+    group_split = {}
+    wanted = [i for i in range(3) if fractions[i] > 0]
+    for rank, g in enumerate(order):
+        remaining = len(order) - rank
+        empty = [i for i in wanted if filled[i] == 0]
+        if empty and remaining <= len(empty):
+            choice = empty[0]
+        else:
+            deficit = np.where(np.asarray(fractions) > 0, targets - filled, -np.inf)
+            choice = int(np.argmax(deficit))
+        group_split[unique[g]] = choice
+        filled[choice] += counts[g]
+    names = np.asarray(SPLITS)
+    return names[np.array([group_split[k] for k in keys], dtype=int)] if len(keys) else \
+        np.asarray([], dtype=str)
+
+
+def group_keys(table: pd.DataFrame, columns, source: str) -> pd.Series:
+    """One key per cell from one or more columns ('Metadata_Plate,Metadata_Well')."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        known = [c for c in table.columns if c.startswith("Metadata_") or c == "ImageNumber"]
+        raise UserInputError(
+            f"--split-by {','.join(columns)}: no column {', '.join(missing)} in {source}. "
+            f"Available: {', '.join(known[:12]) or 'none'}.")
+    if len(columns) == 1:
+        return table[columns[0]].astype(str)
+    return table[list(columns)].astype(str).agg("/".join, axis=1)
