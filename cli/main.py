@@ -45,6 +45,7 @@ def main():
 
 def _register():
     from cli import commands_data  # noqa: F401  (registers its commands on `main`)
+    from cli import cmd_sample_data  # noqa: F401
 
 
 _register()

@@ -1,6 +1,8 @@
 """Shared test data: a small CellProfiler ExportToSpreadsheet folder made in the test."""
 import os
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import numpy as np
 import pandas as pd
 import pytest

@@ -41,7 +41,8 @@ def encode_example(features: np.ndarray, crop: np.ndarray, cell_id: str, image_n
         "treatment_index": i(treatment_index),
         "group": b(str(group).encode()),
     }))
-    return example.SerializeToString()
+    # deterministic: map entries in key order, so the same cell gives the same bytes in any process
+    return example.SerializeToString(deterministic=True)
 
 
 def feature_spec():
