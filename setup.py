@@ -30,6 +30,7 @@ setup(
         "scipy>=1.11",
         "pyarrow>=14",
         "tqdm>=4.66",
+        "google-crc32c>=1.5",
         "matplotlib>=3.8",
     ],
     extras_require={

@@ -433,21 +433,16 @@ def read_field(paths: list[str]):
 def write_part(task: dict) -> dict:
     """Write one shard and its summary. Pure and idempotent: the same task gives the same bytes."""
     from tfrecords_tools.records import encode_example
-    import tensorflow as tf
+    from tfrecords_tools.tfrecord_io import TFRecordWriter
 
     out_dir = Path(task["out_dir"])
     final = out_dir / task["file"]
     tmp = out_dir / f".{task['file']}.partial"
-    hist = None
-    crop_dtype = None
-    files = {}
-    records = 0
-    options = tf.io.TFRecordOptions(compression_type=task["compression"] or None)
-    with tf.io.TFRecordWriter(str(tmp), options) as writer:
+    hist, crop_dtype, files, records = None, None, {}, 0
+    with TFRecordWriter(tmp, task["compression"]) as writer:
         for fld in task["fields"]:
-            if task["table"]:
-                stack = None
-            else:
+            crops = []
+            if not task["table"]:
                 stack, fld_files = read_field(fld["paths"])
                 files.update(fld_files)
                 if stack.shape[:2] != tuple(fld["shape"]):
@@ -460,19 +455,20 @@ def write_part(task: dict) -> dict:
                                           cell["crop_path"])
                 else:
                     crop = cut_crop(stack, cell["x"], cell["y"], task["crop_size"], task["edge"])
-                crop = np.ascontiguousarray(crop)
-                if crop_dtype is None:
-                    crop_dtype = crop.dtype
-                    hist = np.zeros((crop.shape[-1], histogram_bins(crop_dtype)), dtype=np.int64)
+                crop_dtype = crop_dtype or crop.dtype
                 if crop.dtype != crop_dtype:
                     raise UserInputError(f"{cell['cell_id']}: crop dtype {crop.dtype} differs from "
                                          f"{crop_dtype} of other cells; use images of one bit depth.")
-                hist += pixel_histogram(crop, hist.shape[1])
+                crops.append(crop)
                 writer.write(encode_example(cell["features"], crop, cell["cell_id"],
                                             cell["image_number"], cell["object_number"],
                                             task["treatment"], task["treatment_index"],
                                             cell["group"]))
                 records += 1
+            if crops:  # one histogram per field, not per crop: bincount's bins cost more than a crop
+                if hist is None:
+                    hist = np.zeros((crops[0].shape[-1], histogram_bins(crop_dtype)), dtype=np.int64)
+                hist += pixel_histogram(np.stack(crops), hist.shape[1])
     os.replace(tmp, final)
     summary = {
         "file": task["file"], "split": task["split"], "treatment": task["treatment"],

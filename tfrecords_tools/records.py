@@ -23,26 +23,19 @@ RECORD_KEYS = ("features", "crop", "cell_id", "image_number", "object_number",
 
 def encode_example(features: np.ndarray, crop: np.ndarray, cell_id: str, image_number: int,
                    object_number: int, treatment: str, treatment_index: int, group: str) -> bytes:
-    import tensorflow as tf
+    """One cell as serialized tf.train.Example bytes (no TensorFlow import)."""
+    from tfrecords_tools.tfrecord_io import encode_example as encode
 
-    def b(value: bytes):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    def i(value: int):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-
-    example = tf.train.Example(features=tf.train.Features(feature={
-        "features": b(np.asarray(features, dtype="<f4").tobytes()),
-        "crop": b(np.ascontiguousarray(crop).astype(crop.dtype.newbyteorder("<")).tobytes()),
-        "cell_id": b(str(cell_id).encode()),
-        "image_number": i(image_number),
-        "object_number": i(object_number),
-        "treatment": b(str(treatment).encode()),
-        "treatment_index": i(treatment_index),
-        "group": b(str(group).encode()),
-    }))
-    # deterministic: map entries in key order, so the same cell gives the same bytes in any process
-    return example.SerializeToString(deterministic=True)
+    return encode({
+        "features": np.asarray(features, dtype="<f4").tobytes(),
+        "crop": np.ascontiguousarray(crop, dtype=crop.dtype.newbyteorder("<")).tobytes(),
+        "cell_id": str(cell_id).encode(),
+        "image_number": int(image_number),
+        "object_number": int(object_number),
+        "treatment": str(treatment).encode(),
+        "treatment_index": int(treatment_index),
+        "group": str(group).encode(),
+    })
 
 
 def feature_spec():
