@@ -19,6 +19,10 @@ ReLU, a 5x5 VALID convolution to 64 at 1x1 -> batch norm -> leaky ReLU, and a
 normalised. Its batch norm takes training statistics from the leading
 `stats_fraction` of the batch: called on [real, generated, target] it uses the
 real and generated parts only, as published.
+
+Batch norm is synchronised across replicas (a no-op on one device), so that a
+global batch split over several devices or machines is normalised as it would
+be on one: training does not change with the number of replicas.
 """
 from __future__ import annotations
 
@@ -64,6 +68,17 @@ class NearestResize(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "size": self.size}
+
+
+@keras.saving.register_keras_serializable(package="cp2image_tf")
+class ClipToUnit(layers.Layer):
+    """Clips to [0, 1]: the served image range (training uses the unclipped input)."""
+
+    def call(self, inputs):
+        return ops.clip(inputs, 0.0, 1.0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 @keras.saving.register_keras_serializable(package="cp2image_tf")
@@ -119,7 +134,7 @@ def build_decoder(n_features: int, crop_size: int = 68, channels: int = 3, noise
         x = layers.Conv2D(filters, 5, padding="valid", use_bias=False,
                           kernel_initializer=published_normal(5, c_in, filters),
                           name=f"block{block + 1}_conv")(x)
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=True,
                                       name=f"block{block + 1}_bn")(x)
         x = layers.LeakyReLU(LEAK, name=f"block{block + 1}_lrelu")(x)
         if block < 3:
@@ -128,10 +143,10 @@ def build_decoder(n_features: int, crop_size: int = 68, channels: int = 3, noise
     x = layers.Conv2D(channels, 1, use_bias=False,
                       kernel_initializer=published_normal(1, filters, channels),
                       name="reconstructor_conv")(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=True,
                                   name="reconstructor_bn")(x)
     raw = layers.LeakyReLU(LEAK, name="reconstruction")(x)
-    image = layers.Lambda(lambda t: ops.clip(t, 0.0, 1.0), name="image")(raw)
+    image = ClipToUnit(name="image")(raw)
     model = keras.Model(inputs if noise_dim else features, image, name=name)
     assert tuple(model.output_shape[1:]) == (crop_size, crop_size, channels), conv_sizes
     return model
@@ -153,7 +168,7 @@ def build_discriminator(crop_size: int = 68, channels: int = 3, filters: int = F
 
     def bn(layer_name):
         return SubsetBatchNormalization(stats_fraction, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                        name=layer_name)
+                                        synchronized=True, name=layer_name)
 
     for block in range(3):
         conv = layers.Conv2D(filters, 5, padding="valid", use_bias=False,

@@ -114,6 +114,7 @@ class Trainer:
             decoder_optimizer=self.decoder_optimizer,
             discriminator_optimizer=self.discriminator_optimizer, step=self.step)
         self._train_step = None
+        self._compiled_gradients = None
 
     def noise_for(self, batch):
         import tensorflow as tf
@@ -129,6 +130,24 @@ class Trainer:
 
     def replica_step(self, features, target, real):
         """One step on one replica's share of the global batch; returns the loss terms."""
+        losses, decoder_grads, disc_grads = self._gradients(features, target, real)
+        self.decoder_optimizer.apply_gradients(zip(decoder_grads, self.decoder.trainable_variables))
+        self.discriminator_optimizer.apply_gradients(
+            zip(disc_grads, self.discriminator.trainable_variables))
+        return losses
+
+    def _gradients(self, features, target, real):
+        if self._compiled_gradients is None:
+            import tensorflow as tf
+
+            # XLA fuses the forward and backward passes on one device; with several
+            # replicas the synchronised batch norm's all-reduce stays outside XLA.
+            jit = self.config.jit_compile and self.strategy.num_replicas_in_sync == 1
+            self._compiled_gradients = tf.function(self.losses_and_gradients, jit_compile=jit)
+        return self._compiled_gradients(features, target, real)
+
+    def losses_and_gradients(self, features, target, real):
+        """Forward both networks once; loss terms and both networks' gradients."""
         import tensorflow as tf
 
         from cp2image_tf.losses import (discriminator_loss, feature_loss, perceptual_weights,
@@ -163,12 +182,10 @@ class Trainer:
         decoder_grads = tape.gradient(scaled_decoder, decoder_vars)
         disc_grads = tape.gradient(scaled_disc, disc_vars)
         del tape
-        self.decoder_optimizer.apply_gradients(zip(decoder_grads, decoder_vars))
-        self.discriminator_optimizer.apply_gradients(zip(disc_grads, disc_vars))
         losses = {"pixel": pixel, "decoder": decoder_loss, "discriminator": disc_loss}
         for k in range(N_FEATURE_LAYERS):
             losses[f"feature{k + 1}"] = features_terms[k]
-        return losses
+        return losses, decoder_grads, disc_grads
 
     def train_step_fn(self):
         """A tf.function: (target iterator, real iterator) -> global loss terms; advances the step."""

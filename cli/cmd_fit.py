@@ -1,0 +1,52 @@
+"""The fit command."""
+import click
+
+from cli.main import call, main
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path())
+@click.argument("run_dir", type=click.Path())
+@click.option("--steps", type=int, default=None, help="Train until this step [default: 20000].")
+@click.option("--batch-size", type=int, default=None,
+              help="Global batch, split over replicas [default: 104, as published].")
+@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]),
+              default=None, help="tf.distribute strategy [default: auto: multiworker when "
+                                 "TF_CONFIG names a cluster, mirrored with several GPUs].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="JSON file of FitConfig settings; options given here override it.")
+@click.option("--stratify", type=click.Choice(["auto", "yes", "no"]), default=None,
+              help="Treatment-balanced batches [default: auto, when the data has treatments].")
+@click.option("--scaling", type=click.Choice(["dataset", "dtype", "crop_max", "none"]), default=None,
+              help="Crop intensity scaling [default: dataset; crop_max is the published one].")
+@click.option("--noise-dim", type=int, default=None,
+              help="Noise inputs for several plausible cells per profile [default: 0].")
+@click.option("--checkpoint-every", type=int, default=None, help="[default: 500 steps]")
+@click.option("--validate-every", type=int, default=None, help="[default: 500 steps]")
+@click.option("--log-every", type=int, default=None, help="[default: 25 steps]")
+@click.option("--seed", type=int, default=None, help="[default: 0]")
+@click.option("--mixed-precision", is_flag=True, default=None, help="float16 compute (GPUs).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def fit(data_dir, run_dir, steps, batch_size, strategy, config_file, stratify, scaling, noise_dim,
+        checkpoint_every, validate_every, log_every, seed, mixed_precision, quiet):
+    """Train the conditional decoder on a converted dataset.
+
+    Writes checkpoints, history.csv, TensorBoard logs (RUN_DIR/logs) and
+    real-vs-generated pictures (RUN_DIR/samples/latest.png) to RUN_DIR. Running
+    the same command again resumes from the latest checkpoint.
+    """
+    from cp2image_tf.config import FitConfig
+    from cp2image_tf.train import fit as run
+
+    config = call(FitConfig.from_file, config_file, steps=steps, batch_size=batch_size,
+                  strategy=strategy, stratify=stratify, scaling=scaling, noise_dim=noise_dim,
+                  checkpoint_every=checkpoint_every, validate_every=validate_every,
+                  log_every=log_every, seed=seed, mixed_precision=mixed_precision)
+    summary = call(run, data_dir, run_dir, config, progress=not quiet)
+    best = summary["best"]
+    click.echo(f"Trained to step {summary['steps']} in {run_dir}. Validation pixel MSE "
+               f"{summary.get('val_mse', float('nan')):.4f} (mean training image: "
+               f"{summary['baseline_mse']:.4f}), SSIM {summary.get('val_ssim', float('nan')):.3f}; "
+               f"best at step {best.get('step')}.")
+    click.echo(f"Pictures: {run_dir}/samples/latest.png; history: {run_dir}/history.csv; "
+               f"TensorBoard: tensorboard --logdir {run_dir}/logs")
