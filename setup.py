@@ -26,6 +26,9 @@ setup(
         "tifffile>=2023.1",
         "click>=8.1",
         "cp-measure>=0.3,<0.4",
+        # cp-measure runs its texture, intensity and Feret kernels compiled when numba is
+        # present: measurement takes about half the time (benchmarks/bench_measure.py).
+        "numba>=0.60",
         "scikit-image>=0.22",
         "scipy>=1.11",
         "pyarrow>=14",

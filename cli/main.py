@@ -46,6 +46,12 @@ def main():
 def _register():
     from cli import commands_data  # noqa: F401  (registers its commands on `main`)
     from cli import cmd_sample_data  # noqa: F401
+    from cli import cmd_featurize  # noqa: F401
+    from cli import cmd_fit  # noqa: F401
 
 
 _register()
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,15 @@ measurements of every cell (`cellprofiler/Image.csv`, `Nuclei.csv`, `Cells.csv`,
 computed by `cp2image_tf.featurize`), and the generator's own per-cell parameters
 (`ground_truth.csv`), so that a measurement can be checked against what was drawn.
 
+What is drawn, per 512 x 512 field of ~24 cells: a nucleus per cell (a lobed
+ellipse of domed, mottled chromatin with bright foci and dark nucleoli), a cell
+body around it (a lobed ellipse; touching cells split like a weighted Voronoi
+diagram), microtubules radiating from a centrosome beside the nucleus over
+diffuse tubulin, and cortical actin at the cell edge with stress fibres along the
+cell's long axis. Cells vary in cell-cycle stage (DNA content), size and shape.
+The microscope adds a background, vignetting, a Gaussian PSF, Poisson shot noise
+and Gaussian read noise; bright signal is compressed so that nothing saturates.
+
 Each treatment shifts the generator's per-cell parameters by documented factors
 (`TREATMENTS`); cell-to-cell variation is large enough that treatments overlap,
 as they do in real screens. Everything is deterministic for a given seed and cell
@@ -16,6 +25,7 @@ so the bytes written do not depend on the number of worker processes.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import multiprocessing
 import os
 import shutil
@@ -38,6 +48,8 @@ FIELD_SHAPE = (512, 512)
 PLATES = ("Plate1", "Plate2")
 REPLICATE_WELLS = 3          # wells per treatment per plate
 CELLS_PER_FIELD = 24         # mean; fields vary by +-25%
+EDGE_MARGIN = 36             # nucleus centres keep this far from the border: every cell has a
+                             # whole 68 x 68 crop (the published crop size) around its centroid
 ROWS = "BCDEFGH"
 FIRST_COLUMN = 2
 
@@ -69,10 +81,11 @@ TREATMENTS = (
               nucleus_size=1.35, cell_size=1.15, dna_intensity=0.85),
     Treatment("NucElongate", "nuclei elongated (major/minor ~2.3 instead of ~1.25, same area), "
               "cells elongated along them", nucleus_elongation=5.5, cell_elongation=3.0),
-    Treatment("DNACondense", "chromatin condensed: DNA 1.7x brighter, 2.2x texture contrast, "
-              "4x more bright foci, nuclei 0.8x wider (~0.65x area)",
+    Treatment("DNACondense", "chromatin condensed: DNA 1.7x brighter (with the foci, ~2.2x mean "
+              "intensity), 2.2x texture contrast, 4x more bright foci, nuclei 0.8x wider "
+              "(~0.65x area)",
               nucleus_size=0.8, dna_intensity=1.7, dna_texture=2.2, chromocentres=4.0),
-    Treatment("CellSpread", "cells spread: 1.45x wider (~2.1x area) at the same nucleus size; "
+    Treatment("CellSpread", "cells spread: 1.45x wider (~2x area) at the same nucleus size; "
               "microtubules and stress fibres scale with the larger cell", cell_size=1.45),
     Treatment("MTDepoly", "microtubules depolymerised (nocodazole-like): 0.12x filaments, 3x "
               "diffuse tubulin, cells 0.85x wider (rounding)",
@@ -109,6 +122,31 @@ READ_NOISE = 4.0                  # ADU
 KNEE, CEILING = 26000.0, 44000.0  # bright signal is compressed below CEILING: nothing saturates
 
 
+GROUND_TRUTH_COLUMNS = {
+    "ImageNumber, ObjectNumber": "the field (a load_data.csv row) and the label in both masks",
+    "Metadata_*": "plate, well, site, treatment",
+    "Nucleus_Center_X/_Y": "nucleus centre (x = column, y = row)",
+    "Nucleus_Major/MinorRadius": "semi-axes of the nucleus ellipse",
+    "Nucleus_Elongation": "major / minor radius",
+    "Nucleus_Orientation": "major axis angle from +x towards +y (clockwise on screen), 0-180",
+    "Nucleus_Irregularity": "amplitude of the outline's lobes (relative)",
+    "Nucleus_Area": "pixels in the drawn nucleus mask",
+    "DNA_Content": "1 = G1, 2 = G2, in between = S phase",
+    "DNA_Intensity": "mean chromatin signal before texture",
+    "DNA_Texture": "chromatin texture contrast (relative)",
+    "DNA_Chromocentres": "number of bright foci",
+    "Cell_Center_X/_Y": "centre of the cell body's shape",
+    "Cell_Radius": "equivalent radius of the cell shape before neighbours clip it",
+    "Cell_Elongation": "major / minor axis of the cell shape",
+    "Cell_Orientation": "the same for the cell shape",
+    "Cell_Area": "pixels in the drawn cell mask (nucleus included)",
+    "Tubulin_Filaments": "microtubules drawn from the centrosome",
+    "Tubulin_Diffuse": "soluble tubulin level",
+    "Actin_Fibres": "stress fibres drawn",
+    "Actin_Cortex": "cortical actin brightness",
+}
+
+
 @dataclass(frozen=True)
 class FieldPlan:
     """One field of view: where it is, what it was treated with, how to draw it."""
@@ -132,9 +170,11 @@ def make_sample_data(out_dir, cells: int = 2000, seed: int = 0, overwrite: bool 
 
     Writes images/, masks/, load_data.csv, cellprofiler/{Image,Nuclei,Cells}.csv,
     ground_truth.csv and README.txt. The folder is built under a temporary name
-    next to `out_dir` and renamed into place when complete.
+    next to `out_dir` and renamed into place when complete. With workers > 1 the
+    fields are drawn in spawned processes (safe beside TensorFlow's threads), so a
+    script calling this needs the usual `if __name__ == "__main__":` guard.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))
     if cells < len(TREATMENTS):
         raise UserInputError(f"--cells {cells}: at least {len(TREATMENTS)} cells are needed "
                              "(one field per treatment).")
@@ -202,7 +242,8 @@ def plan_fields(cells: int, seed: int) -> list[FieldPlan]:
 
     rng = np.random.default_rng(layout_seed)
     weights = rng.uniform(0.75, 1.25, n_fields)
-    counts = np.floor(cells * weights / weights.sum()).astype(int)
+    spare = cells - n_fields  # every field gets one cell, the rest by weight
+    counts = 1 + np.floor(spare * weights / weights.sum()).astype(int)
     for i in rng.permutation(n_fields)[: cells - counts.sum()]:
         counts[i] += 1
     return [FieldPlan(i + 1, plate, well, site, treatment, int(n), field_seeds[i])
@@ -315,7 +356,7 @@ def _place_nuclei(p: dict, shape, rng, clustering: float = 0.5):
     centres = np.zeros((n, 2))
     slack = 0.8
     for i in range(n):
-        margin = nreach[i] + p["offset"][i] + 2
+        margin = max(nreach[i] + p["offset"][i] + 2, EDGE_MARGIN)
         for attempt in range(10_000):
             if i and rng.random() < clustering:
                 j = rng.integers(i)
@@ -341,18 +382,31 @@ def _place_nuclei(p: dict, shape, rng, clustering: float = 0.5):
 
 # ---------------------------------------------------------------- masks
 
-def _polar(yy, xx, cy, cx, theta, ry, rx):
-    """Radius and angle in a cell's own frame, axes scaled to (rx, ry)."""
+def _star(yy, xx, cy, cx, theta, ry, rx, amplitudes, phases, first_k=2):
+    """Relative radius in a lobed ellipse (< 1 inside).
+
+    The ellipse has semi-axes rx (along `theta`) and ry; its outline is
+    modulated by harmonics first_k, first_k + 1, ... of the given amplitudes and
+    phases, evaluated as a complex polynomial (cheaper than a cosine per harmonic).
+    """
     dy, dx = yy - cy, xx - cx
-    u = (dx * np.cos(theta) + dy * np.sin(theta)) / rx
-    v = (-dx * np.sin(theta) + dy * np.cos(theta)) / ry
-    return np.hypot(u, v), np.arctan2(v, u)
+    c, s = np.cos(theta), np.sin(theta)
+    u = (dx * c + dy * s) / rx
+    v = (-dx * s + dy * c) / ry
+    r = np.hypot(u, v)
+    z = (u + 1j * v) / np.maximum(r, 1e-9)
+    coefficients = amplitudes * np.exp(1j * phases)
+    outline = coefficients[-1]
+    for coefficient in coefficients[-2::-1]:
+        outline = outline * z + coefficient
+    outline = 1 + (outline * z ** first_k).real
+    return r / np.maximum(outline, 0.4)
 
 
-def _harmonics(phi, amplitudes, phases, first_k):
-    ks = np.arange(first_k, first_k + len(amplitudes))
-    return 1.0 + np.sum(amplitudes[:, None, None] * np.cos(ks[:, None, None] * phi + phases[:, None, None]),
-                        axis=0)
+def _window(cy, cx, half, shape):
+    y0, x0 = max(int(cy) - half, 0), max(int(cx) - half, 0)
+    y1, x1 = min(int(cy) + half + 1, shape[0]), min(int(cx) + half + 1, shape[1])
+    return np.s_[y0:y1, x0:x1], np.ogrid[y0:y1, x0:x1]
 
 
 def _draw_masks(p: dict, shape):
@@ -362,32 +416,30 @@ def _draw_masks(p: dict, shape):
     the cell in whose shape it lies deepest (a weighted Voronoi split), and a
     nucleus always belongs to its own cell.
     """
-    n = len(p["cr"])
-    h, w = shape
     nuclei = np.zeros(shape, np.uint16)
     cells = np.zeros(shape, np.uint16)
-    depth = np.full(shape, np.inf)
-    rho = np.zeros(shape)
-    for i in range(n):
-        e = np.sqrt(1 + p["celong"][i])
-        half = int(np.ceil(p["cr"][i] * e * (1 + p["charm"][i].sum()) + p["offset"][i])) + 2
-        cy, cx = int(round(p["ncy"][i])), int(round(p["ncx"][i]))
-        y0, y1, x0, x1 = max(cy - half, 0), min(cy + half + 1, h), max(cx - half, 0), min(cx + half + 1, w)
-        yy, xx = np.ogrid[y0:y1, x0:x1]
-
-        r, phi = _polar(yy, xx, p["ccy"][i], p["ccx"][i], p["ctheta"][i], p["cr"][i] / e, p["cr"][i] * e)
-        d_cell = r / np.maximum(_harmonics(phi, p["charm"][i], p["cphase"][i], 2), 0.4)
-        rn, phin = _polar(yy, xx, p["ncy"][i], p["ncx"][i], p["ntheta"][i], p["nb"][i], p["na"][i])
-        d_nuc = rn / _harmonics(phin, p["nirr"][i] * p["nharm"][i] / np.arange(2, 6), p["nphase"][i], 2)
+    depth = np.full(shape, np.inf, np.float32)
+    rho = np.zeros(shape, np.float32)
+    for i in range(len(p["cr"])):
+        half = int(np.ceil(1.3 * p["na"][i])) + 2
+        win, (yy, xx) = _window(p["ncy"][i], p["ncx"][i], half, shape)
+        d_nuc = _star(yy, xx, p["ncy"][i], p["ncx"][i], p["ntheta"][i], p["nb"][i], p["na"][i],
+                      p["nirr"][i] * p["nharm"][i] / np.arange(2, 6), p["nphase"][i])
         in_nucleus = d_nuc < 1
-        d_cell = np.where(in_nucleus, -1.0, d_cell)
-
-        win = np.s_[y0:y1, x0:x1]
-        take = (d_cell < 1) & (d_cell < depth[win])
-        depth[win] = np.where(take, d_cell, depth[win])
-        cells[win] = np.where(take, i + 1, cells[win])
         nuclei[win][in_nucleus] = i + 1
         rho[win][in_nucleus] = d_nuc[in_nucleus]
+        depth[win][in_nucleus] = -1.0  # a nucleus always belongs to its own cell
+        cells[win][in_nucleus] = i + 1
+
+    for i in range(len(p["cr"])):
+        e = np.sqrt(1 + p["celong"][i])
+        half = int(np.ceil(p["cr"][i] * e * (1 + p["charm"][i].sum()) + p["offset"][i])) + 2
+        win, (yy, xx) = _window(p["ncy"][i], p["ncx"][i], half, shape)
+        d_cell = _star(yy, xx, p["ccy"][i], p["ccx"][i], p["ctheta"][i], p["cr"][i] / e,
+                       p["cr"][i] * e, p["charm"][i], p["cphase"][i])
+        take = (d_cell < 1) & (d_cell < depth[win])
+        depth[win][take] = d_cell[take]
+        cells[win][take] = i + 1
 
     # Keep only the piece of each cell that holds its nucleus (Voronoi splits can cut off lobes).
     pieces = connected_components(cells, background=0, connectivity=1)
@@ -410,7 +462,7 @@ def _raster_order(nuclei, n):
 
 def _smooth_noise(shape, sigma, rng):
     """Gaussian noise smoothed to `sigma` pixels, rescaled to unit standard deviation."""
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape, np.float32), sigma)
     return noise / noise.std()
 
 
@@ -425,7 +477,7 @@ def _splat(shape, y, x, weights):
         yy, xx = y0 + dy, x0 + dx
         ok = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
         out += np.bincount(yy[ok] * w + xx[ok], (weights * wt)[ok], minlength=h * w)
-    return out.reshape(shape)
+    return out.reshape(shape).astype(np.float32)
 
 
 def _points_in_ellipse(rng, n, cy, cx, a, b, theta, scale):
@@ -446,7 +498,7 @@ def _draw_dna(p, nuclei, rho, fine, coarse, rng):
     oy, ox = _points_in_ellipse(rng, p["n_nucleoli"], cy, cx, a, b, th, 0.5)
     cell_of_focus = np.repeat(np.arange(len(cy)), p["n_chromo"])
     foci = _splat(shape, np.r_[fy, oy], np.r_[fx, ox],
-                  np.r_[5.0 + 40.0 * p["texture"][cell_of_focus], np.full(len(oy), -14.0)])
+                  np.r_[4.0 + 20.0 * p["texture"][cell_of_focus], np.full(len(oy), -10.0)])
     foci = ndimage.gaussian_filter(foci, 1.4)
 
     inside = nuclei > 0
@@ -454,7 +506,7 @@ def _draw_dna(p, nuclei, rho, fine, coarse, rng):
     dome = (1 - rho[inside] ** 2) ** 0.3
     texture = 0.55 * fine[inside] + 0.85 * coarse[inside]
     modulation = np.maximum(1 + p["texture"][k] * texture + foci[inside], 0.08)
-    out = np.zeros(shape)
+    out = np.zeros(shape, np.float32)
     out[inside] = p["dna"][k] * dome * modulation
     return out
 
@@ -466,10 +518,10 @@ def _trace(paths_y, paths_x, owner, cells):
     ix = np.clip(np.rint(paths_x).astype(int), 0, w - 1)
     in_field = (paths_y >= 0) & (paths_y <= h - 1) & (paths_x >= 0) & (paths_x <= w - 1)
     own = in_field & (cells[iy, ix] == (owner + 1)[:, None])
-    return np.cumprod(own, axis=1).astype(bool)
+    return np.logical_and.accumulate(own, axis=1)
 
 
-def _draw_tubulin(p, nuclei, cells, fine, rng, step=0.5):
+def _draw_tubulin(p, nuclei, cells, fine, rng, step=1.0):
     """Microtubules radiating from a centrosome beside the nucleus, over diffuse tubulin."""
     shape = cells.shape
     n = len(p["cr"])
@@ -477,80 +529,95 @@ def _draw_tubulin(p, nuclei, cells, fine, rng, step=0.5):
     side = np.arctan2(p["ccy"] - p["ncy"], p["ccx"] - p["ncx"]) + rng.normal(0, 0.6, n)
     psi = side - p["ntheta"]
     edge = p["na"] * p["nb"] / np.hypot(p["nb"] * np.cos(psi), p["na"] * np.sin(psi))
-    my = p["ncy"] + (edge + 2.5) * np.sin(side)
-    mx = p["ncx"] + (edge + 2.5) * np.cos(side)
+    gap = np.full(n, 2.5)
+    for _ in range(2):  # where a neighbour's body hugs the nucleus, tuck the centrosome inside it
+        my = p["ncy"] + (edge + gap) * np.sin(side)
+        mx = p["ncx"] + (edge + gap) * np.cos(side)
+        at = cells[np.clip(np.rint(my).astype(int), 0, shape[0] - 1),
+                   np.clip(np.rint(mx).astype(int), 0, shape[1] - 1)]
+        gap = np.where(at == np.arange(1, n + 1), gap, -1.5)
 
     owner = np.repeat(np.arange(n), p["n_fil"])
-    steps = int(np.ceil(2.6 * p["cr"].max() * np.sqrt(1 + p["celong"].max()) / step))
-    heading = rng.uniform(0, 2 * np.pi, len(owner))[:, None] \
-        + np.cumsum(rng.normal(0, 0.035, (len(owner), steps)), axis=1)
+    m = len(owner)
+    reach = p["cr"] * np.sqrt(1 + p["celong"])
+    length = reach[owner] * rng.uniform(0.6, 2.0, m)
+    steps = int(np.ceil(2.0 * reach.max(initial=1.0) / step))
+    heading = rng.uniform(0, 2 * np.pi, m).astype(np.float32)[:, None] \
+        + np.cumsum(rng.normal(0, 0.06 * np.sqrt(step), (m, steps)).astype(np.float32), axis=1)
     py = my[owner, None] + step * np.cumsum(np.sin(heading), axis=1)
     px = mx[owner, None] + step * np.cumsum(np.cos(heading), axis=1)
-    length = p["cr"][owner] * np.sqrt(1 + p["celong"][owner]) * rng.uniform(0.5, 1.8, len(owner))
     keep = _trace(py, px, owner, cells) & (step * np.arange(1, steps + 1) <= length[:, None])
-    weight = np.broadcast_to((step * p["fil_intensity"][owner]
-                              * _lognormal(rng, 0.3, len(owner)))[:, None], py.shape)
-    filaments = _splat(shape, py[keep], px[keep], weight[keep])
+    weight = step * p["fil_intensity"][owner] * _lognormal(rng, 0.3, m)
+    filaments = _splat(shape, py[keep], px[keep], np.broadcast_to(weight[:, None], py.shape)[keep])
     centrosome = _splat(shape, my, mx, 6.0 * p["fil_intensity"] * (1 + 0.2 * p["n_fil"] ** 0.5))
 
     inside = cells > 0
     k = cells[inside].astype(int) - 1
-    out = np.zeros(shape)
+    out = np.zeros(shape, np.float32)
     out[inside] = p["tub_diffuse"][k] * (1 + 0.15 * fine[inside])
     out += filaments + ndimage.gaussian_filter(centrosome, 1.2)
     out[nuclei > 0] *= 0.55  # the nucleus is thick: microtubules lie above and below it
     return out
 
 
-def _draw_actin(p, nuclei, cells, coarse, rng, step=0.5):
+def _draw_actin(p, nuclei, cells, coarse, rng, step=1.0):
     """Cortical actin at the cell edge, stress fibres along the cell's long axis, diffuse actin."""
     shape = cells.shape
     inside = cells > 0
     k = cells[inside].astype(int) - 1
-    edge = find_boundaries(cells, mode="inner")
-    distance = ndimage.distance_transform_edt(~edge)[inside]
+    edge = ndimage.gaussian_filter(find_boundaries(cells, mode="inner").astype(np.float32), 1.2)
 
     owner = np.repeat(np.arange(len(p["cr"])), p["n_fib"])
     m = len(owner)
-    reach = p["cr"][owner] * np.sqrt(1 + p["celong"][owner])
-    # Fibres cross the cell roughly parallel to its long axis, offset sideways from the centre.
+    e = np.sqrt(1 + p["celong"][owner])
+    reach = p["cr"][owner] * e
+    # A fibre runs roughly along the cell's long axis, off-centre, and ends short of the edge
+    # or at it; it tapers towards its ends.
     angle = p["ctheta"][owner] + rng.normal(0, 0.3, m)
-    across = rng.uniform(-0.6, 0.6, m) * p["cr"][owner] / np.sqrt(1 + p["celong"][owner])
+    across = rng.uniform(-0.6, 0.6, m) * p["cr"][owner] / e
     oy = p["ccy"][owner] + across * np.cos(angle)
     ox = p["ccx"][owner] - across * np.sin(angle)
-    steps = int(np.ceil(1.8 * (reach.max() if m else 1) / step))
+    steps = int(np.ceil(1.2 * reach.max(initial=1.0) / step))
     t = step * np.arange(steps)
-    weight_of = step * p["fib_intensity"][owner] * _lognormal(rng, 0.35, m)
+    weight = step * p["fib_intensity"][owner] * _lognormal(rng, 0.35, m)
     fy, fx, fw = [], [], []
     for sign in (1, -1):  # trace both ways out from the fibre's middle
+        half = reach * rng.uniform(0.4, 1.2, m)
         py = oy[:, None] + sign * t * np.sin(angle)[:, None]
         px = ox[:, None] + sign * t * np.cos(angle)[:, None]
-        keep = _trace(py, px, owner, cells)
+        taper = np.sqrt(np.clip(1 - (t / half[:, None]) ** 2, 0, None))
+        keep = _trace(py, px, owner, cells) & (taper > 0)
         keep[:, 0] &= sign == 1  # the middle point once
         fy.append(py[keep]), fx.append(px[keep])
-        fw.append(np.broadcast_to(weight_of[:, None], py.shape)[keep])
+        fw.append((weight[:, None] * taper)[keep])
     fibres = _splat(shape, np.concatenate(fy), np.concatenate(fx), np.concatenate(fw))
 
-    out = np.zeros(shape)
+    out = np.zeros(shape, np.float32)
     out[inside] = p["actin_diffuse"][k] * (1 + 0.2 * coarse[inside]) \
-        + p["cortex"][k] * np.exp(-distance / 1.8) * np.clip(1 + 0.35 * coarse[inside], 0.2, None)
+        + 2.2 * p["cortex"][k] * edge[inside] * np.clip(1 + 0.35 * coarse[inside], 0.2, None)
     out += fibres
     out[nuclei > 0] *= 0.8
     return out
 
 
-def _acquire(signal, background, rng):
-    """The camera's view: PSF blur, vignetting, background, shot and read noise, 16 bits."""
-    h, w = signal.shape
-    signal = ndimage.gaussian_filter(signal, PSF_SIGMA)
-    signal = np.where(signal > KNEE, KNEE + (signal - KNEE) / (1 + (signal - KNEE) / (CEILING - KNEE)),
-                      signal)
+@functools.lru_cache(maxsize=4)
+def _illumination(shape):
+    """Relative illumination of the field: 1 at the centre, 1 - VIGNETTING in the corners."""
+    h, w = shape
     yy, xx = np.ogrid[:h, :w]
     r2 = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) / ((h / 2) ** 2 + (w / 2) ** 2)
-    light = 1 - VIGNETTING * r2
-    expected = (background * np.exp(rng.normal(0, 0.05)) + signal) * light
-    electrons = rng.poisson(np.maximum(expected, 0) / GAIN)
-    adu = CAMERA_OFFSET + GAIN * electrons + rng.normal(0, READ_NOISE, signal.shape)
+    return (1 - VIGNETTING * r2).astype(np.float32)
+
+
+def _acquire(signal, background, rng):
+    """The camera's view: PSF blur, vignetting, background, shot and read noise, 16 bits."""
+    signal = ndimage.gaussian_filter(signal, PSF_SIGMA)
+    over = np.maximum(signal - KNEE, 0)
+    signal -= over - over / (1 + over / (CEILING - KNEE))
+    expected = (background * np.exp(rng.normal(0, 0.05)) + signal) * _illumination(signal.shape)
+    electrons = rng.poisson(expected / GAIN)
+    read_noise = READ_NOISE * rng.standard_normal(signal.shape, np.float32)
+    adu = CAMERA_OFFSET + GAIN * electrons + read_noise
     return np.clip(np.rint(adu), 0, 65535).astype(np.uint16)
 
 
@@ -622,7 +689,9 @@ def _write_load_data(plans, root: Path) -> Path:
 
 def _measure(load_data: Path, out: Path, workers: int, progress: bool):
     """CellProfiler-style measurements of every nucleus and cell, via cp2image_tf.featurize."""
-    from cp2image_tf.featurize import DEFAULT_MODULES, featurize
+    from cp2image_tf.featurize import featurize
+    from cp2image_tf.measure import DEFAULT_MODULES
+
     featurize(load_data, out_dir=out, channels=list(CHANNELS), objects=list(OBJECTS),
               modules=DEFAULT_MODULES, workers=workers, overwrite=True, progress=progress)
 
@@ -637,7 +706,7 @@ def _write_readme(root: Path, cells: int, seed: int, plans):
         "Channels: " + ", ".join(CHANNELS) + " (16-bit TIFF, one file per channel per field).",
         "",
         "images/<Plate>/<Plate>_<Well>_s<Site>_<Channel>.tif   the fields",
-        "masks/<Plate>/<Plate>_<Well>_s<Site>_{Nuclei,Cells}.tif   label images (label = ObjectNumber)",
+        "masks/<Plate>/<Plate>_<Well>_s<Site>_{Nuclei,Cells}.tif   labels (= ObjectNumber)",
         "load_data.csv      CellProfiler LoadData CSV (paths relative to this folder)",
         "cellprofiler/      Image.csv, Nuclei.csv, Cells.csv: measurements (cp-measure)",
         "ground_truth.csv   the generator's parameters for every cell",
@@ -645,6 +714,9 @@ def _write_readme(root: Path, cells: int, seed: int, plans):
         "Treatments (factors relative to DMSO; every parameter also varies from cell to cell):",
     ]
     lines += [f"  {t.name:<12} {t.effect}" for t in TREATMENTS]
+    lines += ["", "ground_truth.csv columns (pixels; intensities in ADU above background, "
+              "before vignetting and noise):"]
+    lines += [f"  {name:<26} {meaning}" for name, meaning in GROUND_TRUTH_COLUMNS.items()]
     (root / "README.txt").write_text("\n".join(lines) + "\n")
 
 

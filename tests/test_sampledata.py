@@ -31,6 +31,11 @@ def _files(root, pattern):
     return sorted(p.relative_to(root) for p in root.glob(pattern))
 
 
+def _masks(root, row):
+    return [tifffile.imread(root / row[f"ObjectsPathName_{obj}"] / row[f"ObjectsFileName_{obj}"])
+            for obj in ("Nuclei", "Cells")]
+
+
 def test_layout_of_the_default_dataset():
     plans = sd.plan_fields(2000, seed=0)
     assert sum(plan.n_cells for plan in plans) == 2000
@@ -70,8 +75,7 @@ def test_images_are_16_bit_fields_in_a_realistic_range(runs):
     root = runs["a"]
     load = pd.read_csv(root / "load_data.csv")
     for _, row in load.iterrows():
-        nuclei = tifffile.imread(root / row["ObjectsPathName_Nuclei"] / row["ObjectsFileName_Nuclei"])
-        cells = tifffile.imread(root / row["ObjectsPathName_Cells"] / row["ObjectsFileName_Cells"])
+        nuclei, cells = _masks(root, row)
         for ch in sd.CHANNELS:
             img = tifffile.imread(root / row[f"PathName_{ch}"] / row[f"FileName_{ch}"])
             assert img.dtype == np.uint16 and img.shape == sd.FIELD_SHAPE
@@ -93,8 +97,7 @@ def test_masks_match_the_ground_truth_and_nuclei_lie_in_their_cells(runs):
             assert set(truth.loc[truth.ImageNumber == row.ImageNumber, f"Metadata_{column}"]) \
                 == {row[f"Metadata_{column}"]}
         expected = truth.loc[truth.ImageNumber == row.ImageNumber]
-        nuclei = tifffile.imread(root / row["ObjectsPathName_Nuclei"] / row["ObjectsFileName_Nuclei"])
-        cells = tifffile.imread(root / row["ObjectsPathName_Cells"] / row["ObjectsFileName_Cells"])
+        nuclei, cells = _masks(root, row)
         assert nuclei.dtype == cells.dtype == np.uint16
         numbers = sorted(expected["ObjectNumber"])
         assert numbers == list(range(1, len(expected) + 1))
@@ -114,7 +117,8 @@ def test_load_data_paths_are_relative_and_resolve(runs):
     load = pd.read_csv(root / "load_data.csv")
     for ch in sd.CHANNELS:
         assert not any(Path(p).is_absolute() for p in load[f"PathName_{ch}"])
-        assert all((root / p / f).is_file() for p, f in zip(load[f"PathName_{ch}"], load[f"FileName_{ch}"]))
+        files = zip(load[f"PathName_{ch}"], load[f"FileName_{ch}"])
+        assert all((root / folder / name).is_file() for folder, name in files)
     assert "NucEnlarge" in (root / "README.txt").read_text()
 
 
@@ -130,6 +134,10 @@ def test_measurements_agree_with_what_was_drawn(runs):
     assert len(merged) == len(nuclei) == CELLS
     assert np.allclose(merged["AreaShape_Area"], merged["Nucleus_Area"], rtol=0.03)
     assert np.allclose(merged["Location_Center_X"], merged["Nucleus_Center_X"], atol=1.5)
+    # Every cell has a whole 68 x 68 crop around its nucleus centroid (convert's --edge skip).
+    for axis, size in (("X", sd.FIELD_SHAPE[1]), ("Y", sd.FIELD_SHAPE[0])):
+        start = np.floor(nuclei[f"Location_Center_{axis}"] + 0.5) - 34
+        assert start.min() >= 0 and (start + 68).max() <= size
     merged = truth.merge(cells, on=key, validate="one_to_one")
     assert len(merged) == CELLS
     assert np.allclose(merged["AreaShape_Area"], merged["Cell_Area"], rtol=0.03)
@@ -153,15 +161,15 @@ def _field_measurements(treatment, n_fields=2):
         mean = np.bincount(label, tubulin)[1:] / count
         spread = np.sqrt(np.bincount(label, tubulin ** 2)[1:] / count - mean ** 2)
         rows.append(pd.DataFrame({
-            "nucleus_area": n["area"], "elongation": n["major_axis_length"] / n["minor_axis_length"],
+            "nucleus_area": n["area"],
+            "elongation": n["major_axis_length"] / n["minor_axis_length"],
             "dna": n["intensity_mean"], "cell_area": c["area"], "actin": c["intensity_mean"],
             "tubulin_cv": spread / mean}))
     return pd.concat(rows).mean()
 
 
 def test_treatments_shift_what_they_document():
-    m = {t: _field_measurements(t) for t in
-         ("DMSO", "NucEnlarge", "NucElongate", "DNACondense", "CellSpread", "MTDepoly", "ActinStab")}
+    m = {t.name: _field_measurements(t.name) for t in sd.TREATMENTS}
     control = m["DMSO"]
     assert m["NucEnlarge"].nucleus_area > 1.5 * control.nucleus_area
     assert m["NucElongate"].elongation > control.elongation + 0.6

@@ -191,6 +191,7 @@ def plan_dataset(config: ConvertConfig):
     else:
         cells, sources, source = load_cellprofiler_cells(config)
         compartments = list(config.objects)
+    cells = cells.copy()  # one block per dtype: the columns added below stay cheap
     rejects = []
 
     def reject(mask, reason):

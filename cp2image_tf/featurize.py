@@ -1,0 +1,334 @@
+"""CellProfiler-style measurements for images and label masks that have no CellProfiler run.
+
+`featurize(load_data_csv, out_dir, channels, objects)` reads a CellProfiler LoadData CSV (one row
+per image set: `FileName_<channel>` / `PathName_<channel>` for each channel,
+`ObjectsFileName_<object>` / `ObjectsPathName_<object>` for each label mask, optional
+`ImageNumber` and `Metadata_*` columns), measures every object with `cp2image_tf.measure`, and
+writes what CellProfiler's ExportToSpreadsheet would:
+
+    out_dir/Image.csv      one row per image set: ImageNumber, FileName_/PathName_ per channel,
+                           ObjectsFileName_/ObjectsPathName_ per object set, the Metadata_
+                           columns, Count_<object>, Scaling_<channel>
+    out_dir/<object>.csv   one row per object: ImageNumber, ObjectNumber, Location_Center_X/_Y,
+                           then the measurements (AreaShape_Area, Intensity_MeanIntensity_DNA, ...)
+
+Images are 2-D TIFFs; integers are divided by their dtype's maximum (255, 65535), as CellProfiler
+does, unless `scale` says otherwise (e.g. 4095 for 12-bit data in 16-bit files); float TIFFs are
+taken as they are. A mask's labels are the ObjectNumbers. A relative PathName in the CSV is read
+relative to the CSV's folder and written relative to `out_dir`, so a folder tree that holds both
+can be moved; an absolute one stays absolute.
+
+Image sets are measured one per task (in a process pool when workers > 1) and their rows are
+streamed to the CSVs in ImageNumber order, so memory holds a few image sets, not the experiment.
+The CSVs are written under temporary names and renamed when complete.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import tifffile
+
+from cp2image_tf.measure import DEFAULT_MODULES, measure_objects, resolve_modules
+from tfrecords_tools.errors import UserInputError
+
+__all__ = ["featurize", "DEFAULT_MODULES"]
+
+FLOAT_FORMAT = "%.9g"  # round-trips float32, the precision every later stage uses
+
+
+def featurize(load_data_csv, out_dir, channels, objects, modules=DEFAULT_MODULES, workers=1,
+              overwrite=False, scale=None, progress=True) -> dict:
+    """Measure every object of every image set in `load_data_csv`; write CellProfiler CSVs.
+
+    `channels` and `objects` name the images and label masks to use (`FileName_<channel>`,
+    `ObjectsFileName_<object>` columns). `modules`: names from `cp2image_tf.measure.MODULES`,
+    "default" or "all". `scale` (integer images only): None (the dtype's maximum), one number
+    for every channel, or {channel: number}. `workers` > 1 measures image sets in that many
+    processes. Returns a summary: counts, feature numbers, output paths, seconds.
+    """
+    started = time.perf_counter()
+    load_data_csv = Path(load_data_csv)
+    out_dir = Path(out_dir)
+    channels, objects = _names(channels, "--channels"), _names(objects, "--objects")
+    if "Image" in objects:
+        raise UserInputError("--objects: 'Image' names CellProfiler's per-image table; rename "
+                             "that object set (e.g. ObjectsFileName_Cells).")
+    modules = resolve_modules(modules)
+    scales = _scales(scale, channels)
+    table = _read_load_data(load_data_csv)
+    tasks = _tasks(table, load_data_csv, channels, objects, modules, scales)
+    outputs = {"Image": out_dir / "Image.csv",
+               **{obj: out_dir / f"{obj}.csv" for obj in objects}}
+    _check_out_dir(out_dir, outputs.values(), overwrite)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = {key: path.with_name(f".{path.name}.partial") for key, path in outputs.items()}
+    writers = {obj: _ObjectWriter(partial[obj]) for obj in objects}
+    image_rows = []
+    results = _run(tasks, workers, progress)
+    try:
+        for task, (scaling, tables) in zip(tasks, results):
+            image_rows.append(_image_row(task, table.loc[task["row"]], out_dir, scaling, tables))
+            for obj in objects:
+                writers[obj].append(task["image_number"], tables[obj])
+        for writer in writers.values():
+            writer.close()
+        pd.DataFrame(image_rows).to_csv(partial["Image"], index=False,
+                                        float_format=FLOAT_FORMAT)
+        for key, path in outputs.items():
+            os.replace(partial[key], path)
+    finally:
+        results.close()
+        for writer in writers.values():
+            writer.close()
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+
+    return {
+        "out_dir": str(out_dir),
+        "image_sets": len(tasks),
+        "objects": {obj: w.rows for obj, w in writers.items()},
+        "features": {obj: len(w.columns) - 4 for obj, w in writers.items() if w.columns},
+        "modules": list(modules),
+        "files": {key: str(path) for key, path in outputs.items()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking what the user gave
+
+
+def _names(value, option: str) -> list[str]:
+    names = [value] if isinstance(value, str) else list(value or [])
+    names = [str(n).strip() for n in names if str(n).strip()]
+    if not names:
+        raise UserInputError(f"{option}: give at least one name.")
+    if len(set(names)) != len(names):
+        raise UserInputError(f"{option}: names repeat ({', '.join(names)}); give each once.")
+    return names
+
+
+def _scales(scale, channels: list[str]) -> dict[str, float | None]:
+    if scale is None or isinstance(scale, (int, float)):
+        values = {ch: scale for ch in channels}
+    else:
+        unknown = sorted(set(scale) - set(channels))
+        if unknown:
+            raise UserInputError(f"scale is given for {', '.join(unknown)}, which are not among "
+                                 f"the channels ({', '.join(channels)}).")
+        values = {ch: scale.get(ch) for ch in channels}
+    for ch, value in values.items():
+        if value is not None and not value > 0:
+            raise UserInputError(f"--scale for {ch} is {value}: it must be a positive number "
+                                 "(the value that becomes 1.0, e.g. 65535 or 4095).")
+    return values
+
+
+def _read_load_data(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserInputError(f"LoadData CSV not found: {path}; give the path of a CSV with "
+                             "FileName_<channel> and PathName_<channel> columns.")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{path} is not a readable CSV ({err}).") from None
+    if table.empty:
+        raise UserInputError(f"{path} has no rows; it needs one row per image set.")
+    return table
+
+
+def _tasks(table: pd.DataFrame, csv: Path, channels, objects, modules, scales) -> list[dict]:
+    """One task per image set: absolute file paths, checked to exist."""
+    need = [(f"FileName_{ch}", f"PathName_{ch}", f"channel '{ch}'") for ch in channels]
+    need += [(f"ObjectsFileName_{obj}", f"ObjectsPathName_{obj}", f"object '{obj}'")
+             for obj in objects]
+    for name_col, path_col, what in need:
+        missing = [c for c in (name_col, path_col) if c not in table.columns]
+        if missing:
+            raise UserInputError(f"{csv} has no {' or '.join(missing)} column for {what}; "
+                                 "add it or fix the name (columns: "
+                                 f"{_short_list(table.columns)}).")
+    numbers = _image_numbers(table, csv)
+    tasks, missing_files = [], []
+    for row, number in zip(table.index, numbers):
+        files = {}
+        for name_col, path_col, _ in need:
+            folder = Path(table.at[row, path_col])
+            file = (folder if folder.is_absolute() else csv.parent / folder) / table.at[row,
+                                                                                       name_col]
+            if not table.at[row, name_col] or not file.is_file():
+                missing_files.append((number, name_col, file))
+            files[name_col] = file
+        tasks.append({"row": row, "image_number": number, "modules": modules,
+                      "images": {ch: files[f"FileName_{ch}"] for ch in channels},
+                      "masks": {obj: files[f"ObjectsFileName_{obj}"] for obj in objects},
+                      "scales": scales})
+    if missing_files:
+        number, column, file = missing_files[0]
+        more = f" (and {len(missing_files) - 1} more)" if len(missing_files) > 1 else ""
+        raise UserInputError(f"file not found: {file} (ImageNumber {number}, {column} in {csv})"
+                             f"{more}; fix the FileName_/PathName_ values or the files.")
+    return tasks
+
+
+def _image_numbers(table: pd.DataFrame, csv: Path) -> list[int]:
+    if "ImageNumber" not in table.columns:
+        return list(range(1, len(table) + 1))
+    numbers = pd.to_numeric(table["ImageNumber"], errors="coerce")
+    if numbers.isna().any() or (numbers % 1 != 0).any() or numbers.duplicated().any():
+        raise UserInputError(f"{csv}: the ImageNumber column must hold distinct whole numbers; "
+                             "fix it or drop the column to number image sets 1..N.")
+    return [int(n) for n in numbers]
+
+
+def _short_list(columns, limit: int = 12) -> str:
+    columns = list(columns)
+    return ", ".join(columns[:limit]) + (", ..." if len(columns) > limit else "")
+
+
+def _check_out_dir(out_dir: Path, outputs: Iterable[Path], overwrite: bool):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"{out_dir} is a file; give a folder for the CSVs.")
+    existing = [p.name for p in outputs if p.exists()]
+    if existing and not overwrite:
+        raise UserInputError(f"{out_dir} already holds {', '.join(existing)}; pass --overwrite "
+                             "to replace them or choose another folder.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring image sets
+
+
+def _run(tasks: list[dict], workers: int, progress: bool):
+    """Measure the image sets, yielding results in task order."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(tasks), desc="featurize", unit="image set", disable=not progress)
+    workers = max(1, min(int(workers), len(tasks)))
+    try:
+        if workers == 1:
+            for task in tasks:
+                yield measure_image_set(task)
+                bar.update()
+            return
+        context = multiprocessing.get_context("spawn")
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+        try:
+            for result in pool.map(measure_image_set, tasks):
+                yield result
+                bar.update()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        bar.close()
+
+
+def measure_image_set(task: dict) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    """Read one image set's images and masks, measure it: ({channel: scaling}, tables)."""
+    images, scaling = {}, {}
+    for ch, path in task["images"].items():
+        images[ch], scaling[ch] = _read_image(path, task["scales"][ch])
+    masks = {obj: _read_mask(path) for obj, path in task["masks"].items()}
+    _check_shapes(task, images, masks)
+    integer_range = max(scaling.values())
+    tables = measure_objects(images, masks, task["modules"],
+                             scale_max=int(integer_range) if integer_range > 1 else 65535)
+    return scaling, tables
+
+
+def _read_plane(path: Path) -> np.ndarray:
+    try:
+        array = tifffile.imread(path)
+    except Exception as err:  # tifffile raises several types for unreadable files
+        raise UserInputError(f"cannot read {path} as a TIFF ({err}).") from None
+    array = np.squeeze(array)
+    if array.ndim != 2:
+        raise UserInputError(f"{path} has shape {array.shape}; expected one 2-D plane "
+                             "(one file per channel, one label image per object set).")
+    return array
+
+
+def _read_image(path: Path, scale: float | None) -> tuple[np.ndarray, float]:
+    """The image in CellProfiler's [0, 1] scale, and the divisor used (its Scaling_)."""
+    array = _read_plane(path)
+    if np.issubdtype(array.dtype, np.integer):
+        divisor = float(scale) if scale is not None else float(np.iinfo(array.dtype).max)
+    elif np.issubdtype(array.dtype, np.floating):
+        divisor = 1.0
+    else:
+        raise UserInputError(f"{path} holds {array.dtype} pixels; expected integer or float.")
+    return array.astype(np.float64) / divisor, divisor
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    array = _read_plane(path)
+    if not np.issubdtype(array.dtype, np.integer) or (array.size and array.min() < 0):
+        raise UserInputError(f"{path} is not a label image (dtype {array.dtype}); expected "
+                             "non-negative integer labels, 0 for background.")
+    return array
+
+
+def _check_shapes(task: dict, images: dict, masks: dict):
+    shapes = {f"{ch} image {task['images'][ch].name}": a.shape for ch, a in images.items()}
+    shapes.update({f"{obj} mask {task['masks'][obj].name}": a.shape for obj, a in masks.items()})
+    if len(set(shapes.values())) > 1:
+        found = ", ".join(f"{what} is {'x'.join(map(str, s))}" for what, s in shapes.items())
+        raise UserInputError(f"ImageNumber {task['image_number']}: images and masks differ in "
+                             f"shape ({found}); every file of an image set must have one shape.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _image_row(task: dict, source: pd.Series, out_dir: Path, scaling: dict, tables: dict):
+    row = {"ImageNumber": task["image_number"]}
+    for prefix, files in (("", task["images"]), ("Objects", task["masks"])):
+        for name in files:
+            row[f"{prefix}FileName_{name}"] = source[f"{prefix}FileName_{name}"]
+            row[f"{prefix}PathName_{name}"] = _written_path(source[f"{prefix}PathName_{name}"],
+                                                            files[name].parent, out_dir)
+    row.update({c: source[c] for c in source.index if c.startswith("Metadata_")})
+    row.update({f"Count_{obj}": len(t) for obj, t in tables.items()})
+    row.update({f"Scaling_{ch}": value for ch, value in scaling.items()})
+    return row
+
+
+def _written_path(given: str, folder: Path, out_dir: Path) -> str:
+    if Path(given).is_absolute():
+        return given
+    return Path(os.path.relpath(folder.resolve(), out_dir.resolve())).as_posix()
+
+
+class _ObjectWriter:
+    """Streams one object set's rows to its CSV; the first non-empty table fixes the header."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "w", newline="")
+        self.columns: list[str] | None = None
+        self.rows = 0
+
+    def append(self, image_number: int, table: pd.DataFrame):
+        if not len(table):
+            return
+        table = table.copy()
+        table.insert(0, "ImageNumber", image_number)
+        header = self.columns is None
+        if header:
+            self.columns = list(table.columns)
+        table.reindex(columns=self.columns).to_csv(
+            self.handle, index=False, header=header, float_format=FLOAT_FORMAT, na_rep="nan")
+        self.rows += len(table)
+
+    def close(self):
+        if not self.handle.closed and self.columns is None:
+            self.handle.write("ImageNumber,ObjectNumber,Location_Center_X,Location_Center_Y\n")
+        self.handle.close()
