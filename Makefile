@@ -18,7 +18,7 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/cp2image-tf sample-data $(DEMO_DIR)/sample --overwrite
 	$(BIN)/cp2image-tf convert $(DEMO_DIR)/sample/cellprofiler $(DEMO_DIR)/tfrecords \
-		--objects Nuclei,Cells --channels DNA,Tubulin,Actin --split-by Metadata_Well --overwrite
+		--objects Nuclei,Cells --channels DNA,Tubulin,Actin --split-by Metadata_Plate,Metadata_Well --overwrite
 	$(BIN)/cp2image-tf inspect $(DEMO_DIR)/tfrecords --verify
 	@echo
 	@echo "Demo outputs:"

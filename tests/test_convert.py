@@ -270,3 +270,17 @@ def test_manifest_is_json_with_command_and_sources(cp_folder, tmp_path):
     assert {f["path"] for f in m["source"]["files"]} >= {"Image.csv", "Nuclei.csv", "Cells.csv"}
     assert sum(s["records"] for s in m["shards"]) == m["counts"]["cells"]
     assert not (tmp_path / "out" / ".parts").exists()
+
+
+def test_split_keeps_every_treatment_in_every_split_when_groups_allow(tmp_path):
+    cp_dir = make_cellprofiler_folder(tmp_path, n_fields=48, cells_per_field=2, edge_cell=False,
+                                      treatments=("A", "B", "C", "D"))
+    m = convert(config_for(cp_dir, tmp_path / "out", split_by=["Metadata_Well"]), progress=False)
+    # 6 wells per treatment: 4 / 1 / 1 for each, never a well on two sides.
+    for split in ("train", "val", "test"):
+        assert all(m["counts"]["treatments"][split][t] > 0 for t in "ABCD"), split
+    assert m["split"]["groups"] == {"train": 16, "val": 4, "test": 4}
+    _, records = read_all(tmp_path / "out")
+    split_of_group = {}
+    for rec in records.values():
+        assert split_of_group.setdefault(rec["group"], rec["split"]) == rec["split"]

@@ -118,17 +118,17 @@ def load_cellprofiler_cells(config: ConvertConfig):
         cp.require_columns(table, need, path, " (needed to place crops)" if k == 0 else "")
         table = table.drop(columns=[c for c in table.columns if c.startswith("Metadata_")])
         renamed = {c: f"{obj}_{c}" for c in table.columns if c not in ("ImageNumber", "ObjectNumber")}
-        table = table.rename(columns=renamed)
+        table = table.rename(columns=renamed).copy()  # consolidated: merges stay cheap
         if cells is None:
             cells = table
         else:
             cells = cells.merge(table, on=["ImageNumber", "ObjectNumber"], how="left",
                                 indicator=f"_has_{obj}")
-    cells = cells.rename(columns={f"{config.objects[0]}_Location_Center_X": "_x",
+    cells = cells.copy().rename(columns={f"{config.objects[0]}_Location_Center_X": "_x",
                                   f"{config.objects[0]}_Location_Center_Y": "_y"})
     cells = cells.merge(image_df[["ImageNumber"] + meta_cols], on="ImageNumber", how="left",
                         indicator="_has_image")
-    cells = cells.merge(fields, on="ImageNumber", how="left")
+    cells = cells.merge(fields, on="ImageNumber", how="left").copy()
     cells["_cell_id"] = cells["ImageNumber"].astype(str) + "-" + cells["ObjectNumber"].astype(str)
     return cells, source_files, image_csv
 
@@ -254,7 +254,8 @@ def plan_dataset(config: ConvertConfig):
         raise UserInputError(f"{source}: no cell left to convert ({len(rejects)} rejected; "
                              f"first reason: {rejects[0]['reason'] if rejects else 'no rows'}).")
 
-    split = assign_splits(pd.Series(cells["_group"]), config.split, config.seed)
+    split = assign_splits(pd.Series(cells["_group"]), config.split, config.seed,
+                          strata=pd.Series(cells["_treatment"]))
     cells["_split"] = split
     train = cells["_split"].to_numpy() == "train"
 

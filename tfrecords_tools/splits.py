@@ -25,20 +25,41 @@ def parse_fractions(text) -> tuple[float, float, float]:
     return parts
 
 
-def assign_splits(groups: pd.Series, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> np.ndarray:
+def assign_splits(groups: pd.Series, fractions=(0.8, 0.1, 0.1), seed: int = 0,
+                  strata: pd.Series | None = None) -> np.ndarray:
     """Split name per cell, whole groups at a time.
 
-    Groups are visited in a seeded random order; each goes to the split that is
-    furthest below its target number of cells. With at least as many groups as
-    non-empty fractions, every such split receives at least one group.
+    With `strata` (e.g. the treatment) and every group inside one stratum, each
+    stratum's groups are split on their own, so that every treatment with enough
+    groups is in every split (unless that would leave a split empty). Groups are visited in a seeded random order; each
+    goes to the split furthest below its target number of cells.
     """
     keys = groups.astype(str).to_numpy()
+    if strata is not None:
+        labels = strata.astype(str).to_numpy()
+        pairs = pd.DataFrame({"g": keys, "s": labels}).drop_duplicates()
+        if not pairs["g"].duplicated().any():
+            out = np.empty(len(keys), dtype=object)
+            for k, stratum in enumerate(sorted(set(labels))):
+                rows = labels == stratum
+                out[rows] = _assign(keys[rows], fractions, seed + 7919 * k)
+            n_groups = len(pairs)
+            wanted = {SPLITS[i] for i in range(3) if fractions[i] * n_groups >= 0.5}
+            # Too few groups per treatment to give every split some: split them all together.
+            if wanted <= set(out):
+                return out.astype(str)
+    return _assign(keys, fractions, seed)
+
+
+def _assign(keys: np.ndarray, fractions, seed: int) -> np.ndarray:
     unique, counts = np.unique(keys, return_counts=True)
     order = np.random.default_rng(seed).permutation(len(unique))
     targets = np.asarray(fractions, dtype=np.float64) * counts.sum()
     filled = np.zeros(3)
     group_split = {}
-    wanted = [i for i in range(3) if fractions[i] > 0]
+    # A split is guaranteed a group only when its share is at least half a group:
+    # three wells of a treatment all go to train rather than one each.
+    wanted = [i for i in range(3) if fractions[i] * len(unique) >= 0.5]
     for rank, g in enumerate(order):
         remaining = len(order) - rank
         empty = [i for i in wanted if filled[i] == 0]
