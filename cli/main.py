@@ -52,6 +52,3 @@ def _register():
 
 _register()
 
-
-if __name__ == "__main__":
-    main()

@@ -140,10 +140,12 @@ class Trainer:
         if self._compiled_gradients is None:
             import tensorflow as tf
 
-            # XLA fuses the forward and backward passes on one device; with several
-            # replicas the synchronised batch norm's all-reduce stays outside XLA.
-            jit = self.config.jit_compile and self.strategy.num_replicas_in_sync == 1
-            self._compiled_gradients = tf.function(self.losses_and_gradients, jit_compile=jit)
+            # XLA fuses the forward and backward passes on one device. With several replicas
+            # the synchronised batch norm all-reduces, which a nested tf.function cannot do.
+            if self.config.jit_compile and self.strategy.num_replicas_in_sync == 1:
+                self._compiled_gradients = tf.function(self.losses_and_gradients, jit_compile=True)
+            else:
+                self._compiled_gradients = self.losses_and_gradients
         return self._compiled_gradients(features, target, real)
 
     def losses_and_gradients(self, features, target, real):
@@ -281,21 +283,22 @@ def pixel_metrics(generated, real):
     return mse, ssim
 
 
+HISTORY_COLUMNS = (["step", "pixel"] + [f"feature{k + 1}" for k in range(N_FEATURE_LAYERS)]
+                   + ["decoder", "discriminator"] + [f"weight{k + 1}" for k in range(N_FEATURE_LAYERS)]
+                   + ["images_per_s", "val_mse", "val_ssim", "baseline_mse"])
+
+
 class History:
     """history.csv, appended to as training goes; survives restarts."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
-        self.columns = None
-        if enabled and path.is_file():
-            with open(path) as handle:
-                self.columns = next(csv.reader(handle), None)
+        self.columns = HISTORY_COLUMNS
 
-    def write(self, row: dict, resume_step: int | None = None) -> None:
+    def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        if self.columns is None:
-            self.columns = list(row)
+        if not self.path.is_file():
             with open(self.path, "w", newline="") as handle:
                 csv.writer(handle).writerow(self.columns)
         with open(self.path, "a", newline="") as handle:
@@ -480,8 +483,20 @@ def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = Tru
             writer.flush()
         if not chief:
             shutil.rmtree(write_dir, ignore_errors=True)
-    summary.update(steps=step, best=best, run_dir=str(run_dir))
+    summary.update(steps=step, best=best, run_dir=str(run_dir),
+                   weights_sha256=weights_digest(trainer.decoder, trainer.discriminator))
     return summary
+
+
+def weights_digest(*models) -> str:
+    """SHA-256 over every weight of the models: equal on every worker of a synchronous run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for model in models:
+        for weight in model.weights:
+            digest.update(np.ascontiguousarray(np.asarray(weight.numpy())).tobytes())
+    return digest.hexdigest()
 
 
 def trainer_weights(step: int, config: FitConfig) -> dict:

@@ -75,3 +75,54 @@ def make_cellprofiler_folder(root, n_fields=8, cells_per_field=6, size=96, seed=
 @pytest.fixture
 def cp_folder(tmp_path):
     return make_cellprofiler_folder(tmp_path)
+
+
+def make_disc_folder(root, n_fields=12, cells_per_field=8, size=192, seed=0, treatments=("small", "large")):
+    """Fields of bright discs whose radius and brightness are the cells' features: a dataset a
+    decoder can learn from in a few dozen steps. Treatment 'large' draws larger, brighter discs."""
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(seed)
+    cp_dir = root / "cp"
+    img_dir = root / "images"
+    cp_dir.mkdir(parents=True)
+    img_dir.mkdir(parents=True)
+    images, nuclei = [], []
+    for f in range(n_fields):
+        treatment = treatments[f % len(treatments)]
+        planes = np.full((2, size, size), 500, dtype=np.uint16)
+        row = {"ImageNumber": f + 1, "Metadata_Well": f"W{f // 2}", "Metadata_Treatment": treatment}
+        grid = np.linspace(32, size - 32, int(np.ceil(np.sqrt(cells_per_field))))
+        spots = [(x, y) for y in grid for x in grid][:cells_per_field]
+        for o, (x, y) in enumerate(spots):
+            big = treatment == treatments[-1]
+            radius = rng.uniform(8, 13) if big else rng.uniform(4, 9)
+            level = rng.uniform(20000, 40000) if big else rng.uniform(6000, 24000)
+            rr, cc = disk((y, x), radius, shape=(size, size))
+            planes[0, rr, cc] = level
+            planes[1, rr, cc] = level // 2
+            nuclei.append({"ImageNumber": f + 1, "ObjectNumber": o + 1, "Location_Center_X": x,
+                           "Location_Center_Y": y, "AreaShape_Area": float(len(rr)),
+                           "Intensity_MeanIntensity_DNA": level / 65535.0})
+        for c, ch in enumerate(("DNA", "Actin")):
+            tifffile.imwrite(img_dir / f"f{f}_{ch}.tif", planes[c])
+            row[f"FileName_{ch}"] = f"f{f}_{ch}.tif"
+            row[f"PathName_{ch}"] = str(img_dir)
+        images.append(row)
+    pd.DataFrame(images).to_csv(cp_dir / "Image.csv", index=False)
+    pd.DataFrame(nuclei).to_csv(cp_dir / "Nuclei.csv", index=False)
+    return cp_dir
+
+
+@pytest.fixture(scope="session")
+def disc_dataset(tmp_path_factory):
+    """The disc fields converted to 48 px crops (DNA, Actin), split by well."""
+    from tfrecords_tools.convert import ConvertConfig, convert
+
+    root = tmp_path_factory.mktemp("discs")
+    cp_dir = make_disc_folder(root)
+    out = root / "data"
+    convert(ConvertConfig(input=str(cp_dir), out_dir=str(out), channels=["DNA", "Actin"],
+                          objects=["Nuclei"], crop_size=48, split_by=["Metadata_Well"]),
+            progress=False)
+    return out
