@@ -35,6 +35,8 @@ setup(
         "tqdm>=4.66",
         "google-crc32c>=1.5",
         "matplotlib>=3.8",
+        # tf.summary.image and `tensorboard --logdir RUN_DIR/logs` need it.
+        "tensorboard>=2.16",
     ],
     extras_require={
         # CUDA wheels of TensorFlow for GPU hosts (Linux).

@@ -38,8 +38,9 @@ def main():
     \b
     Typical flow:
       cp2image-tf sample-data OUT          # or bring your own CellProfiler run
-      cp2image-tf convert CP_DIR DATA --objects Nuclei --channels DNA,Tubulin,Actin
+      cp2image-tf convert OUT/cellprofiler DATA --objects Nuclei,Cells --channels DNA,Tubulin,Actin
       cp2image-tf inspect DATA --verify
+      cp2image-tf fit DATA RUN             # re-run to resume
     """
 
 

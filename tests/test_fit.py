@@ -144,7 +144,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(disc_dataset, tmp_path):
             time.sleep(0.2)
         assert (run / "checkpoints" / "ckpt-4.index").exists()
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     saved = max(int(p.name[5:-6]) for p in (run / "checkpoints").glob("ckpt-*.index"))
     assert saved >= 4
