@@ -3,8 +3,8 @@
 Side by side in one run:
   - the floor: read and decode every channel TIFF of every field once (what any
     converter must do), in one process
-  - convert with 1 worker and with 2 workers (end to end, TensorFlow start-up in
-    each worker process included)
+  - convert with 1 worker and with 2 workers, end to end (reading the CSV tables,
+    planning, worker start-up, writing)
 Prints cells/s and each one's speed as a fraction of the floor.
 
     python benchmarks/bench_convert.py [--cells 2000] [--sample DIR]
@@ -70,7 +70,7 @@ def main():
             rate = cells / seconds
             print(f"{name:<36} {seconds:>8.2f} {rate:>9.0f} {rate / floor_rate:>14.2f}")
         print(f"\n{n_cells} cells in {len(pd.read_csv(cp_dir / 'Image.csv'))} fields, "
-              f"{os.cpu_count()} CPUs. convert's time includes TensorFlow start-up per worker.")
+              f"{os.cpu_count()} CPUs. convert times are end to end: reading the CSV tables, planning, worker start-up, writing.")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

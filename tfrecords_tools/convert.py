@@ -274,42 +274,43 @@ def plan_dataset(config: ConvertConfig):
     dropped = selection.dropped + uninformative
 
     treatments = sorted(set(cells["_treatment"]))
+    cells = cells.reset_index(drop=True)  # shard rows are positions into cells and values
     shards = plan_shards(cells, config)
     return {
         "cells": cells, "values": values, "names": names, "stats": stats, "dropped": dropped,
         "rejects": rejects, "treatments": treatments, "treatment_columns": treatment_cols,
         "split_by": split_by, "shards": shards, "sources": sources, "source": source,
-        "compartments": compartments,
+        "compartments": compartments, "shapes": shape_of,
     }
 
 
 def check_field_images(cells: pd.DataFrame, config: ConvertConfig) -> dict:
     """(Y, X) per ImageNumber from TIFF headers; every channel must agree and exist."""
     shapes = {}
-    per_field = cells.drop_duplicates("ImageNumber")
-    for _, row in per_field.iterrows():
+    firsts = cells.drop_duplicates("ImageNumber")
+    columns = {ch: firsts[f"path_{ch}"].to_numpy() for ch in config.channels}
+    for i, number in enumerate(firsts["ImageNumber"].to_numpy()):
         field_shapes = {}
         for ch in config.channels:
-            path = row[f"path_{ch}"]
+            path = columns[ch][i]
             if not os.path.exists(path):
                 raise UserInputError(f"{path}: image file not found (channel {ch}, ImageNumber "
-                                     f"{row['ImageNumber']}). Check PathName_{ch} in Image.csv, "
+                                     f"{number}). Check PathName_{ch} in Image.csv, "
                                      "or run from the folder its relative paths start from.")
             field_shapes[ch] = cp.image_shape(path)
         distinct = set(field_shapes.values())
         if len(distinct) > 1:
-            listed = "; ".join(f"{ch} {s[1]}x{s[0]} ({row[f'path_{ch}']})" for ch, s in field_shapes.items())
-            raise UserInputError(f"ImageNumber {row['ImageNumber']}: channel images differ in size: "
+            listed = "; ".join(f"{ch} {s[1]}x{s[0]} ({columns[ch][i]})" for ch, s in field_shapes.items())
+            raise UserInputError(f"ImageNumber {number}: channel images differ in size: "
                                  f"{listed}. Every channel of a field must have the same size.")
         shape = distinct.pop()
+        first = columns[config.channels[0]][i]
         if len(shape) != 2:
-            raise UserInputError(f"{row[f'path_{config.channels[0]}']}: expected a 2-D image, "
-                                 f"found shape {shape}.")
+            raise UserInputError(f"{first}: expected a 2-D image, found shape {shape}.")
         if config.crop_size > min(shape):
             raise UserInputError(f"--crop-size {config.crop_size}: larger than the images "
-                                 f"({shape[1]}x{shape[0]} px, {row[f'path_{config.channels[0]}']}). "
-                                 "Choose a smaller crop.")
-        shapes[row["ImageNumber"]] = shape
+                                 f"({shape[1]}x{shape[0]} px, {first}). Choose a smaller crop.")
+        shapes[number] = shape
     return shapes
 
 
@@ -515,26 +516,36 @@ def prepare_output(out_dir: Path, overwrite: bool) -> bool:
 def build_tasks(plan: dict, config: ConvertConfig, out_dir: Path) -> list[dict]:
     cells, values = plan["cells"], plan["values"]
     treatment_index = {t: i for i, t in enumerate(plan["treatments"])}
-    shape_cache = {}
+    # Plain arrays: row-wise pandas access costs more than writing the shards.
+    cell_id = cells["_cell_id"].astype(str).to_numpy()
+    image = cells["ImageNumber"].to_numpy()
+    obj = cells["ObjectNumber"].to_numpy()
+    group = cells["_group"].astype(str).to_numpy()
+    if config.table:
+        crop_path = cells["_crop_path"].to_numpy()
+    else:
+        x, y = cells["_x"].to_numpy(dtype=float), cells["_y"].to_numpy(dtype=float)
+        firsts = cells.drop_duplicates("ImageNumber")
+        paths = {n: [firsts[f"path_{ch}"].iloc[i] for ch in config.channels]
+                 for i, n in enumerate(firsts["ImageNumber"])}
     tasks = []
     for shard in plan["shards"]:
-        rows = cells.loc[shard["rows"]]
+        by_field = {}
+        for r in shard["rows"]:
+            by_field.setdefault(image[r], []).append(r)
         fields = []
-        for image_number, fld in rows.groupby("ImageNumber", sort=True):
+        for image_number in sorted(by_field):
             entry = {"cells": []}
             if not config.table:
-                entry["paths"] = [fld.iloc[0][f"path_{ch}"] for ch in config.channels]
-                if image_number not in shape_cache:
-                    shape_cache[image_number] = tuple(cp.image_shape(entry["paths"][0]))
-                entry["shape"] = shape_cache[image_number]
-            for idx, row in fld.iterrows():
-                cell = {"cell_id": row["_cell_id"], "image_number": int(row["ImageNumber"]),
-                        "object_number": int(row["ObjectNumber"]), "group": row["_group"],
-                        "features": values[idx]}
+                entry["paths"] = paths[image_number]
+                entry["shape"] = tuple(plan["shapes"][image_number])
+            for r in by_field[image_number]:
+                cell = {"cell_id": cell_id[r], "image_number": int(image[r]),
+                        "object_number": int(obj[r]), "group": group[r], "features": values[r]}
                 if config.table:
-                    cell["crop_path"] = row["_crop_path"]
+                    cell["crop_path"] = crop_path[r]
                 else:
-                    cell["x"], cell["y"] = float(row["_x"]), float(row["_y"])
+                    cell["x"], cell["y"] = float(x[r]), float(y[r])
                 entry["cells"].append(cell)
             fields.append(entry)
         task = {"file": shard["file"], "split": shard["split"], "treatment": shard["treatment"],

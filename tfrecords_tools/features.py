@@ -110,7 +110,11 @@ def _all_missing(series: pd.Series) -> bool:
 
 def as_float_matrix(table: pd.DataFrame, names) -> np.ndarray:
     """The feature columns as float32 [cells, features]; text values already vetted."""
-    return table[names].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
+    block = table[names]
+    text = [n for n in names if not pd.api.types.is_numeric_dtype(block[n])]
+    if text:
+        block = block.assign(**{n: pd.to_numeric(block[n], errors="coerce") for n in text})
+    return block.to_numpy(dtype=np.float32)
 
 
 def drop_uninformative(values: np.ndarray, names, train_rows) -> tuple[list[int], list[dict]]:

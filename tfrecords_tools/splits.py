@@ -83,6 +83,7 @@ def group_keys(table: pd.DataFrame, columns, source: str) -> pd.Series:
         raise UserInputError(
             f"--split-by {','.join(columns)}: no column {', '.join(missing)} in {source}. "
             f"Available: {', '.join(known[:12]) or 'none'}.")
-    if len(columns) == 1:
-        return table[columns[0]].astype(str)
-    return table[list(columns)].astype(str).agg("/".join, axis=1)
+    key = table[columns[0]].astype(str)
+    for column in columns[1:]:
+        key = key + "/" + table[column].astype(str)
+    return key
