@@ -27,11 +27,11 @@ def conv_macs(model) -> int:
     from keras import layers
 
     total = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, layers.Conv2D):
-            kh, kw, cin, cout = layer.kernel.shape
-            out = layer.output.shape if hasattr(layer, "output") and layer.output is not None else None
-            h, w = out[1], out[2]
+    for layer in model.layers:
+        conv = layer.layer if isinstance(layer, layers.SpectralNormalization) else layer
+        if isinstance(conv, layers.Conv2D):
+            kh, kw, cin, cout = conv.kernel.shape
+            _, h, w, _ = layer.output.shape
             total += kh * kw * cin * cout * h * w
     return total
 
