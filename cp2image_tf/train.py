@@ -122,10 +122,11 @@ class Trainer:
         return tf.random.normal([batch, self.config.noise_dim])
 
     def decoder_inputs(self, features):
-        if not self.config.noise_dim:
-            return features
         import tensorflow as tf
 
+        features = tf.convert_to_tensor(features, tf.float32)
+        if not self.config.noise_dim:
+            return features
         return [features, self.noise_for(tf.shape(features)[0])]
 
     def replica_step(self, features, target, real):

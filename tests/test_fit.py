@@ -193,3 +193,24 @@ def test_bad_input_is_one_clear_line(disc_dataset, tmp_path, monkeypatch):
         manifest["crop"]["height"] = 68
         (run / "manifest.json").write_text(json.dumps(manifest))
         fit(disc_dataset, run, FitConfig(steps=1))
+
+
+def test_noise_input_trains_and_generates_several_cells(disc_dataset):
+    import tensorflow as tf
+
+    from cp2image_tf.train import Trainer
+    from tfrecords_tools.manifest import load_manifest
+
+    manifest = load_manifest(disc_dataset)
+    trainer = Trainer(manifest, FitConfig(batch_size=4, noise_dim=3, jit_compile=False),
+                      tf.distribute.get_strategy())
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2, 4, manifest["features"]["count"])).astype("float32")
+    crops = rng.uniform(size=(2, 4, 48, 48, 2)).astype("float32")
+    it = iter(tf.data.Dataset.from_tensor_slices((features, crops)))
+    step = trainer.train_step_fn()
+    first = float(step(it, iter(tf.data.Dataset.from_tensor_slices((features, crops))))["pixel"])
+    assert np.isfinite(first) and int(trainer.step.numpy()) == 1
+    same_profile = np.repeat(features[0][:1], 2, axis=0)
+    a, b = trainer.generate(same_profile).numpy()
+    assert not np.allclose(a, b)  # one profile, two plausible cells
