@@ -6,7 +6,6 @@ import tifffile
 from click.testing import CliRunner
 
 from cli.main import main
-from conftest import make_cellprofiler_folder
 
 ARGS = ["--channels", "DNA,Tubulin,Actin", "--objects", "Nuclei,Cells", "--crop-size", "32",
         "--quiet"]
