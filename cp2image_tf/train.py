@@ -438,13 +438,17 @@ def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = Tru
             losses = step_fn(target_iter, real_iter)
             step += 1
             bar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
+            log_now = step % config.log_every == 0 or step == config.steps
+            validate_now = step % config.validate_every == 0 or step == config.steps
+            if log_now or validate_now:
                 values = {k: float(v) for k, v in losses.items()}
+                weights = trainer_weights(step - 1, config)
+                row = {"step": step, **values, **weights}
+            if log_now:
                 now = time.perf_counter()
                 rate = (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
-                weights = trainer_weights(step - 1, config)
-                row = {"step": step, **values, **weights, "images_per_s": rate}
+                row["images_per_s"] = rate
                 bar.set_postfix_str(f"pixel {values['pixel']:.1f} D {values['discriminator']:.3f} "
                                     f"{rate:.0f} img/s")
                 if chief:
@@ -454,14 +458,9 @@ def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = Tru
                         for k, v in weights.items():
                             tf.summary.scalar(f"schedule/{k}", v)
                         tf.summary.scalar("perf/images_per_s", rate)
-                if step % config.validate_every != 0 and step != config.steps:
-                    history.write(row)
-            if step % config.validate_every == 0 or step == config.steps:
+            if validate_now:
                 mse, ssim = validate(step)
-                row = {"step": step, **{k: float(v) for k, v in losses.items()},
-                       **trainer_weights(step - 1, config), "val_mse": mse, "val_ssim": ssim,
-                       "baseline_mse": baseline_mse}
-                history.write(row)
+                row.update(val_mse=mse, val_ssim=ssim, baseline_mse=baseline_mse)
                 if chief:
                     with writer.as_default(step=step):
                         tf.summary.scalar("val/pixel_mse", mse)
@@ -473,6 +472,8 @@ def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = Tru
                     if chief:
                         best_file.write_text(json.dumps(best, indent=1) + "\n")
                 summary.update(val_mse=mse, val_ssim=ssim)
+            if log_now or validate_now:
+                history.write(row)
             if step % config.checkpoint_every == 0:
                 manager.save(checkpoint_number=step)
     finally:
@@ -500,7 +501,9 @@ def weights_digest(*models) -> str:
 
 
 def trainer_weights(step: int, config: FitConfig) -> dict:
-    """The schedule weights in force at a step (for logs), by the published formula."""
-    return {f"weight{k + 1}": float(np.clip((step - config.perceptual_delay * (k + 1))
-                                            / config.perceptual_slope, 0.0, 1.0))
-            for k in range(N_FEATURE_LAYERS)}
+    """The schedule weights in force at a step, for logs."""
+    from cp2image_tf.losses import perceptual_weights
+
+    weights = perceptual_weights(step, N_FEATURE_LAYERS, config.perceptual_delay,
+                                 config.perceptual_slope).numpy()
+    return {f"weight{k + 1}": float(w) for k, w in enumerate(weights)}
