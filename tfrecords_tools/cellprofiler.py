@@ -101,31 +101,6 @@ def channel_paths(image_df: pd.DataFrame, channel: str, image_csv: Path) -> list
     return paths
 
 
-def read_image(path: str) -> np.ndarray:
-    """One 2-D channel image. A single-page stack (1, Y, X) is squeezed."""
-    import tifffile
-
-    try:
-        if path.endswith(".npy"):
-            image = np.load(path)
-        else:
-            image = tifffile.imread(path)
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: image file not found.") from None
-    except Exception as err:  # corrupt or unsupported files: name the file
-        raise UserInputError(f"{path}: cannot be read as an image ({err}).") from None
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[0] == 1:
-        image = image[0]
-    elif image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if image.ndim != 2:
-        raise UserInputError(
-            f"{path}: expected one 2-D image per channel, found shape {image.shape}. "
-            "Save one grayscale TIFF per channel per field.")
-    return image
-
-
 def image_shape(path: str) -> tuple[int, int]:
     """(Y, X) of an image from its header, without decoding pixels."""
     import tifffile
