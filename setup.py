@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=["cp2image_tf", "tfrecords_tools", "cli"],
     install_requires=[
-        "tensorflow>=2.16,<2.22",
+        "tensorflow>=2.21,<2.22",
         "keras>=3.3,<4",
         "numpy>=1.26",
         "pandas>=2.0",
@@ -37,10 +37,15 @@ setup(
         "matplotlib>=3.8",
         # tf.summary.image and `tensorboard --logdir RUN_DIR/logs` need it.
         "tensorboard>=2.16",
+        # Warmup requests written by `export` and the gRPC client of `predict`; its
+        # protos follow TensorFlow's release, hence the same minor version.
+        "tensorflow-serving-api>=2.21,<2.22",
+        # The REST client of `predict`.
+        "requests>=2.31",
     ],
     extras_require={
         # CUDA wheels of TensorFlow for GPU hosts (Linux).
-        "gpu": ["tensorflow[and-cuda]>=2.16,<2.22"],
+        "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
         "test": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["cp2image-tf=cli.main:main"]},

@@ -5,6 +5,7 @@ imports (TensorFlow, cp-measure) happen inside the commands so that `--help`
 and argument errors stay fast.
 """
 import os
+import warnings
 
 import click
 
@@ -15,10 +16,19 @@ from tfrecords_tools.errors import UserInputError
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, UserWarning) and not issubclass(category, DeprecationWarning):
+        click.echo(f"Warning: {message}", err=True)
+
+
 def call(fn, *args, **kwargs):
-    """Run a library function, turning a UserInputError into a one-line CLI error."""
+    """Run a library function, turning a UserInputError into a one-line CLI error and the
+    library's warnings into one-line 'Warning: ...' messages on stderr."""
     try:
-        return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = _show_warning
+            return fn(*args, **kwargs)
     except UserInputError as err:
         raise click.ClickException(str(err)) from None
 
@@ -41,6 +51,9 @@ def main():
       cp2image-tf convert OUT/cellprofiler DATA --objects Nuclei,Cells --channels DNA,Tubulin,Actin
       cp2image-tf inspect DATA --verify
       cp2image-tf fit DATA RUN             # re-run to resume
+      cp2image-tf export RUN MODELS/cp2image
+      cp2image-tf generate MODELS/cp2image OUT --treatment-mean all --data DATA
+      cp2image-tf traverse MODELS/cp2image OUT --feature Nuclei_AreaShape_Area
     """
 
 
@@ -49,6 +62,7 @@ def _register():
     from cli import cmd_sample_data  # noqa: F401
     from cli import cmd_featurize  # noqa: F401
     from cli import cmd_fit  # noqa: F401
+    from cli import cmd_models  # noqa: F401
 
 
 _register()

@@ -69,3 +69,66 @@ def save_grid(path, rows: dict, channels, row_labels=None, title: str = "", scal
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     fig.savefig(path, facecolor="white")
     plt.close(fig)
+
+
+def save_tiles(path, tiles, channels, tile_labels=None, row_labels=None, title: str = "",
+               scale: int = 3, legend: bool = True) -> None:
+    """A PNG of composites laid out as `tiles` [rows, cols, H, W, C] (NaN tiles left blank),
+    each with an optional label under it, rows optionally labelled on the left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tiles = np.asarray(tiles, dtype=np.float32)
+    n_rows, n_cols, height, width = tiles.shape[:4]
+    label_lines = max((str(t).count("\n") + 1 for row in (tile_labels or []) for t in row), default=0)
+    tile_w = width * scale / 100
+    tile_h = height * scale / 100 + 0.14 * label_lines
+    left = 1.6 if row_labels is not None else 0.1
+    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, dpi=100,
+                             figsize=(n_cols * (tile_w + 0.08) + left, n_rows * (tile_h + 0.08) + 0.9))
+    for i in range(n_rows):
+        for j in range(n_cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if np.isnan(tiles[i, j]).all():
+                ax.axis("off")
+                continue
+            ax.imshow(upscale(composite(tiles[i, j], channels), scale), interpolation="nearest")
+            if tile_labels is not None and tile_labels[i][j]:
+                ax.set_xlabel(tile_labels[i][j], fontsize=7)
+            if j == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[i], fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    if legend:
+        colours = channel_colours(channels)
+        for k, ch in enumerate(channels):
+            fig.text(0.01 + 0.1 * k, 0.005, ch, color=tuple(np.clip(colours[k], 0, 1)), fontsize=8,
+                     fontweight="bold", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, facecolor="white")
+    plt.close(fig)
+
+
+def write_hyperstack(path, images, channels, frame_labels=None) -> None:
+    """Float images in [0, 1] as an ImageJ hyperstack TIFF that Fiji and napari open with
+    named, coloured channels: [H, W, C] -> CYX, or [T, H, W, C] -> TCYX with frame labels."""
+    import tifffile
+
+    images = np.asarray(images, dtype=np.float32)
+    frames = images[None] if images.ndim == 3 else images
+    data = np.ascontiguousarray(np.moveaxis(frames, -1, 1))  # T, C, Y, X
+    luts = []
+    for colour in channel_colours(channels):
+        ramp = np.linspace(0, 1, 256)[None, :] * np.clip(colour, 0, 1)[:, None]
+        luts.append(np.round(ramp * 255).astype(np.uint8))
+    if frame_labels is None:
+        labels = list(channels) * len(frames)
+    else:
+        labels = [f"{frame} {ch}" for frame in frame_labels for ch in channels]
+    metadata = {"axes": "CYX" if images.ndim == 3 else "TCYX", "mode": "composite",
+                "Labels": labels, "Ranges": (0.0, 1.0) * len(channels), "LUTs": luts}
+    tifffile.imwrite(path, data[0] if images.ndim == 3 else data, imagej=True, metadata=metadata)

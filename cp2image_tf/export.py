@@ -1,0 +1,240 @@
+"""export: a trained decoder as a SavedModel that TensorFlow Serving serves as it is.
+
+    MODEL_BASE/<version>/saved_model.pb, variables/       TensorFlow Serving's layout
+    MODEL_BASE/<version>/assets/manifest.json             the training data's manifest
+    MODEL_BASE/<version>/assets/feature_names.txt         one input feature per line, in order
+    MODEL_BASE/<version>/assets/export.json               run, checkpoint step, normalisation
+    MODEL_BASE/<version>/assets.extra/tf_serving_warmup_requests
+
+Signatures (all take any batch size):
+    serving_default  features float32 [B, F] raw CellProfiler values in feature_names.txt
+                     order -> images float32 [B, H, W, C] in [0, 1]. NaN and inf are
+                     replaced by the training medians and the features normalised with the
+                     training statistics inside the graph.
+    generate_png     features -> png_bytes string [B]: one composite PNG per cell (DNA
+                     blue, tubulin green, actin red, ...). The `_bytes` suffix makes
+                     TensorFlow Serving's REST API return them base64-encoded ({"b64": ...}).
+    describe         key string [B] -> value string [B]: "model" gives a JSON object with
+                     feature_names, channels, crop, medians and SDs; "manifest" the
+                     manifest. Clients of a server read the feature names here.
+
+A version is written under a hidden temporary name (which TensorFlow Serving
+ignores) and renamed when complete; an existing version is never replaced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from cp2image_tf._version import __version__
+from tfrecords_tools.errors import UserInputError
+
+WARMUP_FILE = "tf_serving_warmup_requests"
+WARMUP_BATCHES = (1, 8, 64)
+DESCRIBE_KEYS = ("model", "manifest")
+
+
+def load_run(run_dir, checkpoint: str = "best"):
+    """(decoder with restored weights, manifest, FitConfig, checkpoint info) of a run folder."""
+    import tensorflow as tf
+
+    from cp2image_tf.config import FitConfig
+    from cp2image_tf.model import build_decoder
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() or not (run_dir / "manifest.json").is_file():
+        raise UserInputError(f"{run_dir}: not a run folder of `cp2image-tf fit` "
+                             "(no config.json and manifest.json).")
+    if checkpoint not in ("best", "latest"):
+        raise UserInputError(f"--checkpoint {checkpoint}: choose best or latest.")
+    config = FitConfig.from_file(run_dir / "config.json")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    folder = run_dir / ("best" if checkpoint == "best" else "checkpoints")
+    path = tf.train.latest_checkpoint(str(folder))
+    if path is None:
+        hint = (" Use --checkpoint latest, or let fit reach a validation step."
+                if checkpoint == "best" else " Train it with `cp2image-tf fit` first.")
+        raise UserInputError(f"{run_dir}: no {checkpoint} checkpoint in {folder}.{hint}")
+    crop = manifest["crop"]
+    decoder = build_decoder(manifest["features"]["count"], crop["height"], crop["channels"],
+                            noise_dim=config.noise_dim, filters=config.filters)
+    tf.train.Checkpoint(decoder=decoder).restore(path).expect_partial().assert_existing_objects_matched()
+    step = int(path.rsplit("-", 1)[1])
+    info = {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint, "step": step}
+    best = run_dir / "best" / "best.json"
+    if checkpoint == "best" and best.is_file():
+        info["validation"] = json.loads(best.read_text())
+    return decoder, manifest, config, info
+
+
+def model_description(manifest: dict, normalization: str, info: dict | None = None) -> dict:
+    """What a client needs to build requests and read answers: the `describe` "model" value."""
+    stats = manifest["features"]["stats"]
+    crop = manifest["crop"]
+    return {
+        "cp2image_tf_version": __version__,
+        "feature_names": manifest["features"]["names"],
+        "channels": manifest["channels"],
+        "crop": [crop["height"], crop["width"], crop["channels"]],
+        "normalization": normalization,
+        "median": stats["median"],
+        "sd": stats["std"],
+        "treatments": manifest["treatments"]["names"],
+        **({"source": info} if info else {}),
+    }
+
+
+def serving_module(decoder, manifest: dict, normalization: str, noise_dim: int = 0,
+                   info: dict | None = None):
+    """The decoder wrapped with its preprocessing in a tf.Module: the SavedModel's root object.
+
+    Its tf.functions `serve`, `generate_png` and `describe` are the signatures; generation
+    from a run folder calls the same functions, so both paths compute the same graph.
+    """
+    import tensorflow as tf
+
+    from cp2image_tf.viz import channel_colours
+    from tfrecords_tools.reader import feature_normalizer
+
+    n_features = manifest["features"]["count"]
+    median, center, scale = feature_normalizer(manifest, normalization)
+    colours = channel_colours(manifest["channels"])
+    description = model_description(manifest, normalization, info)
+    describe_values = [json.dumps(description), json.dumps(manifest)]
+
+    module = tf.Module(name="cp2image")
+    # Constants as non-trainable variables: visible in the checkpoint, not baked into graphs.
+    module.median = tf.Variable(median, trainable=False, name="median")
+    module.center = tf.Variable(center, trainable=False, name="center")
+    module.scale = tf.Variable(scale, trainable=False, name="scale")
+    module.colours = tf.Variable(colours, trainable=False, name="colours")
+    features_spec = tf.TensorSpec([None, n_features], tf.float32, name="features")
+
+    def images(features):
+        filled = tf.where(tf.math.is_finite(features), features, module.median)
+        z = (filled - module.center) / module.scale
+        if noise_dim:
+            # Served images are the noise's mean (zero): one deterministic cell per profile.
+            z = [z, tf.zeros([tf.shape(z)[0], noise_dim])]
+        return tf.clip_by_value(decoder(z, training=False), 0.0, 1.0)
+
+    @tf.function(input_signature=[features_spec])
+    def serve(features):
+        return {"images": images(features)}
+
+    @tf.function(input_signature=[features_spec])
+    def generate_png(features):
+        rgb = tf.tensordot(images(features), module.colours, axes=[[3], [0]])
+        rgb = tf.cast(tf.round(tf.clip_by_value(rgb, 0.0, 1.0) * 255.0), tf.uint8)
+        png = tf.map_fn(tf.io.encode_png, rgb, fn_output_signature=tf.string)
+        return {"png_bytes": png}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="key")])
+    def describe(key):
+        keys = tf.constant(DESCRIBE_KEYS)
+        values = tf.constant(describe_values)
+        match = tf.equal(key[:, None], keys[None, :])
+        found = tf.reduce_any(match, axis=1)
+        value = tf.gather(values, tf.argmax(tf.cast(match, tf.int32), axis=1))
+        return {"value": tf.where(found, value, tf.fill(tf.shape(key), ""))}
+
+    module.serve, module.generate_png, module.describe = serve, generate_png, describe
+    # Track the tf.Variables the traced functions read, not the Keras objects that wrap
+    # them: TF1-style loaders (TensorFlow Serving, saved_model_cli run) restore only
+    # variables that the object graph holds as tf.Variables.
+    used = {}
+    for fn in (serve, generate_png):
+        for variable in fn.get_concrete_function().variables:
+            used.setdefault(id(variable), variable)
+    module.used_variables = list(used.values())
+    return module
+
+
+def next_version(model_base: Path) -> int:
+    """One more than the highest numeric version folder (1 for an empty base)."""
+    versions = [int(p.name) for p in model_base.iterdir() if p.is_dir() and p.name.isdigit()] \
+        if model_base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def export(run_dir, model_base, version: int | None = None, checkpoint: str = "best",
+           warmup: bool = True) -> dict:
+    """Export a run's decoder to MODEL_BASE/<version>; returns a summary with the path.
+
+    The version is the next integer when not given; an existing version is an error.
+    """
+    import tensorflow as tf
+
+    model_base = Path(model_base)
+    if model_base.exists() and not model_base.is_dir():
+        raise UserInputError(f"{model_base}: exists and is not a folder; MODEL_BASE is the folder "
+                             "that holds numbered versions.")
+    if version is not None and version < 1:
+        raise UserInputError(f"--version {version}: versions are positive integers.")
+    decoder, manifest, config, info = load_run(run_dir, checkpoint)
+    model_base.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(model_base)
+    target = model_base / str(version)
+    if target.exists():
+        raise UserInputError(f"{target}: version {version} exists; versions are never overwritten. "
+                             "Leave out --version to write the next one.")
+
+    module = serving_module(decoder, manifest, config.normalization, config.noise_dim, info)
+    work = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_base))
+    try:
+        staging = work / "assets-staging"
+        staging.mkdir()
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        (staging / "feature_names.txt").write_text("\n".join(manifest["features"]["names"]) + "\n")
+        export_info = {**info, "normalization": config.normalization, "noise_dim": config.noise_dim,
+                       "cp2image_tf_version": __version__, "tensorflow_version": tf.__version__,
+                       "version": version,
+                       "signatures": {"serving_default": "features -> images",
+                                      "generate_png": "features -> png_bytes",
+                                      "describe": "key -> value"}}
+        (staging / "export.json").write_text(json.dumps(export_info, indent=1) + "\n")
+        module.assets = [tf.saved_model.Asset(str(staging / name))
+                         for name in ("manifest.json", "feature_names.txt", "export.json")]
+        saved = work / "model"
+        tf.saved_model.save(module, str(saved), signatures={
+            "serving_default": module.serve, "generate_png": module.generate_png,
+            "describe": module.describe})
+        if warmup:
+            write_warmup(saved / "assets.extra" / WARMUP_FILE, manifest)
+        os.rename(saved, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"path": str(target), "version": version, **export_info}
+
+
+def warmup_requests(manifest: dict) -> list:
+    """PredictionLog protos: the training medians at a few batch sizes, for each signature."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import (model_pb2, predict_pb2, prediction_log_pb2)
+
+    median = np.asarray(manifest["features"]["stats"]["median"], dtype=np.float32)
+    logs = []
+    for signature, batches in (("serving_default", WARMUP_BATCHES), ("generate_png", (1, 8))):
+        for batch in batches:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(signature_name=signature))
+            request.inputs["features"].CopyFrom(
+                tf.make_tensor_proto(np.tile(median, (batch, 1))))
+            logs.append(prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)))
+    return logs
+
+
+def write_warmup(path: Path, manifest: dict) -> None:
+    import tensorflow as tf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for log in warmup_requests(manifest):
+            writer.write(log.SerializeToString())
