@@ -24,12 +24,23 @@ demo: $(STAMP)
 	rm -rf $(DEMO_DIR)/run
 	$(BIN)/cp2image-tf fit $(DEMO_DIR)/tfrecords $(DEMO_DIR)/run --steps $(DEMO_STEPS) \
 		--batch-size 28 --validate-every 100 --checkpoint-every 100 --log-every 10
+	rm -rf $(DEMO_DIR)/models
+	$(BIN)/cp2image-tf export $(DEMO_DIR)/run $(DEMO_DIR)/models/cp2image
+	$(BIN)/cp2image-tf generate $(DEMO_DIR)/models/cp2image $(DEMO_DIR)/generate \
+		--treatment-mean all --data $(DEMO_DIR)/tfrecords --overwrite
+	$(BIN)/cp2image-tf traverse $(DEMO_DIR)/models/cp2image $(DEMO_DIR)/traverse \
+		--feature Nuclei_AreaShape_Area --feature Cells_AreaShape_Area \
+		--feature Cells_Intensity_MeanIntensity_Actin --interpolate DMSO NucEnlarge \
+		--data $(DEMO_DIR)/tfrecords --overwrite
 	@echo
 	@echo "Demo outputs:"
 	@echo "  sample data (TIFFs, masks, CellProfiler CSVs): $(DEMO_DIR)/sample"
 	@echo "  TFRecord shards and manifest.json:             $(DEMO_DIR)/tfrecords"
 	@echo "  trained model, history.csv, TensorBoard logs:  $(DEMO_DIR)/run"
 	@echo "  real vs generated validation cells:            $(DEMO_DIR)/run/samples/latest.png"
+	@echo "  SavedModel for TensorFlow Serving:             $(DEMO_DIR)/models/cp2image/1"
+	@echo "  each treatment's mean profile, drawn:          $(DEMO_DIR)/generate/montage.png"
+	@echo "  one feature at a time, DMSO -> NucEnlarge:     $(DEMO_DIR)/traverse/traverse.png"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -39,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_input.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_measure.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 clean:
 	rm -rf $(DEMO_DIR)

@@ -329,3 +329,30 @@ def test_rest_client_does_not_import_tensorflow(servers):
                             cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_predict_command_writes_what_generate_writes(api, model, servers, disc_dataset, tmp_path):
+    """`cp2image-tf predict` against the server gives the TIFFs `generate` gives locally."""
+    import pandas as pd
+    import tifffile
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from cp2image_tf.generate import generate, load_model
+
+    table = disc_dataset.parent / "cp" / "Nuclei.csv"
+    args = ["predict", str(table), str(tmp_path / "served"), "--server", getattr(servers, api),
+            "--model-name", "cells", "--limit", "5"] + (["--grpc"] if api == "grpc" else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    generate(load_model(model.base), table, tmp_path / "local", limit=5)
+    served = pd.read_csv(tmp_path / "served" / "profiles.csv")
+    local = pd.read_csv(tmp_path / "local" / "profiles.csv")
+    pd.testing.assert_frame_equal(served, local)
+    for name in served["file"]:
+        np.testing.assert_allclose(tifffile.imread(tmp_path / "served" / name),
+                                   tifffile.imread(tmp_path / "local" / name), atol=1e-6)
+    result = CliRunner().invoke(main, ["predict", str(table), str(tmp_path / "none"), "--server",
+                                       "http://127.0.0.1:9", "--model-name", "cells"])
+    assert result.exit_code == 1 and "http://127.0.0.1:9: cannot reach" in result.output
