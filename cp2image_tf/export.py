@@ -122,7 +122,7 @@ def serving_module(decoder, manifest: dict, normalization: str, noise_dim: int =
         if noise_dim:
             # Served images are the noise's mean (zero): one deterministic cell per profile.
             z = [z, tf.zeros([tf.shape(z)[0], noise_dim])]
-        return tf.clip_by_value(decoder(z, training=False), 0.0, 1.0)
+        return decoder(z, training=False)  # its last layer clips to [0, 1]
 
     @tf.function(input_signature=[features_spec])
     def serve(features):
