@@ -42,6 +42,8 @@ setup(
         "tensorflow-serving-api>=2.21,<2.22",
         # The REST client of `predict`.
         "requests>=2.31",
+        # evaluate: nearest-neighbour baseline.
+        "scikit-learn>=1.4",
     ],
     extras_require={
         # CUDA wheels of TensorFlow for GPU hosts (Linux).

@@ -73,7 +73,8 @@ def load_run(run_dir, checkpoint: str = "best"):
     return decoder, manifest, config, info
 
 
-def model_description(manifest: dict, normalization: str, info: dict | None = None) -> dict:
+def model_description(manifest: dict, normalization: str, scaling: str,
+                      info: dict | None = None) -> dict:
     """What a client needs to build requests and read answers: the `describe` "model" value."""
     stats = manifest["features"]["stats"]
     crop = manifest["crop"]
@@ -83,6 +84,7 @@ def model_description(manifest: dict, normalization: str, info: dict | None = No
         "channels": manifest["channels"],
         "crop": [crop["height"], crop["width"], crop["channels"]],
         "normalization": normalization,
+        "scaling": scaling,
         "median": stats["median"],
         "sd": stats["std"],
         "treatments": manifest["treatments"]["names"],
@@ -91,7 +93,7 @@ def model_description(manifest: dict, normalization: str, info: dict | None = No
 
 
 def serving_module(decoder, manifest: dict, normalization: str, noise_dim: int = 0,
-                   info: dict | None = None):
+                   info: dict | None = None, scaling: str = "dataset"):
     """The decoder wrapped with its preprocessing in a tf.Module: the SavedModel's root object.
 
     Its tf.functions `serve`, `generate_png` and `describe` are the signatures; generation
@@ -105,7 +107,7 @@ def serving_module(decoder, manifest: dict, normalization: str, noise_dim: int =
     n_features = manifest["features"]["count"]
     median, center, scale = feature_normalizer(manifest, normalization)
     colours = channel_colours(manifest["channels"])
-    description = model_description(manifest, normalization, info)
+    description = model_description(manifest, normalization, scaling, info)
     describe_values = [json.dumps(description), json.dumps(manifest)]
 
     module = tf.Module(name="cp2image")
@@ -185,14 +187,16 @@ def export(run_dir, model_base, version: int | None = None, checkpoint: str = "b
         raise UserInputError(f"{target}: version {version} exists; versions are never overwritten. "
                              "Leave out --version to write the next one.")
 
-    module = serving_module(decoder, manifest, config.normalization, config.noise_dim, info)
+    module = serving_module(decoder, manifest, config.normalization, config.noise_dim, info,
+                            config.scaling)
     work = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_base))
     try:
         staging = work / "assets-staging"
         staging.mkdir()
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         (staging / "feature_names.txt").write_text("\n".join(manifest["features"]["names"]) + "\n")
-        export_info = {**info, "normalization": config.normalization, "noise_dim": config.noise_dim,
+        export_info = {**info, "normalization": config.normalization, "scaling": config.scaling,
+                       "noise_dim": config.noise_dim,
                        "cp2image_tf_version": __version__, "tensorflow_version": tf.__version__,
                        "version": version,
                        "signatures": {"serving_default": "features -> images",

@@ -103,9 +103,10 @@ def load_model(path, checkpoint: str = "best"):
         from cp2image_tf.export import load_run, model_description, serving_module
 
         decoder, manifest, config, info = load_run(path, checkpoint)
-        module = serving_module(decoder, manifest, config.normalization, config.noise_dim, info)
+        module = serving_module(decoder, manifest, config.normalization, config.noise_dim, info,
+                                config.scaling)
         signatures = {"serving_default": module.serve, "generate_png": module.generate_png}
-        description = model_description(manifest, config.normalization, info)
+        description = model_description(manifest, config.normalization, config.scaling, info)
         return LocalModel(signatures, description, manifest,
                           f"run {path} ({checkpoint} checkpoint, step {info['step']})", module)
     saved = resolve_saved_model(path)

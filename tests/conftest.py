@@ -126,3 +126,15 @@ def disc_dataset(tmp_path_factory):
                           objects=["Nuclei"], crop_size=48, split_by=["Metadata_Well"]),
             progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def disc_run(disc_dataset, tmp_path_factory):
+    """A run folder of a short fit on the disc dataset (best checkpoint at step 6 or 12)."""
+    from cp2image_tf.config import FitConfig
+    from cp2image_tf.train import fit
+
+    run = tmp_path_factory.mktemp("disc_run") / "run"
+    fit(disc_dataset, run, FitConfig(steps=12, batch_size=8, validate_every=6, checkpoint_every=6,
+                                     val_cells=32, grid_cells=0), progress=False)
+    return run

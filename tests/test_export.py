@@ -13,22 +13,12 @@ import tifffile
 from click.testing import CliRunner
 
 from cli.main import main
-from cp2image_tf.config import FitConfig
 from cp2image_tf.export import export, load_run
 from cp2image_tf.generate import generate, load_model, read_profiles, traverse
-from cp2image_tf.train import fit
 from tfrecords_tools.errors import UserInputError
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def disc_run(disc_dataset, tmp_path_factory):
-    run = tmp_path_factory.mktemp("export") / "run"
-    fit(disc_dataset, run, FitConfig(steps=12, batch_size=8, validate_every=6, checkpoint_every=6,
-                                     val_cells=32, grid_cells=0), progress=False)
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,192 @@
+"""Metrics of how much biology survives generation: pixels, and CellProfiler features measured again.
+
+Pixel metrics compare generated crops with the real crops of the same cells. Feature metrics
+compare features re-measured on generated (or real, or baseline) crops with the input features
+the cells were generated from: per-feature correlations across cells, summarised by CellProfiler
+module, and treatment profiles (mean standardised features per treatment) compared between
+generated and real cells.
+
+NaN rules, shared by every function here: a correlation is NaN when it has fewer than its
+minimum number of finite pairs or when either side is constant; a NaN correlation counts as
+r = 0 in medians and as a failure in fractions and retrieval. Non-finite feature values (NaN,
++-inf) are missing values.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+SSIM_BATCH = 256
+PSNR_CAP = 100.0  # dB: the PSNR of mse = 1e-10, given to identical images instead of inf
+MODULE_ORDER = ("AreaShape", "Zernike", "Intensity", "Texture", "Granularity", "RadialDistribution")
+
+
+def pixel_metrics(pred, real) -> dict[str, np.ndarray]:
+    """Per-cell "mse", "psnr" and "ssim" of images [N, H, W, C] in [0, 1].
+
+    `pred` may be one image [H, W, C], compared with every real image (the mean-image baseline).
+    MSE is the float64 mean over pixels and channels; PSNR = 10 log10(1 / mse) (data range 1),
+    capped at PSNR_CAP so identical images give 100 dB, not inf. SSIM is the training loop's:
+    tf.image.ssim with max_val 1 and filter_size min(11, H, W), averaged over channels.
+    """
+    import tensorflow as tf
+
+    real = np.asarray(real)
+    pred = np.asarray(pred)
+    filter_size = min(11, real.shape[1], real.shape[2])
+    mse, ssim = [], []
+    for start in range(0, len(real), SSIM_BATCH):
+        r = real[start:start + SSIM_BATCH]
+        p = np.broadcast_to(pred if pred.ndim == 3 else pred[start:start + SSIM_BATCH], r.shape)
+        mse.append(np.mean((p.astype(np.float64) - r) ** 2, axis=(1, 2, 3)))
+        ssim.append(tf.image.ssim(tf.constant(p, tf.float32), tf.constant(r, tf.float32), 1.0,
+                                  filter_size=filter_size).numpy().astype(np.float64))
+    mse = np.concatenate(mse) if mse else np.zeros(0)
+    ssim = np.concatenate(ssim) if ssim else np.zeros(0)
+    psnr = -10.0 * np.log10(np.maximum(mse, 10.0 ** (-PSNR_CAP / 10.0)))
+    return {"mse": mse, "psnr": psnr, "ssim": ssim}
+
+
+def summarize(values: np.ndarray) -> dict:
+    """{"mean", "median", "n"} over the finite values; n counts them (NaN mean/median when 0).
+
+    pixel_metrics never gives inf (PSNR is capped at PSNR_CAP), so nothing it returns is left out.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return {"mean": float("nan"), "median": float("nan"), "n": 0}
+    return {"mean": float(finite.mean()), "median": float(np.median(finite)), "n": int(finite.size)}
+
+
+def _pearson(x: np.ndarray, y: np.ndarray, min_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column-wise Pearson r of x, y [rows, k] (broadcast) over rows where both are finite, and
+    that count; r is NaN when the count is below min_n or either column is constant there."""
+    x, y = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(y, np.float64))
+    both = np.isfinite(x) & np.isfinite(y)
+    n = both.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xc = np.where(both, x - np.where(both, x, 0.0).sum(axis=0) / n, 0.0)
+        yc = np.where(both, y - np.where(both, y, 0.0).sum(axis=0) / n, 0.0)
+        r = np.clip((xc * yc).sum(axis=0) / np.sqrt((xc * xc).sum(axis=0) * (yc * yc).sum(axis=0)),
+                    -1.0, 1.0)
+    r[(n < min_n) | _constant(x, both) | _constant(y, both)] = np.nan
+    return r, n
+
+
+def _constant(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask, a, np.inf).min(axis=0) == np.where(mask, a, -np.inf).max(axis=0)
+
+
+def feature_correlations(inputs: pd.DataFrame, measured: pd.DataFrame, min_cells: int = 10) -> pd.DataFrame:
+    """Per feature (columns in both, in `measured`'s order): Pearson r and Spearman rho across
+    cells between input and measured values, and n, the cells where both are finite.
+
+    Rows are matched by index label. r and rho are NaN when n < min_cells or either side is
+    constant over those cells. Spearman ranks use average ranks for ties.
+    """
+    columns = [c for c in measured.columns if c in inputs.columns]
+    if not inputs.index.equals(measured.index):
+        inputs = inputs.reindex(measured.index)
+    x = inputs[columns].to_numpy(dtype=np.float64)
+    y = measured[columns].to_numpy(dtype=np.float64)
+    pearson, n = _pearson(x, y, min_cells)
+    both = np.isfinite(x) & np.isfinite(y)
+    ranks = [pd.DataFrame(np.where(both, a, np.nan)).rank().to_numpy() for a in (x, y)]
+    spearman, _ = _pearson(*ranks, min_cells)
+    return pd.DataFrame({"pearson": pearson, "spearman": spearman, "n": n.astype(np.int64)},
+                        index=pd.Index(columns, name="feature"))
+
+
+def module_of(feature: str) -> str:
+    """Module group of `<Object>_<Module>_<rest>`: "Zernike" for AreaShape_Zernike_*, else the module."""
+    parts = feature.split("_")
+    if len(parts) < 2:
+        return feature
+    if parts[1] == "AreaShape" and len(parts) > 2 and parts[2] == "Zernike":
+        return "Zernike"
+    return parts[1]
+
+
+def module_summary(correlations: dict[str, pd.DataFrame], threshold: float = 0.7,
+                   column: str = "pearson") -> pd.DataFrame:
+    """Long table, one row per (module, method): n_features, n_nan, median_r, fraction.
+
+    `correlations` maps a method name to a feature_correlations result. NaN r counts as 0 for
+    median_r and as failing for fraction (the share of features with r >= threshold).
+    Modules: AreaShape, Zernike, Intensity, Texture, Granularity, RadialDistribution, any others
+    alphabetically, then "all"; methods in the dict's order. A module a method has no feature
+    in gets n_features 0 and NaN median_r and fraction.
+    """
+    modules_of = {method: np.array([module_of(f) for f in frame.index], dtype=object)
+                  for method, frame in correlations.items()}
+    present = {m for mods in modules_of.values() for m in mods}
+    modules = [m for m in MODULE_ORDER if m in present] + sorted(present - set(MODULE_ORDER)) + ["all"]
+    rows = []
+    for module in modules:
+        for method, frame in correlations.items():
+            r = frame[column] if module == "all" else frame[column][modules_of[method] == module]
+            rows.append({"module": module, "method": method, "n_features": int(r.size),
+                         "n_nan": int(r.isna().sum()),
+                         "median_r": float(r.fillna(0.0).median()) if r.size else float("nan"),
+                         "fraction": float((r >= threshold).mean()) if r.size else float("nan")})
+    return pd.DataFrame(rows, columns=["module", "method", "n_features", "n_nan", "median_r",
+                                       "fraction"])
+
+
+def standardize(frame: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """(x - mean) / std per column of `frame`, with the reference's finite values (std: ddof 0).
+
+    Columns the reference has fewer than two distinct finite values in (std 0 or NaN, or the
+    column absent) are dropped and listed; non-finite values become NaN.
+    """
+    ref = reference.reindex(columns=frame.columns).astype(np.float64)
+    ref = ref.where(np.isfinite(ref))
+    varies = ref.max() > ref.min()
+    dropped = list(varies.index[~varies])
+    kept = list(varies.index[varies])
+    values = frame[kept].astype(np.float64)
+    out = (values.where(np.isfinite(values)) - ref[kept].mean()) / ref[kept].std(ddof=0)
+    return out, dropped
+
+
+def treatment_profiles(measured: pd.DataFrame, treatments: Sequence[str]) -> pd.DataFrame:
+    """Mean of each feature per treatment over finite values; index = treatments, sorted."""
+    values = measured.astype(np.float64)
+    values = values.where(np.isfinite(values))
+    return values.groupby(pd.Index(np.asarray(treatments), name="treatment")).mean()
+
+
+def profile_agreement(generated: pd.DataFrame, real: pd.DataFrame) -> dict:
+    """How well generated treatment profiles match the real ones (treatment x feature frames).
+
+    per_treatment: Pearson r over features (both finite) between generated[t] and real[t];
+    median_r: their median. retrieval_top1: fraction of treatments whose generated profile
+    correlates more with its own real profile than with any other (a tie is a failure);
+    retrieved: the real treatment each generated profile correlates most with (None if none);
+    chance: 1 / T. r is NaN for fewer than 2 shared finite features or a constant profile; NaN
+    counts as 0 in median_r and as a failure in retrieval_top1.
+    """
+    if set(generated.index) != set(real.index) or set(generated.columns) != set(real.columns):
+        raise ValueError("generated and real profiles need the same treatments and features")
+    if not len(real):
+        raise ValueError("no treatments to compare")
+    gen = generated.reindex(index=real.index, columns=real.columns).to_numpy(np.float64).T
+    ref = real.to_numpy(np.float64).T
+    # r[i, j]: generated treatment i against real treatment j.
+    r = np.stack([_pearson(gen, ref[:, [j]], 2)[0] for j in range(ref.shape[1])], axis=1)
+    own = np.diag(r)
+    others = np.where(np.eye(len(own), dtype=bool) | np.isnan(r), -np.inf, r).max(axis=1)
+    hits = np.isfinite(own) & (own > others)
+    names = list(real.index)
+    best = np.where(np.isnan(r), -np.inf, r).argmax(axis=1)
+    return {
+        "per_treatment": dict(zip(names, own.tolist())),
+        "median_r": float(np.median(np.nan_to_num(own, nan=0.0))),
+        "retrieval_top1": float(hits.mean()),
+        "retrieved": {t: names[b] if np.isfinite(r[i]).any() else None
+                      for i, (t, b) in enumerate(zip(names, best))},
+        "chance": 1.0 / len(names),
+    }

@@ -1,0 +1,211 @@
+"""cp2image_tf.metrics: pixel metrics, feature correlations, module tables, treatment profiles."""
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from cp2image_tf import metrics
+from cp2image_tf.metrics import (feature_correlations, module_of, module_summary, pixel_metrics,
+                                 profile_agreement, standardize, summarize, treatment_profiles)
+
+
+def random_crops(n=6, size=24, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, size, size, channels)).astype(np.float32)
+
+
+def test_identical_images_are_perfect():
+    real = random_crops()
+    out = pixel_metrics(real, real)
+    np.testing.assert_array_equal(out["mse"], 0.0)
+    np.testing.assert_allclose(out["ssim"], 1.0, atol=1e-6)
+    np.testing.assert_array_equal(out["psnr"], metrics.PSNR_CAP)
+    assert summarize(out["psnr"]) == {"mean": 100.0, "median": 100.0, "n": 6}
+
+
+def test_known_scaling_gives_expected_psnr():
+    real = np.full((2, 16, 16, 2), 0.8, np.float32)
+    out = pixel_metrics(real * 0.5, real)
+    np.testing.assert_allclose(out["mse"], 0.16, rtol=1e-6)
+    np.testing.assert_allclose(out["psnr"], 10 * np.log10(1 / 0.16), rtol=1e-6)
+    assert out["psnr"][0] == pytest.approx(7.96, abs=0.005)
+
+
+def test_ssim_is_tensorflows_and_the_training_loops(monkeypatch):
+    import tensorflow as tf
+
+    from cp2image_tf.train import pixel_metrics as train_pixel_metrics
+
+    monkeypatch.setattr(metrics, "SSIM_BATCH", 4)  # several batches, the last one short
+    real = random_crops(n=10, size=9, seed=1)  # filter_size min(11, 9)
+    pred = np.clip(real + 0.2 * random_crops(n=10, size=9, seed=2) - 0.1, 0, 1)
+    out = pixel_metrics(pred, real)
+    direct = tf.image.ssim(tf.constant(pred), tf.constant(real), max_val=1.0, filter_size=9).numpy()
+    np.testing.assert_allclose(out["ssim"], direct, atol=1e-6)
+    mse, ssim = train_pixel_metrics(pred, real)
+    assert out["mse"].mean() == pytest.approx(mse, rel=1e-12)
+    assert out["ssim"].mean() == pytest.approx(ssim, abs=1e-6)
+    assert 0 < out["ssim"].min() < out["ssim"].max() < 1
+
+
+def test_single_mean_image_is_broadcast():
+    real = random_crops(n=5)
+    mean_image = real.mean(axis=0)
+    out = pixel_metrics(mean_image, real)
+    full = pixel_metrics(np.broadcast_to(mean_image, real.shape), real)
+    assert out["mse"].shape == (5,)
+    for key in ("mse", "psnr", "ssim"):
+        np.testing.assert_allclose(out[key], full[key], rtol=1e-12)
+    np.testing.assert_allclose(out["mse"], ((real.astype(np.float64) - mean_image) ** 2).mean(axis=(1, 2, 3)))
+
+
+def test_summarize_ignores_non_finite():
+    assert summarize(np.array([1.0, 2.0, 6.0, np.nan, np.inf])) == {"mean": 3.0, "median": 2.0, "n": 3}
+    empty = summarize(np.array([np.nan]))
+    assert empty["n"] == 0 and np.isnan(empty["mean"]) and np.isnan(empty["median"])
+
+
+def correlation_frames(n=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=n)
+    inputs = pd.DataFrame({"same": a, "monotone": a, "shuffled": a, "constant": a,
+                           "holes": a, "only_inputs": a})
+    measured = pd.DataFrame({"holes": a.copy(), "shuffled": rng.permutation(a), "same": a,
+                             "monotone": np.exp(2 * a), "constant": np.full(n, 0.1),
+                             "only_measured": a})
+    measured.loc[:99, "holes"] = np.nan
+    inputs.loc[50:149, "holes"] = np.inf
+    return inputs, measured
+
+
+def test_feature_correlations_values():
+    inputs, measured = correlation_frames()
+    out = feature_correlations(inputs, measured)
+    assert list(out.index) == ["holes", "shuffled", "same", "monotone", "constant"]
+    assert list(out.columns) == ["pearson", "spearman", "n"]
+    assert out.loc["same", "pearson"] == pytest.approx(1.0) and out.loc["same", "spearman"] == pytest.approx(1.0)
+    assert out.loc["monotone", "spearman"] == pytest.approx(1.0)
+    assert out.loc["monotone", "pearson"] < 0.9
+    assert abs(out.loc["shuffled", "pearson"]) < 0.1 and abs(out.loc["shuffled", "spearman"]) < 0.1
+    assert np.isnan(out.loc["constant", "pearson"]) and np.isnan(out.loc["constant", "spearman"])
+    assert out.loc["holes", "n"] == 2000 - 150 and out.loc["same", "n"] == 2000
+    assert out.loc["holes", "pearson"] == pytest.approx(1.0)
+
+
+def test_feature_correlations_matches_scipy():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 4))
+    y = 0.5 * x + rng.normal(size=(300, 4))
+    y[:, 3] = np.round(y[:, 3])  # ties
+    x[rng.random((300, 4)) < 0.1] = np.nan
+    y[rng.random((300, 4)) < 0.1] = np.nan
+    cols = list("abcd")
+    out = feature_correlations(pd.DataFrame(x, columns=cols), pd.DataFrame(y, columns=cols))
+    for j, c in enumerate(cols):
+        ok = np.isfinite(x[:, j]) & np.isfinite(y[:, j])
+        assert out.loc[c, "n"] == ok.sum()
+        assert out.loc[c, "pearson"] == pytest.approx(stats.pearsonr(x[ok, j], y[ok, j])[0], abs=1e-10)
+        assert out.loc[c, "spearman"] == pytest.approx(stats.spearmanr(x[ok, j], y[ok, j])[0], abs=1e-10)
+
+
+def test_feature_correlations_min_cells_and_row_alignment():
+    x = pd.DataFrame({"f": np.arange(12.0)}, index=[f"c{i}" for i in range(12)])
+    reversed_rows = x.iloc[::-1]  # same cells, other order: matched by label
+    assert feature_correlations(x, reversed_rows)["pearson"].iloc[0] == pytest.approx(1.0)
+    assert np.isnan(feature_correlations(x, x, min_cells=13)["pearson"].iloc[0])
+
+
+@pytest.mark.parametrize("name, module", [
+    ("Nuclei_AreaShape_Area", "AreaShape"),
+    ("Cells_Intensity_MeanIntensity_DNA", "Intensity"),
+    ("Nuclei_AreaShape_Zernike_3_1", "Zernike"),
+    ("Cells_Texture_Contrast_Actin_3_00_256", "Texture"),
+    ("Nuclei_Granularity_2_DNA", "Granularity"),
+    ("Cells_RadialDistribution_FracAtD_Tubulin_2of4", "RadialDistribution"),
+    ("Nuclei_AreaShape_MaxFeretDiameter", "AreaShape"),
+    ("Cells_Correlation_Correlation_DNA_Actin", "Correlation"),
+    ("Cells_Location_CenterMassIntensity_X_DNA", "Location"),
+])
+def test_module_of(name, module):
+    assert module_of(name) == module
+
+
+def test_module_summary_by_hand():
+    model = pd.DataFrame({"pearson": [0.9, 0.5, np.nan, 0.8, 0.75, 0.1, 0.95]}, index=[
+        "Nuclei_AreaShape_Area", "Nuclei_AreaShape_Perimeter", "Nuclei_AreaShape_MaxFeretDiameter",
+        "Nuclei_AreaShape_Zernike_2_0", "Cells_Intensity_MeanIntensity_DNA",
+        "Cells_Texture_Contrast_DNA_3_00_256", "Cells_Correlation_Correlation_DNA_Actin"])
+    mean_image = pd.DataFrame({"pearson": [np.nan, np.nan]},
+                              index=["Nuclei_AreaShape_Area", "Cells_Intensity_MeanIntensity_DNA"])
+    out = module_summary({"model": model, "mean image": mean_image}, threshold=0.7)
+    assert list(out.columns) == ["module", "method", "n_features", "n_nan", "median_r", "fraction"]
+    assert list(out["module"][::2]) == ["AreaShape", "Zernike", "Intensity", "Texture", "Correlation", "all"]
+    assert list(out["method"][:2]) == ["model", "mean image"]
+    rows = out.set_index(["module", "method"])
+    # AreaShape, model: r = 0.9, 0.5, NaN -> 0.9, 0.5, 0 -> median 0.5; 1 of 3 >= 0.7
+    assert rows.loc[("AreaShape", "model"), "median_r"] == pytest.approx(0.5)
+    assert rows.loc[("AreaShape", "model"), "fraction"] == pytest.approx(1 / 3)
+    assert rows.loc[("AreaShape", "model"), ["n_features", "n_nan"]].tolist() == [3, 1]
+    assert rows.loc[("Zernike", "model"), "fraction"] == 1.0
+    # all, model: 0.9, 0.5, 0, 0.8, 0.75, 0.1, 0.95 -> sorted 0, 0.1, 0.5, 0.75, ... -> median 0.75; 4 of 7
+    assert rows.loc[("all", "model"), "median_r"] == pytest.approx(0.75)
+    assert rows.loc[("all", "model"), "fraction"] == pytest.approx(4 / 7)
+    # mean image: every r NaN -> median 0, fraction 0; no Zernike feature -> n 0, NaN
+    assert rows.loc[("all", "mean image"), ["n_features", "median_r", "fraction"]].tolist() == [2, 0.0, 0.0]
+    assert rows.loc[("Zernike", "mean image"), "n_features"] == 0
+    assert np.isnan(rows.loc[("Zernike", "mean image"), "median_r"])
+
+
+def test_standardize_uses_reference_and_drops_constant_columns():
+    reference = pd.DataFrame({"a": [1.0, 3.0, np.nan, np.inf], "b": [2.0, 2.0, 2.0, 2.0],
+                              "c": [np.nan] * 4})
+    frame = pd.DataFrame({"a": [2.0, 5.0, np.inf], "b": [1.0, 2.0, 3.0], "c": [1.0, 2.0, 3.0]})
+    out, dropped = standardize(frame, reference)
+    assert dropped == ["b", "c"]
+    assert list(out.columns) == ["a"]
+    np.testing.assert_allclose(out["a"], [0.0, 3.0, np.nan])  # mean 2, std 1 (ddof 0)
+
+
+def test_treatment_profiles_means_per_sorted_treatment():
+    measured = pd.DataFrame({"a": [1.0, 3.0, 10.0, np.nan, np.inf], "b": [0.0, 2.0, 4.0, 6.0, 8.0]})
+    out = treatment_profiles(measured, ["t2", "t2", "t1", "t1", "t1"])
+    assert list(out.index) == ["t1", "t2"]
+    np.testing.assert_allclose(out.to_numpy(), [[10.0, 6.0], [2.0, 1.0]])
+
+
+def real_profiles(t=5, f=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(rng.normal(size=(t, f)), index=[f"t{i}" for i in range(t)],
+                        columns=[f"f{j}" for j in range(f)])
+
+
+def test_profile_agreement_identical_profiles():
+    real = real_profiles()
+    out = profile_agreement(real.iloc[::-1, ::-1], real)  # matched by label
+    assert all(r == pytest.approx(1.0) for r in out["per_treatment"].values())
+    assert out["median_r"] == pytest.approx(1.0)
+    assert out["retrieval_top1"] == 1.0
+    assert out["retrieved"] == {t: t for t in real.index}
+    assert out["chance"] == pytest.approx(1 / 5)
+
+
+def test_profile_agreement_permuted_profiles_are_never_retrieved():
+    real = real_profiles()
+    shifted = pd.DataFrame(np.roll(real.to_numpy(), 1, axis=0), index=real.index, columns=real.columns)
+    out = profile_agreement(shifted, real)
+    assert out["retrieval_top1"] == 0.0
+    assert out["retrieved"] == {"t0": "t4", "t1": "t0", "t2": "t1", "t3": "t2", "t4": "t3"}
+
+
+def test_profile_agreement_nan_and_ties_fail():
+    real = real_profiles(t=3)
+    generated = real.copy()
+    generated.loc["t0"] = np.nan
+    generated.loc["t0", "f0"] = 1.0  # one finite feature: NaN r
+    real.loc["t2"] = real.loc["t1"]  # t1 and t2 tie for both generated t1 and t2
+    generated.loc["t2"] = real.loc["t1"]
+    out = profile_agreement(generated, real)
+    assert np.isnan(out["per_treatment"]["t0"])
+    assert out["retrieved"]["t0"] is None
+    assert out["retrieval_top1"] == 0.0
+    assert out["median_r"] == pytest.approx(1.0)  # 0 (NaN), 1, 1
