@@ -30,8 +30,10 @@ demo: $(STAMP)
 		--treatment-mean all --data $(DEMO_DIR)/tfrecords --overwrite
 	$(BIN)/cp2image-tf traverse $(DEMO_DIR)/models/cp2image $(DEMO_DIR)/traverse \
 		--feature Nuclei_AreaShape_Area --feature Cells_AreaShape_Area \
-		--feature Cells_Intensity_MeanIntensity_Actin --interpolate DMSO NucEnlarge \
+		--feature Cells_Intensity_MeanIntensity_Actin --correlated --interpolate DMSO NucEnlarge \
 		--data $(DEMO_DIR)/tfrecords --overwrite
+	$(BIN)/cp2image-tf evaluate $(DEMO_DIR)/models/cp2image $(DEMO_DIR)/tfrecords \
+		$(DEMO_DIR)/evaluate --max-cells 70 --reference-cells 1000 --overwrite --quiet
 	@echo
 	@echo "Demo outputs:"
 	@echo "  sample data (TIFFs, masks, CellProfiler CSVs): $(DEMO_DIR)/sample"
@@ -41,6 +43,7 @@ demo: $(STAMP)
 	@echo "  SavedModel for TensorFlow Serving:             $(DEMO_DIR)/models/cp2image/1"
 	@echo "  each treatment's mean profile, drawn:          $(DEMO_DIR)/generate/montage.png"
 	@echo "  one feature at a time, DMSO -> NucEnlarge:     $(DEMO_DIR)/traverse/traverse.png"
+	@echo "  re-measured features vs the input, baselines:  $(DEMO_DIR)/evaluate/report.md"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

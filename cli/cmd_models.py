@@ -94,6 +94,9 @@ def generate(paths, treatment_mean, data_dir, object_name, missing, label_column
 @click.option("--base", default="median", show_default=True,
               help="Profile to start from: median (the training median cell), a treatment "
                    "name (its mean, needs --data) or a cell id like 12-3 (needs --data).")
+@click.option("--correlated", is_flag=True,
+              help="Move the other features with it by their training correlation (needs "
+                   "--data): the average cell with that value, not that value alone.")
 @click.option("--interpolate", nargs=2, default=None, metavar="TREATMENT_A TREATMENT_B",
               help="Also draw the way from A's mean profile to B's (needs --data).")
 @click.option("--data", "data_dir", type=click.Path(), default=None,
@@ -101,12 +104,13 @@ def generate(paths, treatment_mean, data_dir, object_name, missing, label_column
 @click.option("--checkpoint", type=click.Choice(["best", "latest"]), default="best",
               show_default=True, help="For a run folder MODEL.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
-def traverse(model_path, out_dir, features, start, stop, steps, base, interpolate, data_dir,
-             checkpoint, overwrite):
+def traverse(model_path, out_dir, features, start, stop, steps, base, correlated, interpolate,
+             data_dir, checkpoint, overwrite):
     """Show what changing one feature does to a cell.
 
     Varies each --feature from --from to --to training SDs around a base profile,
-    holding every other feature, and draws each step. Writes OUT_DIR/traverse.png
+    holding every other feature (or, with --correlated, moving them by their
+    correlation with it), and draws each step. Writes OUT_DIR/traverse.png
     (one row per feature, labelled with its values), a TIFF stack per row and
     traverse.csv.
     """
@@ -114,7 +118,8 @@ def traverse(model_path, out_dir, features, start, stop, steps, base, interpolat
 
     model = call(load_model, model_path, checkpoint)
     summary = call(run, model, out_dir, list(features), start=start, stop=stop, steps=steps,
-                   base=base, data=data_dir, interpolate=interpolate, overwrite=overwrite)
+                   base=base, data=data_dir, interpolate=interpolate, correlated=correlated,
+                   overwrite=overwrite)
     _echo_outputs(summary, f" and {len(summary['stacks'])} TIFF stack(s)")
 
 

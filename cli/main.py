@@ -63,6 +63,7 @@ def _register():
     from cli import cmd_featurize  # noqa: F401
     from cli import cmd_fit  # noqa: F401
     from cli import cmd_models  # noqa: F401
+    from cli import cmd_evaluate  # noqa: F401
 
 
 _register()

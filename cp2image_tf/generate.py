@@ -412,12 +412,41 @@ def base_profile(model, base: str, data=None) -> tuple[np.ndarray, str]:
     return cell_profile(data, model, base), f"cell {base}"
 
 
+def feature_correlations_with(data, model, columns, max_cells: int = 20000) -> np.ndarray:
+    """Correlation [len(columns), F] of each chosen feature with every feature, over up to
+    max_cells training cells of DATA_DIR (missing values at the training median)."""
+    manifest = check_data(data, model)
+    if manifest is None:
+        raise UserInputError("--correlated needs --data DATA_DIR: the correlations between "
+                             "features come from the training cells.")
+    from tfrecords_tools.manifest import shard_files
+    from tfrecords_tools.records import iterate_records
+    import tensorflow as tf
+
+    rows = []
+    for shard in shard_files(manifest, data, "train"):
+        for record in iterate_records(shard, manifest.get("compression", "")):
+            fields = tf.train.Example.FromString(record).features.feature
+            rows.append(np.frombuffer(fields["features"].bytes_list.value[0], dtype="<f4"))
+            if len(rows) >= max_cells:
+                break
+        if len(rows) >= max_cells:
+            break
+    values = np.stack(rows).astype(np.float64)
+    values = np.where(np.isfinite(values), values, model.median)
+    z = (values - values.mean(0)) / np.where(values.std(0) > 0, values.std(0), 1.0)
+    return (z[:, columns].T @ z) / len(z)
+
+
 def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0,
              steps: int = 7, base: str = "median", data=None, interpolate=None,
-             overwrite: bool = False) -> dict:
+             correlated: bool = False, overwrite: bool = False) -> dict:
     """Vary each feature from `start` to `stop` training SDs around a base profile, holding
-    the others; or (`interpolate=(A, B)`) move linearly from treatment A's mean to B's.
-    Writes traverse.png (one row per feature), one TIFF stack per row and traverse.csv."""
+    the others; with `correlated`, the others move by their expected change (each by its
+    training correlation with the varied feature, in SDs: what cells with that value look
+    like on average, e.g. area, perimeter and diameters together). Or (`interpolate=(A, B)`)
+    move linearly from treatment A's mean to B's. Writes traverse.png (one row per feature),
+    one TIFF stack per row and traverse.csv."""
     if steps < 2:
         raise UserInputError(f"--steps {steps}: at least 2.")
     if not features and not interpolate:
@@ -428,19 +457,26 @@ def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0
         warn_nonfinite(origin[None], model.feature_names, f"base profile ({base_name})")
         origin = np.where(np.isfinite(origin), origin, model.median)
         zs = np.linspace(start, stop, steps)
-        for name in features:
-            full = resolve_feature(model, name)
-            j = model.feature_names.index(full)
+        chosen = [model.feature_names.index(resolve_feature(model, name)) for name in features]
+        for j in chosen:
             if not model.sd[j] > 0:
-                raise UserInputError(f"--feature {full}: its training SD is 0; it cannot be varied.")
-            profiles = np.repeat(origin[None], steps, axis=0)
+                raise UserInputError(f"--feature {model.feature_names[j]}: its training SD is 0; "
+                                     "it cannot be varied.")
+        moves = np.zeros((len(chosen), len(origin)))
+        moves[np.arange(len(chosen)), chosen] = 1.0
+        if correlated:
+            moves = feature_correlations_with(data, model, chosen)
+        for j, move in zip(chosen, moves):
+            full = model.feature_names[j]
+            profiles = origin[None] + zs[:, None] * (move * model.sd)[None]
             profiles[:, j] = origin[j] + zs * model.sd[j]
             rows.append(profiles)
             row_names.append(full)
             tile_labels.append([f"{z:+.1f} SD\n{v:.4g}" for z, v in zip(zs, profiles[:, j])])
             records += [{"row": full, "step": k, "z": z, "value": v}
                         for k, (z, v) in enumerate(zip(zs, profiles[:, j]))]
-        title = f"Traversal from {base_name}, other features held (model: {model.source})"
+        others = ("correlated features moved with it" if correlated else "other features held")
+        title = f"Traversal from {base_name}, {others} (model: {model.source})"
     if interpolate:
         a, b = interpolate
         means = treatment_means(data, model, [a, b]).to_numpy(np.float32)

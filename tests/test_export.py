@@ -268,3 +268,25 @@ def test_model_of_other_features_than_the_data(exported, cp_folder, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert model.images(model.median).shape == (1, 48, 48, 2)
+
+
+def test_correlated_traverse_moves_features_with_their_correlation(disc_dataset, exported,
+                                                                   tmp_path):
+    from tfrecords_tools.reader import make_dataset
+
+    model = load_model(exported)
+    traverse(model, tmp_path / "t", ["Nuclei_AreaShape_Area"], start=-1, stop=1, steps=3,
+             correlated=True, data=disc_dataset)
+    values = pd.read_csv(tmp_path / "t" / "traverse.csv")
+    _, _, meta = next(iter(make_dataset(disc_dataset, "train", 10_000, shuffle=False,
+                                        repeat=False, with_metadata=True)))
+    raw = meta["raw_features"].numpy().astype(np.float64)
+    rho = np.corrcoef(raw[:, 0], raw[:, 1])[0, 1]
+    assert rho > 0.3  # large discs are brighter
+    np.testing.assert_allclose(values["Nuclei_Intensity_MeanIntensity_DNA"],
+                               model.median[1] + np.array([-1, 0, 1]) * rho * model.sd[1],
+                               rtol=1e-4)
+    np.testing.assert_allclose(values["Nuclei_AreaShape_Area"],
+                               model.median[0] + np.array([-1, 0, 1]) * model.sd[0], rtol=1e-5)
+    with pytest.raises(UserInputError, match="--correlated needs --data"):
+        traverse(model, tmp_path / "u", ["Nuclei_AreaShape_Area"], correlated=True)

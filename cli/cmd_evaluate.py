@@ -1,0 +1,51 @@
+"""The evaluate command."""
+import click
+
+from cli.main import call, main
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("data_dir", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@click.option("--split", default="test", show_default=True, help="Cells to evaluate on.")
+@click.option("--max-cells", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="At most this many cells, an even share per treatment.")
+@click.option("--reference-cells", type=click.IntRange(min=1), default=10000, show_default=True,
+              help="Training cells for the nearest-neighbour and mean-image baselines.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes re-measuring cells [default: min(2, CPUs)].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cell sample.")
+@click.option("--checkpoint", type=click.Choice(["best", "latest"]), default="best",
+              show_default=True, help="For a run folder MODEL.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, workers, seed,
+             checkpoint, overwrite, quiet):
+    """Measure how much of the CellProfiler profile survives generation.
+
+    Segments and re-measures (cp-measure) real, generated, nearest-neighbour and
+    mean-image crops, and correlates the re-measured features with the input
+    features, per feature and per module; plus pixel MSE/PSNR/SSIM and treatment
+    retrieval. Writes report.json, report.md, features.csv and PNGs to OUT_DIR.
+    """
+    from cp2image_tf.evaluate import THRESHOLD, evaluate as run
+    from cp2image_tf.generate import load_model
+
+    model = call(load_model, model_path, checkpoint)
+    report = call(run, model, data_dir, out_dir, split=split, max_cells=max_cells,
+                  reference_cells=reference_cells, workers=workers, seed=seed,
+                  progress=not quiet, overwrite=overwrite)
+    overall = report["modules"]["all"]
+    click.echo(f"{report['cells']} {split} cells, {report['features']['remeasured']} features "
+               f"re-measured; share of features with r >= {THRESHOLD} (median r):")
+    for method in ("model", "nearest neighbour", "mean image", "ceiling"):
+        row = overall[method]
+        click.echo(f"  {method:<18} {row['fraction']:.2f} ({row['median_r']:.2f})")
+    retrieval = report["treatments"]["model"]
+    click.echo(f"Treatment retrieval: model {retrieval['retrieval_top1']:.2f}, nearest neighbour "
+               f"{report['treatments']['nearest neighbour']['retrieval_top1']:.2f}, chance "
+               f"{retrieval['chance']:.2f}. Pixel SSIM: model "
+               f"{report['pixels']['model']['all']['ssim']['mean']:.3f}.")
+    click.echo(f"{report['timing']['seconds_per_1000_cells'] / 60:.1f} min per 1,000 cells. "
+               f"Tables: {report['out_dir']}/report.md; pictures: {report['out_dir']}/cells.png")
