@@ -372,7 +372,8 @@ def _module_chart(path, correlations) -> None:
             ax.bar(x + (k - (len(METHODS) - 1) / 2) * width, values, width, label=method,
                    color=colours[method])
         ax.set_xticks(x)
-        ax.set_xticklabels([f"{m}\n({table[m]['n_features']})" for m in modules], fontsize=8)
+        ax.set_xticklabels([f"{m.replace('Distribution', chr(10) + 'Distribution')}\n"
+                            f"({table[m]['n_features']})" for m in modules], fontsize=7)
         ax.set_ylabel(label)
         ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
         ax.axhline(0, color="black", linewidth=0.5)
@@ -412,7 +413,8 @@ def _scatter(path, correlations, inputs, remeasured, n: int = 8) -> None:
             r = correlations[method].loc[feature, "pearson"]
             ax.scatter(x, y, s=5, alpha=0.5, color=colour,
                        label=f"{'real' if method == 'ceiling' else 'generated'} r={_f(r, 2)}")
-        ax.set_title(feature if len(feature) < 40 else feature[:37] + "...", fontsize=7)
+        ax.set_title(feature if len(feature) < 36 else "_\n".join(feature.split("_", 2)[:2])
+                     + "_" + feature.split("_", 2)[2], fontsize=7)
         ax.set_xlabel("input (CellProfiler)", fontsize=7)
         ax.set_ylabel("re-measured", fontsize=7)
         ax.tick_params(labelsize=6)
