@@ -1,7 +1,7 @@
 """The evaluate command."""
 import click
 
-from cli.main import call, main
+from cli.main import call, main, start_tensorflow
 
 
 @main.command()
@@ -32,6 +32,7 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, w
     from cp2image_tf.evaluate import THRESHOLD, evaluate as run
     from cp2image_tf.generate import load_model
 
+    start_tensorflow()
     model = call(load_model, model_path, checkpoint)
     report = call(run, model, data_dir, out_dir, split=split, max_cells=max_cells,
                   reference_cells=reference_cells, workers=workers, seed=seed,

@@ -1,7 +1,7 @@
 """The fit command."""
 import click
 
-from cli.main import call, main
+from cli.main import call, main, start_tensorflow
 
 
 @main.command()
@@ -42,6 +42,7 @@ def fit(data_dir, run_dir, steps, batch_size, strategy, config_file, stratify, s
                   strategy=strategy, stratify=stratify, scaling=scaling, noise_dim=noise_dim,
                   checkpoint_every=checkpoint_every, validate_every=validate_every,
                   log_every=log_every, seed=seed, mixed_precision=mixed_precision)
+    start_tensorflow()
     summary = call(run, data_dir, run_dir, config, progress=not quiet)
     best = summary["best"]
     click.echo(f"Trained to step {summary['steps']} in {run_dir}. Validation pixel MSE "

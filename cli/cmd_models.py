@@ -1,7 +1,7 @@
 """Model commands: export, generate, traverse and predict."""
 import click
 
-from cli.main import call, main, parse_list
+from cli.main import call, main, parse_list, start_tensorflow
 
 MODEL_HELP = "a run folder of `fit`, an exported SavedModel, or a model base of versions"
 
@@ -23,6 +23,7 @@ def export(run_dir, model_base, version, checkpoint, no_warmup):
     (-> composite PNGs) and describe (feature names, channels). An existing
     version is never overwritten.
     """
+    start_tensorflow()
     from cp2image_tf.export import export as run
 
     summary = call(run, run_dir, model_base, version=version, checkpoint=checkpoint,
@@ -73,6 +74,7 @@ def generate(paths, treatment_mean, data_dir, object_name, missing, label_column
     model_path, profiles, out_dir = (paths[0], None, paths[1]) if len(paths) == 2 else paths
     if profiles is None and treatment_mean is None:
         raise click.UsageError("Give PROFILES, or --treatment-mean NAME --data DATA_DIR.")
+    start_tensorflow()
     model = call(load_model, model_path, checkpoint)
     summary = call(run, model, profiles, out_dir, treatment_mean=parse_list(treatment_mean),
                    data=data_dir, object_name=object_name, missing=missing,
@@ -116,6 +118,7 @@ def traverse(model_path, out_dir, features, start, stop, steps, base, correlated
     """
     from cp2image_tf.generate import load_model, traverse as run
 
+    start_tensorflow()
     model = call(load_model, model_path, checkpoint)
     summary = call(run, model, out_dir, list(features), start=start, stop=stop, steps=steps,
                    base=base, data=data_dir, interpolate=interpolate, correlated=correlated,
@@ -149,6 +152,8 @@ def predict(profiles, out_dir, server, model_name, use_grpc, model_version, obje
     from cp2image_tf.generate import generate as run
     from cp2image_tf.serving_client import RemoteModel
 
+    if use_grpc:
+        start_tensorflow()
     model = call(RemoteModel, server, model_name, grpc=use_grpc, version=model_version)
     summary = call(run, model, profiles, out_dir, object_name=object_name, missing=missing,
                    label_column=label_column, limit=limit, overwrite=overwrite)

@@ -139,3 +139,19 @@ def test_help_does_not_import_tensorflow(command):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "Usage:" in result.stdout
     assert result.stdout.strip().endswith("TF-NOT-LOADED")
+
+
+def test_tensorflow_startup_noise_is_held_back_and_the_rest_passes(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import os, re\n"
+        "from cli.main import _STARTUP_NOISE, _filtered_stderr\n"
+        "with _filtered_stderr(_STARTUP_NOISE):\n"
+        "    os.write(2, b'I0000 00:00:1 1 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
+        "    os.write(2, b'E0000 00:00:1 1 cuda_platform.cc:52] failed call to cuInit: CUDA error\\n')\n"
+        "    os.write(2, b'a real problem\\n')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=tmp_path, check=True)
+    assert result.stderr == "a real problem\n"
