@@ -102,7 +102,8 @@ def main():
       cp2image-tf fit DATA RUN             # re-run to resume
       cp2image-tf export RUN MODELS/cp2image
       cp2image-tf generate MODELS/cp2image OUT --treatment-mean all --data DATA
-      cp2image-tf traverse MODELS/cp2image OUT --feature Nuclei_AreaShape_Area
+      cp2image-tf traverse MODELS/cp2image OUT --feature Nuclei_AreaShape_Area --correlated --data DATA
+      cp2image-tf evaluate MODELS/cp2image DATA EVAL
     """
 
 
