@@ -42,7 +42,7 @@ demo: $(STAMP)
 	@echo "  real vs generated validation cells:            $(DEMO_DIR)/run/samples/latest.png"
 	@echo "  SavedModel for TensorFlow Serving:             $(DEMO_DIR)/models/cp2image/1"
 	@echo "  each treatment's mean profile, drawn:          $(DEMO_DIR)/generate/montage.png"
-	@echo "  one feature at a time, DMSO -> NucEnlarge:     $(DEMO_DIR)/traverse/traverse.png"
+	@echo "  three features traversed, DMSO -> NucEnlarge:  $(DEMO_DIR)/traverse/traverse.png"
 	@echo "  re-measured features vs the input, baselines:  $(DEMO_DIR)/evaluate/report.md"
 
 test: $(STAMP)

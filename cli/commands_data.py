@@ -3,7 +3,7 @@ import sys
 
 import click
 
-from cli.main import call, main, parse_list
+from cli.main import call, main, parse_list, start_tensorflow
 
 
 @main.command()
@@ -88,6 +88,7 @@ def inspect(data_dir, verify):
 
     click.echo(call(lib.summarize, data_dir))
     if verify:
+        start_tensorflow()
         problems = call(lib.verify, data_dir)
         if problems:
             for problem in problems:
