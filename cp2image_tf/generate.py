@@ -58,9 +58,8 @@ class LocalModel:
         import tensorflow as tf
 
         raw = check_matrix(raw, len(self.feature_names))
-        parts = [fn(features=tf.constant(raw[i:i + BATCH]))[key].numpy()
-                 for i in range(0, len(raw), BATCH)]
-        return parts
+        return [fn(features=tf.constant(raw[i:i + BATCH]))[key].numpy()
+                for i in range(0, len(raw), BATCH)]
 
     def images(self, raw) -> np.ndarray:
         """Raw CellProfiler values [N, F] -> images float32 [N, H, W, C] in [0, 1]."""
@@ -234,14 +233,14 @@ def check_data(data, model):
     return manifest
 
 
-def _records(data, manifest, treatment=None):
-    """(cell_id, raw features) of every cell of DATA_DIR (or of one treatment), shard order."""
+def _records(data, manifest, treatment=None, splits=("train", "val", "test")):
+    """(cell_id, raw features) of every cell of DATA_DIR's splits (or of one treatment)."""
     import tensorflow as tf
 
     from tfrecords_tools.manifest import shard_files
     from tfrecords_tools.records import iterate_records
 
-    for split in ("train", "val", "test"):
+    for split in splits:
         for shard in shard_files(manifest, data, split, treatment):
             for record in iterate_records(shard, manifest.get("compression", "")):
                 fields = tf.train.Example.FromString(record).features.feature
@@ -419,17 +418,9 @@ def feature_correlations_with(data, model, columns, max_cells: int = 20000) -> n
     if manifest is None:
         raise UserInputError("--correlated needs --data DATA_DIR: the correlations between "
                              "features come from the training cells.")
-    from tfrecords_tools.manifest import shard_files
-    from tfrecords_tools.records import iterate_records
-    import tensorflow as tf
-
     rows = []
-    for shard in shard_files(manifest, data, "train"):
-        for record in iterate_records(shard, manifest.get("compression", "")):
-            fields = tf.train.Example.FromString(record).features.feature
-            rows.append(np.frombuffer(fields["features"].bytes_list.value[0], dtype="<f4"))
-            if len(rows) >= max_cells:
-                break
+    for _, values in _records(data, manifest, splits=("train",)):
+        rows.append(values)
         if len(rows) >= max_cells:
             break
     values = np.stack(rows).astype(np.float64)
