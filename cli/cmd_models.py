@@ -62,8 +62,9 @@ def generate(paths, treatment_mean, data_dir, object_name, missing, label_column
 
     MODEL is a run folder of `fit`, an exported SavedModel or a model base of
     versions. PROFILES is a CSV/Parquet table of CellProfiler rows (a Nuclei.csv,
-    or a pycytominer single-cell table): columns are matched by feature name,
-    extra columns are ignored. Writes OUT_DIR/cells/*.tif (one ImageJ hyperstack
+    or a pycytominer single-cell table), or a CellProfiler ExportToSpreadsheet
+    folder (its object tables are joined per cell): columns are matched by
+    feature name, extra columns are ignored. Writes OUT_DIR/cells/*.tif (one ImageJ hyperstack
     per cell, channels named), OUT_DIR/montage.png and OUT_DIR/profiles.csv.
     """
     from cp2image_tf.generate import generate as run, load_model

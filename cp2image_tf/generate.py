@@ -132,7 +132,8 @@ def object_prefixes(feature_names) -> list[str]:
 
 def read_profiles(path, feature_names, object_name: str | None = None,
                   missing: str = "error") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A CSV/Parquet of CellProfiler rows -> (raw values [N, F] by feature name, the other columns).
+    """A CSV/Parquet of CellProfiler rows, or an ExportToSpreadsheet folder (its object tables
+    joined per cell) -> (raw values [N, F] by feature name, the other columns).
 
     Columns are matched by name; extra columns are kept aside. A table of one object set
     (CellProfiler's Nuclei.csv: `AreaShape_Area`) is matched with its object's prefix
@@ -142,10 +143,14 @@ def read_profiles(path, feature_names, object_name: str | None = None,
     from tfrecords_tools.cellprofiler import read_table
 
     path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{path}: no such file (PROFILES is a CSV or Parquet table of "
-                             "CellProfiler measurements, one row per cell).")
-    table = read_table(path)
+    if path.is_dir():
+        table = read_cellprofiler_folder(path, feature_names)
+    elif path.is_file():
+        table = read_table(path)
+    else:
+        raise UserInputError(f"{path}: no such file or folder (PROFILES is a CSV or Parquet table "
+                             "of CellProfiler measurements, one row per cell, or a CellProfiler "
+                             "ExportToSpreadsheet folder).")
     if table.empty:
         raise UserInputError(f"{path}: the table has no rows.")
     prefixes = object_prefixes(feature_names)
@@ -184,6 +189,18 @@ def read_profiles(path, feature_names, object_name: str | None = None,
                       f"{' ...' if len(absent) > 5 else ''}", UserWarning, stacklevel=2)
     extra = table[[c for c in table.columns if c not in set(columns.values())]]
     return values.reset_index(drop=True), extra.reset_index(drop=True)
+
+
+def read_cellprofiler_folder(folder: Path, feature_names) -> pd.DataFrame:
+    """An ExportToSpreadsheet folder's object tables joined into one row per cell, columns
+    <Object>_<Feature> for the model's object sets (the first one's rows are the cells), with
+    the Image table's Metadata columns, as convert joins them."""
+    from tfrecords_tools.convert import ConvertConfig, load_cellprofiler_cells
+
+    objects = list(dict.fromkeys(name.split("_", 1)[0] for name in feature_names))
+    cells, _, _ = load_cellprofiler_cells(ConvertConfig(input=str(folder), out_dir="",
+                                                        channels=[], objects=objects))
+    return cells.drop(columns=[c for c in cells.columns if c.startswith("_")])
 
 
 def row_labels(extra: pd.DataFrame, label_column: str | None = None) -> list[str]:

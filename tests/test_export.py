@@ -290,3 +290,15 @@ def test_correlated_traverse_moves_features_with_their_correlation(disc_dataset,
                                model.median[0] + np.array([-1, 0, 1]) * model.sd[0], rtol=1e-5)
     with pytest.raises(UserInputError, match="--correlated needs --data"):
         traverse(model, tmp_path / "u", ["Nuclei_AreaShape_Area"], correlated=True)
+
+
+def test_generate_from_a_cellprofiler_folder(disc_dataset, exported, tmp_path):
+    """An ExportToSpreadsheet folder is joined per cell and drawn like the same rows' table."""
+    model = load_model(exported)
+    folder = disc_dataset.parent / "cp"
+    generate(model, folder, tmp_path / "folder", limit=6)
+    generate(model, folder / "Nuclei.csv", tmp_path / "table", limit=6)
+    by_folder = pd.read_csv(tmp_path / "folder" / "profiles.csv")
+    by_table = pd.read_csv(tmp_path / "table" / "profiles.csv")
+    assert list(by_folder["label"][:2]) == ["small 1-1", "small 1-2"]  # Image.csv's treatment
+    pd.testing.assert_frame_equal(by_folder[model.feature_names], by_table[model.feature_names])
