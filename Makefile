@@ -33,7 +33,7 @@ demo: $(STAMP)
 		--feature Cells_Intensity_MeanIntensity_Actin --correlated --interpolate DMSO NucEnlarge \
 		--data $(DEMO_DIR)/tfrecords --overwrite
 	$(BIN)/cp2image-tf evaluate $(DEMO_DIR)/models/cp2image $(DEMO_DIR)/tfrecords \
-		$(DEMO_DIR)/evaluate --max-cells 70 --reference-cells 1000 --overwrite --quiet
+		$(DEMO_DIR)/evaluate --max-cells 70 --reference-cells 1000 --train-cells 300 --overwrite --quiet
 	@echo
 	@echo "Demo outputs:"
 	@echo "  sample data (TIFFs, masks, CellProfiler CSVs): $(DEMO_DIR)/sample"

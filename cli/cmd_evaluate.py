@@ -13,6 +13,9 @@ from cli.main import call, main, start_tensorflow
               help="At most this many cells, an even share per treatment.")
 @click.option("--reference-cells", type=click.IntRange(min=1), default=10000, show_default=True,
               help="Training cells for the nearest-neighbour and mean-image baselines.")
+@click.option("--train-cells", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="Training cells re-measured to standardise features and train the treatment "
+                   "classifier.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes re-measuring cells [default: min(2, CPUs)].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cell sample.")
@@ -20,8 +23,8 @@ from cli.main import call, main, start_tensorflow
               show_default=True, help="For a run folder MODEL.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, workers, seed,
-             checkpoint, overwrite, quiet):
+def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, train_cells,
+             workers, seed, checkpoint, overwrite, quiet):
     """Measure how much of the CellProfiler profile survives generation.
 
     Segments and re-measures (cp-measure) real, generated, nearest-neighbour and
@@ -35,7 +38,8 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, w
     start_tensorflow()
     model = call(load_model, model_path, checkpoint)
     report = call(run, model, data_dir, out_dir, split=split, max_cells=max_cells,
-                  reference_cells=reference_cells, workers=workers, seed=seed,
+                  reference_cells=reference_cells, train_cells=train_cells, workers=workers,
+                  seed=seed,
                   progress=not quiet, overwrite=overwrite)
     overall = report["modules"]["all"]
     click.echo(f"{report['cells']} {split} cells, {report['features']['remeasured']} features "

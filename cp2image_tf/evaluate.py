@@ -115,8 +115,8 @@ def nearest_neighbours(query_raw, reference_raw, manifest: dict, normalization: 
 
 
 def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 1000,
-             reference_cells: int = 10000, workers: int | None = None, seed: int = 0,
-             progress: bool = True, overwrite: bool = False) -> dict:
+             reference_cells: int = 10000, train_cells: int = 1000, workers: int | None = None,
+             seed: int = 0, progress: bool = True, overwrite: bool = False) -> dict:
     """Evaluate `model` (see generate.load_model) on DATA_DIR's `split`; returns the report."""
     from cp2image_tf import metrics
     from cp2image_tf.generate import OutputFolder, check_data
@@ -152,8 +152,12 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
         pixels = {name: metrics.pixel_metrics(pred, cells["crops"])
                   for name, pred in predictions.items()}
 
-        # Re-measure everything in one pool: real, generated, the neighbours used, the mean image.
-        used = np.unique(neighbour)
+        # Re-measure everything in one pool: real, generated, the neighbours used plus a random
+        # sample of training cells (for standardising and the classifier), the mean image.
+        rng = np.random.default_rng(seed + 2)
+        train_pick = rng.choice(len(reference["raw"]), min(train_cells, len(reference["raw"])),
+                                replace=False)
+        used = np.union1d(neighbour, train_pick)
         stack = np.concatenate([cells["crops"], generated, reference["crops"][used],
                                 mean_image[None]])
         measure_start = time.perf_counter()
@@ -178,14 +182,23 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
                         for name, frame in remeasured.items()}
         modules = metrics.module_summary(correlations, THRESHOLD)
 
+        # Features standardised with the re-measured real training cells' statistics.
+        train_m = used_m.iloc[[position[int(j)] for j in train_pick]].reset_index(drop=True)
+        train_treatments = [reference["treatments"][j] for j in train_pick]
         standardized = {}
         dropped = []
         for name, frame in remeasured.items():
-            standardized[name], dropped = metrics.standardize(frame, real_m)
+            standardized[name], dropped = metrics.standardize(frame, train_m)
+        train_z, _ = metrics.standardize(train_m, train_m)
         profiles = {name: metrics.treatment_profiles(frame, cells["treatments"])
                     for name, frame in standardized.items()}
         treatment_level = {name: metrics.profile_agreement(profiles[name], profiles["ceiling"])
                            for name in ("model", "nearest neighbour", "mean image")}
+        treatment_level["ceiling"] = split_half_profiles(standardized["ceiling"],
+                                                         cells["treatments"], seed)
+        distributions = distribution_report(standardized, cells["treatments"], seed)
+        classification = classify(train_z, train_treatments, standardized, cells["treatments"],
+                                  seed)
 
         failures = {name: int(frame.isna().all(axis=1).sum()) for name, frame in remeasured.items()}
         elapsed = time.perf_counter() - started
@@ -204,6 +217,9 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
             "pixels": _pixel_report(pixels, cells["treatments"]),
             "modules": _module_report(modules),
             "treatments": treatment_level,
+            "distributions": distributions,
+            "classification": classification,
+            "training_cells_measured": len(train_pick),
             "standardization_dropped": dropped,
             "timing": {"seconds": elapsed, "measure_seconds": measure_seconds,
                        "measured_crops": len(stack), "workers": workers,
@@ -224,6 +240,94 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
         raise
     report["out_dir"] = str(path)
     return report
+
+
+def _complete_rows(frame: pd.DataFrame) -> np.ndarray:
+    values = frame.to_numpy(np.float64)
+    return values[np.isfinite(values).all(axis=1)]
+
+
+def distances(a: pd.DataFrame, b: pd.DataFrame, seed: int) -> dict:
+    """Fréchet distance and KID between two sets of standardised feature rows (rows with a
+    missing value left out), with the N of each side."""
+    from cp2image_tf.metrics import frechet_distance, kernel_inception_distance
+
+    x, y = _complete_rows(a), _complete_rows(b)
+    out = {"n": [len(x), len(y)], "features": a.shape[1], "frechet": None, "kid": None,
+           "kid_std": None, "n_below_features": min(len(x), len(y)) < a.shape[1]}
+    if min(len(x), len(y)) >= 2:
+        import warnings
+
+        from scipy.linalg import LinAlgWarning
+
+        with warnings.catch_warnings():
+            # Singular covariances (fewer cells than features, or the mean image's none at all)
+            # are expected here; the Fréchet distance stays finite and n_below_features says so.
+            warnings.simplefilter("ignore", LinAlgWarning)
+            out["frechet"] = frechet_distance(x, y)
+        out["kid"], out["kid_std"] = kernel_inception_distance(x, y, seed=seed)
+    return out
+
+
+def distribution_report(standardized: dict, treatments, seed: int) -> dict:
+    """Distances of each method's re-measured features from the real cells', pooled and per
+    treatment; the ceiling compares two random halves of the real cells."""
+    treatments = np.asarray(treatments)
+    real = standardized["ceiling"]
+    half = np.random.default_rng(seed + 3).permutation(len(real)) % 2 == 0
+    report = {}
+    for name, frame in standardized.items():
+        def pair(mask):
+            if name == "ceiling":
+                return distances(real[mask & half], real[mask & ~half], seed)
+            return distances(frame[mask], real[mask], seed)
+        everyone = np.ones(len(real), bool)
+        report[name] = {"pooled": pair(everyone),
+                        "per_treatment": {t: pair(treatments == t) for t in sorted(set(treatments))}}
+    return report
+
+
+def split_half_profiles(real: pd.DataFrame, treatments, seed: int, splits: int = 20) -> dict:
+    """The real-vs-real ceiling of mean-profile agreement: median over random split-halves."""
+    from cp2image_tf.metrics import profile_agreement, treatment_profiles
+
+    treatments = np.asarray(treatments)
+    rng = np.random.default_rng(seed + 4)
+    medians, retrievals = [], []
+    for _ in range(splits):
+        half = np.zeros(len(real), bool)
+        for t in set(treatments):
+            idx = np.flatnonzero(treatments == t)
+            half[rng.permutation(idx)[: len(idx) // 2]] = True
+        a = treatment_profiles(real[half].reset_index(drop=True), treatments[half])
+        b = treatment_profiles(real[~half].reset_index(drop=True), treatments[~half])
+        agreement = profile_agreement(a, b)
+        medians.append(agreement["median_r"])
+        retrievals.append(agreement["retrieval_top1"])
+    return {"median_r": float(np.median(medians)), "retrieval_top1": float(np.median(retrievals)),
+            "chance": 1.0 / len(set(treatments)), "splits": splits}
+
+
+def classify(train: pd.DataFrame, train_labels, standardized: dict, labels, seed: int) -> dict:
+    """A logistic regression trained on re-measured real training cells, scored on the real
+    test cells (the ceiling), the generated ones and the baselines."""
+    from sklearn.linear_model import LogisticRegression
+
+    classes = sorted(set(train_labels))
+    if len(classes) < 2:
+        return {"skipped": "fewer than 2 treatments among the training cells"}
+    columns = list(train.columns)
+    model = LogisticRegression(max_iter=2000, random_state=seed)
+    model.fit(np.nan_to_num(train.to_numpy(np.float64)), np.asarray(train_labels))
+    labels = np.asarray(labels)
+    seen = np.isin(labels, classes)
+    accuracy = {}
+    for name, frame in standardized.items():
+        predicted = model.predict(np.nan_to_num(frame[columns].to_numpy(np.float64)))
+        accuracy[name] = float(np.mean(predicted[seen] == labels[seen])) if seen.any() else None
+    return {"accuracy": accuracy, "chance": 1.0 / len(classes), "train_cells": len(train),
+            "features": len(columns), "classes": classes,
+            "unseen_treatments": sorted(set(labels[~seen]))}
 
 
 def _cpus() -> int:
@@ -289,6 +393,7 @@ def report_markdown(report: dict) -> str:
              f"nearest neighbours and the mean image from {report['reference_cells']} training "
              f"cells. {report['features']['remeasured']} of {report['features']['input']} features "
              "re-measured with cp-measure.", ""]
+    lines += headline_lines(report)
     lines += ["## Pixels", "", "| method | MSE | PSNR (dB) | SSIM |", "|---|---|---|---|"]
     for name, entry in report["pixels"].items():
         a = entry["all"]
@@ -315,6 +420,38 @@ def report_markdown(report: dict) -> str:
         lines += [f"Segmentation found no object in: "
                   f"{', '.join(f'{k} {v} cells' for k, v in failures.items())}.", ""]
     return "\n".join(lines)
+
+
+def headline_lines(report: dict) -> list[str]:
+    """One table: each method against the real cells, the ceiling last."""
+    dist, cls = report["distributions"], report["classification"]
+    names = {"model": "model", "nearest neighbour": "nearest neighbour",
+             "mean image": "mean image", "ceiling": "real cells (ceiling)"}
+    lines = [f"| | pixel SSIM | features r >= {THRESHOLD} | Fréchet distance | KID | "
+             "treatment accuracy | mean-profile r |", "|---|---|---|---|---|---|---|"]
+    for method, label in names.items():
+        ssim = (_f(report["pixels"][method]["all"]["ssim"]["mean"], 3)
+                if method in report["pixels"] else "1 (itself)")
+        pooled = dist[method]["pooled"]
+        accuracy = cls.get("accuracy", {}).get(method)
+        lines.append(f"| {label} | {ssim} | {_f(report['modules']['all'][method]['fraction'], 2)} "
+                     f"| {_f(pooled['frechet'], 1)} | {_f(pooled['kid'], 3)} | "
+                     f"{_f(accuracy, 2)} | {_f(report['treatments'][method]['median_r'], 2)} |")
+    ceiling = dist["ceiling"]["pooled"]
+    lines += ["", f"Distances on the {ceiling['features']} re-measured features standardised with "
+              f"{report['training_cells_measured']} re-measured training cells; N = "
+              f"{dist['model']['pooled']['n'][0]} generated vs {dist['model']['pooled']['n'][1]} "
+              f"real cells (the ceiling: two halves of the real cells, N = "
+              f"{ceiling['n'][0]} and {ceiling['n'][1]})."
+              + (" N is below the number of features: the Fréchet distance is unreliable at "
+                 "this size; KID is not." if dist["model"]["pooled"]["n_below_features"] else ""),
+              f"Treatment accuracy: logistic regression trained on the re-measured training "
+              f"cells; chance {_f(cls.get('chance'), 2)}."
+              + (f" Treatments not in training (unseen): {', '.join(cls['unseen_treatments'])}."
+                 if cls.get("unseen_treatments") else ""),
+              "Mean-profile r: median over treatments of the correlation between generated and "
+              "real mean profiles; the ceiling from random split-halves of the real cells.", ""]
+    return lines
 
 
 def _f(value, digits) -> str:

@@ -130,3 +130,22 @@ def test_bad_input(evaluated, disc_dataset, cp_folder, tmp_path):
     result = CliRunner().invoke(main, ["evaluate", str(evaluated.out.parent), str(disc_dataset),
                                        str(tmp_path / "d")])
     assert result.exit_code == 1 and "neither a run folder" in result.output
+
+
+def test_distributions_classifier_and_ceilings(evaluated):
+    """Discs: treatments differ in size and brightness, so the re-measured real cells classify
+    well above chance; one picture for every cell is far from the real distribution."""
+    report = evaluated.report
+    cls = report["classification"]
+    assert cls["chance"] == 0.5 and cls["classes"] == ["large", "small"]
+    assert cls["accuracy"]["ceiling"] >= 0.9
+    assert cls["unseen_treatments"] == []
+    dist = report["distributions"]
+    assert dist["mean image"]["pooled"]["kid"] > dist["ceiling"]["pooled"]["kid"]
+    assert dist["mean image"]["pooled"]["frechet"] > dist["ceiling"]["pooled"]["frechet"]
+    n = report["cells"]
+    assert dist["model"]["pooled"]["n"] == [n, n]
+    assert sum(dist["ceiling"]["pooled"]["n"]) == n
+    assert report["treatments"]["ceiling"]["splits"] == 20  # (2 features: r itself means little)
+    markdown = (evaluated.out / "report.md").read_text()
+    assert "| real cells (ceiling) | 1 (itself) |" in markdown

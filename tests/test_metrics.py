@@ -209,3 +209,94 @@ def test_profile_agreement_nan_and_ties_fail():
     assert out["retrieved"]["t0"] is None
     assert out["retrieval_top1"] == 0.0
     assert out["median_r"] == pytest.approx(1.0)  # 0 (NaN), 1, 1
+
+
+# Distribution distances: Fréchet distance and KID on feature vectors.
+
+def test_frechet_distance_of_sample_with_itself_is_zero():
+    a = np.random.default_rng(0).normal(size=(300, 8))
+    assert abs(metrics.frechet_distance(a, a)) < 1e-6
+
+
+def test_frechet_distance_1d_matches_moments():
+    rng = np.random.default_rng(1)
+    a = rng.normal(1.0, 2.0, size=(200, 1))
+    b = rng.normal(-0.5, 0.7, size=(150, 1))
+    expected = (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_2d_diagonal_closed_form():
+    # Points (+-x, 0), (0, +-y) have exactly diagonal sample covariance diag(2x^2/3, 2y^2/3).
+    def cross(x, y, shift):
+        return np.array([[x, 0.0], [-x, 0.0], [0.0, y], [0.0, -y]]) + shift
+    a = cross(1.0, 3.0, np.array([0.0, 0.0]))
+    b = cross(2.0, 0.5, np.array([1.0, -2.0]))
+    var_a = np.array([2 / 3, 2 * 9 / 3])
+    var_b = np.array([2 * 4 / 3, 2 * 0.25 / 3])
+    expected = 1.0 + 4.0 + np.sum((np.sqrt(var_a) - np.sqrt(var_b)) ** 2)
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_shift_adds_dimension():
+    d = 10
+    a = np.random.default_rng(2).normal(size=(500, d))
+    assert metrics.frechet_distance(a, a + 1.0) == pytest.approx(d, abs=1e-6)
+
+
+def test_frechet_distance_singular_covariance_is_finite():
+    a = np.random.default_rng(3).normal(size=(5, 12))  # N < d: singular covariances
+    b = np.random.default_rng(4).normal(size=(5, 12))
+    value = metrics.frechet_distance(a, b)
+    assert np.isfinite(value) and value >= 0
+
+
+def naive_kid(a, b):
+    d = a.shape[1]
+    k = lambda x, y: (np.dot(x, y) / d + 1.0) ** 3
+    m = len(a)
+    xx = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(a[i], b[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_naive_double_loop():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(6, 3)), rng.normal(0.3, 1.2, size=(6, 3))
+    mean, std = metrics.kernel_inception_distance(a, b, subsets=1, subset_size=6)
+    assert mean == pytest.approx(naive_kid(a, b), abs=1e-10)
+    assert std == 0.0
+
+
+def test_kid_same_distribution_near_zero_and_shift_positive():
+    rng = np.random.default_rng(6)
+    a, b = rng.normal(size=(2000, 20)), rng.normal(size=(2000, 20))
+    same, same_std = metrics.kernel_inception_distance(a, b, subsets=10, subset_size=500)
+    assert abs(same) < 0.01 or abs(same) < 2 * same_std
+    shifted, _ = metrics.kernel_inception_distance(a, b + 0.5, subsets=10, subset_size=500)
+    assert shifted > 0 and shifted > 10 * abs(same)
+
+
+def test_kid_is_deterministic_for_a_seed():
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(300, 5)), rng.normal(size=(250, 5))
+    first = metrics.kernel_inception_distance(a, b, subsets=5, subset_size=100, seed=3)
+    assert metrics.kernel_inception_distance(a, b, subsets=5, subset_size=100, seed=3) == first
+    assert metrics.kernel_inception_distance(a, b, subsets=5, subset_size=100, seed=4) != first
+
+
+@pytest.mark.parametrize("fn", [metrics.frechet_distance, metrics.kernel_inception_distance])
+def test_distribution_distances_reject_bad_input(fn):
+    a = np.random.default_rng(8).normal(size=(20, 3))
+    for bad in (np.nan, np.inf, -np.inf):
+        b = a.copy()
+        b[4, 1] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            fn(a, b)
+        with pytest.raises(ValueError, match="non-finite"):
+            fn(b, a)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        fn(a, a[:1])
+    with pytest.raises(ValueError):
+        fn(a, a[:, :2])
