@@ -300,3 +300,15 @@ def test_distribution_distances_reject_bad_input(fn):
         fn(a, a[:1])
     with pytest.raises(ValueError):
         fn(a, a[:, :2])
+
+
+def test_frechet_distance_with_a_constant_sample_and_few_rows():
+    """One picture for every cell (zero covariance) and 10 cells of 60 features, as a small
+    treatment of the mean-image baseline gives: finite, and the closed form when one side is
+    constant: |mu_a - mu_b|^2 + Tr(S_b)."""
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(10, 60))
+    constant = np.repeat(rng.normal(size=(1, 60)), 10, axis=0)
+    expected = ((constant.mean(0) - real.mean(0)) ** 2).sum() + np.trace(np.cov(real, rowvar=False))
+    assert metrics.frechet_distance(constant, real) == pytest.approx(expected, rel=1e-6)
+    assert np.isfinite(metrics.frechet_distance(real, rng.normal(size=(10, 60))))
