@@ -233,7 +233,7 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
         _write_json(folder.path / "report.json", report)
         (folder.path / "report.md").write_text(report_markdown(report))
         _pictures(folder.path, cells, predictions, neighbour, reference, correlations, inputs,
-                  remeasured, channels)
+                  remeasured, channels, report["modules"])
         path = folder.commit()
     except BaseException:
         folder.abandon()
@@ -469,7 +469,7 @@ def _module_lines(modules: dict) -> list[str]:
 
 
 def _pictures(folder: Path, cells, predictions, neighbour, reference, correlations, inputs,
-              remeasured, channels) -> None:
+              remeasured, channels, modules: dict) -> None:
     from cp2image_tf.viz import save_grid
 
     treatments = np.asarray(cells["treatments"])
@@ -483,19 +483,17 @@ def _pictures(folder: Path, cells, predictions, neighbour, reference, correlatio
     save_grid(folder / "cells.png", rows, channels, labels,
               title="Real cells, the model's drawing of their profiles, the nearest training "
                     "cell by profile, and the mean training image")
-    _module_chart(folder / "modules.png", correlations)
+    _module_chart(folder / "modules.png", modules)
     _scatter(folder / "scatter.png", correlations, inputs, remeasured)
 
 
-def _module_chart(path, correlations) -> None:
+def _module_chart(path, table: dict) -> None:
+    """Bars per module and method from the report's module table (`_module_report`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cp2image_tf.metrics import module_summary
-
-    table = _module_report(module_summary(correlations, THRESHOLD))
     modules = list(table)
     colours = {"model": "#d62728", "nearest neighbour": "#1f77b4", "mean image": "#7f7f7f",
                "ceiling": "#2ca02c"}

@@ -273,14 +273,11 @@ def grid_indices(treatments, n):
 
 
 def pixel_metrics(generated, real):
-    """Mean pixel MSE and SSIM (per channel, averaged; images in [0, 1])."""
-    import tensorflow as tf
+    """Mean pixel MSE and SSIM over the cells (images in [0, 1]), as `evaluate` computes them."""
+    from cp2image_tf.metrics import pixel_metrics as per_cell
 
-    mse = float(np.mean((np.asarray(generated, np.float64) - np.asarray(real, np.float64)) ** 2))
-    filter_size = min(11, generated.shape[1], generated.shape[2])
-    ssim = float(tf.reduce_mean(tf.image.ssim(tf.constant(generated), tf.constant(real), 1.0,
-                                              filter_size=filter_size)))
-    return mse, ssim
+    values = per_cell(generated, real)
+    return float(values["mse"].mean()), float(values["ssim"].mean())
 
 
 HISTORY_COLUMNS = (["step", "pixel"] + [f"feature{k + 1}" for k in range(N_FEATURE_LAYERS)]

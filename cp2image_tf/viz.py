@@ -36,6 +36,13 @@ def upscale(rgb: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(rgb, factor, axis=-3), factor, axis=-2)
 
 
+def channel_legend(fig, channels, left: float, step: float) -> None:
+    """Channel names in their colours along the bottom of a figure (fractions of its width)."""
+    for k, (ch, colour) in enumerate(zip(channels, channel_colours(channels))):
+        fig.text(left + step * k, 0.005, ch, color=tuple(np.clip(colour, 0, 1)), fontsize=8,
+                 fontweight="bold", va="bottom")
+
+
 def save_grid(path, rows: dict, channels, row_labels=None, title: str = "", scale: int = 3) -> None:
     """A PNG grid: one column per entry of `rows` ({"real": [N,H,W,C], "generated": ...}),
     one row per cell, each shown as a composite, with a channel legend."""
@@ -61,11 +68,8 @@ def save_grid(path, rows: dict, channels, row_labels=None, title: str = "", scal
                 ax.set_title(name, fontsize=9)
             if j == 0 and row_labels is not None:
                 ax.set_ylabel(row_labels[i], fontsize=7, rotation=0, ha="right", va="center")
-    colours = channel_colours(channels)
     fig.suptitle(f"{title}\n" if title else "", fontsize=9)
-    for k, ch in enumerate(channels):
-        fig.text(0.02 + 0.12 * k, 0.005, ch, color=tuple(np.clip(colours[k], 0, 1)), fontsize=8,
-                 fontweight="bold", va="bottom")
+    channel_legend(fig, channels, 0.02, 0.12)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     fig.savefig(path, facecolor="white")
     plt.close(fig)
@@ -104,10 +108,7 @@ def save_tiles(path, tiles, channels, tile_labels=None, row_labels=None, title: 
     if title:
         fig.suptitle(title, fontsize=9)
     if legend:
-        colours = channel_colours(channels)
-        for k, ch in enumerate(channels):
-            fig.text(0.01 + 0.1 * k, 0.005, ch, color=tuple(np.clip(colours[k], 0, 1)), fontsize=8,
-                     fontweight="bold", va="bottom")
+        channel_legend(fig, channels, 0.01, 0.1)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, facecolor="white")
     plt.close(fig)
