@@ -60,6 +60,7 @@ class Treatment:
 
     name: str
     effect: str
+    moa: str                          # mechanism of action: written as Metadata_MoA
     nucleus_size: float = 1.0         # nucleus equivalent radius
     nucleus_elongation: float = 1.0   # (major / minor - 1) of the nucleus
     dna_intensity: float = 1.0        # mean DNA signal in the nucleus
@@ -75,23 +76,25 @@ class Treatment:
 
 
 TREATMENTS = (
-    Treatment("DMSO", "vehicle control: the reference morphology"),
+    Treatment("DMSO", "vehicle control: the reference morphology", moa="control"),
     Treatment("NucEnlarge", "nuclei 1.35x wider (~1.8x area), cells 1.15x wider, DNA mean "
               "intensity 0.85x (DNA spread over a larger nucleus); like a DNA-synthesis block",
-              nucleus_size=1.35, cell_size=1.15, dna_intensity=0.85),
+              moa="nuclear", nucleus_size=1.35, cell_size=1.15, dna_intensity=0.85),
     Treatment("NucElongate", "nuclei elongated (major/minor ~2.3 instead of ~1.25, same area), "
-              "cells elongated along them", nucleus_elongation=5.5, cell_elongation=3.0),
+              "cells elongated along them",
+              moa="nuclear", nucleus_elongation=5.5, cell_elongation=3.0),
     Treatment("DNACondense", "chromatin condensed: DNA 1.7x brighter (with the foci, ~2.2x mean "
               "intensity), 2.2x texture contrast, 4x more bright foci, nuclei 0.8x wider "
-              "(~0.65x area)",
+              "(~0.65x area)", moa="nuclear",
               nucleus_size=0.8, dna_intensity=1.7, dna_texture=2.2, chromocentres=4.0),
     Treatment("CellSpread", "cells spread: 1.45x wider (~2x area) at the same nucleus size; "
-              "microtubules and stress fibres scale with the larger cell", cell_size=1.45),
+              "microtubules and stress fibres scale with the larger cell",
+              moa="cell shape", cell_size=1.45),
     Treatment("MTDepoly", "microtubules depolymerised (nocodazole-like): 0.12x filaments, 3x "
-              "diffuse tubulin, cells 0.85x wider (rounding)",
+              "diffuse tubulin, cells 0.85x wider (rounding)", moa="cytoskeletal",
               filaments=0.12, tubulin_diffuse=3.0, cell_size=0.85),
     Treatment("ActinStab", "actin stabilised (jasplakinolide-like): 3.5x stress fibres, 1.4x "
-              "brighter fibres, 1.6x brighter cortex",
+              "brighter fibres, 1.6x brighter cortex", moa="cytoskeletal",
               fibres=3.5, fibre_intensity=1.4, actin_cortex=1.6),
 )
 TREATMENT_BY_NAME = {t.name: t for t in TREATMENTS}
@@ -124,7 +127,7 @@ KNEE, CEILING = 26000.0, 44000.0  # bright signal is compressed below CEILING: n
 
 GROUND_TRUTH_COLUMNS = {
     "ImageNumber, ObjectNumber": "the field (a load_data.csv row) and the label in both masks",
-    "Metadata_*": "plate, well, site, treatment",
+    "Metadata_*": "plate, well, site, treatment, mechanism of action (MoA)",
     "Nucleus_Center_X/_Y": "nucleus centre (x = column, y = row)",
     "Nucleus_Major/MinorRadius": "semi-axes of the nucleus ellipse",
     "Nucleus_Elongation": "major / minor radius",
@@ -637,6 +640,7 @@ def _draw_and_write(plan: FieldPlan, root: Path) -> pd.DataFrame:
     truth.insert(3, "Metadata_Well", plan.well)
     truth.insert(4, "Metadata_Site", plan.site)
     truth.insert(5, "Metadata_Treatment", plan.treatment)
+    truth.insert(6, "Metadata_MoA", TREATMENT_BY_NAME[plan.treatment].moa)
     return truth
 
 
@@ -680,7 +684,8 @@ def _write_load_data(plans, root: Path) -> Path:
             row[f"ObjectsFileName_{obj}"] = f"{plan.stem}_{obj}.tif"
             row[f"ObjectsPathName_{obj}"] = f"masks/{plan.plate}"
         row.update(Metadata_Plate=plan.plate, Metadata_Well=plan.well, Metadata_Site=plan.site,
-                   Metadata_Treatment=plan.treatment)
+                   Metadata_Treatment=plan.treatment,
+                   Metadata_MoA=TREATMENT_BY_NAME[plan.treatment].moa)
         rows.append(row)
     path = root / "load_data.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
@@ -711,9 +716,10 @@ def _write_readme(root: Path, cells: int, seed: int, plans):
         "cellprofiler/      Image.csv, Nuclei.csv, Cells.csv: measurements (cp-measure)",
         "ground_truth.csv   the generator's parameters for every cell",
         "",
-        "Treatments (factors relative to DMSO; every parameter also varies from cell to cell):",
+        "Treatments (factors relative to DMSO; every parameter also varies from cell to cell)",
+        "and their mechanism of action (Metadata_MoA; three share 'nuclear', two 'cytoskeletal'):",
     ]
-    lines += [f"  {t.name:<12} {t.effect}" for t in TREATMENTS]
+    lines += [f"  {t.name:<12} {t.effect} (MoA: {t.moa})" for t in TREATMENTS]
     lines += ["", "ground_truth.csv columns (pixels; intensities in ADU above background, "
               "before vignetting and noise):"]
     lines += [f"  {name:<26} {meaning}" for name, meaning in GROUND_TRUTH_COLUMNS.items()]

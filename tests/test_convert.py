@@ -270,6 +270,9 @@ def test_manifest_is_json_with_command_and_sources(cp_folder, tmp_path):
     assert {f["path"] for f in m["source"]["files"]} >= {"Image.csv", "Nuclei.csv", "Cells.csv"}
     assert sum(s["records"] for s in m["shards"]) == m["counts"]["cells"]
     assert not (tmp_path / "out" / ".parts").exists()
+    # Metadata columns with one value per treatment are kept (evaluate's --moa-column);
+    # wells and sites vary within a treatment, so they are not.
+    assert m["treatments"]["metadata"] == {"Metadata_Plate": {"DMSO": "plate1", "Taxol": "plate1"}}
 
 
 def test_split_keeps_every_treatment_in_every_split_when_groups_allow(tmp_path):

@@ -129,6 +129,8 @@ def test_measurements_agree_with_what_was_drawn(runs):
     cells = pd.read_csv(root / "cellprofiler" / "Cells.csv")
     image = pd.read_csv(root / "cellprofiler" / "Image.csv")
     assert len(image) == 7 and "Metadata_Treatment" in image
+    moa = dict(zip(image["Metadata_Treatment"], image["Metadata_MoA"]))
+    assert moa["MTDepoly"] == moa["ActinStab"] == "cytoskeletal" and moa["DMSO"] == "control"
     key = ["ImageNumber", "ObjectNumber"]
     merged = truth.merge(nuclei, on=key, validate="one_to_one")
     assert len(merged) == len(nuclei) == CELLS

@@ -274,14 +274,32 @@ def plan_dataset(config: ConvertConfig):
     dropped = selection.dropped + uninformative
 
     treatments = sorted(set(cells["_treatment"]))
+    treatment_metadata = per_treatment_columns(cells, treatment_cols)
     cells = cells.reset_index(drop=True)  # shard rows are positions into cells and values
     shards = plan_shards(cells, config)
     return {
         "cells": cells, "values": values, "names": names, "stats": stats, "dropped": dropped,
         "rejects": rejects, "treatments": treatments, "treatment_columns": treatment_cols,
+        "treatment_metadata": treatment_metadata,
         "split_by": split_by, "shards": shards, "sources": sources, "source": source,
         "compartments": compartments, "shapes": shape_of,
     }
+
+
+def per_treatment_columns(cells: pd.DataFrame, treatment_cols) -> dict:
+    """Metadata_* columns holding one value per treatment (e.g. Metadata_MoA), as
+    {column: {treatment: value}}: what evaluate's --moa-column reads."""
+    found = {}
+    for col in cells.columns:
+        if not col.startswith("Metadata_") or col in (treatment_cols or []):
+            continue
+        values = cells[col].astype("string")
+        if values.isna().any():
+            continue
+        per = values.groupby(cells["_treatment"].to_numpy()).agg(["nunique", "first"])
+        if (per["nunique"] == 1).all():
+            found[col] = {str(t): str(v) for t, v in per["first"].items()}
+    return found
 
 
 def check_field_images(cells: pd.DataFrame, config: ConvertConfig) -> dict:
@@ -742,7 +760,8 @@ def build_manifest(config, plan, summaries, out_dir, dtype, command, started) ->
             "stats": plan["stats"], "dropped": plan["dropped"],
             "nonfinite": "stored as they are; the reader replaces NaN/inf with the training median",
         },
-        "treatments": {"columns": plan["treatment_columns"], "names": plan["treatments"]},
+        "treatments": {"columns": plan["treatment_columns"], "names": plan["treatments"],
+                       "metadata": plan["treatment_metadata"]},
         "split": {"by": plan["split_by"], "fractions": list(config.split), "seed": config.seed,
                   "groups": groups},
         "counts": {"cells": int(len(cells)), "rejected": len(plan["rejects"]), "splits": counts,
