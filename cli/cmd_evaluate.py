@@ -16,6 +16,11 @@ from cli.main import call, main, start_tensorflow
 @click.option("--train-cells", type=click.IntRange(min=2), default=1000, show_default=True,
               help="Training cells re-measured to standardise features and train the treatment "
                    "classifier.")
+@click.option("--moa-column", default=None, metavar="COLUMN",
+              help="Also classify by this Metadata_* column holding one value per treatment, "
+                   "e.g. Metadata_MoA (mechanism of action).")
+@click.option("--classifier/--no-classifier", default=True, show_default=True,
+              help="Train the treatment classifier (needs 2 or more training treatments).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes re-measuring cells [default: min(2, CPUs)].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cell sample.")
@@ -24,13 +29,17 @@ from cli.main import call, main, start_tensorflow
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, train_cells,
-             workers, seed, checkpoint, overwrite, quiet):
+             moa_column, classifier, workers, seed, checkpoint, overwrite, quiet):
     """Measure how much of the CellProfiler profile survives generation.
 
     Segments and re-measures (cp-measure) real, generated, nearest-neighbour and
     mean-image crops, and correlates the re-measured features with the input
-    features, per feature and per module; plus pixel MSE/PSNR/SSIM and treatment
-    retrieval. Writes report.json, report.md, features.csv and PNGs to OUT_DIR.
+    features, per feature and per module; plus pixel MSE/PSNR/SSIM, Fréchet
+    distance and KID on re-measured features, treatment (and --moa-column)
+    classification, and mean-profile agreement, each against a real-vs-real
+    ceiling; unseen treatments are reported apart. Writes report.md (headline
+    table first), report.json, features.csv, remeasured.parquet and PNGs
+    (cells.png, treatments/<treatment>.png, modules.png, scatter.png) to OUT_DIR.
     """
     from cp2image_tf.evaluate import THRESHOLD, evaluate as run
     from cp2image_tf.generate import load_model
@@ -39,7 +48,7 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     model = call(load_model, model_path, checkpoint)
     report = call(run, model, data_dir, out_dir, split=split, max_cells=max_cells,
                   reference_cells=reference_cells, train_cells=train_cells, workers=workers,
-                  seed=seed,
+                  seed=seed, moa_column=moa_column, classifier=classifier,
                   progress=not quiet, overwrite=overwrite)
     overall = report["modules"]["all"]
     click.echo(f"{report['cells']} {split} cells, {report['features']['remeasured']} features "
@@ -47,6 +56,9 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     for method in ("model", "nearest neighbour", "mean image", "ceiling"):
         row = overall[method]
         click.echo(f"  {method:<18} {row['fraction']:.2f} ({row['median_r']:.2f})")
+    if report["unseen_treatments"]:
+        click.echo(f"Unseen treatments (not in training): {', '.join(report['unseen_treatments'])}"
+                   "; reported apart in report.md.")
     retrieval = report["treatments"]["model"]
     click.echo(f"Treatment retrieval: model {retrieval['retrieval_top1']:.2f}, nearest neighbour "
                f"{report['treatments']['nearest neighbour']['retrieval_top1']:.2f}, chance "

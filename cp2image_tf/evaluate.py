@@ -15,13 +15,22 @@ For cells of one split (test by default, sampled evenly across treatments):
        reproduces the original CellProfiler values at all.
    Summarised per module: median r and the fraction of features with r >= 0.7.
 3. Treatments: correlation between each treatment's mean re-measured profile for
-   generated and for real cells, and top-1 retrieval of the own treatment.
+   generated and for real cells (the ceiling: random split-halves of the real cells),
+   and top-1 retrieval of the own treatment.
+4. Distributions, as generative models of cells are compared: Fréchet distance and KID
+   between generated and real re-measured features (standardised with re-measured
+   training cells), pooled and per treatment (the ceiling: two halves of the real cells);
+   and the accuracy of a logistic regression trained on re-measured training cells in
+   telling the treatment (and, with moa_column, the mechanism) of each picture.
+5. Unseen treatments (data converted with --split-by on the treatment): every headline
+   figure again for the treatments the training split lacks.
 
-Outputs in OUT_DIR: report.json (every figure), report.md (the tables),
+Outputs in OUT_DIR: report.json (every figure), report.md (the headline table first),
 cells.png (real, generated, nearest neighbour and mean image per treatment),
+treatments/<treatment>.png (real, generated and nearest-neighbour cells side by side),
 modules.png (per-module agreement against the ceiling), scatter.png (input vs
-re-measured values of the best-reproduced features) and features.csv (every
-feature's correlations).
+re-measured values of the best-reproduced features), features.csv (every feature's
+correlations) and remeasured.parquet (every re-measured feature of every picture).
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ from tfrecords_tools.errors import UserInputError
 
 METHODS = ("model", "nearest neighbour", "mean image", "ceiling")
 THRESHOLD = 0.7
+PER_TREATMENT_CELLS = 6
 
 
 def _split_counts(manifest: dict, data, split: str) -> dict:
@@ -116,8 +126,14 @@ def nearest_neighbours(query_raw, reference_raw, manifest: dict, normalization: 
 
 def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 1000,
              reference_cells: int = 10000, train_cells: int = 1000, workers: int | None = None,
-             seed: int = 0, progress: bool = True, overwrite: bool = False) -> dict:
-    """Evaluate `model` (see generate.load_model) on DATA_DIR's `split`; returns the report."""
+             seed: int = 0, progress: bool = True, overwrite: bool = False,
+             moa_column: str | None = None, classifier: bool = True) -> dict:
+    """Evaluate `model` (see generate.load_model) on DATA_DIR's `split`; returns the report.
+
+    `moa_column`: a Metadata_* column with one value per treatment (convert keeps those in the
+    manifest), e.g. Metadata_MoA: the classifier is also trained and scored on it.
+    `classifier=False` leaves out treatment classification (needed for data with a single
+    treatment in its training split)."""
     from cp2image_tf import metrics
     from cp2image_tf.generate import OutputFolder, check_data
     from cp2image_tf.remeasure import fit_cell_threshold, plan as plan_measurement, remeasure
@@ -127,6 +143,9 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
     if manifest is None:
         raise UserInputError("DATA_DIR is needed: the dataset the model was trained on.")
     counts = _split_counts(manifest, data, split)
+    moa = _moa_labels(manifest, data, moa_column) if moa_column else None
+    if classifier:
+        _check_classes(manifest, data, moa, moa_column)
     channels = manifest["channels"]
     plan = plan_measurement(model.feature_names, channels)
     workers = workers or min(2, _cpus())
@@ -197,8 +216,23 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
         treatment_level["ceiling"] = split_half_profiles(standardized["ceiling"],
                                                          cells["treatments"], seed)
         distributions = distribution_report(standardized, cells["treatments"], seed)
-        classification = classify(train_z, train_treatments, standardized, cells["treatments"],
-                                  seed)
+        test_treatments = np.asarray(cells["treatments"])
+        classification, correct = {}, {}
+        if classifier:
+            classification, correct["treatment"] = classify(
+                train_z, train_treatments, standardized, test_treatments, seed, unseen_halves=True)
+            if moa is not None:
+                classification["moa"], correct["moa"] = classify(
+                    train_z, [moa[t] for t in train_treatments], standardized,
+                    np.array([moa[t] for t in test_treatments]), seed)
+                classification["moa"]["column"] = moa_column
+        seen = np.isin(test_treatments, [t for t, k in train_counts.items() if k])
+        groups = {"all": np.ones(n, bool)}
+        if not seen.all():
+            groups.update(seen=seen, unseen=~seen)
+        headline = {group: group_headline(mask, pixels, inputs, remeasured, standardized,
+                                          test_treatments, correct, seed)
+                    for group, mask in groups.items() if mask.any()}
 
         failures = {name: int(frame.isna().all(axis=1).sum()) for name, frame in remeasured.items()}
         elapsed = time.perf_counter() - started
@@ -219,6 +253,8 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
             "treatments": treatment_level,
             "distributions": distributions,
             "classification": classification,
+            "headline": headline,
+            "unseen_treatments": sorted(set(test_treatments[~seen])),
             "training_cells_measured": len(train_pick),
             "standardization_dropped": dropped,
             "timing": {"seconds": elapsed, "measure_seconds": measure_seconds,
@@ -233,7 +269,9 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
         _write_json(folder.path / "report.json", report)
         (folder.path / "report.md").write_text(report_markdown(report))
         _pictures(folder.path, cells, predictions, neighbour, reference, correlations, inputs,
-                  remeasured, channels, report["modules"])
+                  remeasured, channels, report["modules"], set(report["unseen_treatments"]))
+        _write_remeasured(folder.path / "remeasured.parquet", remeasured, train_m, cells,
+                          [reference["cell_ids"][j] for j in train_pick], train_treatments)
         path = folder.commit()
     except BaseException:
         folder.abandon()
@@ -308,26 +346,124 @@ def split_half_profiles(real: pd.DataFrame, treatments, seed: int, splits: int =
             "chance": 1.0 / len(set(treatments)), "splits": splits}
 
 
-def classify(train: pd.DataFrame, train_labels, standardized: dict, labels, seed: int) -> dict:
-    """A logistic regression trained on re-measured real training cells, scored on the real
-    test cells (the ceiling), the generated ones and the baselines."""
+def _fit_classifier(features: pd.DataFrame, labels, seed: int):
     from sklearn.linear_model import LogisticRegression
 
+    model = LogisticRegression(max_iter=2000, random_state=seed)
+    return model.fit(np.nan_to_num(features.to_numpy(np.float64)), np.asarray(labels))
+
+
+def _mean(values) -> float | None:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else None
+
+
+def classify(train: pd.DataFrame, train_labels, standardized: dict, labels, seed: int,
+             unseen_halves: bool = False) -> tuple[dict, dict]:
+    """A logistic regression trained on re-measured real training cells, scored on the real
+    test cells (the ceiling), the generated ones and the baselines.
+
+    Test cells whose label the training cells lack are unseen. With `unseen_halves`, a second
+    classifier also learns a random half of each unseen label's real test cells and is scored
+    on the other half, for every method alike. Returns the summary and, per method, 1/0 per
+    test cell for a right/wrong prediction (NaN where not scored)."""
     classes = sorted(set(train_labels))
     if len(classes) < 2:
-        return {"skipped": "fewer than 2 treatments among the training cells"}
+        raise ValueError("a classifier needs at least 2 classes among the training cells")
     columns = list(train.columns)
-    model = LogisticRegression(max_iter=2000, random_state=seed)
-    model.fit(np.nan_to_num(train.to_numpy(np.float64)), np.asarray(train_labels))
     labels = np.asarray(labels)
     seen = np.isin(labels, classes)
-    accuracy = {}
+    frames = {name: frame[columns] for name, frame in standardized.items()}
+    correct = {name: np.full(len(labels), np.nan) for name in frames}
+    model = _fit_classifier(train, train_labels, seed)
+    for name, frame in frames.items():
+        if seen.any():
+            correct[name][seen] = model.predict(
+                np.nan_to_num(frame[seen].to_numpy(np.float64))) == labels[seen]
+    unseen = sorted(set(labels[~seen]))
+    summary = {"accuracy": {name: _mean(c[seen]) for name, c in correct.items()},
+               "chance": 1.0 / len(classes), "cells": int(seen.sum()), "train_cells": len(train),
+               "features": len(columns), "classes": classes, "unseen": unseen}
+    if unseen and unseen_halves:
+        rng = np.random.default_rng(seed + 5)
+        learn = np.zeros(len(labels), bool)
+        for label in unseen:
+            idx = np.flatnonzero(labels == label)
+            learn[rng.permutation(idx)[: len(idx) // 2]] = True
+        scored = ~seen & ~learn
+        extended = _fit_classifier(pd.concat([train, frames["ceiling"][learn]]),
+                                   list(train_labels) + list(labels[learn]), seed)
+        for name, frame in frames.items():
+            if scored.any():
+                correct[name][scored] = extended.predict(
+                    np.nan_to_num(frame[scored].to_numpy(np.float64))) == labels[scored]
+        summary["unseen_accuracy"] = {name: _mean(c[scored]) for name, c in correct.items()}
+        summary["unseen_protocol"] = {
+            "learned_cells": int(learn.sum()), "scored_cells": int(scored.sum()),
+            "chance": 1.0 / (len(classes) + len(unseen)),
+            "how": "a second classifier learns the training cells plus a random half of each "
+                   "unseen treatment's real test cells; scored on the other half"}
+    return summary, correct
+
+
+def _moa_labels(manifest: dict, data, column: str) -> dict:
+    """{treatment: mechanism} from the manifest's treatment-level metadata."""
+    kept = manifest["treatments"].get("metadata", {})
+    if column not in kept:
+        have = ", ".join(sorted(kept)) or "none"
+        raise UserInputError(
+            f"--moa-column {column}: {data} has no such column with one value per treatment "
+            f"(it has: {have}). convert keeps Metadata_* columns that hold one value per "
+            "treatment; a dataset converted before it kept them has none: convert it again.")
+    return kept[column]
+
+
+def _check_classes(manifest: dict, data, moa: dict | None, moa_column: str | None) -> None:
+    train = [t for t, k in manifest["counts"]["treatments"]["train"].items() if k]
+    if len(train) < 2:
+        raise UserInputError(
+            f"{data}: its training split has {len(train)} treatment(s) "
+            f"({', '.join(train) or 'none'}); the treatment classifier needs at least 2. "
+            "Pass --no-classifier to evaluate without it, or convert with --treatment-column "
+            "naming the column that tells treatments apart.")
+    if moa is not None and len({moa[t] for t in train}) < 2:
+        raise UserInputError(
+            f"--moa-column {moa_column}: the training cells of {data} have one value "
+            f"({moa[train[0]]}); classifying by it needs at least 2.")
+
+
+def group_headline(mask, pixels: dict, inputs: pd.DataFrame, remeasured: dict,
+                   standardized: dict, treatments, correct: dict, seed: int) -> dict:
+    """The headline figures for the test cells in `mask`, per method (see headline_lines)."""
+    from cp2image_tf.metrics import (feature_correlations, profile_agreement,
+                                     treatment_profiles)
+
+    treatments = np.asarray(treatments)
+    idx = np.flatnonzero(mask)
+    group = treatments[idx]
+    real = standardized["ceiling"].iloc[idx].reset_index(drop=True)
+    half = np.random.default_rng(seed + 3).permutation(len(idx)) % 2 == 0
+    real_profiles = treatment_profiles(real, group)
+    out = {"cells": len(idx), "treatments": sorted(set(group)), "methods": {}}
     for name, frame in standardized.items():
-        predicted = model.predict(np.nan_to_num(frame[columns].to_numpy(np.float64)))
-        accuracy[name] = float(np.mean(predicted[seen] == labels[seen])) if seen.any() else None
-    return {"accuracy": accuracy, "chance": 1.0 / len(classes), "train_cells": len(train),
-            "features": len(columns), "classes": classes,
-            "unseen_treatments": sorted(set(labels[~seen]))}
+        frame = frame.iloc[idx].reset_index(drop=True)
+        r = feature_correlations(inputs.iloc[idx], remeasured[name].iloc[idx])["pearson"]
+        row = {"ssim": float(pixels[name]["ssim"][idx].mean()) if name in pixels else 1.0,
+               "fraction_r": float((r >= THRESHOLD).mean()),
+               "median_r": float(r.fillna(0.0).median())}
+        pair = (distances(real[half], real[~half], seed) if name == "ceiling"
+                else distances(frame, real, seed))
+        row.update(frechet=pair["frechet"], kid=pair["kid"], n=pair["n"],
+                   n_below_features=pair["n_below_features"], features=pair["features"])
+        for kind, per_cell in correct.items():
+            row[f"{kind}_accuracy"] = _mean(per_cell[name][idx])
+        row["profile_r"] = (split_half_profiles(real, group, seed)["median_r"]
+                            if name == "ceiling" else
+                            profile_agreement(treatment_profiles(frame, group),
+                                              real_profiles)["median_r"])
+        out["methods"][name] = row
+    return out
 
 
 def _cpus() -> int:
@@ -422,35 +558,71 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def headline_lines(report: dict) -> list[str]:
-    """One table: each method against the real cells, the ceiling last."""
-    dist, cls = report["distributions"], report["classification"]
-    names = {"model": "model", "nearest neighbour": "nearest neighbour",
-             "mean image": "mean image", "ceiling": "real cells (ceiling)"}
+HEADLINE_NAMES = {"model": "model", "nearest neighbour": "nearest neighbour",
+                  "mean image": "mean image", "ceiling": "real cells (ceiling)"}
+
+
+def _headline_table(headline: dict) -> list[str]:
+    methods = headline["methods"]
+    kinds = [k for k in ("treatment", "moa") if f"{k}_accuracy" in methods["model"]]
+    titles = {"treatment": "treatment accuracy", "moa": "MoA accuracy"}
     lines = [f"| | pixel SSIM | features r >= {THRESHOLD} | Fréchet distance | KID | "
-             "treatment accuracy | mean-profile r |", "|---|---|---|---|---|---|---|"]
-    for method, label in names.items():
-        ssim = (_f(report["pixels"][method]["all"]["ssim"]["mean"], 3)
-                if method in report["pixels"] else "1 (itself)")
-        pooled = dist[method]["pooled"]
-        accuracy = cls.get("accuracy", {}).get(method)
-        lines.append(f"| {label} | {ssim} | {_f(report['modules']['all'][method]['fraction'], 2)} "
-                     f"| {_f(pooled['frechet'], 1)} | {_f(pooled['kid'], 3)} | "
-                     f"{_f(accuracy, 2)} | {_f(report['treatments'][method]['median_r'], 2)} |")
-    ceiling = dist["ceiling"]["pooled"]
+             + "".join(f"{titles[k]} | " for k in kinds) + "mean-profile r |",
+             "|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
+    for method, label in HEADLINE_NAMES.items():
+        row = methods[method]
+        ssim = "1 (itself)" if method == "ceiling" else _f(row["ssim"], 3)
+        lines.append(f"| {label} | {ssim} | {_f(row['fraction_r'], 2)} | {_f(row['frechet'], 1)} "
+                     f"| {_f(row['kid'], 3)} | "
+                     + "".join(f"{_f(row[f'{k}_accuracy'], 2)} | " for k in kinds)
+                     + f"{_f(row['profile_r'], 2)} |")
+    return lines
+
+
+def headline_lines(report: dict) -> list[str]:
+    """One table: each method against the real cells, the ceiling last; then the same for
+    seen and unseen treatments when the split holds treatments training never saw."""
+    cls = report["classification"]
+    head = report["headline"]
+    model, ceiling = head["all"]["methods"]["model"], head["all"]["methods"]["ceiling"]
+    lines = _headline_table(head["all"])
     lines += ["", f"Distances on the {ceiling['features']} re-measured features standardised with "
               f"{report['training_cells_measured']} re-measured training cells; N = "
-              f"{dist['model']['pooled']['n'][0]} generated vs {dist['model']['pooled']['n'][1]} "
-              f"real cells (the ceiling: two halves of the real cells, N = "
-              f"{ceiling['n'][0]} and {ceiling['n'][1]})."
+              f"{model['n'][0]} generated vs {model['n'][1]} real cells (the ceiling: two halves "
+              f"of the real cells, N = {ceiling['n'][0]} and {ceiling['n'][1]})."
               + (" N is below the number of features: the Fréchet distance is unreliable at "
-                 "this size; KID is not." if dist["model"]["pooled"]["n_below_features"] else ""),
-              f"Treatment accuracy: logistic regression trained on the re-measured training "
-              f"cells; chance {_f(cls.get('chance'), 2)}."
-              + (f" Treatments not in training (unseen): {', '.join(cls['unseen_treatments'])}."
-                 if cls.get("unseen_treatments") else ""),
-              "Mean-profile r: median over treatments of the correlation between generated and "
+                 "this size; KID is not." if model["n_below_features"] else "")]
+    if cls:
+        lines.append(f"Treatment accuracy: logistic regression trained on the re-measured "
+                     f"training cells ({len(cls['classes'])} treatments, chance "
+                     f"{_f(cls['chance'], 2)}).")
+        if "moa" in cls:
+            moa = cls["moa"]
+            lines.append(f"MoA accuracy: the same, by {moa['column']} ({len(moa['classes'])} "
+                         f"classes, chance {_f(moa['chance'], 2)})"
+                         + (f"; {', '.join(moa['unseen'])} not among the training cells, not "
+                            "scored." if moa["unseen"] else "."))
+    else:
+        lines.append("No treatment classifier (--no-classifier).")
+    lines += ["Mean-profile r: median over treatments of the correlation between generated and "
               "real mean profiles; the ceiling from random split-halves of the real cells.", ""]
+    unseen = report.get("unseen_treatments") or []
+    if unseen:
+        lines += ["## Unseen treatments", "",
+                  f"{', '.join(unseen)}: in the {report['split']} split but not among the "
+                  "training cells (data converted with --split-by on the treatment). The model "
+                  "draws them from their features alone.", ""]
+        if cls.get("unseen_protocol"):
+            protocol = cls["unseen_protocol"]
+            lines += [f"Treatment accuracy for unseen treatments: a second classifier learns the "
+                      f"training cells plus {protocol['learned_cells']} real cells (a random "
+                      f"half of each unseen treatment) and is scored on the other "
+                      f"{protocol['scored_cells']} (chance {_f(protocol['chance'], 2)}).", ""]
+        for group, title in (("seen", "Seen treatments"), ("unseen", "Unseen treatments")):
+            if group in head:
+                lines += [f"### {title}: {', '.join(head[group]['treatments'])} "
+                          f"({head[group]['cells']} cells)", ""]
+                lines += _headline_table(head[group]) + [""]
     return lines
 
 
@@ -469,7 +641,8 @@ def _module_lines(modules: dict) -> list[str]:
 
 
 def _pictures(folder: Path, cells, predictions, neighbour, reference, correlations, inputs,
-              remeasured, channels, modules: dict) -> None:
+              remeasured, channels, modules: dict, unseen: set) -> None:
+    from cp2image_tf.generate import _safe
     from cp2image_tf.viz import save_grid
 
     treatments = np.asarray(cells["treatments"])
@@ -483,8 +656,35 @@ def _pictures(folder: Path, cells, predictions, neighbour, reference, correlatio
     save_grid(folder / "cells.png", rows, channels, labels,
               title="Real cells, the model's drawing of their profiles, the nearest training "
                     "cell by profile, and the mean training image")
+    # One picture per treatment: real, generated and nearest-neighbour cells side by side.
+    (folder / "treatments").mkdir()
+    for t in sorted(set(treatments)):
+        picks = np.flatnonzero(treatments == t)[:PER_TREATMENT_CELLS]
+        rows = {"real": cells["crops"][picks], "generated": predictions["model"][picks],
+                "nearest neighbour": predictions["nearest neighbour"][picks]}
+        labels = [f"{cells['cell_ids'][i]}\nNN {reference['cell_ids'][neighbour[i]]}"
+                  f"\n({reference['treatments'][neighbour[i]]})" for i in picks]
+        save_grid(folder / "treatments" / f"{_safe(t)}.png", rows, channels, labels,
+                  title=f"{t}{' (unseen in training)' if t in unseen else ''}: real cells, the "
+                        "model's drawing of their profiles, the nearest training cell")
     _module_chart(folder / "modules.png", modules)
     _scatter(folder / "scatter.png", correlations, inputs, remeasured)
+
+
+def _write_remeasured(path: Path, remeasured: dict, train: pd.DataFrame, cells, train_ids,
+                      train_treatments) -> None:
+    """Every re-measured feature behind the report, one row per picture: the real test cells
+    (method "ceiling"), their generated and baseline pictures, and the training cells."""
+    parts = []
+    for name, frame in list(remeasured.items()) + [("training", train)]:
+        ids, treatments = ((train_ids, train_treatments) if name == "training"
+                           else (cells["cell_ids"], cells["treatments"]))
+        part = frame.reset_index(drop=True).astype(np.float64)
+        part.insert(0, "treatment", list(treatments))
+        part.insert(0, "cell_id", list(ids))
+        part.insert(0, "method", name)
+        parts.append(part)
+    pd.concat(parts, ignore_index=True).to_parquet(path, index=False)
 
 
 def _module_chart(path, table: dict) -> None:

@@ -91,7 +91,8 @@ def make_disc_folder(root, n_fields=12, cells_per_field=8, size=192, seed=0, tre
     for f in range(n_fields):
         treatment = treatments[f % len(treatments)]
         planes = np.full((2, size, size), 500, dtype=np.uint16)
-        row = {"ImageNumber": f + 1, "Metadata_Well": f"W{f // 2}", "Metadata_Treatment": treatment}
+        row = {"ImageNumber": f + 1, "Metadata_Well": f"W{f // 2}", "Metadata_Treatment": treatment,
+               "Metadata_MoA": "grow" if treatment == treatments[-1] else "shrink"}
         grid = np.linspace(32, size - 32, int(np.ceil(np.sqrt(cells_per_field))))
         spots = [(x, y) for y in grid for x in grid][:cells_per_field]
         for o, (x, y) in enumerate(spots):

@@ -20,7 +20,8 @@ from tfrecords_tools.manifest import load_manifest
 def evaluated(disc_run, disc_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluate") / "out"
     model = load_model(disc_run)
-    report = evaluate(model, disc_dataset, out, split="test", workers=1, progress=False)
+    report = evaluate(model, disc_dataset, out, split="test", workers=1, progress=False,
+                      moa_column="Metadata_MoA")
     return SimpleNamespace(report=report, model=model, out=out)
 
 
@@ -109,6 +110,25 @@ def test_bad_input(evaluated, disc_dataset, cp_folder, tmp_path):
                           objects=["Nuclei"], crop_size=48), progress=False)
     with pytest.raises(UserInputError, match="are not the model's 2"):
         evaluate(model, other, tmp_path / "b", progress=False)
+    with pytest.raises(UserInputError, match="--moa-column Metadata_Nope: .* has no such column"
+                                             ".*it has: Metadata_MoA"):
+        evaluate(model, disc_dataset, tmp_path / "a", moa_column="Metadata_Nope", progress=False)
+
+    # One treatment: no classifier can be trained; a clear error, and --no-classifier works.
+    from conftest import make_disc_folder
+
+    one = tmp_path / "one"
+    convert(ConvertConfig(input=str(make_disc_folder(one, n_fields=6, treatments=("large",))),
+                          out_dir=str(one / "data"), channels=["DNA", "Actin"],
+                          objects=["Nuclei"], crop_size=48, split_by=["Metadata_Well"],
+                          split=(0.5, 0.0, 0.5)), progress=False)
+    with pytest.raises(UserInputError, match="has 1 treatment.*large.*--no-classifier"):
+        evaluate(model, one / "data", tmp_path / "a", progress=False)
+    report = evaluate(model, one / "data", one / "out", progress=False, workers=1,
+                      classifier=False, max_cells=10, reference_cells=30, train_cells=20)
+    assert report["classification"] == {}
+    assert "treatment_accuracy" not in report["headline"]["all"]["methods"]["model"]
+    assert "No treatment classifier" in (one / "out" / "report.md").read_text()
 
     # A dataset whose only features are CalculateMath results: nothing cp-measure re-measures.
     cp = tmp_path / "math" / "cp"
@@ -139,7 +159,7 @@ def test_distributions_classifier_and_ceilings(evaluated):
     cls = report["classification"]
     assert cls["chance"] == 0.5 and cls["classes"] == ["large", "small"]
     assert cls["accuracy"]["ceiling"] >= 0.9
-    assert cls["unseen_treatments"] == []
+    assert cls["unseen"] == []
     dist = report["distributions"]
     assert dist["mean image"]["pooled"]["kid"] > dist["ceiling"]["pooled"]["kid"]
     assert dist["mean image"]["pooled"]["frechet"] > dist["ceiling"]["pooled"]["frechet"]
@@ -149,3 +169,120 @@ def test_distributions_classifier_and_ceilings(evaluated):
     assert report["treatments"]["ceiling"]["splits"] == 20  # (2 features: r itself means little)
     markdown = (evaluated.out / "report.md").read_text()
     assert "| real cells (ceiling) | 1 (itself) |" in markdown
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
+def test_distances_and_accuracy_agree_with_independent_computation(evaluated):
+    """Fréchet distance, KID and classifier accuracy recomputed from remeasured.parquet with
+    scipy and scikit-learn directly."""
+    from scipy import linalg
+    from sklearn.linear_model import LogisticRegression
+
+    report = evaluated.report
+    table = pd.read_parquet(evaluated.out / "remeasured.parquet")
+    features = [c for c in table.columns if c not in ("method", "cell_id", "treatment")]
+    train = table[table["method"] == "training"]
+    assert len(train) == report["training_cells_measured"]
+    mean, sd = train[features].mean(), train[features].std(ddof=0)
+    z = lambda m: ((table.loc[table["method"] == m, features] - mean) / sd)  # noqa: E731
+    model, real = z("model").to_numpy(), z("ceiling").to_numpy()
+    ok = np.isfinite(model).all(1) & np.isfinite(real).all(1)
+    x, y = model[ok], real[ok]
+
+    covmean = linalg.sqrtm(np.cov(x, rowvar=False) @ np.cov(y, rowvar=False)).real
+    frechet = (((x.mean(0) - y.mean(0)) ** 2).sum()
+               + np.trace(np.cov(x, rowvar=False) + np.cov(y, rowvar=False) - 2 * covmean))
+    pooled = report["distributions"]["model"]["pooled"]
+    assert pooled["frechet"] == pytest.approx(frechet, rel=1e-6, abs=1e-9)
+    assert report["headline"]["all"]["methods"]["model"]["frechet"] == pytest.approx(frechet,
+                                                                                     rel=1e-6)
+    # Equal sample sizes: every subset is the whole sample, so KID is the full unbiased MMD^2.
+    k = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
+    m = len(x)
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    mmd = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+           - 2 * kxy.mean())
+    assert pooled["n"] == [m, m]
+    assert pooled["kid"] == pytest.approx(mmd, rel=1e-6, abs=1e-9)
+
+    classifier = LogisticRegression(max_iter=2000, random_state=0)
+    classifier.fit(np.nan_to_num(((train[features] - mean) / sd).to_numpy()), train["treatment"])
+    cls = report["classification"]
+    for method in ("model", "ceiling", "nearest neighbour"):
+        rows = table[table["method"] == method]
+        predicted = classifier.predict(np.nan_to_num(z(method).to_numpy()))
+        expected = float(np.mean(predicted == rows["treatment"].to_numpy()))
+        assert cls["accuracy"][method] == pytest.approx(expected)
+        assert report["headline"]["all"]["methods"][method]["treatment_accuracy"] == \
+            pytest.approx(expected)
+    # The discs' treatments are told apart from the re-measured real cells.
+    assert cls["accuracy"]["ceiling"] >= 0.9 and cls["chance"] == 0.5
+    # MoA here maps one to one onto treatments (large -> grow, small -> shrink): same figures.
+    assert cls["moa"]["classes"] == ["grow", "shrink"] and cls["moa"]["column"] == "Metadata_MoA"
+    assert cls["moa"]["accuracy"] == pytest.approx(cls["accuracy"])
+    markdown = (evaluated.out / "report.md").read_text()
+    assert markdown.index("| model |") < markdown.index("## Pixels")
+    assert "MoA accuracy" in markdown.splitlines()[4]
+    for t in ("small", "large"):
+        assert (evaluated.out / "treatments" / f"{t}.png").stat().st_size > 5000
+
+
+def test_classify_unseen_labels_by_held_out_halves():
+    from cp2image_tf.evaluate import classify
+
+    rng = np.random.default_rng(0)
+    centres = {"a": [4, 0], "b": [0, 4], "c": [-4, -4]}
+    def cells(labels):
+        x = np.array([centres[t] for t in labels]) + rng.normal(0, 1, (len(labels), 2))
+        return pd.DataFrame(x, columns=["f1", "f2"])
+    train_labels = ["a", "b"] * 50
+    test_labels = np.array(["a", "b", "c", "c"] * 25)
+    real = cells(test_labels)
+    shuffled = real.sample(frac=1, random_state=1).reset_index(drop=True)
+    summary, correct = classify(cells(train_labels), train_labels,
+                                {"ceiling": real, "model": shuffled}, test_labels, seed=0,
+                                unseen_halves=True)
+    assert summary["unseen"] == ["c"] and summary["cells"] == 50
+    assert summary["accuracy"]["ceiling"] >= 0.95
+    protocol = summary["unseen_protocol"]
+    assert protocol["learned_cells"] == 25 and protocol["scored_cells"] == 25
+    assert protocol["chance"] == pytest.approx(1 / 3)
+    assert summary["unseen_accuracy"]["ceiling"] >= 0.95  # c is far from a and b
+    assert summary["unseen_accuracy"]["model"] < 0.7      # shuffled rows: mostly wrong
+    # Every test cell is scored once, except the unseen half the second classifier learned.
+    assert np.isfinite(correct["ceiling"]).sum() == 75
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        classify(cells(["a"] * 5), ["a"] * 5, {"ceiling": real}, test_labels, seed=0)
+
+
+def test_unseen_treatments_reported_apart(disc_run, tmp_path):
+    """Data converted with whole treatments in the test split: the report says so and gives
+    every headline figure for them apart."""
+    from conftest import make_disc_folder
+    from tfrecords_tools.convert import ConvertConfig, convert
+
+    cp_dir = make_disc_folder(tmp_path, n_fields=9, treatments=("small", "medium", "large"))
+    data = tmp_path / "data"
+    convert(ConvertConfig(input=str(cp_dir), out_dir=str(data), channels=["DNA", "Actin"],
+                          objects=["Nuclei"], crop_size=48, split_by=["Metadata_Treatment"],
+                          split=(0.6, 0.0, 0.4), seed=1), progress=False)
+    counts = load_manifest(data)["counts"]["treatments"]
+    unseen = sorted(t for t, k in counts["test"].items() if k and not counts["train"][t])
+    assert unseen == ["medium"]  # the split put a whole treatment in test
+    report = evaluate(load_model(disc_run), data, tmp_path / "out", workers=1, progress=False,
+                      max_cells=40, reference_cells=60, train_cells=40,
+                      moa_column="Metadata_MoA")
+    assert report["unseen_treatments"] == unseen
+    head = report["headline"]
+    assert head["unseen"]["treatments"] == unseen
+    assert head["unseen"]["cells"] + head.get("seen", {"cells": 0})["cells"] == report["cells"]
+    for method, row in head["unseen"]["methods"].items():
+        assert row["treatment_accuracy"] is not None and row["frechet"] is not None, method
+    protocol = report["classification"]["unseen_protocol"]
+    assert protocol["learned_cells"] + protocol["scored_cells"] == head["unseen"]["cells"]
+    # Its mechanism (shrink, as for small) is among the training cells: scored by MoA too.
+    assert report["classification"]["moa"]["unseen"] == []
+    assert head["unseen"]["methods"]["ceiling"]["moa_accuracy"] is not None
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Unseen treatments" in markdown and "### Unseen treatments" in markdown
+    assert (tmp_path / "out" / "treatments" / f"{unseen[0]}.png").is_file()
