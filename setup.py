@@ -18,6 +18,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=["cp2image_tf", "tfrecords_tools", "cli"],
+    # explore's page: plain HTML, JS and CSS served from the package.
+    package_data={"cp2image_tf": ["explore_static/*"]},
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.3,<4",
@@ -44,11 +46,25 @@ setup(
         "requests>=2.31",
         # evaluate: nearest-neighbour baseline.
         "scikit-learn>=1.4",
+        # convert/featurize/evaluate --scheduler: parts on a Dask cluster (LocalCluster, Slurm, k8s).
+        "dask[distributed]>=2024.1",
+        # explore: the web page's server (its API and static files) and the ASGI server
+        # that runs it.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        # explore: encodes the channel PNGs the page composites (matplotlib needs it too).
+        "pillow>=10",
     ],
     extras_require={
         # CUDA wheels of TensorFlow for GPU hosts (Linux).
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
-        "test": ["pytest>=8"],
+        "test": [
+            "pytest>=8",
+            # fastapi.testclient (Starlette's TestClient) runs on httpx2.
+            "httpx2>=2",
+            # tests/test_explore_browser.py drives Debian's chromium through chromedriver.
+            "selenium>=4.20",
+        ],
     },
     entry_points={"console_scripts": ["cp2image-tf=cli.main:main"]},
     classifiers=[

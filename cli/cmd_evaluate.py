@@ -22,14 +22,18 @@ from cli.main import call, main, start_tensorflow
 @click.option("--classifier/--no-classifier", default=True, show_default=True,
               help="Train the treatment classifier (needs 2 or more training treatments).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes re-measuring cells [default: min(2, CPUs)].")
+              help="Processes re-measuring cells [default: min(2, CPUs)]; with --scheduler "
+                   "local, the LocalCluster's workers.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Re-measure on Dask: 'local' (a LocalCluster on this machine) or a running "
+                   "dask-scheduler's address, e.g. tcp://host:8786.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cell sample.")
 @click.option("--checkpoint", type=click.Choice(["best", "latest"]), default="best",
               show_default=True, help="For a run folder MODEL.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, train_cells,
-             moa_column, classifier, workers, seed, checkpoint, overwrite, quiet):
+             moa_column, classifier, workers, scheduler, seed, checkpoint, overwrite, quiet):
     """Measure how much of the CellProfiler profile survives generation.
 
     Segments and re-measures (cp-measure) real, generated, nearest-neighbour and
@@ -49,6 +53,7 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     report = call(run, model, data_dir, out_dir, split=split, max_cells=max_cells,
                   reference_cells=reference_cells, train_cells=train_cells, workers=workers,
                   seed=seed, moa_column=moa_column, classifier=classifier,
+                  scheduler=scheduler,
                   progress=not quiet, overwrite=overwrite)
     overall = report["modules"]["all"]
     click.echo(f"{report['cells']} {split} cells, {report['features']['remeasured']} features "

@@ -21,11 +21,22 @@ from cli.main import call, main, parse_list
               help="Divide integer pixels by this instead of their dtype maximum "
                    "(e.g. 4095 for 12-bit images in 16-bit files).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes measuring image sets in parallel.")
+              help="Processes measuring image sets in parallel (with --scheduler local: the "
+                   "LocalCluster's worker processes).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Measure on Dask: a running scheduler (tcp://host:8786) or 'local' "
+                   "(a LocalCluster of --workers processes on this machine).")
+@click.option("--part-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Image sets per part (the unit of work, of resuming and of --part).")
+@click.option("--part", default=None, metavar="I/N",
+              help="Measure only the I-th of N groups of parts (I from 1; e.g. a Slurm array: "
+                   "$((SLURM_ARRAY_TASK_ID+1))/N); then run once with --finalize.")
+@click.option("--finalize", is_flag=True,
+              help="Write the CSVs from the parts measured with --part (same arguments).")
 @click.option("--overwrite", is_flag=True, help="Replace Image.csv and object CSVs in OUT_DIR.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def featurize_command(load_data_csv, out_dir, channels, objects, modules, scale, workers,
-                      overwrite, quiet):
+                      scheduler, part_size, part, finalize, overwrite, quiet):
     """Measure every object in the image sets of LOAD_DATA_CSV; write CellProfiler CSVs to OUT_DIR.
 
     LOAD_DATA_CSV is a CellProfiler LoadData CSV: one row per image set, FileName_<channel> and
@@ -38,7 +49,14 @@ def featurize_command(load_data_csv, out_dir, channels, objects, modules, scale,
 
     summary = call(featurize, load_data_csv, out_dir, channels=parse_list(channels),
                    objects=parse_list(objects), modules=parse_list(modules), workers=workers,
-                   overwrite=overwrite, scale=scale, progress=not quiet)
+                   overwrite=overwrite, scale=scale, progress=not quiet, scheduler=scheduler,
+                   part=part, finalize=finalize, part_size=part_size)
+    if part is not None:
+        click.echo(f"Part {summary['part'][0]}/{summary['part'][1]}: {len(summary['parts'])} "
+                   f"parts ({summary['image_sets']} image sets; {summary['measured']} measured "
+                   f"now) in {summary['seconds']} s. When every part is done: the same command "
+                   "with --finalize instead of --part.")
+        return
     counts = ", ".join(f"{n} {obj}" for obj, n in summary["objects"].items())
     click.echo(f"Measured {summary['image_sets']} image sets ({counts}) in "
                f"{summary['seconds']} s; wrote {summary['out_dir']}")

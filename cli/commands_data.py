@@ -46,18 +46,31 @@ from cli.main import call, main, parse_list, start_tensorflow
               help="Per-channel percentile of training-split pixels that maps to 1.0 in "
                    "the reader's default (dataset-level) scaling.")
 @click.option("--workers", default=1, show_default=True, type=int,
-              help="Processes writing shards in parallel.")
+              help="Processes writing shards in parallel (with --scheduler local: the "
+                   "LocalCluster's worker processes).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Write shards on Dask: a running scheduler (tcp://host:8786) or 'local' "
+                   "(a LocalCluster of --workers processes on this machine).")
+@click.option("--part", default=None, metavar="I/N",
+              help="Write only the I-th of N groups of shards (I from 1; e.g. a Slurm array: "
+                   "$((SLURM_ARRAY_TASK_ID+1))/N); then run once with --finalize.")
+@click.option("--finalize", is_flag=True,
+              help="Gather the parts written with --part into manifest.json (same INPUT, "
+                   "OUT_DIR and options); names any part missing or corrupt.")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already in OUT_DIR.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert(input_path, out_dir, channels, objects, table, crop_column, crop_size, edge, include,
             exclude, features_file, split_by, split_fractions, seed, treatment_column, shard_size,
-            compression, intensity_percentile, workers, overwrite, quiet):
+            compression, intensity_percentile, workers, scheduler, part, finalize, overwrite,
+            quiet):
     """Cut single-cell crops and pair them with CellProfiler features as sharded TFRecords.
 
     INPUT is a CellProfiler ExportToSpreadsheet folder (Image.csv plus one CSV per
     object set) or, with --table, a single-cell table. OUT_DIR receives
     <split>-<i>-of-<n>.tfrecord shards, manifest.json and rejects.csv. An
-    interrupted run is finished by running the same command again.
+    interrupted run is finished by running the same command again. However it
+    runs (one process, --workers, --scheduler, --part + --finalize), the same
+    command gives the same shards and manifest.
     """
     from tfrecords_tools.convert import ConvertConfig, convert as run
 
@@ -68,8 +81,18 @@ def convert(input_path, out_dir, channels, objects, table, crop_column, crop_siz
         split_by=parse_list(split_by), split=split_fractions, seed=seed,
         treatment_column=parse_list(treatment_column), shard_size=shard_size,
         compression="" if compression == "none" else compression,
-        intensity_percentile=intensity_percentile, workers=workers, overwrite=overwrite)
-    manifest = call(run, config, progress=not quiet, command=["cp2image-tf"] + sys.argv[1:])
+        intensity_percentile=intensity_percentile, workers=workers, overwrite=overwrite,
+        scheduler=scheduler)
+    manifest = call(run, config, progress=not quiet, command=["cp2image-tf"] + sys.argv[1:],
+                    part=part, finalize=finalize)
+    if part is not None:
+        index, count = manifest["part"]
+        click.echo(f"Part {index}/{count}: {len(manifest['shards'])} of {manifest['total_shards']} "
+                   f"shards complete ({manifest['written']} written now, "
+                   f"{manifest['already_complete']} already complete; {manifest['cells']} cells) "
+                   f"in {out_dir}. When every part is done: the same command with --finalize "
+                   "instead of --part.")
+        return
     counts = manifest["counts"]
     click.echo(f"Wrote {counts['cells']} cells ({counts['splits']['train']} train, "
                f"{counts['splits']['val']} val, {counts['splits']['test']} test) with "

@@ -34,6 +34,7 @@ correlations) and remeasured.parquet (every re-measured feature of every picture
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -127,13 +128,15 @@ def nearest_neighbours(query_raw, reference_raw, manifest: dict, normalization: 
 def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 1000,
              reference_cells: int = 10000, train_cells: int = 1000, workers: int | None = None,
              seed: int = 0, progress: bool = True, overwrite: bool = False,
-             moa_column: str | None = None, classifier: bool = True) -> dict:
+             moa_column: str | None = None, classifier: bool = True,
+             scheduler: str | None = None) -> dict:
     """Evaluate `model` (see generate.load_model) on DATA_DIR's `split`; returns the report.
 
     `moa_column`: a Metadata_* column with one value per treatment (convert keeps those in the
     manifest), e.g. Metadata_MoA: the classifier is also trained and scored on it.
     `classifier=False` leaves out treatment classification (needed for data with a single
-    treatment in its training split)."""
+    treatment in its training split). `scheduler`: re-measure on Dask, "local" (a LocalCluster
+    of `workers` processes) or a running scheduler's address (see cp2image_tf.distributed)."""
     from cp2image_tf import metrics
     from cp2image_tf.generate import OutputFolder, check_data
     from cp2image_tf.remeasure import fit_cell_threshold, plan as plan_measurement, remeasure
@@ -148,9 +151,16 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
         _check_classes(manifest, data, moa, moa_column)
     channels = manifest["channels"]
     plan = plan_measurement(model.feature_names, channels)
-    workers = workers or min(2, _cpus())
+    workers = workers or (1 if scheduler not in (None, "local") else min(2, _cpus()))
     folder = OutputFolder(out_dir, overwrite)  # fails early on an occupied OUT_DIR
+    resources = contextlib.ExitStack()
     try:
+        client = None
+        if scheduler is not None:  # connect first: a wrong address fails before any work
+            from cp2image_tf.distributed import check_options, dask_client
+
+            check_options(scheduler, workers)
+            client = resources.enter_context(dask_client(scheduler, workers, quiet=not progress))
         scaling = model.description.get("scaling", "dataset")
         normalization = model.description.get("normalization", "standard")
         quota = stratified_quota(counts, max_cells)
@@ -183,7 +193,7 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
         # One cell threshold for every picture, fitted on the real crops, as a pipeline has.
         threshold = fit_cell_threshold(cells["crops"], channels)
         measured_all = remeasure(stack, plan, channels, workers=workers, progress=progress,
-                                 cell_threshold=threshold)
+                                 cell_threshold=threshold, client=client)
         measure_seconds = time.perf_counter() - measure_start
         measured_all = measured_all.reset_index(drop=True)
         real_m = measured_all.iloc[:n].reset_index(drop=True)
@@ -276,6 +286,8 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
     except BaseException:
         folder.abandon()
         raise
+    finally:
+        resources.close()
     report["out_dir"] = str(path)
     return report
 

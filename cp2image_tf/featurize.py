@@ -18,15 +18,23 @@ taken as they are. A mask's labels are the ObjectNumbers. A relative PathName in
 relative to the CSV's folder and written relative to `out_dir`, so a folder tree that holds both
 can be moved; an absolute one stays absolute.
 
-Image sets are measured one per task (in a process pool when workers > 1) and their rows are
-streamed to the CSVs in ImageNumber order, so memory holds a few image sets, not the experiment.
-The CSVs are written under temporary names and renamed when complete.
+Image sets are measured in parts of `part_size` image sets each: a part is a pure, idempotent
+function that writes its own Image.csv and object CSVs to `out_dir/.parts/part-<k>-of-<n>/`
+(under a temporary name, renamed when complete, with a summary holding each file's sha256).
+Parts run in this process, in a process pool (`workers` > 1), on Dask (`scheduler`: "local" for
+a LocalCluster of `workers` processes, or a scheduler's address; see cp2image_tf.distributed), or
+one group at a time (`part=(I, N)`, e.g. a Slurm array) followed by `finalize=True`. The final
+step concatenates the parts in order into the CSVs (under temporary names, renamed when
+complete): the same bytes however the parts ran. Memory holds a part, not the experiment. An
+interrupted run, run again, redoes only the parts that do not verify by checksum.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
+import hashlib
+import json
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterable
@@ -41,21 +49,49 @@ from tfrecords_tools.errors import UserInputError
 __all__ = ["featurize", "DEFAULT_MODULES"]
 
 FLOAT_FORMAT = "%.9g"  # round-trips float32, the precision every later stage uses
+PARTS = ".parts"
+PART_SIZE = 8  # image sets per part
 
 
 def featurize(load_data_csv, out_dir, channels, objects, modules=DEFAULT_MODULES, workers=1,
-              overwrite=False, scale=None, progress=True) -> dict:
+              overwrite=False, scale=None, progress=True, scheduler=None, part=None,
+              finalize=False, part_size=PART_SIZE, client=None) -> dict:
     """Measure every object of every image set in `load_data_csv`; write CellProfiler CSVs.
 
     `channels` and `objects` name the images and label masks to use (`FileName_<channel>`,
     `ObjectsFileName_<object>` columns). `modules`: names from `cp2image_tf.measure.MODULES`,
     "default" or "all". `scale` (integer images only): None (the dtype's maximum), one number
-    for every channel, or {channel: number}. `workers` > 1 measures image sets in that many
-    processes. Returns a summary: counts, feature numbers, output paths, seconds.
+    for every channel, or {channel: number}. `workers` > 1 measures parts in that many
+    processes (with `scheduler="local"`: a LocalCluster of that many). `scheduler`: a Dask
+    scheduler's address, or "local". `part=(I, N)` (or "I/N") measures only the I-th of N groups
+    of parts and returns that group's summary; `finalize=True` then writes the CSVs from the
+    completed parts. Returns a summary: counts, feature numbers, output paths, seconds.
     """
+    from cp2image_tf.distributed import check_options, dask_client, parse_part
+
+    part = parse_part(part)
+    check_options(scheduler, workers, part, finalize)
+    args = (load_data_csv, out_dir, channels, objects, modules, workers, overwrite, scale,
+            progress, scheduler, part, finalize, part_size)
+    if scheduler is not None and client is None and not finalize:
+        # Connect (or start the LocalCluster) first: a wrong address fails in seconds.
+        with dask_client(scheduler, workers, quiet=not progress) as client:
+            return _featurize(*args, client)
+    return _featurize(*args, client)
+
+
+def _featurize(load_data_csv, out_dir, channels, objects, modules, workers, overwrite, scale,
+               progress, scheduler, part, finalize, part_size, client) -> dict:
+    from cp2image_tf.distributed import part_of, run_parts, select_part
+
     started = time.perf_counter()
     load_data_csv = Path(load_data_csv)
     out_dir = Path(out_dir)
+    if int(part_size) < 1:
+        raise UserInputError(f"--part-size {part_size}: must be at least 1.")
+    if part is not None and overwrite:
+        raise UserInputError("--overwrite with --part: parts of one job run at the same time; "
+                             "remove the old outputs first.")
     channels, objects = _names(channels, "--channels"), _names(objects, "--objects")
     if "Image" in objects:
         raise UserInputError("--objects: 'Image' names CellProfiler's per-image table; rename "
@@ -67,39 +103,204 @@ def featurize(load_data_csv, out_dir, channels, objects, modules=DEFAULT_MODULES
     outputs = {"Image": out_dir / "Image.csv",
                **{obj: out_dir / f"{obj}.csv" for obj in objects}}
     _check_out_dir(out_dir, outputs.values(), overwrite)
+    parts = _parts(tasks, table, out_dir, objects, int(part_size))
+    parts_dir = out_dir / PARTS
+    if finalize and not parts_dir.is_dir():
+        raise UserInputError(f"{out_dir}: no parts to finalize ({PARTS} not found); run the "
+                             "parts first (--part I/N) with the same LOAD_DATA_CSV, OUT_DIR and "
+                             "options.")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    if part is not None:
+        _write_json(parts_dir / "partition.json", {"parts": part[1], "of": len(parts)})
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = {key: path.with_name(f".{path.name}.partial") for key, path in outputs.items()}
-    writers = {obj: _ObjectWriter(partial[obj]) for obj in objects}
-    image_rows = []
-    results = _run(tasks, workers, progress)
-    try:
-        for task, (scaling, tables) in zip(tasks, results):
-            image_rows.append(_image_row(task, table.loc[task["row"]], out_dir, scaling, tables))
-            for obj in objects:
-                writers[obj].append(task["image_number"], tables[obj])
-        for writer in writers.values():
-            writer.close()
-        pd.DataFrame(image_rows).to_csv(partial["Image"], index=False,
-                                        float_format=FLOAT_FORMAT)
-        for key, path in outputs.items():
-            os.replace(partial[key], path)
-    finally:
-        results.close()
-        for writer in writers.values():
-            writer.close()
-        for path in partial.values():
-            path.unlink(missing_ok=True)
-
+    if not finalize:
+        selected = select_part(parts, part)
+        todo = [p for p in selected if _check_part(p)[1] is not None]
+        if progress and len(todo) < len(selected):
+            print(f"Resuming: {len(selected) - len(todo)} of {len(selected)} parts already "
+                  "complete.", file=sys.stderr)
+        try:
+            for _ in run_parts(measure_part, todo, [f"featurize-{p['name']}-{p['hash'][:16]}"
+                                                    for p in todo],
+                               cells=lambda s: s["rows"][objects[0]], scheduler=scheduler,
+                               workers=workers, progress=progress, desc="featurize",
+                               unit="part", client=client,
+                               total_cells=None):
+                pass
+        finally:
+            if parts_dir.is_dir() and not any(parts_dir.iterdir()):
+                parts_dir.rmdir()  # nothing completed: leave no trace
+        if part is not None:
+            return {"part": list(part), "parts": [p["name"] for p in selected],
+                    "measured": len(todo), "image_sets": sum(len(p["tasks"]) for p in selected),
+                    "seconds": round(time.perf_counter() - started, 1)}
+    summaries = []
+    for position, entry in enumerate(parts):
+        summary, problem = _check_part(entry)
+        if problem:
+            count = _partition(parts_dir)
+            which = f"part {part_of(position, len(parts), count)}/{count} " if count else ""
+            raise UserInputError(f"{out_dir}: {which}({entry['name']}) is not complete: "
+                                 f"{problem}. Measure it again, then --finalize.")
+        summaries.append(summary)
+    rows = _concatenate(parts, summaries, outputs, objects)
+    shutil.rmtree(parts_dir, ignore_errors=True)
     return {
         "out_dir": str(out_dir),
         "image_sets": len(tasks),
-        "objects": {obj: w.rows for obj, w in writers.items()},
-        "features": {obj: len(w.columns) - 4 for obj, w in writers.items() if w.columns},
+        "objects": {obj: rows[obj][0] for obj in objects},
+        "features": {obj: len(rows[obj][1]) - 4 for obj in objects if rows[obj][1]},
         "modules": list(modules),
         "files": {key: str(path) for key, path in outputs.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Parts: groups of image sets, each measured and written on its own
+
+
+def _parts(tasks: list[dict], table: pd.DataFrame, out_dir: Path, objects, size: int):
+    count = (len(tasks) + size - 1) // size
+    parts = []
+    for k in range(count):
+        chunk = tasks[k * size:(k + 1) * size]
+        name = f"part-{k:05d}-of-{count:05d}"
+        sources = [{c: table.at[t["row"], c] for c in table.columns} for t in chunk]
+        entry = {"name": name, "dir": str(out_dir / PARTS / name), "out_dir": str(out_dir),
+                 "objects": list(objects), "tasks": chunk, "sources": sources}
+        digest = hashlib.sha256()
+        digest.update(repr((name, list(objects), str(out_dir.resolve()))).encode())
+        for task, source in zip(chunk, sources):
+            digest.update(repr(sorted((k2, str(v)) for k2, v in task.items())).encode())
+            digest.update(repr(sorted(source.items())).encode())
+        entry["hash"] = digest.hexdigest()
+        parts.append(entry)
+    return parts
+
+
+def measure_part(entry: dict) -> dict:
+    """Measure a part's image sets; write its CSVs and summary to .parts/<name>. Pure and
+    idempotent: the same part gives the same bytes."""
+    final = Path(entry["dir"])
+    tmp = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    out_dir = Path(entry["out_dir"])
+    writers = {obj: _ObjectWriter(tmp / f"{obj}.csv", placeholder=False)
+               for obj in entry["objects"]}
+    image_rows = []
+    try:
+        for task, source in zip(entry["tasks"], entry["sources"]):
+            scaling, tables = measure_image_set(task)
+            image_rows.append(_image_row(task, pd.Series(source), out_dir, scaling, tables))
+            for obj in entry["objects"]:
+                writers[obj].append(task["image_number"], tables[obj])
+    except BaseException:
+        for writer in writers.values():
+            writer.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written part left behind
+        raise
+    for writer in writers.values():
+        writer.close()
+    pd.DataFrame(image_rows).to_csv(tmp / "Image.csv", index=False, float_format=FLOAT_FORMAT)
+    files = ["Image.csv"] + [f"{obj}.csv" for obj in entry["objects"]]
+    summary = {"name": entry["name"], "hash": entry["hash"], "image_sets": len(image_rows),
+               "rows": {obj: w.rows for obj, w in writers.items()},
+               "columns": {obj: w.columns for obj, w in writers.items()},
+               "sha256": {name: _sha256(tmp / name) for name in files}}
+    _write_json(tmp / "summary.json", summary)
+    if final.exists():
+        shutil.rmtree(final)  # an earlier, incomplete or corrupt copy
+    os.replace(tmp, final)
+    return summary
+
+
+def _check_part(entry: dict) -> tuple[dict | None, str | None]:
+    """(summary, None) for a completed part that verifies by checksum, else (None, why not)."""
+    folder = Path(entry["dir"])
+    if not (folder / "summary.json").is_file():
+        return None, "not measured (no summary)"
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, "its summary.json is not valid JSON (corrupt)"
+    if summary.get("hash") != entry["hash"]:
+        return None, "measured for other inputs or options"
+    for name in ["Image.csv"] + [f"{obj}.csv" for obj in entry["objects"]]:
+        path = folder / name
+        if not path.is_file() or summary.get("sha256", {}).get(name) != _sha256(path):
+            return None, f"{name} is missing or does not match its checksum (corrupt)"
+    return summary, None
+
+
+def _concatenate(parts, summaries, outputs: dict, objects) -> dict:
+    """The parts' CSVs, in part order, into the outputs: {object: (rows, columns)}."""
+    partial = {key: path.with_name(f".{path.name}.partial") for key, path in outputs.items()}
+    result = {}
+    try:
+        for key in outputs:
+            name = f"{key}.csv"
+            header, rows = None, 0
+            if key != "Image":
+                header = next((s["columns"][key] for s in summaries if s["columns"][key]), None)
+                rows = sum(s["rows"][key] for s in summaries)
+            with open(partial[key], "w", newline="") as out:
+                if key != "Image" and header is None:
+                    out.write(",".join(_EMPTY_HEADER) + "\n")
+                first = True
+                for entry, summary in zip(parts, summaries):
+                    path = Path(entry["dir"]) / name
+                    if key == "Image":
+                        _append_csv(out, path, None, header_too=first)
+                    elif summary["columns"][key]:
+                        _append_csv(out, path, header if summary["columns"][key] != header
+                                    else None, header_too=first)
+                    else:
+                        continue
+                    first = False
+            result[key] = (rows, header)
+        for key, path in outputs.items():
+            os.replace(partial[key], path)
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+    return result
+
+
+def _append_csv(out, path: Path, columns, header_too: bool):
+    """Copy a part's CSV (its header only if header_too); reindexed to `columns` if given."""
+    if columns is not None:  # another header than the first part's: as one writer would have
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+        table.reindex(columns=columns).to_csv(out, index=False, header=header_too,
+                                              na_rep="nan")
+        return
+    with open(path, newline="") as handle:
+        head = handle.readline()
+        if header_too:
+            out.write(head)
+        shutil.copyfileobj(handle, out)
+
+
+def _partition(parts_dir: Path):
+    try:
+        return int(json.loads((parts_dir / "partition.json").read_text())["parts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: dict):
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,30 +408,6 @@ def _check_out_dir(out_dir: Path, outputs: Iterable[Path], overwrite: bool):
 # Measuring image sets
 
 
-def _run(tasks: list[dict], workers: int, progress: bool):
-    """Measure the image sets, yielding results in task order."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(tasks), desc="featurize", unit="image set", disable=not progress)
-    workers = max(1, min(int(workers), len(tasks)))
-    try:
-        if workers == 1:
-            for task in tasks:
-                yield measure_image_set(task)
-                bar.update()
-            return
-        context = multiprocessing.get_context("spawn")
-        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
-        try:
-            for result in pool.map(measure_image_set, tasks):
-                yield result
-                bar.update()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        bar.close()
-
-
 def measure_image_set(task: dict) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
     """Read one image set's images and masks, measure it: ({channel: scaling}, tables)."""
     images, scaling = {}, {}
@@ -308,10 +485,15 @@ def _written_path(given: str, folder: Path, out_dir: Path) -> str:
     return Path(os.path.relpath(folder.resolve(), out_dir.resolve())).as_posix()
 
 
-class _ObjectWriter:
-    """Streams one object set's rows to its CSV; the first non-empty table fixes the header."""
+_EMPTY_HEADER = ("ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y")
 
-    def __init__(self, path: Path):
+
+class _ObjectWriter:
+    """Streams one object set's rows to its CSV; the first non-empty table fixes the header.
+    With no rows, the file holds `_EMPTY_HEADER` (or nothing, if not `placeholder`)."""
+
+    def __init__(self, path: Path, placeholder: bool = True):
+        self.placeholder = placeholder
         self.handle = open(path, "w", newline="")
         self.columns: list[str] | None = None
         self.rows = 0
@@ -329,6 +511,6 @@ class _ObjectWriter:
         self.rows += len(table)
 
     def close(self):
-        if not self.handle.closed and self.columns is None:
-            self.handle.write("ImageNumber,ObjectNumber,Location_Center_X,Location_Center_Y\n")
+        if not self.handle.closed and self.columns is None and self.placeholder:
+            self.handle.write(",".join(_EMPTY_HEADER) + "\n")
         self.handle.close()

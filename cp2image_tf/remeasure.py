@@ -319,12 +319,16 @@ def measure_masks(crop: np.ndarray, masks: Mapping[str, np.ndarray], plan: Plan,
 
 def remeasure(crops: np.ndarray, plan: Plan, channels: list[str], workers: int = 1,
               progress: bool = False, chunk: int = 32,
-              cell_threshold: float | None = None) -> pd.DataFrame:
+              cell_threshold: float | None = None, scheduler: str | None = None,
+              client=None) -> pd.DataFrame:
     """Segment and measure every crop: [N rows, plan.measurable columns] float64, NaN if not found.
 
     `crops`: [N, H, W, C] floats in [0, 1] (values outside are clipped). workers > 1 measures
-    chunks of `chunk` crops in that many spawned processes; the values do not depend on
-    `workers` (nor, but for rounding, on `chunk`). `cell_threshold`: see `segment`.
+    chunks of `chunk` crops in that many spawned processes; `scheduler` measures them on Dask
+    ("local": a LocalCluster of `workers` processes on 127.0.0.1, or a scheduler's address; see
+    cp2image_tf.distributed), `client` on an open distributed.Client. The values do not depend
+    on `workers` or `scheduler` (nor, but for rounding, on `chunk`). `cell_threshold`: see
+    `segment`.
     """
     from tqdm.auto import tqdm
 
@@ -337,6 +341,26 @@ def remeasure(crops: np.ndarray, plan: Plan, channels: list[str], workers: int =
     tasks = [(crops[s:s + chunk], plan, list(channels), cell_threshold)
              for s in range(0, len(crops), chunk)]
     results: list[np.ndarray | None] = [None] * len(tasks)
+    if scheduler is not None or client is not None:
+        import hashlib
+
+        from cp2image_tf.distributed import check_options, run_parts
+
+        if scheduler not in (None, "local"):
+            workers = 1  # a running cluster has its own workers
+        check_options(scheduler, workers)
+        keys = []
+        for k, task in enumerate(tasks):
+            digest = hashlib.sha256(np.ascontiguousarray(task[0]).tobytes())
+            digest.update(repr((task[0].shape, str(task[0].dtype), plan, task[2],
+                                cell_threshold)).encode())
+            keys.append(f"remeasure-{k:06d}-{digest.hexdigest()[:16]}")
+        for k, rows in run_parts(_measure_chunk, tasks, keys, cells=len, scheduler=scheduler,
+                                 workers=workers, progress=progress, desc="remeasure",
+                                 unit="chunk", client=client, total_cells=len(crops)):
+            results[k] = rows
+        rows = np.concatenate(results) if tasks else np.zeros((0, len(plan.measurable)))
+        return pd.DataFrame(rows, columns=plan.measurable, dtype=np.float64)
     workers = max(1, min(int(workers), len(tasks)))
     with tqdm(total=len(crops), desc="remeasure", unit="cell", disable=not progress) as bar:
         if workers == 1:

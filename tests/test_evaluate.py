@@ -99,7 +99,7 @@ def test_nearest_neighbours_skip_nan_by_imputing_medians(disc_dataset):
     assert list(nearest_neighbours(query, reference, manifest, "standard")) == [1, 0]
 
 
-def test_bad_input(evaluated, disc_dataset, cp_folder, tmp_path):
+def test_bad_input(evaluated, disc_run, disc_dataset, cp_folder, tmp_path):
     from tfrecords_tools.convert import ConvertConfig, convert
 
     model = evaluated.model
@@ -150,6 +150,12 @@ def test_bad_input(evaluated, disc_dataset, cp_folder, tmp_path):
     result = CliRunner().invoke(main, ["evaluate", str(evaluated.out.parent), str(disc_dataset),
                                        str(tmp_path / "d")])
     assert result.exit_code == 1 and "neither a run folder" in result.output
+    # Re-measuring on Dask: an address where no scheduler answers is one line naming it.
+    result = CliRunner().invoke(main, ["evaluate", str(disc_run), str(disc_dataset),
+                                       str(tmp_path / "e"), "--scheduler", "tcp://127.0.0.1:9"])
+    assert result.exit_code == 1, result.output
+    assert "--scheduler tcp://127.0.0.1:9: no Dask scheduler answered" in result.output
+    assert not (tmp_path / "e").exists()
 
 
 def test_distributions_classifier_and_ceilings(evaluated):

@@ -4,9 +4,18 @@ Plan, then write. The plan (which cells, which features, which split, which
 shard) is made from the tables and image headers alone; each shard is then one
 independent part: it reads its fields once each, cuts its crops and writes
 `<split>-<i>-of-<n>.tfrecord` under a temporary name, renamed when complete.
-Completed parts leave a summary in `.parts/` (checksum, counts, pixel
-histogram) so that an interrupted run picks up where it stopped. The manifest
-is written last, from the part summaries.
+Completed parts leave a summary in `.parts/` (checksums, counts, pixel
+histogram; for training shards the features' moments and sorted values) so
+that an interrupted run picks up where it stopped, verifying completed parts
+by checksum. The manifest is written last, from the part summaries alone:
+pixel ranges from the merged histograms, feature statistics merged from the
+parts (`tfrecords_tools.features.statistics_from_parts`: moments by Chan's
+formula in part order, median and MAD exactly).
+
+Every way of running gives the same dataset: one process, a process pool
+(`workers`), Dask (`scheduler`: "local" or an address, see
+`cp2image_tf.distributed`), or `part=(I, N)` runs of the I-th of N groups of
+shards followed by one `finalize=True` run (a Slurm array, Nextflow).
 
 Shards are treatment-pure (one treatment per shard), so that the reader can
 draw treatment-balanced batches without reading anything twice.
@@ -20,7 +29,6 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,8 +38,9 @@ import pandas as pd
 
 from tfrecords_tools import cellprofiler as cp
 from tfrecords_tools.errors import UserInputError
-from tfrecords_tools.features import (as_float_matrix, drop_uninformative, feature_statistics,
-                                      select_features)
+from tfrecords_tools.features import (as_float_matrix, drop_uninformative, part_moments,
+                                      select_features, sorted_part_values,
+                                      statistics_from_parts)
 from tfrecords_tools.manifest import (MANIFEST, SCHEMA_VERSION, sha256_file,
                                       write_json_atomic)
 from tfrecords_tools.splits import SPLITS, assign_splits, group_keys, parse_fractions
@@ -66,6 +75,10 @@ class ConvertConfig:
     intensity_percentile: float = 99.99
     workers: int = 1
     overwrite: bool = False
+    scheduler: str | None = None  # None: this machine; "local": a LocalCluster; or an address
+
+    # How a run executes, not what it makes: left out of the manifest.
+    RUN_OPTIONS = ("workers", "overwrite", "scheduler")
 
     def validate(self) -> None:
         if not self.channels:
@@ -270,7 +283,6 @@ def plan_dataset(config: ConvertConfig):
                              "training split; nothing to learn from.")
     names = [selection.names[j] for j in keep]
     values = values[:, keep]
-    stats = feature_statistics(values[train])
     dropped = selection.dropped + uninformative
 
     treatments = sorted(set(cells["_treatment"]))
@@ -278,7 +290,7 @@ def plan_dataset(config: ConvertConfig):
     cells = cells.reset_index(drop=True)  # shard rows are positions into cells and values
     shards = plan_shards(cells, config)
     return {
-        "cells": cells, "values": values, "names": names, "stats": stats, "dropped": dropped,
+        "cells": cells, "values": values, "names": names, "dropped": dropped,
         "rejects": rejects, "treatments": treatments, "treatment_columns": treatment_cols,
         "treatment_metadata": treatment_metadata,
         "split_by": split_by, "shards": shards, "sources": sources, "source": source,
@@ -427,8 +439,13 @@ def pixel_histogram(crops: np.ndarray, bins: int) -> np.ndarray:
 
 def read_array(path: str):
     """A TIFF or .npy file as an array, read once, with the file's size and sha256."""
-    with open(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:  # e.g. a worker of a cluster that does not see the file system
+        raise UserInputError(f"{path}: cannot be read here ({err.strerror or err}; host "
+                             f"{_host()}). Every worker must see the input files at the same "
+                             "paths (a shared file system).") from None
     info = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     try:
         if path.endswith(".npy"):
@@ -437,6 +454,12 @@ def read_array(path: str):
         return tifffile.imread(io.BytesIO(data)), info
     except Exception as err:
         raise UserInputError(f"{path}: cannot be read as an image ({err}).") from None
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
 
 
 def read_field(paths: list[str]):
@@ -459,7 +482,7 @@ def write_part(task: dict) -> dict:
     out_dir = Path(task["out_dir"])
     final = out_dir / task["file"]
     tmp = out_dir / f".{task['file']}.partial"
-    hist, crop_dtype, files, records = None, None, {}, 0
+    hist, crop_dtype, files, records, features = None, None, {}, 0, []
     with TFRecordWriter(tmp, task["compression"]) as writer:
         for fld in task["fields"]:
             crops = []
@@ -481,6 +504,7 @@ def write_part(task: dict) -> dict:
                     raise UserInputError(f"{cell['cell_id']}: crop dtype {crop.dtype} differs from "
                                          f"{crop_dtype} of other cells; use images of one bit depth.")
                 crops.append(crop)
+                features.append(cell["features"])
                 writer.write(encode_example(cell["features"], crop, cell["cell_id"],
                                             cell["image_number"], cell["object_number"],
                                             task["treatment"], task["treatment_index"],
@@ -497,9 +521,23 @@ def write_part(task: dict) -> dict:
         "plan_hash": task["plan_hash"], "dtype": str(crop_dtype), "source_files": files,
     }
     parts = out_dir / PARTS
-    np.save(parts / f"{task['file']}.hist.npy", hist)
+    summary["hist_sha256"] = _save_npy(parts / f"{task['file']}.hist.npy", hist)
+    if task["split"] == "train":  # what the training-split statistics are merged from
+        values = np.asarray(features, dtype=np.float32).reshape(records, -1)
+        summary["moments"] = part_moments(values)
+        summary["values_sha256"] = _save_npy(parts / f"{task['file']}.values.npy",
+                                             sorted_part_values(values))
     write_json_atomic(parts / f"{task['file']}.json", summary)
     return summary
+
+
+def _save_npy(path: Path, array) -> str:
+    """np.save under a temporary name, renamed when complete; the file's sha256."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+    return sha256_file(path)
 
 
 # ---------------------------------------------------------------------------
@@ -589,54 +627,52 @@ def task_hash(task: dict) -> str:
     return digest.hexdigest()
 
 
-def completed_part(out_dir: Path, task: dict):
-    """The summary of a part an earlier run finished, if its shard verifies by checksum."""
+def check_part(out_dir: Path, task: dict) -> tuple[dict | None, str | None]:
+    """(summary, None) for a part an earlier run completed, verified by checksum; else
+    (None, what is wrong with it)."""
     summary_path = out_dir / PARTS / f"{task['file']}.json"
     shard = out_dir / task["file"]
-    hist = out_dir / PARTS / f"{task['file']}.hist.npy"
-    if not (summary_path.is_file() and shard.is_file() and hist.is_file()):
-        return None
+    if not summary_path.is_file():
+        return None, "not written (no summary in .parts)"
+    if not shard.is_file():
+        return None, f"its shard {task['file']} is missing"
     try:
         summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if summary.get("plan_hash") != task["plan_hash"] or summary.get("sha256") != sha256_file(shard):
-        return None
-    return summary
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, f"its summary {PARTS}/{summary_path.name} is not valid JSON (corrupt)"
+    if summary.get("plan_hash") != task["plan_hash"]:
+        return None, "written for another plan (other input or options)"
+    if summary.get("sha256") != sha256_file(shard):
+        return None, f"its shard {task['file']} does not match its checksum (corrupt)"
+    aux = [("hist.npy", "hist_sha256")] + ([("values.npy", "values_sha256")]
+                                             if task["split"] == "train" else [])
+    for suffix, key in aux:
+        path = out_dir / PARTS / f"{task['file']}.{suffix}"
+        if not path.is_file() or summary.get(key) != sha256_file(path):
+            return None, f"{PARTS}/{path.name} is missing or does not match its checksum (corrupt)"
+    if task["split"] == "train" and "moments" not in summary:
+        return None, "its summary holds no moments (corrupt)"
+    return summary, None
 
 
-def run_parts(tasks: list[dict], workers: int, progress: bool):
-    """Run the parts (in a process pool when workers > 1) with a progress bar over parts."""
-    from tqdm import tqdm
+def completed_part(out_dir: Path, task: dict):
+    """The summary of a part an earlier run finished, if it verifies by checksum."""
+    return check_part(out_dir, task)[0]
+
+
+def run_parts(tasks: list[dict], workers: int, progress: bool, scheduler: str | None = None,
+              client=None):
+    """Run the parts (one process, a process pool or Dask) with a progress bar over parts."""
+    from cp2image_tf.distributed import run_parts as run
 
     total_cells = sum(len(f["cells"]) for t in tasks for f in t["fields"])
-    summaries = []
-    bar = tqdm(total=len(tasks), unit="shard", disable=not progress or not tasks,
-               desc="convert", file=sys.stderr)
-    start, done_cells = time.perf_counter(), 0
-
-    def advance(summary):
-        nonlocal done_cells
-        summaries.append(summary)
-        done_cells += summary["records"]
-        rate = done_cells / max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix_str(f"{done_cells}/{total_cells} cells, {rate:.0f} cells/s")
-        bar.update(1)
-
-    try:
-        if workers == 1 or len(tasks) <= 1:
-            for task in tasks:
-                advance(write_part(task))
-        else:
-            import multiprocessing
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                futures = [pool.submit(write_part, task) for task in tasks]
-                for future in as_completed(futures):
-                    advance(future.result())
-    finally:
-        bar.close()
-    return summaries
+    keys = [f"convert-{t['file']}-{t['plan_hash'][:16]}" for t in tasks]
+    results = [None] * len(tasks)
+    for k, summary in run(write_part, tasks, keys, cells=lambda s: s["records"],
+                          scheduler=scheduler, workers=workers, progress=progress,
+                          desc="convert", unit="shard", client=client, total_cells=total_cells):
+        results[k] = summary
+    return results
 
 
 def intensity_ranges(summaries, out_dir: Path, channels, dtype: str, percentile: float) -> dict:
@@ -671,38 +707,112 @@ def dtype_max(dtype: str) -> float:
     return 1.0
 
 
-def convert(config: ConvertConfig, progress: bool = True, command: list[str] | None = None) -> dict:
+PARTITION = "partition.json"
+
+
+def convert(config: ConvertConfig, progress: bool = True, command: list[str] | None = None,
+            part: tuple[int, int] | str | None = None, finalize: bool = False,
+            client=None) -> dict:
     """Convert CellProfiler outputs (or a single-cell table with crops) into a TFRecord dataset.
 
     Returns the manifest. Safe to interrupt: re-running the same call finishes
-    the job, redoing only shards that are not complete.
+    the job, redoing only shards that are not complete (completed ones are
+    verified by checksum). `config.scheduler` runs the shards on Dask ("local":
+    a LocalCluster of `config.workers` processes; or a scheduler address);
+    `client`: an open distributed.Client to use instead.
+
+    `part=(I, N)` (or "I/N") writes only the I-th of N groups of shards and
+    returns a summary of that part, not a manifest; `finalize=True` then
+    gathers the completed parts into the manifest, with a clear error naming
+    any part that is missing or corrupt.
     """
+    from cp2image_tf.distributed import check_options, dask_client, parse_part
+
     started = time.time()
+    part = parse_part(part)
+    check_options(config.scheduler, config.workers, part, finalize)
+    if config.scheduler is not None and client is None and not finalize:
+        # Connect (or start the LocalCluster) first: a wrong address fails in seconds.
+        with dask_client(config.scheduler, config.workers, quiet=not progress) as client:
+            return _convert(config, progress, command, part, finalize, client, started)
+    return _convert(config, progress, command, part, finalize, client, started)
+
+
+def _convert(config, progress, command, part, finalize, client, started):
+    from cp2image_tf.distributed import select_part
+
+    if part is not None and config.overwrite:
+        raise UserInputError("--overwrite with --part: parts of one job run at the same time and "
+                             "must not remove each other's shards. Remove OUT_DIR (or run "
+                             "without --part --overwrite) first.")
     out_dir = Path(config.out_dir)
     if not config.overwrite and (out_dir / MANIFEST).exists():
         prepare_output(out_dir, False)  # raises the clear error before any work
+    if finalize and not (out_dir / PARTS).is_dir():
+        raise UserInputError(f"{out_dir}: no parts to finalize ({PARTS} not found); run the "
+                             "parts first (--part I/N), with the same INPUT, OUT_DIR and options.")
     plan = plan_dataset(config)
-    resuming = prepare_output(out_dir, config.overwrite)
+    resuming = prepare_output(out_dir, config.overwrite and not finalize)
     tasks = build_tasks(plan, config, out_dir)
-    planned = {t["file"] for t in tasks}
-    for stale in out_dir.glob("*.tfrecord"):
-        if stale.name not in planned:
-            stale.unlink()
+    if finalize:
+        return finish(config, plan, tasks, out_dir, command, started)
+    if part is None:
+        planned = {t["file"] for t in tasks}
+        for stale in out_dir.glob("*.tfrecord"):
+            if stale.name not in planned:
+                stale.unlink()
+    else:
+        write_json_atomic(out_dir / PARTS / PARTITION, {"parts": part[1], "shards": len(tasks)})
+    selected = select_part(tasks, part)
     done, todo = [], []
-    for task in tasks:
+    for task in selected:
         summary = completed_part(out_dir, task)
         (done if summary else todo).append(summary or task)
-    if resuming and progress:
-        print(f"Resuming: {len(done)} of {len(tasks)} shards already complete.", file=sys.stderr)
-    summaries = done + run_parts(todo, config.workers, progress)
-    order = {t["file"]: i for i, t in enumerate(tasks)}
-    summaries.sort(key=lambda s: order[s["file"]])
+    if resuming and progress and done:
+        print(f"Resuming: {len(done)} of {len(selected)} shards already complete.", file=sys.stderr)
+    written = run_parts(todo, config.workers, progress, config.scheduler, client)
+    if part is not None:
+        return {"part": list(part), "shards": [t["file"] for t in selected],
+                "written": len(written), "already_complete": len(done),
+                "cells": sum(s["records"] for s in done + written),
+                "total_shards": len(tasks), "seconds": round(time.time() - started, 2)}
+    return finish(config, plan, tasks, out_dir, command, started)
 
+
+def finish(config, plan, tasks, out_dir: Path, command, started) -> dict:
+    """Gather every part's summary (verified) into rejects.csv and the manifest."""
+    summaries, problems = [], []
+    for position, task in enumerate(tasks):
+        summary, problem = check_part(out_dir, task)
+        if problem:
+            problems.append((position, task, problem))
+        summaries.append(summary)
+    if problems:
+        partition = out_dir / PARTS / PARTITION
+        count = None
+        if partition.is_file():
+            try:
+                count = int(json.loads(partition.read_text())["parts"])
+            except (ValueError, KeyError, TypeError):
+                count = None
+        from cp2image_tf.distributed import part_of
+
+        position, task, problem = problems[0]
+        which = (f"part {part_of(position, len(tasks), count)}/{count}" if count
+                 else "a part")
+        more = f" ({len(problems) - 1} more shard(s) incomplete)" if len(problems) > 1 else ""
+        rerun = f"--part {part_of(position, len(tasks), count)}/{count}" if count else "its part"
+        raise UserInputError(f"{out_dir}: {which} is not complete: shard {task['file']}: "
+                             f"{problem}{more}. Run {rerun} again, then --finalize.")
     dtypes = {s["dtype"] for s in summaries if s["records"]}
     if len(dtypes) > 1:
         raise UserInputError(f"{config.input}: images of different bit depths ({', '.join(sorted(dtypes))}); "
                              "convert each kind separately or save them at one bit depth.")
     dtype = dtypes.pop()
+    train = [s for s in summaries if s["split"] == "train"]
+    plan = dict(plan, stats=statistics_from_parts(
+        [s["moments"] for s in train],
+        [out_dir / PARTS / f"{s['file']}.values.npy" for s in train], len(plan["names"])))
     manifest = build_manifest(config, plan, summaries, out_dir, dtype, command, started)
     rejects = pd.DataFrame(plan["rejects"], columns=["cell_id", "ImageNumber", "ObjectNumber", "reason"])
     tmp = out_dir / f".{REJECTS}.partial"
@@ -743,7 +853,8 @@ def build_manifest(config, plan, summaries, out_dir, dtype, command, started) ->
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tool": {"name": "cp2image-tf", "version": __version__},
         "command": command if command is not None else sys.argv,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()
+                   if k not in ConvertConfig.RUN_OPTIONS},
         "seconds": round(time.time() - started, 2),
         "source": {"kind": "table" if config.table else "cellprofiler",
                    "input": str(base), "objects": list(config.objects) if not config.table else None,

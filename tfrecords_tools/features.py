@@ -149,3 +149,92 @@ def feature_statistics(values: np.ndarray) -> dict:
         "finite_count": np.isfinite(values).sum(axis=0),
     }
     return {k: [float(x) for x in v] for k, v in stats.items()}
+
+
+# ---------------------------------------------------------------------------
+# Statistics merged from parts: what convert's parts write and its final step gathers.
+#
+# Moments: each part keeps (finite count, mean, M2) per feature; parts are merged with Chan et
+# al.'s pairwise formula in the fixed order of the parts, so every way of running a job (one
+# process, a process pool, Dask, --part/--finalize) gives bit-identical values; they equal
+# numpy's nanmean/nanstd over all values to rounding (about 1e-15 relative).
+# Median and MAD: exact. Each part keeps its training values sorted per feature; the final step
+# reads one block of features of every part at a time (memory: 4 bytes x training cells x
+# block; at least one feature) and takes the median of the finite values, then the median of
+# their absolute deviation from it: the very numbers feature_statistics gives.
+
+
+def part_moments(values: np.ndarray) -> dict:
+    """{"count", "mean", "m2"} per feature over the finite values of one part (float64)."""
+    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    finite = np.isfinite(values)
+    count = finite.sum(axis=0)
+    safe = np.where(finite, values, 0.0)
+    mean = np.divide(safe.sum(axis=0), count, out=np.zeros(values.shape[1]), where=count > 0)
+    m2 = np.where(finite, (values - mean) ** 2, 0.0).sum(axis=0)
+    return {"count": [int(c) for c in count], "mean": [float(x) for x in mean],
+            "m2": [float(x) for x in m2]}
+
+
+def merge_moments(parts: list[dict]) -> dict:
+    """Chan's merge of part_moments results, in the order given: {"count", "mean", "std"}."""
+    count = mean = m2 = None
+    for part in parts:
+        n_b = np.asarray(part["count"], dtype=np.float64)
+        mean_b = np.asarray(part["mean"], dtype=np.float64)
+        m2_b = np.asarray(part["m2"], dtype=np.float64)
+        if count is None:
+            count, mean, m2 = n_b.copy(), mean_b.copy(), m2_b.copy()
+            continue
+        n = count + n_b
+        delta = mean_b - mean
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(n > 0, n_b / n, 0.0)
+            mean = np.where(n_b > 0, mean + delta * share, mean)
+            m2 = np.where(n_b > 0, m2 + m2_b + delta * delta * count * share, m2)
+        count = n
+    if count is None:
+        raise ValueError("no part to merge")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.where(count > 0, np.sqrt(m2 / np.maximum(count, 1)), np.nan)
+    mean = np.where(count > 0, mean, np.nan)
+    return {"count": count, "mean": mean, "std": std}
+
+
+def sorted_part_values(values: np.ndarray) -> np.ndarray:
+    """A part's values [cells, features] as float32, each column sorted (non-finite last)."""
+    values = np.asarray(values, dtype=np.float32).reshape(len(values), -1)
+    values = np.where(np.isfinite(values), values, np.float32(np.nan))
+    return np.sort(values, axis=0)
+
+
+def merged_quantiles(arrays: list, n_features: int, memory_bytes: int = 1 << 28) -> dict:
+    """Exact median and MAD per feature from parts' sorted_part_values (arrays or .npy paths,
+    read memory-mapped, one block of features at a time)."""
+    loaded = [np.load(a, mmap_mode="r") if not isinstance(a, np.ndarray) else a for a in arrays]
+    rows = sum(len(a) for a in loaded)
+    block = max(1, int(memory_bytes // max(1, rows * 8)))
+    median = np.full(n_features, np.nan)
+    mad = np.full(n_features, np.nan)
+    for lo in range(0, n_features, block):
+        hi = min(n_features, lo + block)
+        columns = np.concatenate([np.asarray(a[:, lo:hi], dtype=np.float64) for a in loaded]) \
+            if loaded else np.zeros((0, hi - lo))
+        for j in range(hi - lo):
+            column = columns[:, j]
+            finite = column[np.isfinite(column)]
+            if finite.size:
+                median[lo + j] = np.median(finite)
+                mad[lo + j] = np.median(np.abs(finite - median[lo + j]))
+    return {"median": median, "mad": mad}
+
+
+def statistics_from_parts(moments: list[dict], value_arrays: list, n_features: int,
+                          memory_bytes: int = 1 << 28) -> dict:
+    """feature_statistics' dict, gathered from parts (see the notes above)."""
+    merged = merge_moments(moments)
+    quantiles = merged_quantiles(value_arrays, n_features, memory_bytes)
+    stats = {"mean": merged["mean"], "std": merged["std"], "median": quantiles["median"],
+             "mad": quantiles["mad"], "finite_count": merged["count"]}
+    return {k: [int(x) if k == "finite_count" else float(x) for x in v]
+            for k, v in stats.items()}
