@@ -33,7 +33,8 @@ demo: $(STAMP)
 		--feature Cells_Intensity_MeanIntensity_Actin --correlated --interpolate DMSO NucEnlarge \
 		--data $(DEMO_DIR)/tfrecords --overwrite
 	$(BIN)/cp2image-tf evaluate $(DEMO_DIR)/models/cp2image $(DEMO_DIR)/tfrecords \
-		$(DEMO_DIR)/evaluate --max-cells 70 --reference-cells 1000 --train-cells 300 --overwrite --quiet
+		$(DEMO_DIR)/evaluate --max-cells 70 --reference-cells 1000 --train-cells 300 \
+		--moa-column Metadata_MoA --overwrite --quiet
 	@echo
 	@echo "Demo outputs:"
 	@echo "  sample data (TIFFs, masks, CellProfiler CSVs): $(DEMO_DIR)/sample"
@@ -44,6 +45,9 @@ demo: $(STAMP)
 	@echo "  each treatment's mean profile, drawn:          $(DEMO_DIR)/generate/montage.png"
 	@echo "  three features traversed, DMSO -> NucEnlarge:  $(DEMO_DIR)/traverse/traverse.png"
 	@echo "  re-measured features vs the input, baselines:  $(DEMO_DIR)/evaluate/report.md"
+	@echo
+	@echo "Explore the model in a browser (then open http://127.0.0.1:8080):"
+	@echo "  $(BIN)/cp2image-tf explore $(DEMO_DIR)/models/cp2image --data $(DEMO_DIR)/tfrecords"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -54,6 +58,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_measure.py
 	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_explore.py
 
 clean:
 	rm -rf $(DEMO_DIR)

@@ -104,6 +104,7 @@ def main():
       cp2image-tf generate MODELS/cp2image OUT --treatment-mean all --data DATA
       cp2image-tf traverse MODELS/cp2image OUT --feature Nuclei_AreaShape_Area --correlated --data DATA
       cp2image-tf evaluate MODELS/cp2image DATA EVAL
+      cp2image-tf explore MODELS/cp2image --data DATA   # sliders in a browser
     """
 
 
@@ -114,6 +115,7 @@ def _register():
     from cli import cmd_fit  # noqa: F401
     from cli import cmd_models  # noqa: F401
     from cli import cmd_evaluate  # noqa: F401
+    from cli import cmd_explore  # noqa: F401
 
 
 _register()

@@ -1,0 +1,749 @@
+"""explore: a web page to see what a CellProfiler profile looks like, live.
+
+    from cp2image_tf.explore import create_app, serve
+    app = create_app(load_model("demo-output/models/cp2image"), data="demo-output/tfrecords")
+    serve(app, port=8080)          # or: cp2image-tf explore MODEL --data DATA_DIR
+
+The model (a LocalModel, or a RemoteModel talking to TensorFlow Serving) is loaded once;
+every request runs its serving signatures. A profile is a base (`median`, a treatment's
+mean, or a cell id of DATA_DIR) plus offsets of some features in training SDs; requests
+carry it in the query string exactly as the page's shareable URL does:
+
+    ?base=DMSO&Nuclei_AreaShape_Area=2&Cells_Intensity_MeanIntensity_Actin=-1.5
+
+Offsets beyond +-OFFSET_LIMIT SDs are clamped, and so (with DATA_DIR) are values beyond the
+range of the training cells read (an eccentricity above 1, a negative area); the answer says so.
+
+Endpoints (GET; errors are JSON {"error": "..."}: 400 bad input, 404 an unknown cell or
+treatment, 503 TensorFlow Serving not answering):
+    /                        the page (explore_static/: plain HTML, JS and CSS, no build step)
+    /api/info                model, features (compartment, module, median, SD), treatments, data
+    /api/base?base=B         a base's raw profile (NaN filled with the training median)
+    /api/cells?q=TEXT[&lookup=1]
+                             loaded cell ids starting with TEXT, and whether TEXT is a cell of
+                             DATA_DIR (lookup=1: also reading DATA_DIR for the others)
+    /api/render?PROFILE      the generated cell: its channels side by side in one greyscale PNG
+                             (round(255 x serving_default's output)), for the page to colour
+    /api/profile?PROFILE     the raw profile as JSON, with the offsets used and clamping notes
+    /api/image.png?PROFILE   the generate_png signature's composite
+    /api/image.tiff?PROFILE  an ImageJ hyperstack with named channels (viz.write_hyperstack)
+    /api/profile.csv?PROFILE one row of raw values: a PROFILES table for `cp2image-tf generate`
+    /api/neighbours?PROFILE&k=6
+                             the real DATA_DIR cells nearest to the profile in SD units
+    /api/traverse?PROFILE&feature=F&start=-2&stop=2&steps=7[&correlated=1]
+                             one feature varied around the profile, as `traverse` does
+    /api/interpolate?a=A&b=B&steps=7
+                             from treatment A's mean profile to B's
+
+DATA_DIR's training cells (at most `max_cells`, an even share per treatment, the first in
+shard order) are read once at start: their features for the nearest-neighbour search and
+as cell bases, their crops (as 8-bit) to show.
+"""
+
+import base64
+import io
+import logging
+import math
+import re
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tfrecords_tools.errors import UserInputError
+
+STATIC = Path(__file__).parent / "explore_static"
+OFFSET_LIMIT = 5.0  # SDs from the base a feature may move; beyond, values are clamped
+MAX_STEPS = 15
+MAX_NEIGHBOURS = 12
+MAX_CELLS = 20000
+RESERVED = frozenset({"base", "feature", "start", "stop", "steps", "correlated", "k", "a", "b"})
+CELL_ID = re.compile(r"^\d+-\d+$")
+log = logging.getLogger("cp2image_tf.explore")
+
+
+class ApiError(Exception):
+    """A request the page or an API client got wrong (or a server that is not answering)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Base:
+    raw: np.ndarray  # float32 [F], non-finite values replaced by the training median
+    label: str
+    missing: list = field(default_factory=list)  # features that were NaN in the base
+
+
+@dataclass
+class Profile:
+    base: str
+    label: str
+    raw: np.ndarray
+    offsets: dict  # feature -> SD offset used (after clamping)
+    clamped: list  # {"feature", "asked", "used" (SD offsets), "value" (raw), "note"}
+    missing: list
+
+    def notes(self) -> list[str]:
+        notes = [c["note"] for c in self.clamped]
+        if self.missing:
+            notes.append(f"{len(self.missing)} feature(s) missing in {self.label} are drawn at the "
+                         f"training median ({', '.join(self.missing[:3])}"
+                         f"{', ...' if len(self.missing) > 3 else ''}).")
+        return notes
+
+
+@dataclass
+class ReferenceCells:
+    """DATA_DIR training cells for the nearest-neighbour search and as cell bases."""
+    ids: list
+    treatments: list
+    raw: np.ndarray  # float32 [N, F] as stored (NaN kept)
+    crops: np.ndarray  # uint8 [N, H, W, C], scaled as the model was trained
+    z: np.ndarray = None  # float32 [N, F]: SD units, for the nearest-neighbour search
+    norms: np.ndarray = None  # float32 [N]: squared lengths of z
+    position: dict = field(default_factory=dict)
+
+
+def channel_strip(image) -> bytes:
+    """[H, W, C] floats in [0, 1] (or uint8) -> a greyscale PNG [H, W * C]: the channels side by
+    side, each round(255 x value), as generate_png rounds."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    h, w, c = image.shape
+    strip = np.ascontiguousarray(np.moveaxis(image, -1, 0).transpose(1, 0, 2).reshape(h, c * w))
+    out = io.BytesIO()
+    Image.fromarray(strip).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def read_reference_cells(data, manifest: dict, model, max_cells: int = MAX_CELLS) -> ReferenceCells:
+    """Up to max_cells training cells of DATA_DIR (an even share per treatment, the first ones
+    of its shards): ids, treatments, raw features and 8-bit crops scaled as the model's."""
+    import tensorflow as tf
+
+    from cp2image_tf.evaluate import stratified_quota
+    from tfrecords_tools.manifest import shard_files
+    from tfrecords_tools.reader import parse_batch_fn
+
+    counts = {t: n for t, n in manifest["counts"]["treatments"]["train"].items() if n}
+    quota = stratified_quota(counts, max_cells)
+    scaling = model.description.get("scaling", "dataset")
+    parse = parse_batch_fn(manifest, scaling, "none", with_metadata=True)
+    ids, treatments, raws, crops = [], [], [], []
+    for treatment, wanted in quota.items():
+        files = shard_files(manifest, data, "train", treatment)
+        if not wanted or not files:
+            continue
+        ds = tf.data.TFRecordDataset(files, compression_type=manifest.get("compression") or None)
+        for _, batch_crops, meta in ds.take(wanted).batch(256).map(parse):
+            ids += [c.decode() for c in meta["cell_id"].numpy()]
+            treatments += [t.decode() for t in meta["treatment"].numpy()]
+            raws.append(meta["raw_features"].numpy())
+            crops.append(np.round(np.clip(batch_crops.numpy(), 0, 1) * 255).astype(np.uint8))
+    if not ids:
+        raise UserInputError(f"{data}: no training cells to show as nearest real cells.")
+    return ReferenceCells(ids, treatments, np.concatenate(raws), np.concatenate(crops),
+                          position={cell: i for i, cell in enumerate(ids)})
+
+
+class Explorer:
+    """What the page asks of a model: profiles from bases and offsets, cells drawn from them,
+    the nearest real cells, traversals and interpolations. Thread-safe."""
+
+    def __init__(self, model, data=None, max_cells: int = MAX_CELLS, progress=None):
+        from cp2image_tf.generate import LocalModel, check_data, treatment_means
+
+        say = progress or (lambda message: None)
+        self.model = model
+        self.data = str(data) if data is not None else None
+        self.remote = not isinstance(model, LocalModel)
+        self.names = list(model.feature_names)
+        self.position = {name: j for j, name in enumerate(self.names)}
+        self.median = np.asarray(model.median, np.float32)
+        self.sd = np.asarray(model.sd, np.float32)
+        self.unit = np.where(self.sd > 0, self.sd, 1.0).astype(np.float32)
+        self.treatments = list(model.description.get("treatments", []))
+        self._bases = {"median": Base(self.median.copy(), "the training median cell")}
+        self._correlations = {}
+        self._strips = {}  # reference cell -> its crop as a channel strip (data URL)
+        self._not_found = {}  # cell id -> why it is not in DATA_DIR
+        self._lock = threading.Lock()
+        self._model_lock = threading.Lock() if self.remote else None
+        self.reference = None
+        self.low = self.high = None  # per feature, the training cells' lowest and highest values
+        self.manifest = check_data(data, model)
+        if self.manifest is not None:
+            say(f"Reading treatment means from {data} ...")
+            means = treatment_means(data, model, ["all"])
+            for treatment, row in means.iterrows():
+                self._bases[treatment] = self._filled(row.to_numpy(np.float32), f"the {treatment} mean")
+            self.treatments = list(means.index)
+            say(f"Reading up to {max_cells} training cells of {data} for the nearest real cells ...")
+            self.reference = read_reference_cells(data, self.manifest, model, max_cells)
+            # Brute force in NumPy (one matrix-vector product): a few ms for 20000 cells, where
+            # sklearn's NearestNeighbors.kneighbors spent ~40 ms per query on validation.
+            self.reference.z = self.sd_units(self.reference.raw).astype(np.float32)
+            self.reference.norms = np.einsum("ij,ij->i", self.reference.z, self.reference.z)
+            finite = np.where(np.isfinite(self.reference.raw), self.reference.raw, np.nan)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN features: no bounds
+                self.low, self.high = np.nanmin(finite, axis=0), np.nanmax(finite, axis=0)
+        # The first calls of a signature are slow (graph set-up); make them before the page's.
+        self.images(self.median)
+        self.png(self.median)
+
+    # --- profiles ----------------------------------------------------------------------------
+
+    def sd_units(self, raw) -> np.ndarray:
+        """Raw values -> (value - training median) / training SD, missing values at 0."""
+        raw = np.asarray(raw, np.float32)
+        return (np.where(np.isfinite(raw), raw, self.median) - self.median) / self.unit
+
+    def _filled(self, raw, label: str) -> Base:
+        missing = [self.names[j] for j in np.flatnonzero(~np.isfinite(raw))]
+        return Base(np.where(np.isfinite(raw), raw, self.median).astype(np.float32), label, missing)
+
+    def base(self, name: str) -> Base:
+        """median, a treatment's mean (needs DATA_DIR) or a cell id of DATA_DIR."""
+        from cp2image_tf.generate import base_profile
+
+        name = (name or "median").strip()
+        with self._lock:
+            if name in self._bases:
+                return self._bases[name]
+        if name in self.treatments or name in self.model.description.get("treatments", []):
+            if self.data is None:
+                raise ApiError(400, f"base {name}: treatment means need the dataset; start explore "
+                                    "with --data DATA_DIR.")
+        ref = self.reference
+        if ref is not None and name in ref.position:
+            found = self._filled(ref.raw[ref.position[name]], f"cell {name}")
+        elif self.data is None:
+            raise ApiError(400, f"base {name}: not median or a treatment; cell bases need the "
+                                "dataset: start explore with --data DATA_DIR.")
+        elif not CELL_ID.match(name):
+            raise ApiError(404, f"base {name}: not median, a treatment of {self.data} "
+                                f"({', '.join(self.treatments)}) or a cell id (<ImageNumber>-"
+                                "<ObjectNumber>).")
+        else:
+            if name in self._not_found:
+                raise ApiError(404, self._not_found[name])
+            try:
+                raw, label = base_profile(self.model, name, self.data)
+            except UserInputError as err:
+                with self._lock:
+                    if len(self._not_found) > 1024:
+                        self._not_found.clear()
+                    self._not_found[name] = str(err)
+                raise ApiError(404, str(err)) from None
+            found = self._filled(raw, label)
+        with self._lock:
+            if len(self._bases) > 512:  # cells looked up one by one; keep the treatments
+                for key in [k for k in self._bases if CELL_ID.match(k)][:256]:
+                    del self._bases[key]
+            self._bases[name] = found
+        return found
+
+    def feature(self, name: str) -> str:
+        """A feature's full name (exact, case-insensitive or a unique end), else a 400 naming it."""
+        from cp2image_tf.generate import resolve_feature
+
+        if name in self.position:
+            return name
+        try:
+            return resolve_feature(self.model, name)
+        except UserInputError as err:
+            message = str(err).split(": ", 1)[1].split(" The list is in")[0]
+            raise ApiError(400, f"unknown feature {name}: {message}") from None
+
+    def profile(self, params) -> Profile:
+        """A Profile from query parameters: base=B and <feature>=<SD offset> pairs."""
+        base_name = params.get("base") or "median"
+        base = self.base(base_name)
+        offsets, clamped = {}, []
+        for key, text in params.items():
+            if key in RESERVED:
+                continue
+            name = self.feature(key)
+            try:
+                asked = float(text)
+            except (TypeError, ValueError):
+                raise ApiError(400, f"feature {name}: offset {text!r} is not a number of "
+                                    "SDs.") from None
+            if not math.isfinite(asked):
+                raise ApiError(400, f"feature {name}: offset {text!r} is not a finite number of SDs.")
+            if not self.sd[self.position[name]] > 0:
+                raise ApiError(400, f"feature {name}: its training SD is 0; it cannot be varied.")
+            offsets[name] = asked
+        raw = base.raw.copy()
+        for name, asked in list(offsets.items()):
+            j = self.position[name]
+            used, value, note = self.allowed(j, base.raw[j], asked)
+            raw[j] = value
+            if note:
+                clamped.append({"feature": name, "asked": asked, "used": round(used, 3),
+                                "value": float(value), "note": note})
+            if used:
+                offsets[name] = round(used, 3) if note else used
+            else:
+                del offsets[name]
+        return Profile(base_name, base.label, raw, offsets, clamped, base.missing)
+
+    def allowed(self, j: int, base: float, asked: float):
+        """(offset used, raw value, note or None) for feature j moved `asked` SDs from `base`:
+        within +-OFFSET_LIMIT SDs and, with DATA_DIR, not past the training cells' values in
+        the direction moved (a base already beyond them stays where it is)."""
+        name, sd, base = self.names[j], self.sd[j], np.float32(base)
+        used = float(np.clip(asked, -OFFSET_LIMIT, OFFSET_LIMIT))
+        value = base + np.float32(used) * sd  # float32, as a client computing it in NumPy
+        note = None
+        if used != asked:
+            note = (f"{name}: {asked:+g} SD is beyond the ±{OFFSET_LIMIT:g} SD range; drawn at "
+                    f"{used:+g} SD.")
+        if self.low is not None and np.isfinite(self.low[j]):
+            low, high = self.low[j], self.high[j]
+            bounded = min(value, max(high, base)) if used > 0 else max(value, min(low, base))
+            # Offsets come in steps of 0.01 SD; a float's last digit is no reason for a note.
+            if abs(bounded - value) > 0.005 * sd:
+                wanted = value
+                used = float((bounded - base) / sd)
+                note = (f"{name}: {asked:+g} SD from the base would be {wanted:.4g}, beyond the "
+                        f"values of the training cells ({low:.4g} to {high:.4g}); drawn at "
+                        f"{bounded:.4g} ({used:+.2f} SD).")
+            value = bounded
+        return used, np.float32(value), note
+
+    # --- drawing -----------------------------------------------------------------------------
+
+    def _call(self, fn, raw):
+        """A model call; a TensorFlow Serving that fails to answer is a 503 with its reason."""
+        if not self.remote:
+            return fn(raw)
+        try:
+            with self._model_lock:
+                return fn(raw)
+        except UserInputError as err:
+            raise ApiError(503, f"TensorFlow Serving did not answer: {err}") from None
+        except Exception as err:  # noqa: BLE001  (an HTTP client failure of any kind)
+            raise ApiError(503, f"TensorFlow Serving did not answer: {type(err).__name__}: "
+                                f"{err}") from None
+
+    def images(self, raw) -> np.ndarray:
+        return self._call(self.model.images, np.asarray(raw, np.float32).reshape(-1, len(self.names)))
+
+    def png(self, raw) -> bytes:
+        return self._call(self.model.pngs, np.asarray(raw, np.float32).reshape(1, -1))[0]
+
+    def render(self, params) -> dict:
+        profile = self.profile(params)
+        start = time.perf_counter()
+        image = self.images(profile.raw)[0]
+        model_ms = 1000 * (time.perf_counter() - start)
+        return {"strip": data_url(channel_strip(image)), "notes": profile.notes(),
+                "clamped": profile.clamped, "offsets": profile.offsets, "base": profile.base,
+                "label": profile.label, "model_ms": round(model_ms, 2)}
+
+    def tiff(self, params) -> bytes:
+        from cp2image_tf.viz import write_hyperstack
+
+        out = io.BytesIO()
+        write_hyperstack(out, self.images(self.profile(params).raw)[0], self.model.channels)
+        return out.getvalue()
+
+    def csv(self, params) -> str:
+        import pandas as pd
+
+        profile = self.profile(params)
+        changed = ", ".join(f"{k} {v:+g} SD" for k, v in profile.offsets.items())
+        label = profile.label + (f", {changed}" if changed else "")
+        table = pd.DataFrame([profile.raw], columns=self.names)
+        table.insert(0, "label", [label])
+        return table.to_csv(index=False, float_format="%.7g")
+
+    # --- DATA_DIR ----------------------------------------------------------------------------
+
+    def neighbours(self, params, k: int = 6) -> dict:
+        ref = self.reference
+        if ref is None:
+            raise ApiError(400, "the nearest real cells need the dataset: start explore with "
+                                "--data DATA_DIR.")
+        profile = self.profile(params)
+        k = int(np.clip(k, 1, min(MAX_NEIGHBOURS, len(ref.ids))))
+        query = self.sd_units(profile.raw).astype(np.float32)
+        squared = np.maximum(ref.norms - 2 * (ref.z @ query) + query @ query, 0)
+        found = np.argpartition(squared, k - 1)[:k] if k < len(squared) else np.arange(len(squared))
+        found = found[np.argsort(squared[found], kind="stable")]
+        rms = np.sqrt(squared[found] / len(self.names))
+        return {"searched": len(ref.ids), "cells": [
+            {"id": ref.ids[i], "treatment": ref.treatments[i], "rms_sd": round(float(d), 3),
+             "strip": self._crop_strip(i)} for i, d in zip(found, rms)]}
+
+    def _crop_strip(self, i: int) -> str:
+        with self._lock:
+            if i in self._strips:
+                return self._strips[i]
+        strip = data_url(channel_strip(self.reference.crops[i]))
+        with self._lock:
+            if len(self._strips) > 4096:
+                self._strips.clear()
+            self._strips[i] = strip
+        return strip
+
+    def cells(self, query: str, lookup: bool = False, limit: int = 20) -> dict:
+        """Loaded cell ids starting with `query`, and whether `query` is a cell of DATA_DIR
+        (with `lookup`, cells outside the loaded ones are searched for by reading DATA_DIR)."""
+        query = (query or "").strip()
+        ref = self.reference
+        if ref is None:
+            return {"matches": [], "exact": False, "loaded": 0}
+        matches = [c for c in ref.ids if c.startswith(query)][:limit] if query else []
+        exact = query in ref.position
+        if not exact and lookup and CELL_ID.match(query):
+            try:
+                self.base(query)  # a cell of another split: found by reading DATA_DIR
+                exact = True
+            except ApiError:
+                exact = False
+        return {"matches": matches, "exact": exact, "loaded": len(ref.ids)}
+
+    # --- strips --------------------------------------------------------------------------------
+
+    def _steps(self, params, default: int = 7) -> int:
+        try:
+            steps = int(params.get("steps", default))
+        except ValueError:
+            raise ApiError(400, f"steps {params.get('steps')!r}: not a whole number.") from None
+        if not 2 <= steps <= MAX_STEPS:
+            raise ApiError(400, f"steps {steps}: between 2 and {MAX_STEPS}.")
+        return steps
+
+    def _number(self, params, key: str, default: float) -> float:
+        try:
+            value = float(params.get(key, default))
+        except ValueError:
+            raise ApiError(400, f"{key} {params.get(key)!r}: not a number of SDs.") from None
+        if not math.isfinite(value):
+            raise ApiError(400, f"{key} {params.get(key)!r}: not a finite number.")
+        return value
+
+    def _frames(self, profiles, labels, values=None) -> list:
+        images = self.images(np.asarray(profiles, np.float32))
+        return [{"label": label, "strip": data_url(channel_strip(image)),
+                 **({"value": float(values[k])} if values is not None else {})}
+                for k, (image, label) in enumerate(zip(images, labels))]
+
+    def correlations(self, j: int) -> np.ndarray:
+        """Correlation of feature j with every feature over DATA_DIR's training cells."""
+        from cp2image_tf.generate import feature_correlations_with
+
+        with self._lock:
+            if j in self._correlations:
+                return self._correlations[j]
+        row = feature_correlations_with(self.data, self.model, [j])[0]
+        with self._lock:
+            self._correlations[j] = row
+        return row
+
+    def traverse(self, params) -> dict:
+        """Steps from `start` to `stop` SDs of one feature around the profile, as
+        generate.traverse draws them (with `correlated`, the others move by their training
+        correlation with it)."""
+        if not params.get("feature"):
+            raise ApiError(400, "feature: give the feature to traverse.")
+        name = self.feature(params["feature"])
+        j = self.position[name]
+        if not self.sd[j] > 0:
+            raise ApiError(400, f"feature {name}: its training SD is 0; it cannot be varied.")
+        start, stop = (float(np.clip(self._number(params, key, default), -OFFSET_LIMIT, OFFSET_LIMIT))
+                       for key, default in (("start", -2.0), ("stop", 2.0)))
+        steps = self._steps(params)
+        correlated = params.get("correlated", "0").lower() in ("1", "true", "yes", "on")
+        if correlated and self.data is None:
+            raise ApiError(400, "correlated: the correlations come from the training cells; start "
+                                "explore with --data DATA_DIR.")
+        profile = self.profile(params)
+        origin = profile.raw.astype(np.float64)
+        move = self.correlations(j) if correlated else np.eye(len(self.names))[j]
+        zs = np.linspace(start, stop, steps)
+        profiles = origin[None] + zs[:, None] * (move * self.sd)[None]
+        profiles[:, j] = origin[j] + zs * self.sd[j]
+        labels = [f"{z:+.1f} SD" for z in zs]
+        return {"feature": name, "correlated": correlated, "label": profile.label,
+                "frames": self._frames(profiles, labels, profiles[:, j])}
+
+    def interpolate(self, params) -> dict:
+        a, b = params.get("a"), params.get("b")
+        if not a or not b:
+            raise ApiError(400, "a, b: give two treatments to interpolate between.")
+        if self.data is None:
+            raise ApiError(400, "interpolation between treatment means needs the dataset: start "
+                                "explore with --data DATA_DIR.")
+        for name in (a, b):
+            if name not in self.treatments:
+                raise ApiError(404, f"treatment {name}: not in {self.data}; it has "
+                                    f"{', '.join(self.treatments)}.")
+        steps = self._steps(params)
+        alphas = np.linspace(0.0, 1.0, steps)
+        ends = np.stack([self.base(a).raw, self.base(b).raw]).astype(np.float64)
+        profiles = (1 - alphas[:, None]) * ends[0] + alphas[:, None] * ends[1]
+        labels = [a if k == 0 else b if k == steps - 1 else f"{alpha:.2f}"
+                  for k, alpha in enumerate(alphas)]
+        return {"a": a, "b": b, "frames": self._frames(profiles, labels)}
+
+    # --- description -------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        from cp2image_tf.viz import channel_colours
+
+        features = []
+        for j, name in enumerate(self.names):
+            parts = name.split("_")
+            compartment = parts[0] if len(parts) > 1 else "Other"
+            module = parts[1] if len(parts) > 2 else "Other"
+            bounded = self.low is not None and np.isfinite(self.low[j])
+            features.append({"name": name, "compartment": compartment, "module": module,
+                             "short": "_".join(parts[2:]) or name,
+                             "median": float(self.median[j]), "sd": float(self.sd[j]),
+                             "low": float(self.low[j]) if bounded else None,
+                             "high": float(self.high[j]) if bounded else None})
+        ref = self.reference
+        return {
+            "source": self.model.source, "remote": self.remote,
+            "channels": list(self.model.channels),
+            "colours": channel_colours(self.model.channels).tolist(),
+            "crop": list(self.model.crop_shape), "features": features,
+            "treatments": self.treatments if self.data else [],
+            "model_treatments": list(self.model.description.get("treatments", [])),
+            "data": self.data, "reference_cells": len(ref.ids) if ref else 0,
+            "example_cells": ref.ids[:5] if ref else [],
+            "offset_limit": OFFSET_LIMIT, "max_steps": MAX_STEPS,
+        }
+
+
+# --- the web app -------------------------------------------------------------------------------
+
+
+def create_app(model, data=None, max_cells: int = MAX_CELLS, progress=None):
+    """A FastAPI app serving the page and its API for `model` (a LocalModel or RemoteModel,
+    see generate.load_model and serving_client.RemoteModel); `data` is the dataset the model
+    was trained on (treatment means, cell bases, the nearest real cells)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+
+    explorer = Explorer(model, data, max_cells, progress)
+    app = FastAPI(title="cp2image-tf explore", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.explorer = explorer
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(UserInputError)
+    async def user_error(request: Request, err: UserInputError):
+        return JSONResponse({"error": str(err)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}"
+                             for e in err.errors())
+        return JSONResponse({"error": problems or "bad request"}, status_code=400)
+
+    app.add_middleware(OneLineErrors)
+
+    def params(request: Request) -> dict:
+        return dict(request.query_params)
+
+    def attachment(profile_params: dict, ext: str) -> dict:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", profile_params.get("base") or "median")
+        changed = len([k for k in profile_params if k not in RESERVED])
+        name = f"cp2image_{base}" + (f"_{changed}changed" if changed else "") + f".{ext}"
+        return {"Content-Disposition": f'attachment; filename="{name}"'}
+
+    no_cache = {"Cache-Control": "no-cache"}
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC / "index.html", headers=no_cache)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/info")
+    def info():
+        return explorer.info()
+
+    @app.get("/api/base")
+    def base(base: str = "median"):
+        found = explorer.base(base)
+        return {"base": base, "label": found.label, "raw": found.raw.tolist(),
+                "missing": found.missing}
+
+    @app.get("/api/cells")
+    def cells(q: str = "", lookup: bool = False):
+        return explorer.cells(q, lookup)
+
+    @app.get("/api/render")
+    def render(request: Request):
+        return explorer.render(params(request))
+
+    @app.get("/api/profile")
+    def profile(request: Request):
+        found = explorer.profile(params(request))
+        return {"base": found.base, "label": found.label, "offsets": found.offsets,
+                "raw": dict(zip(explorer.names, found.raw.tolist())),
+                "clamped": found.clamped, "notes": found.notes()}
+
+    @app.get("/api/image.png")
+    def image_png(request: Request):
+        p = params(request)
+        return Response(explorer.png(explorer.profile(p).raw), media_type="image/png",
+                        headers=attachment(p, "png") if "download" in p else None)
+
+    @app.get("/api/image.tiff")
+    def image_tiff(request: Request):
+        p = params(request)
+        return Response(explorer.tiff(p), media_type="image/tiff", headers=attachment(p, "tif"))
+
+    @app.get("/api/profile.csv")
+    def profile_csv(request: Request):
+        p = params(request)
+        return Response(explorer.csv(p), media_type="text/csv", headers=attachment(p, "csv"))
+
+    @app.get("/api/neighbours")
+    def neighbours(request: Request, k: int = 6):
+        return explorer.neighbours(params(request), k)
+
+    @app.get("/api/traverse")
+    def traverse(request: Request):
+        return explorer.traverse(params(request))
+
+    @app.get("/api/interpolate")
+    def interpolate(request: Request):
+        return explorer.interpolate(params(request))
+
+    return app
+
+
+class OneLineErrors:
+    """ASGI middleware: an unexpected exception becomes a JSON 500 and one line in the log
+    (where it was raised), not a traceback in the terminal or the browser."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as err:  # noqa: BLE001  (anything an endpoint did not expect)
+            import traceback
+
+            from fastapi.responses import JSONResponse
+
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            log.error("explore: %s %s failed: %s: %s (at %s:%d)", scope.get("method", ""),
+                      scope.get("path", ""), type(err).__name__, err,
+                      Path(where.filename).name, where.lineno)
+            if scope["type"] == "http" and not started:
+                response = JSONResponse({"error": f"internal error ({type(err).__name__}: {err})"},
+                                        status_code=500)
+                await response(scope, receive, send)
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or a UserInputError saying why not (a port in use, an unknown host)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise UserInputError(f"--host {host}: not an address of this machine "
+                             f"({err.strerror}).") from None
+    family, kind, proto, _, address = infos[0]
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without
+    # it each kept-alive request waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        hint = " (in use: choose another --port)" if err.errno in (98, 48) else ""
+        raise UserInputError(f"cannot listen on {host}:{port}: {err.strerror}{hint}.") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def is_local(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _server(app):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    return uvicorn.Server(config)
+
+
+def serve(app, host: str = "127.0.0.1", port: int = 8080, ready=None, sock=None) -> None:
+    """Serve `app` with uvicorn until interrupted; `ready(url)` is called once listening.
+    `sock`: a socket from `bind(host, port)` made earlier (to fail fast on a busy port)."""
+    sock = sock or bind(host, port)
+    port = sock.getsockname()[1]
+    server = _server(app)
+    if ready is not None:
+        shown = f"[{host}]" if ":" in host else host
+        ready(f"http://{shown}:{port}")
+    server.run(sockets=[sock])
+
+
+class running:
+    """`with running(app) as url:` the app served by uvicorn in a thread (tests, benchmarks)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        self.sock = bind(host, port)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = _server(app)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+    def __exit__(self, *exc):
+        self.stop()
+

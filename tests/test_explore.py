@@ -1,0 +1,347 @@
+"""explore: the page's API through FastAPI's test client, checked against the SavedModel."""
+import base64
+import io
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tifffile
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from fake_serving import ServedModels, rest_server
+
+from cli.main import main
+from cp2image_tf import explore
+from cp2image_tf.export import export
+from cp2image_tf.generate import _records, load_model, read_profiles, traverse, treatment_means
+from cp2image_tf.serving_client import RemoteModel
+from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.manifest import load_manifest
+
+AREA = "Nuclei_AreaShape_Area"
+
+
+@pytest.fixture(scope="module")
+def exported(disc_run, tmp_path_factory):
+    base = tmp_path_factory.mktemp("explore_models") / "discs"
+    return Path(export(disc_run, base, warmup=False)["path"])
+
+
+@pytest.fixture(scope="module")
+def saved(exported):
+    """The SavedModel loaded on its own: the reference the API's answers are checked against."""
+    return tf.saved_model.load(str(exported))
+
+
+@pytest.fixture(scope="module")
+def model(exported):
+    return load_model(exported)
+
+
+@pytest.fixture(scope="module")
+def stats(disc_dataset):
+    manifest = load_manifest(disc_dataset)
+    s = manifest["features"]["stats"]
+    return {"names": manifest["features"]["names"], "median": np.asarray(s["median"], np.float32),
+            "sd": np.asarray(s["std"], np.float32)}
+
+
+@pytest.fixture(scope="module")
+def client(model, disc_dataset):
+    return TestClient(explore.create_app(model, disc_dataset))
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def strip_channels(url: str, channels: int) -> np.ndarray:
+    """A /api/render strip (data URL, greyscale [H, W*C]) -> uint8 [H, W, C]."""
+    assert url.startswith("data:image/png;base64,")
+    strip = png_pixels(base64.b64decode(url.split(",", 1)[1]))
+    h, wc = strip.shape
+    return strip.reshape(h, channels, wc // channels).transpose(0, 2, 1)
+
+
+def signature(saved, name, raw):
+    key = {"serving_default": "images", "generate_png": "png_bytes"}[name]
+    features = tf.constant(np.asarray(raw, np.float32).reshape(1, -1))
+    return saved.signatures[name](features=features)[key].numpy()[0]
+
+
+def as_uint8(images):
+    return np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+
+
+def test_png_is_the_generate_png_output_for_the_profile(client, saved, stats):
+    j = stats["names"].index(AREA)
+    answer = client.get(f"/api/image.png?base=median&{AREA}=1.5")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    raw = stats["median"].copy()
+    raw[j] += 1.5 * stats["sd"][j]
+    expected = signature(saved, "generate_png", raw)
+    assert np.array_equal(png_pixels(answer.content), png_pixels(expected))
+    # ... and not the median's picture.
+    assert not np.array_equal(png_pixels(answer.content),
+                              png_pixels(signature(saved, "generate_png", stats["median"])))
+
+
+def test_render_gives_the_serving_default_channels(client, saved, stats):
+    j = stats["names"].index(AREA)
+    answer = client.get(f"/api/render?base=median&{AREA}=-1").json()
+    raw = stats["median"].copy()
+    raw[j] -= stats["sd"][j]
+    expected = as_uint8(signature(saved, "serving_default", raw))
+    assert np.array_equal(strip_channels(answer["strip"], expected.shape[-1]), expected)
+    assert answer["offsets"] == {AREA: -1.0} and answer["notes"] == [] and answer["clamped"] == []
+    assert answer["label"] == "the training median cell"
+
+
+def test_a_slider_move_changes_exactly_one_feature(client, stats):
+    before = client.get("/api/profile?base=large").json()
+    after = client.get(f"/api/profile?base=large&{AREA}=0.7").json()
+    changed = [name for name in stats["names"] if before["raw"][name] != after["raw"][name]]
+    assert changed == [AREA]
+    j = stats["names"].index(AREA)
+    assert after["raw"][AREA] == pytest.approx(before["raw"][AREA] + 0.7 * stats["sd"][j], rel=1e-5)
+    assert after["offsets"] == {AREA: 0.7}
+
+
+def test_bases_are_the_treatment_means_and_the_cells_of_data(client, model, disc_dataset, stats):
+    means = treatment_means(disc_dataset, model, ["small", "large"])
+    for treatment in ("small", "large"):
+        base = client.get(f"/api/base?base={treatment}").json()
+        expected = means.loc[treatment].to_numpy(np.float32)
+        expected = np.where(np.isfinite(expected), expected, stats["median"])
+        assert np.allclose(base["raw"], expected, rtol=1e-6)
+        assert base["label"] == f"the {treatment} mean"
+    manifest = load_manifest(disc_dataset)
+    # A training cell (in memory) and a test cell (found by reading DATA_DIR).
+    for split in ("train", "test"):
+        cell_id, values = next(iter(_records(disc_dataset, manifest, splits=(split,))))
+        base = client.get(f"/api/base?base={cell_id}").json()
+        assert base["label"] == f"cell {cell_id}"
+        assert np.allclose(base["raw"], np.where(np.isfinite(values), values, stats["median"]))
+        assert client.get(f"/api/cells?q={cell_id}&lookup=1").json()["exact"] is True
+        assert client.get(f"/api/cells?q={cell_id}").json()["exact"] is (split == "train")
+
+
+def test_unknown_feature_cell_or_treatment_is_a_4xx_naming_it(client):
+    answer = client.get("/api/render?base=median&Nuclei_AreaShape_Aera=1")
+    assert answer.status_code == 400
+    assert "Nuclei_AreaShape_Aera" in answer.json()["error"]
+    assert "Did you mean Nuclei_AreaShape_Area" in answer.json()["error"]
+    answer = client.get(f"/api/image.png?{AREA}=lots")
+    assert answer.status_code == 400 and "'lots'" in answer.json()["error"]
+    answer = client.get("/api/render?base=999-1")
+    assert answer.status_code == 404 and "cell 999-1: not in" in answer.json()["error"]
+    assert client.get("/api/cells?q=999-1&lookup=1").json()["exact"] is False
+    answer = client.get("/api/render?base=Taxol")
+    assert answer.status_code == 404 and "base Taxol" in answer.json()["error"]
+    answer = client.get("/api/interpolate?a=small&b=Taxol")
+    assert answer.status_code == 404 and "treatment Taxol" in answer.json()["error"]
+    answer = client.get(f"/api/traverse?feature={AREA}&steps=100")
+    assert answer.status_code == 400 and "steps 100" in answer.json()["error"]
+    answer = client.get("/api/neighbours?k=x")
+    assert answer.status_code == 400 and "k" in answer.json()["error"]
+
+
+def test_out_of_range_offsets_are_clamped_and_reported(client, model, saved, stats):
+    j = stats["names"].index(AREA)
+    # Without DATA_DIR: +-5 SD.
+    plain = TestClient(explore.create_app(model))
+    answer = plain.get(f"/api/render?base=median&{AREA}=12").json()
+    at_limit = float(stats["median"][j] + 5 * stats["sd"][j])
+    note = f"{AREA}: +12 SD is beyond the ±5 SD range; drawn at +5 SD."
+    assert answer["clamped"] == [{"feature": AREA, "asked": 12.0, "used": explore.OFFSET_LIMIT,
+                                  "value": pytest.approx(at_limit), "note": note}]
+    assert answer["notes"] == [answer["clamped"][0]["note"]]
+    raw = stats["median"].copy()
+    raw[j] += explore.OFFSET_LIMIT * stats["sd"][j]
+    expected = as_uint8(signature(saved, "serving_default", raw))
+    assert np.array_equal(strip_channels(answer["strip"], expected.shape[-1]), expected)
+    # With DATA_DIR: also within the training cells' values (the largest area seen here).
+    high = client.get("/api/info").json()["features"][j]["high"]
+    assert high < stats["median"][j] + 5 * stats["sd"][j]
+    answer = client.get(f"/api/render?base=median&{AREA}=12").json()
+    [clamp] = answer["clamped"]
+    assert clamp["value"] == pytest.approx(high)
+    assert clamp["used"] == pytest.approx((high - stats["median"][j]) / stats["sd"][j], abs=1e-3)
+    assert "beyond the values of the training cells" in clamp["note"] and "+12 SD" in clamp["note"]
+    assert answer["offsets"] == {AREA: clamp["used"]}
+    raw = stats["median"].copy()
+    raw[j] = high
+    expected = as_uint8(signature(saved, "serving_default", raw))
+    assert np.array_equal(strip_channels(answer["strip"], expected.shape[-1]), expected)
+    low = client.get("/api/info").json()["features"][j]["low"]
+    profile = client.get(f"/api/profile?{AREA}=-40").json()
+    assert profile["raw"][AREA] == pytest.approx(max(low, stats["median"][j] - 5 * stats["sd"][j]))
+    assert "-40 SD" in profile["notes"][0]
+
+
+def test_tiff_has_named_channels_and_the_images(client, saved, stats, model):
+    answer = client.get(f"/api/image.tiff?base=median&{AREA}=2")
+    assert answer.status_code == 200
+    assert answer.headers["content-disposition"] == \
+        'attachment; filename="cp2image_median_1changed.tif"'
+    j = stats["names"].index(AREA)
+    raw = stats["median"].copy()
+    raw[j] += 2 * stats["sd"][j]
+    with tifffile.TiffFile(io.BytesIO(answer.content)) as tif:
+        assert tif.imagej_metadata["Labels"] == model.channels
+        data = tif.asarray()
+    assert np.array_equal(data, np.moveaxis(signature(saved, "serving_default", raw), -1, 0))
+
+
+def test_profile_csv_is_a_profiles_table_for_generate(client, tmp_path, stats):
+    answer = client.get(f"/api/profile.csv?base=small&{AREA}=1")
+    path = tmp_path / "profile.csv"
+    path.write_bytes(answer.content)
+    values, extra = read_profiles(path, stats["names"])
+    expected = client.get(f"/api/profile?base=small&{AREA}=1").json()["raw"]
+    assert np.allclose(values.iloc[0].to_numpy(), [expected[n] for n in stats["names"]], rtol=1e-6)
+    assert extra["label"][0] == f"the small mean, {AREA} +1 SD"
+
+
+def test_neighbours_are_the_nearest_training_cells_in_sd_units(client, disc_dataset, stats):
+    manifest = load_manifest(disc_dataset)
+    cells = list(_records(disc_dataset, manifest, splits=("train",)))
+    ids = [c for c, _ in cells]
+    raw = np.stack([v for _, v in cells])
+    z = (np.where(np.isfinite(raw), raw, stats["median"]) - stats["median"]) / stats["sd"]
+    query = client.get(f"/api/profile?base=large&{AREA}=-1").json()["raw"]
+    qz = (np.asarray([query[n] for n in stats["names"]]) - stats["median"]) / stats["sd"]
+    order = np.argsort(np.linalg.norm(z - qz, axis=1))[:4]
+    answer = client.get(f"/api/neighbours?base=large&{AREA}=-1&k=4").json()
+    assert answer["searched"] == len(ids)
+    assert [c["id"] for c in answer["cells"]] == [ids[i] for i in order]
+    crop = strip_channels(answer["cells"][0]["strip"], 2)
+    assert crop.shape == (48, 48, 2) and crop.max() > 0
+
+
+def test_traverse_draws_what_generate_traverse_draws(client, model, disc_dataset, tmp_path):
+    summary = traverse(model, tmp_path / "t", [AREA], start=-1, stop=1, steps=3, base="large",
+                       data=disc_dataset, correlated=True)
+    answer = client.get(f"/api/traverse?base=large&feature={AREA}&start=-1&stop=1&steps=3"
+                        "&correlated=1").json()
+    assert [f["label"] for f in answer["frames"]] == ["-1.0 SD", "+0.0 SD", "+1.0 SD"]
+    got = np.stack([strip_channels(f["strip"], 2) for f in answer["frames"]])
+    # float64 profile arithmetic here and there: allow a rounding step of 1/255.
+    assert np.abs(got.astype(int) - as_uint8(summary["images"][0]).astype(int)).max() <= 1
+    plain = client.get(f"/api/traverse?base=large&feature={AREA}&steps=3").json()
+    middle = client.get("/api/render?base=large").json()["strip"]
+    assert plain["frames"][1]["strip"] == middle  # the 0 SD step is the profile itself
+
+
+def test_interpolation_runs_from_one_treatment_mean_to_the_other(client):
+    answer = client.get("/api/interpolate?a=small&b=large&steps=4").json()
+    assert [f["label"] for f in answer["frames"]] == ["small", "0.33", "0.67", "large"]
+    assert answer["frames"][0]["strip"] == client.get("/api/render?base=small").json()["strip"]
+    assert answer["frames"][-1]["strip"] == client.get("/api/render?base=large").json()["strip"]
+
+
+def test_without_data_the_median_works_and_the_rest_says_what_it_needs(model):
+    client = TestClient(explore.create_app(model))
+    info = client.get("/api/info").json()
+    assert info["treatments"] == [] and set(info["model_treatments"]) == {"small", "large"}
+    assert client.get("/api/render").status_code == 200
+    for url in ("/api/render?base=large", "/api/neighbours", "/api/interpolate?a=small&b=large",
+                f"/api/traverse?feature={AREA}&correlated=1"):
+        answer = client.get(url)
+        assert answer.status_code == 400 and "--data DATA_DIR" in answer.json()["error"], url
+
+
+def test_data_with_other_features_is_refused(model, disc_dataset, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(disc_dataset, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["features"]["names"] = manifest["features"]["names"][::-1]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserInputError, match=r"not the model.s 2 \(in order\)"):
+        explore.create_app(model, other)
+
+
+def test_page_and_its_files_are_served_with_nothing_from_the_internet(client):
+    page = client.get("/")
+    assert page.status_code == 200 and 'src="static/explore.js"' in page.text
+    for name in ("explore.js", "explore.css"):
+        answer = client.get(f"/static/{name}")
+        assert answer.status_code == 200 and len(answer.text) > 1000
+    for path in explore.STATIC.iterdir():
+        assert "http://" not in path.read_text() and "https://" not in path.read_text(), path
+
+
+def test_served_model_gives_the_same_pictures_and_a_stopped_server_a_503(exported, saved, stats,
+                                                                        disc_dataset):
+    models = ServedModels({"cells": exported.parent})
+    j = stats["names"].index(AREA)
+    raw = stats["median"].copy()
+    raw[j] += stats["sd"][j]
+    with rest_server(models) as url:
+        remote = RemoteModel(url, "cells")
+        client = TestClient(explore.create_app(remote, disc_dataset))
+        assert client.get("/api/info").json()["remote"] is True
+        png = client.get(f"/api/image.png?{AREA}=1").content
+        assert np.array_equal(png_pixels(png), png_pixels(signature(saved, "generate_png", raw)))
+        strip = client.get(f"/api/render?{AREA}=1").json()["strip"]
+        expected = as_uint8(signature(saved, "serving_default", raw))
+        assert np.array_equal(strip_channels(strip, 2), expected)
+    # The fake's handler threads outlive its shutdown on kept-alive connections, which a
+    # stopped TF Serving closes: drop them, so that the next request finds nobody listening.
+    remote.close()
+    answer = client.get(f"/api/render?{AREA}=1")
+    assert answer.status_code == 503
+    assert answer.json()["error"].startswith("TensorFlow Serving did not answer: ")
+    assert "cannot reach" in answer.json()["error"]
+    assert client.get("/api/profile").status_code == 200  # what needs no model still works
+
+
+def test_busy_port_is_one_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(UserInputError, match=f"127.0.0.1:{port}.*choose another --port"):
+            explore.bind("127.0.0.1", port)
+
+
+def test_cli_warns_about_a_public_host_and_serves(exported, disc_dataset, monkeypatch):
+    served = {}
+
+    def fake_serve(app, host, port, ready=None, sock=None):
+        served.update(host=host, app=app)
+        sock.close()
+        ready(f"http://{host}:{port}")
+
+    monkeypatch.setattr(explore, "serve", fake_serve)
+    result = CliRunner().invoke(main, ["explore", str(exported), "--data", str(disc_dataset),
+                                       "--host", "0.0.0.0", "--port", "0"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: --host 0.0.0.0: the page will be reachable from other machines" in result.output
+    assert "Open http://0.0.0.0:0 in a browser" in result.output
+    assert served["host"] == "0.0.0.0" and served["app"].state.explorer.reference is not None
+    result = CliRunner().invoke(main, ["explore"])
+    assert result.exit_code == 2 and "Give MODEL" in result.output
+    result = CliRunner().invoke(main, ["explore", "--server", "http://127.0.0.1:9"])
+    assert result.exit_code == 2 and "--model-name" in result.output
+
+
+def test_an_unexpected_error_is_a_json_500_and_one_log_line(model, monkeypatch, caplog):
+    app = explore.create_app(model)
+
+    def broken(params):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(app.state.explorer, "render", broken)
+    answer = TestClient(app).get("/api/render")
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error (ZeroDivisionError: a bug)"}
+    [record] = [r for r in caplog.records if r.name == "cp2image_tf.explore"]
+    assert record.getMessage().startswith("explore: GET /api/render failed: ZeroDivisionError: a bug")
+    assert "Traceback" not in caplog.text
