@@ -607,7 +607,9 @@ def headline_lines(report: dict) -> list[str]:
     if cls:
         lines.append(f"Treatment accuracy: logistic regression trained on the re-measured "
                      f"training cells ({len(cls['classes'])} treatments, chance "
-                     f"{_f(cls['chance'], 2)}).")
+                     f"{_f(cls['chance'], 2)})"
+                     + ("; unseen treatments are scored as described under Unseen treatments."
+                        if cls.get("unseen_protocol") else "."))
         if "moa" in cls:
             moa = cls["moa"]
             lines.append(f"MoA accuracy: the same, by {moa['column']} ({len(moa['classes'])} "
@@ -630,8 +632,10 @@ def headline_lines(report: dict) -> list[str]:
                       f"training cells plus {protocol['learned_cells']} real cells (a random "
                       f"half of each unseen treatment) and is scored on the other "
                       f"{protocol['scored_cells']} (chance {_f(protocol['chance'], 2)}).", ""]
+        if "seen" not in head:
+            lines += ["Every test treatment is unseen: the headline table above is theirs.", ""]
         for group, title in (("seen", "Seen treatments"), ("unseen", "Unseen treatments")):
-            if group in head:
+            if group in head and "seen" in head:
                 lines += [f"### {title}: {', '.join(head[group]['treatments'])} "
                           f"({head[group]['cells']} cells)", ""]
                 lines += _headline_table(head[group]) + [""]
