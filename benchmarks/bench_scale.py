@@ -23,6 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pandas as pd
 
+from _sample import sample_folder
+
 CHANNELS = ["DNA", "Tubulin", "Actin"]
 
 
@@ -46,12 +48,7 @@ def main():
 
     root = Path(tempfile.mkdtemp(prefix="bench_scale_"))
     try:
-        sample = args.sample
-        if sample is None:
-            from cp2image_tf.sampledata import make_sample_data
-
-            sample = root / "sample"
-            make_sample_data(sample, cells=args.cells, seed=0, progress=False)
+        sample = sample_folder(args.sample, root, args.cells)
         cp_dir = sample / "cellprofiler"
         n_cells = len(pd.read_csv(cp_dir / "Nuclei.csv", usecols=["ObjectNumber"]))
         n_sets = len(pd.read_csv(sample / "load_data.csv"))

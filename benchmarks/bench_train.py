@@ -17,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from _sample import sample_folder
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def conv_macs(model) -> int:
@@ -67,12 +68,11 @@ def main():
     try:
         data = args.data
         if data is None:
-            from cp2image_tf.sampledata import make_sample_data
             from tfrecords_tools.convert import ConvertConfig, convert
 
-            make_sample_data(root / "sample", cells=1000, progress=False)
+            sample = sample_folder(None, root, 1000)
             data = root / "data"
-            convert(ConvertConfig(input=str(root / "sample" / "cellprofiler"), out_dir=str(data),
+            convert(ConvertConfig(input=str(sample / "cellprofiler"), out_dir=str(data),
                                   channels=["DNA", "Tubulin", "Actin"], objects=["Nuclei", "Cells"],
                                   split_by=["Metadata_Plate", "Metadata_Well"]), progress=False)
         manifest = load_manifest(data)
