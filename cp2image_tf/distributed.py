@@ -124,6 +124,12 @@ def dask_client(scheduler: str, workers: int = 1, quiet: bool = False):
             cluster.close()
         return
     address = str(scheduler)
+    existing = _open_client(address)
+    if existing is not None:
+        # A notebook's own client of that scheduler: use it. A second client of one scheduler in
+        # one process can see its futures bound to the other's event loop (RuntimeError).
+        yield existing
+        return
     try:
         client = Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as err:
@@ -138,6 +144,19 @@ def dask_client(scheduler: str, workers: int = 1, quiet: bool = False):
         yield client
     finally:
         client.close()
+
+
+def _open_client(address: str):
+    """This process's current Dask client if it is connected to `address`, else None."""
+    from distributed import Client
+
+    try:
+        client = Client.current()
+    except ValueError:  # no client in this process
+        return None
+    if client.status != "running" or client.scheduler is None:
+        return None
+    return client if client.scheduler.address == address else None
 
 
 def _call(fn: Callable, task):

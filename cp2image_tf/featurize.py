@@ -45,6 +45,7 @@ import tifffile
 
 from cp2image_tf.measure import DEFAULT_MODULES, measure_objects, resolve_modules
 from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.manifest import partial_path
 
 __all__ = ["featurize", "DEFAULT_MODULES"]
 
@@ -183,8 +184,7 @@ def measure_part(entry: dict) -> dict:
     """Measure a part's image sets; write its CSVs and summary to .parts/<name>. Pure and
     idempotent: the same part gives the same bytes."""
     final = Path(entry["dir"])
-    tmp = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = partial_path(final)
     tmp.mkdir(parents=True)
     out_dir = Path(entry["out_dir"])
     writers = {obj: _ObjectWriter(tmp / f"{obj}.csv", placeholder=False)
@@ -236,7 +236,7 @@ def _check_part(entry: dict) -> tuple[dict | None, str | None]:
 
 def _concatenate(parts, summaries, outputs: dict, objects) -> dict:
     """The parts' CSVs, in part order, into the outputs: {object: (rows, columns)}."""
-    partial = {key: path.with_name(f".{path.name}.partial") for key, path in outputs.items()}
+    partial = {key: partial_path(path) for key, path in outputs.items()}
     result = {}
     try:
         for key in outputs:
@@ -298,7 +298,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, data: dict):
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = partial_path(path)
     tmp.write_text(json.dumps(data, indent=1, default=str))
     os.replace(tmp, path)
 

@@ -41,7 +41,7 @@ from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.features import (as_float_matrix, drop_uninformative, part_moments,
                                       select_features, sorted_part_values,
                                       statistics_from_parts)
-from tfrecords_tools.manifest import (MANIFEST, SCHEMA_VERSION, sha256_file,
+from tfrecords_tools.manifest import (MANIFEST, SCHEMA_VERSION, partial_path, sha256_file,
                                       write_json_atomic)
 from tfrecords_tools.splits import SPLITS, assign_splits, group_keys, parse_fractions
 
@@ -481,7 +481,7 @@ def write_part(task: dict) -> dict:
 
     out_dir = Path(task["out_dir"])
     final = out_dir / task["file"]
-    tmp = out_dir / f".{task['file']}.partial"
+    tmp = partial_path(final)
     hist, crop_dtype, files, records, features = None, None, {}, 0, []
     with TFRecordWriter(tmp, task["compression"]) as writer:
         for fld in task["fields"]:
@@ -533,7 +533,7 @@ def write_part(task: dict) -> dict:
 
 def _save_npy(path: Path, array) -> str:
     """np.save under a temporary name, renamed when complete; the file's sha256."""
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = partial_path(path)
     with open(tmp, "wb") as handle:
         np.save(handle, array)
     os.replace(tmp, path)
@@ -815,11 +815,13 @@ def finish(config, plan, tasks, out_dir: Path, command, started) -> dict:
         [out_dir / PARTS / f"{s['file']}.values.npy" for s in train], len(plan["names"])))
     manifest = build_manifest(config, plan, summaries, out_dir, dtype, command, started)
     rejects = pd.DataFrame(plan["rejects"], columns=["cell_id", "ImageNumber", "ObjectNumber", "reason"])
-    tmp = out_dir / f".{REJECTS}.partial"
+    tmp = partial_path(out_dir / REJECTS)
     rejects.to_csv(tmp, index=False)
     os.replace(tmp, out_dir / REJECTS)
     write_json_atomic(out_dir / MANIFEST, manifest)
     shutil.rmtree(out_dir / PARTS, ignore_errors=True)
+    for stale in out_dir.glob(".*.partial"):  # left by attempts that were killed
+        stale.unlink(missing_ok=True)
     return manifest
 
 

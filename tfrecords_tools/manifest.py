@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 from tfrecords_tools.errors import UserInputError
@@ -27,10 +28,18 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def partial_path(path) -> Path:
+    """A hidden temporary name beside `path`, unique to this attempt (process and a random
+    tag): when Dask reruns a part whose first attempt still runs (a worker cut off, not dead),
+    the two never write into one file; each renames a complete file into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+
+
 def write_json_atomic(path, data) -> None:
     """Write JSON under a temporary name, then rename: readers never see half a file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = partial_path(path)
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=1, allow_nan=False)
         handle.write("\n")
