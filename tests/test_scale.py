@@ -5,6 +5,7 @@ manifest but for its timing fields, featurize's CSVs byte for byte.
 """
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -166,13 +167,21 @@ def test_local_cluster_featurize_writes_the_same_bytes(sample, cluster, tmp_path
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes()
     assert sorted(p.name for p in (tmp_path / "dask").iterdir()) == [
         "Cells.csv", "Image.csv", "Nuclei.csv"]
-    # --part over 3 parts, then --finalize: the same bytes too; a missing part is named.
+    # The CLI's --part over 3 parts, then --finalize: the same bytes too; a missing part is named.
+    from cli.main import main
+
+    args = ["featurize", str(csv), str(tmp_path / "parts"), "--channels", ",".join(CHANNELS),
+            "--objects", "Nuclei,Cells", "--modules", "sizeshape,intensity", "--part-size", "2",
+            "--quiet"]
     for i in (1, 3):
-        featurize(csv, tmp_path / "parts", part_size=2, part=f"{i}/3", **options)
-    with pytest.raises(UserInputError, match=r"part 2/3 \(part-\d+-of-\d+\) is not complete"):
-        featurize(csv, tmp_path / "parts", part_size=2, finalize=True, **options)
-    featurize(csv, tmp_path / "parts", part_size=2, part="2/3", **options)
-    featurize(csv, tmp_path / "parts", part_size=2, finalize=True, **options)
+        result = CliRunner().invoke(main, args + ["--part", f"{i}/3"])
+        assert result.exit_code == 0 and f"Part {i}/3:" in result.output, result.output
+    result = CliRunner().invoke(main, args + ["--finalize"])
+    assert result.exit_code == 1, result.output
+    assert re.search(r"part 2/3 \(part-\d+-of-\d+\) is not complete", result.output)
+    assert CliRunner().invoke(main, args + ["--part", "2/3"]).exit_code == 0
+    result = CliRunner().invoke(main, args + ["--finalize"])
+    assert result.exit_code == 0 and "Measured" in result.output, result.output
     for name in ("Image.csv", "Nuclei.csv", "Cells.csv"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "parts" / name).read_bytes()
 
