@@ -342,11 +342,17 @@ def split_half_profiles(real: pd.DataFrame, treatments, seed: int, splits: int =
     from cp2image_tf.metrics import profile_agreement, treatment_profiles
 
     treatments = np.asarray(treatments)
+    # A treatment with one cell cannot be split in two; sorted: the same halves in every process.
+    usable = [t for t in sorted(set(treatments)) if (treatments == t).sum() >= 2]
+    if not usable:
+        return {"median_r": None, "retrieval_top1": None, "chance": None, "splits": 0}
+    keep = np.isin(treatments, usable)
+    real, treatments = real[keep].reset_index(drop=True), treatments[keep]
     rng = np.random.default_rng(seed + 4)
     medians, retrievals = [], []
     for _ in range(splits):
         half = np.zeros(len(real), bool)
-        for t in set(treatments):
+        for t in usable:
             idx = np.flatnonzero(treatments == t)
             half[rng.permutation(idx)[: len(idx) // 2]] = True
         a = treatment_profiles(real[half].reset_index(drop=True), treatments[half])

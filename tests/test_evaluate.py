@@ -293,3 +293,17 @@ def test_unseen_treatments_reported_apart(disc_run, tmp_path):
     assert "## Unseen treatments" in markdown
     assert "Every test treatment is unseen" in markdown and "### Unseen" not in markdown
     assert (tmp_path / "out" / "treatments" / f"{unseen[0]}.png").is_file()
+
+
+def test_split_half_ceiling_leaves_out_single_cell_treatments():
+    from cp2image_tf.evaluate import split_half_profiles
+
+    rng = np.random.default_rng(0)
+    labels = np.array(["a"] * 10 + ["b"] * 10)
+    real = pd.DataFrame(rng.normal(size=(20, 5)) + np.where(labels == "a", 3.0, -3.0)[:, None]
+                        * np.array([1, -1, 1, -1, 1]))
+    both = split_half_profiles(real, labels, seed=0)
+    lone = split_half_profiles(pd.concat([real, real.iloc[[0]]], ignore_index=True),
+                               np.append(labels, "c"), seed=0)
+    assert lone == both and both["splits"] == 20 and both["retrieval_top1"] == 1.0
+    assert split_half_profiles(real.iloc[:1], labels[:1], seed=0)["median_r"] is None
