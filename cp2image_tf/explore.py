@@ -475,12 +475,12 @@ class Explorer:
         if correlated and self.data is None:
             raise ApiError(400, "correlated: the correlations come from the training cells; start "
                                 "explore with --data DATA_DIR.")
+        from cp2image_tf.generate import traversal_profiles
+
         profile = self.profile(params)
-        origin = profile.raw.astype(np.float64)
         move = self.correlations(j) if correlated else np.eye(len(self.names))[j]
         zs = np.linspace(start, stop, steps)
-        profiles = origin[None] + zs[:, None] * (move * self.sd)[None]
-        profiles[:, j] = origin[j] + zs * self.sd[j]
+        profiles = traversal_profiles(profile.raw.astype(np.float64), j, move, self.sd, zs)
         labels = [f"{z:+.1f} SD" for z in zs]
         return {"feature": name, "correlated": correlated, "label": profile.label,
                 "frames": self._frames(profiles, labels, profiles[:, j])}
@@ -496,12 +496,11 @@ class Explorer:
             if name not in self.treatments:
                 raise ApiError(404, f"treatment {name}: not in {self.data}; it has "
                                     f"{', '.join(self.treatments)}.")
-        steps = self._steps(params)
-        alphas = np.linspace(0.0, 1.0, steps)
-        ends = np.stack([self.base(a).raw, self.base(b).raw]).astype(np.float64)
-        profiles = (1 - alphas[:, None]) * ends[0] + alphas[:, None] * ends[1]
-        labels = [a if k == 0 else b if k == steps - 1 else f"{alpha:.2f}"
-                  for k, alpha in enumerate(alphas)]
+        from cp2image_tf.generate import interpolation_profiles
+
+        profiles, labels = interpolation_profiles(
+            a, self.base(a).raw.astype(np.float64), b, self.base(b).raw.astype(np.float64),
+            self._steps(params))
         return {"a": a, "b": b, "frames": self._frames(profiles, labels)}
 
     # --- description -------------------------------------------------------------------------

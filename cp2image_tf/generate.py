@@ -446,6 +446,23 @@ def feature_correlations_with(data, model, columns, max_cells: int = 20000) -> n
     return (z[:, columns].T @ z) / len(z)
 
 
+def traversal_profiles(origin, j: int, move, sd, zs) -> np.ndarray:
+    """[len(zs), F] profiles: feature j at origin + z SDs; every other feature k at origin +
+    z * move[k] SDs (move: the unit vector of j, or its training correlations)."""
+    profiles = origin[None] + zs[:, None] * (move * sd)[None]
+    profiles[:, j] = origin[j] + zs * sd[j]
+    return profiles
+
+
+def interpolation_profiles(a: str, a_raw, b: str, b_raw, steps: int):
+    """(profiles [steps, F], labels): linear steps from profile a to profile b."""
+    alphas = np.linspace(0.0, 1.0, steps)
+    profiles = (1 - alphas[:, None]) * a_raw[None] + alphas[:, None] * b_raw[None]
+    labels = [a if k == 0 else b if k == steps - 1 else f"{alpha:.2f}"
+              for k, alpha in enumerate(alphas)]
+    return profiles, labels
+
+
 def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0,
              steps: int = 7, base: str = "median", data=None, interpolate=None,
              correlated: bool = False, overwrite: bool = False) -> dict:
@@ -476,8 +493,7 @@ def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0
             moves = feature_correlations_with(data, model, chosen)
         for j, move in zip(chosen, moves):
             full = model.feature_names[j]
-            profiles = origin[None] + zs[:, None] * (move * model.sd)[None]
-            profiles[:, j] = origin[j] + zs * model.sd[j]
+            profiles = traversal_profiles(origin, j, move, model.sd, zs)
             rows.append(profiles)
             row_names.append(full)
             tile_labels.append([f"{z:+.1f} SD\n{v:.4g}" for z, v in zip(zs, profiles[:, j])])
@@ -489,13 +505,12 @@ def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0
         a, b = interpolate
         means = treatment_means(data, model, [a, b]).to_numpy(np.float32)
         means = np.where(np.isfinite(means), means, model.median)
-        alphas = np.linspace(0.0, 1.0, steps)
-        rows.append((1 - alphas[:, None]) * means[0] + alphas[:, None] * means[1])
+        profiles, labels = interpolation_profiles(a, means[0], b, means[1], steps)
+        rows.append(profiles)
         row_names.append(f"{a} -> {b}")
-        tile_labels.append([a if k == 0 else b if k == steps - 1 else f"{alpha:.2f}"
-                            for k, alpha in enumerate(alphas)])
+        tile_labels.append(labels)
         records += [{"row": f"{a} -> {b}", "step": k, "z": alpha, "value": np.nan}
-                    for k, alpha in enumerate(alphas)]
+                    for k, alpha in enumerate(np.linspace(0.0, 1.0, steps))]
         if not features:
             title = f"Interpolation between treatment means (model: {model.source})"
     profiles = np.concatenate(rows).astype(np.float32)
