@@ -111,17 +111,11 @@ def dask_client(scheduler: str, workers: int = 1, quiet: bool = False):
             cluster = LocalCluster(host="127.0.0.1", n_workers=int(workers),
                                    threads_per_worker=1, processes=True,
                                    dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
-        try:
-            client = Client(cluster)
-            try:
-                if not quiet:
-                    print(f"Dask LocalCluster: {workers} worker process(es); dashboard "
-                          f"{client.dashboard_link}", file=sys.stderr)
-                yield client
-            finally:
-                client.close()
-        finally:
-            cluster.close()
+        with cluster, Client(cluster) as client:
+            if not quiet:
+                print(f"Dask LocalCluster: {workers} worker process(es); dashboard "
+                      f"{client.dashboard_link}", file=sys.stderr)
+            yield client
         return
     address = str(scheduler)
     existing = _open_client(address)
@@ -137,13 +131,11 @@ def dask_client(scheduler: str, workers: int = 1, quiet: bool = False):
         raise UserInputError(f"--scheduler {address}: no Dask scheduler answered within "
                              f"{CONNECT_TIMEOUT} s ({reason[:120]}). Start one (dask scheduler) "
                              "or check the address and port.") from None
-    try:
+    with client:
         if not quiet:
             print(f"Dask scheduler {address}: {len(client.scheduler_info()['workers'])} "
                   f"worker(s); dashboard {client.dashboard_link}", file=sys.stderr)
         yield client
-    finally:
-        client.close()
 
 
 def _open_client(address: str):
