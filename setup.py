@@ -1,11 +1,11 @@
 """Packaging for cp2image-tf: see README.md."""
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = {}
-exec((HERE / "cp2image_tf" / "_version.py").read_text(), VERSION)
+exec((HERE / "tfrecords_tools" / "_version.py").read_text(), VERSION)
 
 setup(
     name="cp2image-tf",
@@ -17,9 +17,9 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["cp2image_tf", "tfrecords_tools", "cli"],
+    packages=find_packages(include=["cp2image_tf", "cp2image_tf.*", "tfrecords_tools", "cli"]),
     # explore's page: plain HTML, JS and CSS served from the package.
-    package_data={"cp2image_tf": ["explore_static/*"]},
+    package_data={"cp2image_tf.explore": ["static/*"]},
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.3,<4",

@@ -40,8 +40,8 @@ from bench_serve import CHANNELS, make_manifest, timed_rounds  # noqa: E402
 def save_random_model(root: Path, n_features: int, crop: int) -> Path:
     import tensorflow as tf
 
-    from cp2image_tf.export import serving_module
-    from cp2image_tf.model import build_decoder
+    from cp2image_tf.serving.export import serving_module
+    from cp2image_tf.training.model import build_decoder
 
     manifest = make_manifest(n_features, crop)
     decoder = build_decoder(n_features, crop, len(CHANNELS))
@@ -84,7 +84,7 @@ def main():
     import requests
     import tensorflow as tf
 
-    from cp2image_tf.generate import load_model, resolve_saved_model
+    from cp2image_tf.drawing.generate import load_model, resolve_saved_model
 
     root = Path(tempfile.mkdtemp(prefix="bench_explore_"))
     process = None

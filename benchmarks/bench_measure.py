@@ -1,4 +1,4 @@
-"""Per-module cost of cp2image_tf.measure on sample-data fields (512x512, ~24 cells, 3 channels).
+"""Per-module cost of cp2image_tf.measuring.measure on sample-data fields (512x512, ~24 cells, 3 channels).
 
 Prints CPU milliseconds per cell (its nucleus and its cell measured, in all three channels) for
 each module alone, then for DEFAULT_MODULES and ALL_MODULES together. Each figure is the
@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from cp2image_tf import measure
+from cp2image_tf.measuring import measure
 from cp2image_tf.sampledata import CHANNELS, TREATMENTS, draw_field
 
 

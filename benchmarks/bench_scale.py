@@ -42,8 +42,8 @@ def main():
     parser.add_argument("--noop-parts", type=int, default=300)
     args = parser.parse_args()
 
-    from cp2image_tf.distributed import dask_client, run_parts
-    from cp2image_tf.featurize import featurize
+    from tfrecords_tools.parts import dask_client, run_parts
+    from cp2image_tf.measuring.featurize import featurize
     from tfrecords_tools.convert import ConvertConfig, convert, plan_dataset
 
     root = Path(tempfile.mkdtemp(prefix="bench_scale_"))

@@ -59,8 +59,8 @@ def main():
 
     import tensorflow as tf
 
-    from cp2image_tf.config import FitConfig
-    from cp2image_tf.train import Trainer
+    from cp2image_tf.training.config import FitConfig
+    from cp2image_tf.training.train import Trainer
     from tfrecords_tools.manifest import load_manifest
     from tfrecords_tools.reader import make_dataset
 

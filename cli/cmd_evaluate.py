@@ -45,8 +45,8 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     table first), report.json, features.csv, remeasured.parquet and PNGs
     (cells.png, treatments/<treatment>.png, modules.png, scatter.png) to OUT_DIR.
     """
-    from cp2image_tf.evaluate import THRESHOLD, evaluate as run
-    from cp2image_tf.generate import load_model
+    from cp2image_tf.evaluation.evaluate import THRESHOLD, evaluate as run
+    from cp2image_tf.drawing.generate import load_model
 
     start_tensorflow()
     model = call(load_model, model_path, checkpoint)

@@ -37,7 +37,7 @@ def explore(model_path, data_dir, server, model_name, use_grpc, model_version, h
     treatments; download the image (PNG, TIFF) and the profile (CSV); share
     the URL, which holds the profile.
     """
-    from cp2image_tf import explore as lib
+    from cp2image_tf.explore import explorer as lib
 
     if model_path is None and server is None:
         raise click.UsageError("Give MODEL (a run folder or SavedModel), or --server URL "
@@ -53,11 +53,11 @@ def explore(model_path, data_dir, server, model_name, use_grpc, model_version, h
     sock = call(lib.bind, host, port)  # a busy port fails before the model is loaded
     start_tensorflow()
     if server is not None:
-        from cp2image_tf.serving_client import RemoteModel
+        from cp2image_tf.serving.remote import RemoteModel
 
         model = call(RemoteModel, server, model_name, grpc=use_grpc, version=model_version)
     else:
-        from cp2image_tf.generate import load_model
+        from cp2image_tf.drawing.generate import load_model
 
         model = call(load_model, model_path, checkpoint)
     click.echo(f"Model: {model.source}")

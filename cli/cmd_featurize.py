@@ -45,7 +45,7 @@ def featurize_command(load_data_csv, out_dir, channels, objects, modules, scale,
     Relative paths are read relative to the CSV's folder. OUT_DIR receives Image.csv and one
     <object>.csv per object set, laid out as CellProfiler's ExportToSpreadsheet writes them.
     """
-    from cp2image_tf.featurize import featurize
+    from cp2image_tf.measuring.featurize import featurize
 
     summary = call(featurize, load_data_csv, out_dir, channels=parse_list(channels),
                    objects=parse_list(objects), modules=parse_list(modules), workers=workers,

@@ -35,8 +35,8 @@ def fit(data_dir, run_dir, steps, batch_size, strategy, config_file, stratify, s
     real-vs-generated pictures (RUN_DIR/samples/latest.png) to RUN_DIR. Running
     the same command again resumes from the latest checkpoint.
     """
-    from cp2image_tf.config import FitConfig
-    from cp2image_tf.train import fit as run
+    from cp2image_tf.training.config import FitConfig
+    from cp2image_tf.training.train import fit as run
 
     config = call(FitConfig.from_file, config_file, steps=steps, batch_size=batch_size,
                   strategy=strategy, stratify=stratify, scaling=scaling, noise_dim=noise_dim,

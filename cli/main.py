@@ -13,7 +13,7 @@ import warnings
 
 import click
 
-from cp2image_tf._version import __version__
+from tfrecords_tools._version import __version__
 from tfrecords_tools.errors import UserInputError
 
 # TensorFlow's C++ start-up chatter (no CUDA here, oneDNN notes) is not for users.
@@ -109,11 +109,11 @@ def main():
 
 
 def _register():
-    from cli import commands_data  # noqa: F401  (registers its commands on `main`)
+    from cli import cmd_convert  # noqa: F401  (registers its commands on `main`)
     from cli import cmd_sample_data  # noqa: F401
     from cli import cmd_featurize  # noqa: F401
     from cli import cmd_fit  # noqa: F401
-    from cli import cmd_models  # noqa: F401
+    from cli import cmd_generate  # noqa: F401
     from cli import cmd_evaluate  # noqa: F401
     from cli import cmd_explore  # noqa: F401
 

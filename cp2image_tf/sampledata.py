@@ -4,7 +4,7 @@
 16-bit TIFFs (one per channel per field: DNA, Tubulin, Actin), label images of
 nuclei and cells, a CellProfiler LoadData CSV, the CellProfiler-style
 measurements of every cell (`cellprofiler/Image.csv`, `Nuclei.csv`, `Cells.csv`,
-computed by `cp2image_tf.featurize`), and the generator's own per-cell parameters
+computed by `cp2image_tf.measuring.featurize`), and the generator's own per-cell parameters
 (`ground_truth.csv`), so that a measurement can be checked against what was drawn.
 
 What is drawn, per 512 x 512 field of ~24 cells: a nucleus per cell (a lobed
@@ -693,9 +693,9 @@ def _write_load_data(plans, root: Path) -> Path:
 
 
 def _measure(load_data: Path, out: Path, workers: int, progress: bool):
-    """CellProfiler-style measurements of every nucleus and cell, via cp2image_tf.featurize."""
-    from cp2image_tf.featurize import featurize
-    from cp2image_tf.measure import DEFAULT_MODULES
+    """CellProfiler-style measurements of every nucleus and cell, via cp2image_tf.measuring.featurize."""
+    from cp2image_tf.measuring.featurize import featurize
+    from cp2image_tf.measuring.measure import DEFAULT_MODULES
 
     featurize(load_data, out_dir=out, channels=list(CHANNELS), objects=list(OBJECTS),
               modules=DEFAULT_MODULES, workers=workers, overwrite=True, progress=progress)

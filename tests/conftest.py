@@ -132,8 +132,8 @@ def disc_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def disc_run(disc_dataset, tmp_path_factory):
     """A run folder of a short fit on the disc dataset (best checkpoint at step 6 or 12)."""
-    from cp2image_tf.config import FitConfig
-    from cp2image_tf.train import fit
+    from cp2image_tf.training.config import FitConfig
+    from cp2image_tf.training.train import fit
 
     run = tmp_path_factory.mktemp("disc_run") / "run"
     fit(disc_dataset, run, FitConfig(steps=12, batch_size=8, validate_every=6, checkpoint_every=6,

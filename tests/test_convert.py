@@ -10,7 +10,7 @@ from conftest import CHANNELS, make_cellprofiler_folder
 from tfrecords_tools import convert as convert_module
 from tfrecords_tools.convert import ConvertConfig, convert, cut_crop
 from tfrecords_tools.errors import UserInputError
-from tfrecords_tools.inspect import verify
+from tfrecords_tools.inspection import verify
 from tfrecords_tools.manifest import load_manifest
 from tfrecords_tools.records import decode_example, iterate_records
 

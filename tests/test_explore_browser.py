@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cp2image_tf import explore
-from cp2image_tf.generate import load_model
+from cp2image_tf.explore import explorer as explore
+from cp2image_tf.drawing.generate import load_model
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

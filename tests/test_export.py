@@ -13,8 +13,8 @@ import tifffile
 from click.testing import CliRunner
 
 from cli.main import main
-from cp2image_tf.export import export, load_run
-from cp2image_tf.generate import generate, load_model, read_profiles, traverse
+from cp2image_tf.serving.export import export, load_run
+from cp2image_tf.drawing.generate import generate, load_model, read_profiles, traverse
 from tfrecords_tools.errors import UserInputError
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -1,4 +1,4 @@
-"""cp2image_tf.featurize: a LoadData CSV in, CellProfiler's Image.csv and object CSVs out."""
+"""cp2image_tf.measuring.featurize: a LoadData CSV in, CellProfiler's Image.csv and object CSVs out."""
 import os
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 
-from cp2image_tf.featurize import featurize
+from cp2image_tf.measuring.featurize import featurize
 from tfrecords_tools.errors import UserInputError
 
 MODULES = ["sizeshape", "intensity"]

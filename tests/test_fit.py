@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from cli.main import main
-from cp2image_tf.config import FitConfig
-from cp2image_tf.train import fit
+from cp2image_tf.training.config import FitConfig
+from cp2image_tf.training.train import fit
 from tfrecords_tools.errors import UserInputError
 
 SMALL = dict(batch_size=8, log_every=1, validate_every=3, checkpoint_every=3, val_cells=64,
@@ -46,8 +46,8 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-from cp2image_tf.config import FitConfig
-from cp2image_tf.train import Trainer
+from cp2image_tf.training.config import FitConfig
+from cp2image_tf.training.train import Trainer
 from tfrecords_tools.manifest import load_manifest
 
 manifest = load_manifest(sys.argv[1])
@@ -85,8 +85,8 @@ def test_mirrored_over_two_devices_matches_one_device(disc_dataset):
 
 WORKER = """
 import json, sys
-from cp2image_tf.config import FitConfig
-from cp2image_tf.train import fit
+from cp2image_tf.training.config import FitConfig
+from cp2image_tf.training.train import fit
 summary = fit(sys.argv[1], sys.argv[2], FitConfig(steps=4, strategy="multiworker", batch_size=8,
               log_every=1, validate_every=2, checkpoint_every=2, val_cells=32, grid_cells=2),
               progress=False)
@@ -198,7 +198,7 @@ def test_bad_input_is_one_clear_line(disc_dataset, tmp_path, monkeypatch):
 def test_noise_input_trains_and_generates_several_cells(disc_dataset):
     import tensorflow as tf
 
-    from cp2image_tf.train import Trainer
+    from cp2image_tf.training.train import Trainer
     from tfrecords_tools.manifest import load_manifest
 
     manifest = load_manifest(disc_dataset)

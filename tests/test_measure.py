@@ -1,4 +1,4 @@
-"""cp2image_tf.measure: values on drawn objects, CellProfiler's names, cp-measure's values."""
+"""cp2image_tf.measuring.measure: values on drawn objects, CellProfiler's names, cp-measure's values."""
 import re
 import warnings
 
@@ -7,7 +7,7 @@ import pytest
 from cp_measure.core.measuregranularity import get_granularity
 from cp_measure.core.measureobjectintensitydistribution import get_radial_distribution
 
-from cp2image_tf import measure
+from cp2image_tf.measuring import measure
 from tfrecords_tools.errors import UserInputError
 
 

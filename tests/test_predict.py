@@ -18,10 +18,10 @@ from PIL import Image
 
 from fake_serving import ServedModels, grpc_server, rest_server
 
-from cp2image_tf import serving_client
-from cp2image_tf.export import serving_module
-from cp2image_tf.model import build_decoder
-from cp2image_tf.serving_client import RemoteModel
+from cp2image_tf.serving import remote as serving_client
+from cp2image_tf.serving.export import serving_module
+from cp2image_tf.training.model import build_decoder
+from cp2image_tf.serving.remote import RemoteModel
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest
 
@@ -320,7 +320,7 @@ def test_wrong_feature_count_is_refused(servers, api):
 
 def test_rest_client_does_not_import_tensorflow(servers):
     script = ("import sys, numpy as np\n"
-              "from cp2image_tf.serving_client import RemoteModel\n"
+              "from cp2image_tf.serving.remote import RemoteModel\n"
               f"remote = RemoteModel({servers.rest!r}, 'cells')\n"
               "assert remote.images(np.ones((2, 2))).shape == (2, 48, 48, 2)\n"
               "assert len(remote.pngs(np.ones((2, 2)))) == 2\n"
@@ -339,7 +339,7 @@ def test_predict_command_writes_what_generate_writes(api, model, servers, disc_d
     from click.testing import CliRunner
 
     from cli.main import main
-    from cp2image_tf.generate import generate, load_model
+    from cp2image_tf.drawing.generate import generate, load_model
 
     table = disc_dataset.parent / "cp" / "Nuclei.csv"
     args = ["predict", str(table), str(tmp_path / "served"), "--server", getattr(servers, api),

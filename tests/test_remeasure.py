@@ -1,4 +1,4 @@
-"""cp2image_tf.remeasure: segmenting drawn cells, re-measuring them, planning by feature name."""
+"""cp2image_tf.measuring.remeasure: segmenting drawn cells, re-measuring them, planning by feature name."""
 import warnings
 
 import numpy as np
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from skimage.draw import disk
 
-from cp2image_tf import remeasure as rm
+from cp2image_tf.measuring import remeasure as rm
 from tfrecords_tools.errors import UserInputError
 
 CHANNELS = ["DNA", "Tubulin", "Actin"]

@@ -17,7 +17,7 @@ import tifffile
 from click.testing import CliRunner
 
 from conftest import CHANNELS, make_cellprofiler_folder
-from cp2image_tf import distributed
+from tfrecords_tools import parts as distributed
 from tfrecords_tools.convert import (ConvertConfig, build_tasks, convert, plan_dataset,
                                      write_part)
 from tfrecords_tools.errors import UserInputError
@@ -154,7 +154,7 @@ def test_local_cluster_convert_equals_single_process(sample, cluster, tmp_path):
 
 
 def test_local_cluster_featurize_writes_the_same_bytes(sample, cluster, tmp_path):
-    from cp2image_tf.featurize import featurize
+    from cp2image_tf.measuring.featurize import featurize
 
     options = dict(channels=list(CHANNELS), objects=["Nuclei", "Cells"],
                    modules=["sizeshape", "intensity"], progress=False)
@@ -187,7 +187,7 @@ def test_local_cluster_featurize_writes_the_same_bytes(sample, cluster, tmp_path
 
 
 def test_remeasure_on_dask_equals_one_process(cluster):
-    from cp2image_tf import remeasure as rm
+    from cp2image_tf.measuring import remeasure as rm
 
     yy, xx = np.mgrid[:40, :40]
     crops = []

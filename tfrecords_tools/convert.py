@@ -14,7 +14,7 @@ formula in part order, median and MAD exactly).
 
 Every way of running gives the same dataset: one process, a process pool
 (`workers`), Dask (`scheduler`: "local" or an address, see
-`cp2image_tf.distributed`), or `part=(I, N)` runs of the I-th of N groups of
+`tfrecords_tools.parts`), or `part=(I, N)` runs of the I-th of N groups of
 shards followed by one `finalize=True` run (a Slurm array, Nextflow).
 
 Shards are treatment-pure (one treatment per shard), so that the reader can
@@ -663,7 +663,7 @@ def completed_part(out_dir: Path, task: dict):
 def run_parts(tasks: list[dict], workers: int, progress: bool, scheduler: str | None = None,
               client=None):
     """Run the parts (one process, a process pool or Dask) with a progress bar over parts."""
-    from cp2image_tf.distributed import run_parts as run
+    from tfrecords_tools.parts import run_parts as run
 
     total_cells = sum(len(f["cells"]) for t in tasks for f in t["fields"])
     keys = [f"convert-{t['file']}-{t['plan_hash'][:16]}" for t in tasks]
@@ -726,7 +726,7 @@ def convert(config: ConvertConfig, progress: bool = True, command: list[str] | N
     gathers the completed parts into the manifest, with a clear error naming
     any part that is missing or corrupt.
     """
-    from cp2image_tf.distributed import check_options, dask_client, parse_part
+    from tfrecords_tools.parts import check_options, dask_client, parse_part
 
     started = time.time()
     part = parse_part(part)
@@ -739,7 +739,7 @@ def convert(config: ConvertConfig, progress: bool = True, command: list[str] | N
 
 
 def _convert(config, progress, command, part, finalize, client, started):
-    from cp2image_tf.distributed import select_part
+    from tfrecords_tools.parts import select_part
 
     if part is not None and config.overwrite:
         raise UserInputError("--overwrite with --part: parts of one job run at the same time and "
@@ -795,7 +795,7 @@ def finish(config, plan, tasks, out_dir: Path, command, started) -> dict:
                 count = int(json.loads(partition.read_text())["parts"])
             except (ValueError, KeyError, TypeError):
                 count = None
-        from cp2image_tf.distributed import part_of
+        from tfrecords_tools.parts import part_of
 
         position, task, problem = problems[0]
         which = (f"part {part_of(position, len(tasks), count)}/{count}" if count
@@ -826,7 +826,7 @@ def finish(config, plan, tasks, out_dir: Path, command, started) -> dict:
 
 
 def build_manifest(config, plan, summaries, out_dir, dtype, command, started) -> dict:
-    from cp2image_tf._version import __version__
+    from tfrecords_tools._version import __version__
 
     cells = plan["cells"]
     counts = {split: int((cells["_split"] == split).sum()) for split in SPLITS}

@@ -24,7 +24,7 @@ def export(run_dir, model_base, version, checkpoint, no_warmup):
     version is never overwritten.
     """
     start_tensorflow()
-    from cp2image_tf.export import export as run
+    from cp2image_tf.serving.export import export as run
 
     summary = call(run, run_dir, model_base, version=version, checkpoint=checkpoint,
                    warmup=not no_warmup)
@@ -67,7 +67,7 @@ def generate(paths, treatment_mean, data_dir, object_name, missing, label_column
     feature name, extra columns are ignored. Writes OUT_DIR/cells/*.tif (one ImageJ hyperstack
     per cell, channels named), OUT_DIR/montage.png and OUT_DIR/profiles.csv.
     """
-    from cp2image_tf.generate import generate as run, load_model
+    from cp2image_tf.drawing.generate import generate as run, load_model
 
     if len(paths) not in (2, 3):
         raise click.UsageError("Give MODEL PROFILES OUT_DIR, or MODEL OUT_DIR with "
@@ -117,7 +117,7 @@ def traverse(model_path, out_dir, features, start, stop, steps, base, correlated
     (one row per feature, labelled with its values), a TIFF stack per row and
     traverse.csv.
     """
-    from cp2image_tf.generate import load_model, traverse as run
+    from cp2image_tf.drawing.generate import load_model, traverse as run
 
     start_tensorflow()
     model = call(load_model, model_path, checkpoint)
@@ -150,8 +150,8 @@ def predict(profiles, out_dir, server, model_name, use_grpc, model_version, obje
     Reads the feature names from the server, builds requests from PROFILES by
     column name and writes the same outputs as `generate`.
     """
-    from cp2image_tf.generate import generate as run
-    from cp2image_tf.serving_client import RemoteModel
+    from cp2image_tf.drawing.generate import generate as run
+    from cp2image_tf.serving.remote import RemoteModel
 
     if use_grpc:
         start_tensorflow()

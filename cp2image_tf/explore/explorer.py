@@ -1,6 +1,6 @@
 """explore: a web page to see what a CellProfiler profile looks like, live.
 
-    from cp2image_tf.explore import create_app, serve
+    from cp2image_tf.explore.explorer import create_app, serve
     app = create_app(load_model("demo-output/models/cp2image"), data="demo-output/tfrecords")
     serve(app, port=8080)          # or: cp2image-tf explore MODEL --data DATA_DIR
 
@@ -16,7 +16,7 @@ range of the training cells read (an eccentricity above 1, a negative area); the
 
 Endpoints (GET; errors are JSON {"error": "..."}: 400 bad input, 404 an unknown cell or
 treatment, 503 TensorFlow Serving not answering):
-    /                        the page (explore_static/: plain HTML, JS and CSS, no build step)
+    /                        the page (static/: plain HTML, JS and CSS, no build step)
     /api/info                model, features (compartment, module, median, SD), treatments, data
     /api/base?base=B         a base's raw profile (NaN filled with the training median)
     /api/cells?q=TEXT[&lookup=1]
@@ -56,7 +56,7 @@ import numpy as np
 
 from tfrecords_tools.errors import UserInputError
 
-STATIC = Path(__file__).parent / "explore_static"
+STATIC = Path(__file__).parent / "static"
 OFFSET_LIMIT = 5.0  # SDs from the base a feature may move; beyond, values are clamped
 MAX_STEPS = 15
 MAX_NEIGHBOURS = 12
@@ -135,7 +135,7 @@ def read_reference_cells(data, manifest: dict, model, max_cells: int = MAX_CELLS
     of its shards): ids, treatments, raw features and 8-bit crops scaled as the model's."""
     import tensorflow as tf
 
-    from cp2image_tf.evaluate import stratified_quota
+    from cp2image_tf.evaluation.evaluate import stratified_quota
     from tfrecords_tools.manifest import shard_files
     from tfrecords_tools.reader import parse_batch_fn
 
@@ -165,7 +165,7 @@ class Explorer:
     the nearest real cells, traversals and interpolations. Thread-safe."""
 
     def __init__(self, model, data=None, max_cells: int = MAX_CELLS, progress=None):
-        from cp2image_tf.generate import LocalModel, check_data, treatment_means
+        from cp2image_tf.drawing.generate import LocalModel, check_data, treatment_means
 
         say = progress or (lambda message: None)
         self.model = model
@@ -219,7 +219,7 @@ class Explorer:
 
     def base(self, name: str) -> Base:
         """median, a treatment's mean (needs DATA_DIR) or a cell id of DATA_DIR."""
-        from cp2image_tf.generate import base_profile
+        from cp2image_tf.drawing.generate import base_profile
 
         name = (name or "median").strip()
         with self._lock:
@@ -260,7 +260,7 @@ class Explorer:
 
     def feature(self, name: str) -> str:
         """A feature's full name (exact, case-insensitive or a unique end), else a 400 naming it."""
-        from cp2image_tf.generate import resolve_feature
+        from cp2image_tf.drawing.generate import resolve_feature
 
         if name in self.position:
             return name
@@ -448,7 +448,7 @@ class Explorer:
 
     def correlations(self, j: int) -> np.ndarray:
         """Correlation of feature j with every feature over DATA_DIR's training cells."""
-        from cp2image_tf.generate import feature_correlations_with
+        from cp2image_tf.drawing.generate import feature_correlations_with
 
         with self._lock:
             if j in self._correlations:
@@ -475,7 +475,7 @@ class Explorer:
         if correlated and self.data is None:
             raise ApiError(400, "correlated: the correlations come from the training cells; start "
                                 "explore with --data DATA_DIR.")
-        from cp2image_tf.generate import traversal_profiles
+        from cp2image_tf.drawing.generate import traversal_profiles
 
         profile = self.profile(params)
         move = self.correlations(j) if correlated else np.eye(len(self.names))[j]
@@ -496,7 +496,7 @@ class Explorer:
             if name not in self.treatments:
                 raise ApiError(404, f"treatment {name}: not in {self.data}; it has "
                                     f"{', '.join(self.treatments)}.")
-        from cp2image_tf.generate import interpolation_profiles
+        from cp2image_tf.drawing.generate import interpolation_profiles
 
         profiles, labels = interpolation_profiles(
             a, self.base(a).raw.astype(np.float64), b, self.base(b).raw.astype(np.float64),

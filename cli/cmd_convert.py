@@ -107,7 +107,7 @@ def convert(input_path, out_dir, channels, objects, table, crop_column, crop_siz
               help="Read every record and check checksums and counts against the manifest.")
 def inspect(data_dir, verify):
     """Summarise a converted dataset; --verify checks every shard and record."""
-    from tfrecords_tools import inspect as lib
+    from tfrecords_tools import inspection as lib
 
     click.echo(call(lib.summarize, data_dir))
     if verify:

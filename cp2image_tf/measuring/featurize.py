@@ -3,7 +3,7 @@
 `featurize(load_data_csv, out_dir, channels, objects)` reads a CellProfiler LoadData CSV (one row
 per image set: `FileName_<channel>` / `PathName_<channel>` for each channel,
 `ObjectsFileName_<object>` / `ObjectsPathName_<object>` for each label mask, optional
-`ImageNumber` and `Metadata_*` columns), measures every object with `cp2image_tf.measure`, and
+`ImageNumber` and `Metadata_*` columns), measures every object with `cp2image_tf.measuring.measure`, and
 writes what CellProfiler's ExportToSpreadsheet would:
 
     out_dir/Image.csv      one row per image set: ImageNumber, FileName_/PathName_ per channel,
@@ -22,7 +22,7 @@ Image sets are measured in parts of `part_size` image sets each: a part is a pur
 function that writes its own Image.csv and object CSVs to `out_dir/.parts/part-<k>-of-<n>/`
 (under a temporary name, renamed when complete, with a summary holding each file's sha256).
 Parts run in this process, in a process pool (`workers` > 1), on Dask (`scheduler`: "local" for
-a LocalCluster of `workers` processes, or a scheduler's address; see cp2image_tf.distributed), or
+a LocalCluster of `workers` processes, or a scheduler's address; see tfrecords_tools.parts), or
 one group at a time (`part=(I, N)`, e.g. a Slurm array) followed by `finalize=True`. The final
 step concatenates the parts in order into the CSVs (under temporary names, renamed when
 complete): the same bytes however the parts ran. Memory holds a part, not the experiment. An
@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
-from cp2image_tf.measure import DEFAULT_MODULES, measure_objects, resolve_modules
+from cp2image_tf.measuring.measure import DEFAULT_MODULES, measure_objects, resolve_modules
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import partial_path
 
@@ -60,7 +60,7 @@ def featurize(load_data_csv, out_dir, channels, objects, modules=DEFAULT_MODULES
     """Measure every object of every image set in `load_data_csv`; write CellProfiler CSVs.
 
     `channels` and `objects` name the images and label masks to use (`FileName_<channel>`,
-    `ObjectsFileName_<object>` columns). `modules`: names from `cp2image_tf.measure.MODULES`,
+    `ObjectsFileName_<object>` columns). `modules`: names from `cp2image_tf.measuring.measure.MODULES`,
     "default" or "all". `scale` (integer images only): None (the dtype's maximum), one number
     for every channel, or {channel: number}. `workers` > 1 measures parts in that many
     processes (with `scheduler="local"`: a LocalCluster of that many). `scheduler`: a Dask
@@ -68,7 +68,7 @@ def featurize(load_data_csv, out_dir, channels, objects, modules=DEFAULT_MODULES
     of parts and returns that group's summary; `finalize=True` then writes the CSVs from the
     completed parts. Returns a summary: counts, feature numbers, output paths, seconds.
     """
-    from cp2image_tf.distributed import check_options, dask_client, parse_part
+    from tfrecords_tools.parts import check_options, dask_client, parse_part
 
     part = parse_part(part)
     check_options(scheduler, workers, part, finalize)
@@ -83,7 +83,7 @@ def featurize(load_data_csv, out_dir, channels, objects, modules=DEFAULT_MODULES
 
 def _featurize(load_data_csv, out_dir, channels, objects, modules, workers, overwrite, scale,
                progress, scheduler, part, finalize, part_size, client) -> dict:
-    from cp2image_tf.distributed import part_of, run_parts, select_part
+    from tfrecords_tools.parts import part_of, run_parts, select_part
 
     started = time.perf_counter()
     load_data_csv = Path(load_data_csv)

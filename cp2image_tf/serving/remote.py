@@ -6,7 +6,7 @@
     model.images(raw)   # [N, F] raw CellProfiler values -> float32 [N, H, W, C] in [0, 1]
     model.pngs(raw)     # -> one composite PNG (bytes) per cell
 
-The served model must be a SavedModel written by `cp2image_tf.export` (signatures
+The served model must be a SavedModel written by `cp2image_tf.serving.export` (signatures
 serving_default, generate_png and describe). Requests carry at most BATCH rows.
 The REST path needs numpy and requests only; the gRPC path imports TensorFlow.
 """

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cp2image_tf.config import FitConfig
+from cp2image_tf.training.config import FitConfig
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest
 
@@ -75,7 +75,7 @@ class Trainer:
         import keras
         import tensorflow as tf
 
-        from cp2image_tf.model import (build_decoder, build_discriminator, conv_kernels,
+        from cp2image_tf.training.model import (build_decoder, build_discriminator, conv_kernels,
                                        training_decoder)
 
         self.manifest, self.config, self.strategy = manifest, config, strategy
@@ -152,7 +152,7 @@ class Trainer:
         """Forward both networks once; loss terms and both networks' gradients."""
         import tensorflow as tf
 
-        from cp2image_tf.losses import (discriminator_loss, feature_loss, perceptual_weights,
+        from cp2image_tf.training.losses import (discriminator_loss, feature_loss, perceptual_weights,
                                         pixel_loss)
 
         cfg = self.config
@@ -331,7 +331,7 @@ def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = Tru
     import keras
     import tensorflow as tf
 
-    from cp2image_tf.strategy import choose_strategy, is_chief
+    from cp2image_tf.training.strategy import choose_strategy, is_chief
     from cp2image_tf.viz import save_grid
     from tfrecords_tools.reader import make_dataset
 
@@ -499,7 +499,7 @@ def weights_digest(*models) -> str:
 
 def trainer_weights(step: int, config: FitConfig) -> dict:
     """The schedule weights in force at a step, for logs."""
-    from cp2image_tf.losses import perceptual_weights
+    from cp2image_tf.training.losses import perceptual_weights
 
     weights = perceptual_weights(step, N_FEATURE_LAYERS, config.perceptual_delay,
                                  config.perceptual_slope).numpy()

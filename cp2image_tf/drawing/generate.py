@@ -99,7 +99,7 @@ def load_model(path, checkpoint: str = "best"):
         raise UserInputError(f"{path}: no such folder. MODEL is a run folder of `cp2image-tf fit` "
                              "or a SavedModel written by `cp2image-tf export`.")
     if (path / "config.json").is_file():
-        from cp2image_tf.export import load_run, model_description, serving_module
+        from cp2image_tf.serving.export import load_run, model_description, serving_module
 
         decoder, manifest, config, info = load_run(path, checkpoint)
         module = serving_module(decoder, manifest, config.normalization, config.noise_dim, info,

@@ -5,7 +5,7 @@ For cells of one split (test by default, sampled evenly across treatments):
 1. Pixels: MSE, PSNR and SSIM of generated vs real crops, overall and per treatment.
 2. Features: every crop (real, generated, and the baselines') is segmented the same
    way and re-measured with cp-measure for the modules the dataset's features come
-   from (cp2image_tf.remeasure). Per feature, Pearson and Spearman correlation between
+   from (cp2image_tf.measuring.remeasure). Per feature, Pearson and Spearman correlation between
    the input CellProfiler values and the re-measured values of
      - the model's generated cells,
      - the nearest neighbour: the training crop whose normalised features are closest
@@ -136,10 +136,10 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
     manifest), e.g. Metadata_MoA: the classifier is also trained and scored on it.
     `classifier=False` leaves out treatment classification (needed for data with a single
     treatment in its training split). `scheduler`: re-measure on Dask, "local" (a LocalCluster
-    of `workers` processes) or a running scheduler's address (see cp2image_tf.distributed)."""
+    of `workers` processes) or a running scheduler's address (see tfrecords_tools.parts)."""
     from cp2image_tf import metrics
-    from cp2image_tf.generate import OutputFolder, check_data
-    from cp2image_tf.remeasure import fit_cell_threshold, plan as plan_measurement, remeasure
+    from cp2image_tf.drawing.generate import OutputFolder, check_data
+    from cp2image_tf.measuring.remeasure import fit_cell_threshold, plan as plan_measurement, remeasure
 
     started = time.perf_counter()
     manifest = check_data(data, model)
@@ -157,7 +157,7 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
     try:
         client = None
         if scheduler is not None:  # connect first: a wrong address fails before any work
-            from cp2image_tf.distributed import check_options, dask_client
+            from tfrecords_tools.parts import check_options, dask_client
 
             check_options(scheduler, workers)
             client = resources.enter_context(dask_client(scheduler, workers, quiet=not progress))
@@ -673,7 +673,7 @@ def _module_lines(modules: dict) -> list[str]:
 
 def _pictures(folder: Path, cells, predictions, neighbour, reference, correlations, inputs,
               remeasured, channels, modules: dict, unseen: set) -> None:
-    from cp2image_tf.generate import _safe
+    from cp2image_tf.drawing.generate import _safe
     from cp2image_tf.viz import save_grid
 
     treatments = np.asarray(cells["treatments"])

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cp2image_tf._version import __version__
+from tfrecords_tools._version import __version__
 from tfrecords_tools.errors import UserInputError
 
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -44,8 +44,8 @@ def load_run(run_dir, checkpoint: str = "best"):
     """(decoder with restored weights, manifest, FitConfig, checkpoint info) of a run folder."""
     import tensorflow as tf
 
-    from cp2image_tf.config import FitConfig
-    from cp2image_tf.model import build_decoder
+    from cp2image_tf.training.config import FitConfig
+    from cp2image_tf.training.model import build_decoder
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "manifest.json").is_file():

@@ -3,7 +3,7 @@
 `plan(feature_names, channels)` reads a converted dataset's feature names
 (`<Object>_<CellProfiler column>`, e.g. `Nuclei_AreaShape_Area`,
 `Cells_Intensity_MeanIntensity_Actin`) and decides which object sets to segment, which
-`cp2image_tf.measure` modules each needs and which features cannot be measured again from a crop.
+`cp2image_tf.measuring.measure` modules each needs and which features cannot be measured again from a crop.
 `remeasure(crops, plan, channels)` segments every crop the same way (`segment`) and measures it
 (`measure_masks`): one row per crop, one column per measurable feature, NaN where the object
 was not found.
@@ -42,7 +42,7 @@ import scipy.ndimage
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
-from cp2image_tf.measure import MODULES, measure_objects
+from cp2image_tf.measuring.measure import MODULES, measure_objects
 from tfrecords_tools.errors import UserInputError
 
 ROLES = ("nucleus", "cell", "cytoplasm")
@@ -326,7 +326,7 @@ def remeasure(crops: np.ndarray, plan: Plan, channels: list[str], workers: int =
     `crops`: [N, H, W, C] floats in [0, 1] (values outside are clipped). workers > 1 measures
     chunks of `chunk` crops in that many spawned processes; `scheduler` measures them on Dask
     ("local": a LocalCluster of `workers` processes on 127.0.0.1, or a scheduler's address; see
-    cp2image_tf.distributed), `client` on an open distributed.Client. The values do not depend
+    tfrecords_tools.parts), `client` on an open distributed.Client. The values do not depend
     on `workers` or `scheduler` (nor, but for rounding, on `chunk`). `cell_threshold`: see
     `segment`.
     """
@@ -344,7 +344,7 @@ def remeasure(crops: np.ndarray, plan: Plan, channels: list[str], workers: int =
     if scheduler is not None or client is not None:
         import hashlib
 
-        from cp2image_tf.distributed import check_options, run_parts
+        from tfrecords_tools.parts import check_options, run_parts
 
         if scheduler not in (None, "local"):
             workers = 1  # a running cluster has its own workers

@@ -1,0 +1,1 @@
+"""explore: a web page to see what a CellProfiler profile looks like, live (see explorer.py)."""
