@@ -84,7 +84,7 @@ def main():
     import requests
     import tensorflow as tf
 
-    from cp2image_tf.drawing.generate import load_model, resolve_saved_model
+    from cp2image_tf.serving.local import load_model, resolve_saved_model
 
     root = Path(tempfile.mkdtemp(prefix="bench_explore_"))
     process = None

@@ -1,12 +1,12 @@
-"""Data commands: convert and inspect."""
+"""The convert command: CellProfiler output to sharded TFRecords and a manifest."""
 import sys
 
 import click
 
-from cli.main import call, main, parse_list, start_tensorflow
+from cli.common import call, parse_list
 
 
-@main.command()
+@click.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path())
 @click.argument("out_dir", type=click.Path())
 @click.option("--channels", required=True,
@@ -99,23 +99,3 @@ def convert(input_path, out_dir, channels, objects, table, crop_column, crop_siz
                f"{manifest['features']['count']} features in {len(manifest['shards'])} shards "
                f"to {out_dir}; {counts['rejected']} cells rejected (see rejects.csv), "
                f"{len(manifest['features']['dropped'])} features dropped (see manifest.json).")
-
-
-@main.command()
-@click.argument("data_dir", type=click.Path())
-@click.option("--verify", is_flag=True,
-              help="Read every record and check checksums and counts against the manifest.")
-def inspect(data_dir, verify):
-    """Summarise a converted dataset; --verify checks every shard and record."""
-    from tfrecords_tools import inspection as lib
-
-    click.echo(call(lib.summarize, data_dir))
-    if verify:
-        start_tensorflow()
-        problems = call(lib.verify, data_dir)
-        if problems:
-            for problem in problems:
-                click.echo(f"  {problem}", err=True)
-            raise click.ClickException(f"{data_dir}: verification failed ({len(problems)} problem(s)).")
-        click.echo("  verify: every shard matches its checksum and every record parses; "
-                   "counts agree with the manifest.")

@@ -1,10 +1,10 @@
 """The evaluate command."""
 import click
 
-from cli.main import call, main, start_tensorflow
+from cli.common import call, start_tensorflow
 
 
-@main.command()
+@click.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path())
 @click.argument("data_dir", type=click.Path())
 @click.argument("out_dir", type=click.Path())
@@ -45,8 +45,9 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     table first), report.json, features.csv, remeasured.parquet and PNGs
     (cells.png, treatments/<treatment>.png, modules.png, scatter.png) to OUT_DIR.
     """
-    from cp2image_tf.evaluation.evaluate import THRESHOLD, evaluate as run
-    from cp2image_tf.drawing.generate import load_model
+    from cp2image_tf.evaluation.compare import THRESHOLD
+    from cp2image_tf.evaluation.evaluate import evaluate as run
+    from cp2image_tf.serving.local import load_model
 
     start_tensorflow()
     model = call(load_model, model_path, checkpoint)

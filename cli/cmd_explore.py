@@ -1,10 +1,10 @@
 """The explore command: a web page to see what a CellProfiler profile looks like, live."""
 import click
 
-from cli.main import call, main, start_tensorflow
+from cli.common import call, start_tensorflow
 
 
-@main.command()
+@click.command()
 @click.argument("model_path", metavar="[MODEL]", required=False, type=click.Path())
 @click.option("--data", "data_dir", type=click.Path(), default=None,
               help="The converted dataset the model was trained on: treatment means, cells "
@@ -37,7 +37,7 @@ def explore(model_path, data_dir, server, model_name, use_grpc, model_version, h
     treatments; download the image (PNG, TIFF) and the profile (CSV); share
     the URL, which holds the profile.
     """
-    from cp2image_tf.explore import explorer as lib
+    from cp2image_tf import explore as lib
 
     if model_path is None and server is None:
         raise click.UsageError("Give MODEL (a run folder or SavedModel), or --server URL "
@@ -57,7 +57,7 @@ def explore(model_path, data_dir, server, model_name, use_grpc, model_version, h
 
         model = call(RemoteModel, server, model_name, grpc=use_grpc, version=model_version)
     else:
-        from cp2image_tf.drawing.generate import load_model
+        from cp2image_tf.serving.local import load_model
 
         model = call(load_model, model_path, checkpoint)
     click.echo(f"Model: {model.source}")

@@ -1,10 +1,10 @@
 """`cp2image-tf featurize`: CellProfiler measurements for images and masks, no CellProfiler."""
 import click
 
-from cli.main import call, main, parse_list
+from cli.common import call, parse_list
 
 
-@main.command("featurize")
+@click.command("featurize")
 @click.argument("load_data_csv", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--channels", required=True,

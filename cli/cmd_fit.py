@@ -1,10 +1,10 @@
 """The fit command."""
 import click
 
-from cli.main import call, main, start_tensorflow
+from cli.common import call, start_tensorflow
 
 
-@main.command()
+@click.command()
 @click.argument("data_dir", type=click.Path())
 @click.argument("run_dir", type=click.Path())
 @click.option("--steps", type=int, default=None, help="Train until this step [default: 20000].")

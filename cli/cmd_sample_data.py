@@ -1,10 +1,10 @@
 """The sample-data command: draw and measure the embedded synthetic screen."""
 import click
 
-from cli.main import call, main
+from cli.common import call
 
 
-@main.command("sample-data")
+@click.command("sample-data")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--cells", default=2000, show_default=True, type=click.IntRange(min=1),
               help="Cells in all, spread over 2 plates, 7 treatments and their wells.")

@@ -305,3 +305,10 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 100, 
         y = b[rng.choice(len(b), m, replace=False)]
         values[i] = _mmd2_unbiased(x, y)
     return float(values.mean()), float(values.std())
+
+
+def finite_mean(values) -> float | None:
+    """The mean of the finite values; None when there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else None

@@ -147,7 +147,7 @@ def test_tensorflow_startup_noise_is_held_back_and_the_rest_passes(tmp_path):
 
     script = (
         "import os, re\n"
-        "from cli.main import _STARTUP_NOISE, _filtered_stderr\n"
+        "from cli.common import _STARTUP_NOISE, _filtered_stderr\n"
         "with _filtered_stderr(_STARTUP_NOISE):\n"
         "    os.write(2, b'I0000 00:00:1 1 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
         "    os.write(2, b'E0000 00:00:1 1 cuda_platform.cc:52] failed call to cuInit: CUDA error\\n')\n"

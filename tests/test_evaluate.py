@@ -11,7 +11,7 @@ from scipy import stats
 
 from cli.main import main
 from cp2image_tf.evaluation.evaluate import evaluate, nearest_neighbours, stratified_quota
-from cp2image_tf.drawing.generate import load_model
+from cp2image_tf.serving.local import load_model
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest
 
@@ -234,7 +234,7 @@ def test_distances_and_accuracy_agree_with_independent_computation(evaluated):
 
 
 def test_classify_unseen_labels_by_held_out_halves():
-    from cp2image_tf.evaluation.evaluate import classify
+    from cp2image_tf.evaluation.classify import classify
 
     rng = np.random.default_rng(0)
     centres = {"a": [4, 0], "b": [0, 4], "c": [-4, -4]}
@@ -296,7 +296,7 @@ def test_unseen_treatments_reported_apart(disc_run, tmp_path):
 
 
 def test_split_half_ceiling_leaves_out_single_cell_treatments():
-    from cp2image_tf.evaluation.evaluate import split_half_profiles
+    from cp2image_tf.evaluation.compare import split_half_profiles
 
     rng = np.random.default_rng(0)
     labels = np.array(["a"] * 10 + ["b"] * 10)

@@ -17,9 +17,11 @@ from PIL import Image
 from fake_serving import ServedModels, rest_server
 
 from cli.main import main
-from cp2image_tf.explore import explorer as explore
+from cp2image_tf import explore
 from cp2image_tf.serving.export import export
-from cp2image_tf.drawing.generate import _records, load_model, read_profiles, traverse, treatment_means
+from cp2image_tf.drawing.profiles import _records, read_profiles, treatment_means
+from cp2image_tf.drawing.traverse import traverse
+from cp2image_tf.serving.local import load_model
 from cp2image_tf.serving.remote import RemoteModel
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest

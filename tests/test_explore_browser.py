@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cp2image_tf.explore import explorer as explore
-from cp2image_tf.drawing.generate import load_model
+from cp2image_tf import explore
+from cp2image_tf.serving.local import load_model
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -49,7 +49,7 @@ def model(disc_run):
 
 @pytest.fixture(scope="module")
 def url(model, disc_dataset):
-    with explore.running(explore.create_app(model, disc_dataset)) as address:
+    with explore.BackgroundServer(explore.create_app(model, disc_dataset)) as address:
         yield address
 
 
@@ -169,7 +169,7 @@ def test_a_bad_link_is_explained_on_the_page(browser, url):
 def test_a_server_that_stops_answering_is_a_message_not_a_crash(browser, model):
     from selenium.webdriver.common.by import By
 
-    server = explore.running(explore.create_app(model))
+    server = explore.BackgroundServer(explore.create_app(model))
     with server as address:
         open_page(browser, address)
         before = composite_src(browser)

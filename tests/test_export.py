@@ -14,7 +14,10 @@ from click.testing import CliRunner
 
 from cli.main import main
 from cp2image_tf.serving.export import export, load_run
-from cp2image_tf.drawing.generate import generate, load_model, read_profiles, traverse
+from cp2image_tf.drawing.generate import generate
+from cp2image_tf.drawing.profiles import read_profiles
+from cp2image_tf.drawing.traverse import traverse
+from cp2image_tf.serving.local import load_model
 from tfrecords_tools.errors import UserInputError
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -1,4 +1,4 @@
-"""serving_client.RemoteModel against fakes of TensorFlow Serving's REST and gRPC APIs."""
+"""serving.remote.RemoteModel against fakes of TensorFlow Serving's REST and gRPC APIs."""
 import base64
 import io
 import json
@@ -339,7 +339,8 @@ def test_predict_command_writes_what_generate_writes(api, model, servers, disc_d
     from click.testing import CliRunner
 
     from cli.main import main
-    from cp2image_tf.drawing.generate import generate, load_model
+    from cp2image_tf.drawing.generate import generate
+    from cp2image_tf.serving.local import load_model
 
     table = disc_dataset.parent / "cp" / "Nuclei.csv"
     args = ["predict", str(table), str(tmp_path / "served"), "--server", getattr(servers, api),

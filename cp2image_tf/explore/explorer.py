@@ -1,69 +1,41 @@
-"""explore: a web page to see what a CellProfiler profile looks like, live.
+"""explore's page logic: profiles from a base plus offsets in training SDs, rendering, the
+nearest real cells, traversal and interpolation, all as plain Python answers that app.py
+turns into HTTP responses.
 
-    from cp2image_tf.explore.explorer import create_app, serve
-    app = create_app(load_model("demo-output/models/cp2image"), data="demo-output/tfrecords")
-    serve(app, port=8080)          # or: cp2image-tf explore MODEL --data DATA_DIR
-
-The model (a LocalModel, or a RemoteModel talking to TensorFlow Serving) is loaded once;
-every request runs its serving signatures. A profile is a base (`median`, a treatment's
-mean, or a cell id of DATA_DIR) plus offsets of some features in training SDs; requests
-carry it in the query string exactly as the page's shareable URL does:
+A profile is a base (`median`, a treatment's mean, or a cell id of DATA_DIR) plus offsets of
+some features in training SDs; requests carry it in the query string exactly as the page's
+shareable URL does:
 
     ?base=DMSO&Nuclei_AreaShape_Area=2&Cells_Intensity_MeanIntensity_Actin=-1.5
 
 Offsets beyond +-OFFSET_LIMIT SDs are clamped, and so (with DATA_DIR) are values beyond the
 range of the training cells read (an eccentricity above 1, a negative area); the answer says so.
 
-Endpoints (GET; errors are JSON {"error": "..."}: 400 bad input, 404 an unknown cell or
-treatment, 503 TensorFlow Serving not answering):
-    /                        the page (static/: plain HTML, JS and CSS, no build step)
-    /api/info                model, features (compartment, module, median, SD), treatments, data
-    /api/base?base=B         a base's raw profile (NaN filled with the training median)
-    /api/cells?q=TEXT[&lookup=1]
-                             loaded cell ids starting with TEXT, and whether TEXT is a cell of
-                             DATA_DIR (lookup=1: also reading DATA_DIR for the others)
-    /api/render?PROFILE      the generated cell: its channels side by side in one greyscale PNG
-                             (round(255 x serving_default's output)), for the page to colour
-    /api/profile?PROFILE     the raw profile as JSON, with the offsets used and clamping notes
-    /api/image.png?PROFILE   the generate_png signature's composite
-    /api/image.tiff?PROFILE  an ImageJ hyperstack with named channels (viz.write_hyperstack)
-    /api/profile.csv?PROFILE one row of raw values: a PROFILES table for `cp2image-tf generate`
-    /api/neighbours?PROFILE&k=6
-                             the real DATA_DIR cells nearest to the profile in SD units
-    /api/traverse?PROFILE&feature=F&start=-2&stop=2&steps=7[&correlated=1]
-                             one feature varied around the profile, as `traverse` does
-    /api/interpolate?a=A&b=B&steps=7
-                             from treatment A's mean profile to B's
-
 DATA_DIR's training cells (at most `max_cells`, an even share per treatment, the first in
 shard order) are read once at start: their features for the nearest-neighbour search and
 as cell bases, their crops (as 8-bit) to show.
 """
+from __future__ import annotations
 
 import base64
 import io
-import logging
 import math
 import re
-import socket
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from tfrecords_tools.errors import UserInputError
 
-STATIC = Path(__file__).parent / "static"
 OFFSET_LIMIT = 5.0  # SDs from the base a feature may move; beyond, values are clamped
 MAX_STEPS = 15
 MAX_NEIGHBOURS = 12
 MAX_CELLS = 20000
 RESERVED = frozenset({"base", "feature", "start", "stop", "steps", "correlated", "k", "a", "b"})
 CELL_ID = re.compile(r"^\d+-\d+$")
-log = logging.getLogger("cp2image_tf.explore")
 
 
 class ApiError(Exception):
@@ -165,7 +137,8 @@ class Explorer:
     the nearest real cells, traversals and interpolations. Thread-safe."""
 
     def __init__(self, model, data=None, max_cells: int = MAX_CELLS, progress=None):
-        from cp2image_tf.drawing.generate import LocalModel, check_data, treatment_means
+        from cp2image_tf.drawing.profiles import check_data, treatment_means
+        from cp2image_tf.serving.local import LocalModel
 
         say = progress or (lambda message: None)
         self.model = model
@@ -219,7 +192,7 @@ class Explorer:
 
     def base(self, name: str) -> Base:
         """median, a treatment's mean (needs DATA_DIR) or a cell id of DATA_DIR."""
-        from cp2image_tf.drawing.generate import base_profile
+        from cp2image_tf.drawing.traverse import base_profile
 
         name = (name or "median").strip()
         with self._lock:
@@ -260,7 +233,7 @@ class Explorer:
 
     def feature(self, name: str) -> str:
         """A feature's full name (exact, case-insensitive or a unique end), else a 400 naming it."""
-        from cp2image_tf.drawing.generate import resolve_feature
+        from cp2image_tf.drawing.traverse import resolve_feature
 
         if name in self.position:
             return name
@@ -448,7 +421,7 @@ class Explorer:
 
     def correlations(self, j: int) -> np.ndarray:
         """Correlation of feature j with every feature over DATA_DIR's training cells."""
-        from cp2image_tf.drawing.generate import feature_correlations_with
+        from cp2image_tf.drawing.traverse import feature_correlations_with
 
         with self._lock:
             if j in self._correlations:
@@ -475,7 +448,7 @@ class Explorer:
         if correlated and self.data is None:
             raise ApiError(400, "correlated: the correlations come from the training cells; start "
                                 "explore with --data DATA_DIR.")
-        from cp2image_tf.drawing.generate import traversal_profiles
+        from cp2image_tf.drawing.traverse import traversal_profiles
 
         profile = self.profile(params)
         move = self.correlations(j) if correlated else np.eye(len(self.names))[j]
@@ -496,7 +469,7 @@ class Explorer:
             if name not in self.treatments:
                 raise ApiError(404, f"treatment {name}: not in {self.data}; it has "
                                     f"{', '.join(self.treatments)}.")
-        from cp2image_tf.drawing.generate import interpolation_profiles
+        from cp2image_tf.drawing.traverse import interpolation_profiles
 
         profiles, labels = interpolation_profiles(
             a, self.base(a).raw.astype(np.float64), b, self.base(b).raw.astype(np.float64),
@@ -531,218 +504,3 @@ class Explorer:
             "example_cells": ref.ids[:5] if ref else [],
             "offset_limit": OFFSET_LIMIT, "max_steps": MAX_STEPS,
         }
-
-
-# --- the web app -------------------------------------------------------------------------------
-
-
-def create_app(model, data=None, max_cells: int = MAX_CELLS, progress=None):
-    """A FastAPI app serving the page and its API for `model` (a LocalModel or RemoteModel,
-    see generate.load_model and serving_client.RemoteModel); `data` is the dataset the model
-    was trained on (treatment means, cell bases, the nearest real cells)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
-    from fastapi.staticfiles import StaticFiles
-
-    explorer = Explorer(model, data, max_cells, progress)
-    app = FastAPI(title="cp2image-tf explore", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.explorer = explorer
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, err: ApiError):
-        return JSONResponse({"error": err.message}, status_code=err.status)
-
-    @app.exception_handler(UserInputError)
-    async def user_error(request: Request, err: UserInputError):
-        return JSONResponse({"error": str(err)}, status_code=400)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, err: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}"
-                             for e in err.errors())
-        return JSONResponse({"error": problems or "bad request"}, status_code=400)
-
-    app.add_middleware(OneLineErrors)
-
-    def params(request: Request) -> dict:
-        return dict(request.query_params)
-
-    def attachment(profile_params: dict, ext: str) -> dict:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", profile_params.get("base") or "median")
-        changed = len([k for k in profile_params if k not in RESERVED])
-        name = f"cp2image_{base}" + (f"_{changed}changed" if changed else "") + f".{ext}"
-        return {"Content-Disposition": f'attachment; filename="{name}"'}
-
-    no_cache = {"Cache-Control": "no-cache"}
-
-    @app.get("/", include_in_schema=False)
-    def index():
-        return FileResponse(STATIC / "index.html", headers=no_cache)
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/api/info")
-    def info():
-        return explorer.info()
-
-    @app.get("/api/base")
-    def base(base: str = "median"):
-        found = explorer.base(base)
-        return {"base": base, "label": found.label, "raw": found.raw.tolist(),
-                "missing": found.missing}
-
-    @app.get("/api/cells")
-    def cells(q: str = "", lookup: bool = False):
-        return explorer.cells(q, lookup)
-
-    @app.get("/api/render")
-    def render(request: Request):
-        return explorer.render(params(request))
-
-    @app.get("/api/profile")
-    def profile(request: Request):
-        found = explorer.profile(params(request))
-        return {"base": found.base, "label": found.label, "offsets": found.offsets,
-                "raw": dict(zip(explorer.names, found.raw.tolist())),
-                "clamped": found.clamped, "notes": found.notes()}
-
-    @app.get("/api/image.png")
-    def image_png(request: Request):
-        p = params(request)
-        return Response(explorer.png(explorer.profile(p).raw), media_type="image/png",
-                        headers=attachment(p, "png") if "download" in p else None)
-
-    @app.get("/api/image.tiff")
-    def image_tiff(request: Request):
-        p = params(request)
-        return Response(explorer.tiff(p), media_type="image/tiff", headers=attachment(p, "tif"))
-
-    @app.get("/api/profile.csv")
-    def profile_csv(request: Request):
-        p = params(request)
-        return Response(explorer.csv(p), media_type="text/csv", headers=attachment(p, "csv"))
-
-    @app.get("/api/neighbours")
-    def neighbours(request: Request, k: int = 6):
-        return explorer.neighbours(params(request), k)
-
-    @app.get("/api/traverse")
-    def traverse(request: Request):
-        return explorer.traverse(params(request))
-
-    @app.get("/api/interpolate")
-    def interpolate(request: Request):
-        return explorer.interpolate(params(request))
-
-    return app
-
-
-class OneLineErrors:
-    """ASGI middleware: an unexpected exception becomes a JSON 500 and one line in the log
-    (where it was raised), not a traceback in the terminal or the browser."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        started = False
-
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked)
-        except Exception as err:  # noqa: BLE001  (anything an endpoint did not expect)
-            import traceback
-
-            from fastapi.responses import JSONResponse
-
-            where = traceback.extract_tb(err.__traceback__)[-1]
-            log.error("explore: %s %s failed: %s: %s (at %s:%d)", scope.get("method", ""),
-                      scope.get("path", ""), type(err).__name__, err,
-                      Path(where.filename).name, where.lineno)
-            if scope["type"] == "http" and not started:
-                response = JSONResponse({"error": f"internal error ({type(err).__name__}: {err})"},
-                                        status_code=500)
-                await response(scope, receive, send)
-
-
-# --- serving ---------------------------------------------------------------------------------
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket, or a UserInputError saying why not (a port in use, an unknown host)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as err:
-        raise UserInputError(f"--host {host}: not an address of this machine "
-                             f"({err.strerror}).") from None
-    family, kind, proto, _, address = infos[0]
-    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without
-    # it each kept-alive request waits ~40 ms for a delayed ACK.
-    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as err:
-        sock.close()
-        hint = " (in use: choose another --port)" if err.errno in (98, 48) else ""
-        raise UserInputError(f"cannot listen on {host}:{port}: {err.strerror}{hint}.") from None
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
-
-
-def is_local(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1")
-
-
-def _server(app):
-    import uvicorn
-
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-    return uvicorn.Server(config)
-
-
-def serve(app, host: str = "127.0.0.1", port: int = 8080, ready=None, sock=None) -> None:
-    """Serve `app` with uvicorn until interrupted; `ready(url)` is called once listening.
-    `sock`: a socket from `bind(host, port)` made earlier (to fail fast on a busy port)."""
-    sock = sock or bind(host, port)
-    port = sock.getsockname()[1]
-    server = _server(app)
-    if ready is not None:
-        shown = f"[{host}]" if ":" in host else host
-        ready(f"http://{shown}:{port}")
-    server.run(sockets=[sock])
-
-
-class running:
-    """`with running(app) as url:` the app served by uvicorn in a thread (tests, benchmarks)."""
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        self.sock = bind(host, port)
-        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = _server(app)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        return self.url
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
-
-    def __exit__(self, *exc):
-        self.stop()
-

@@ -1,4 +1,4 @@
-"""serving_client: images from a decoder that TensorFlow Serving serves.
+"""remote: images from a decoder that TensorFlow Serving serves.
 
     model = RemoteModel("http://localhost:8501", "cells")            # REST API
     model = RemoteModel("localhost:8500", "cells", grpc=True)        # gRPC API

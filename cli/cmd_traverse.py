@@ -1,0 +1,49 @@
+"""The traverse command: one feature varied, the cells drawn."""
+import click
+
+from cli.common import call, echo_outputs, start_tensorflow
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@click.option("--feature", "features", multiple=True,
+              help="Feature to vary (repeat for several; one row each). A unique end of the "
+                   "name is enough, e.g. Nuclei_AreaShape_Area or AreaShape_Eccentricity.")
+@click.option("--from", "start", type=float, default=-2.0, show_default=True,
+              help="First value, in training SDs from the base.")
+@click.option("--to", "stop", type=float, default=2.0, show_default=True,
+              help="Last value, in training SDs from the base.")
+@click.option("--steps", type=click.IntRange(min=2), default=7, show_default=True)
+@click.option("--base", default="median", show_default=True,
+              help="Profile to start from: median (the training median cell), a treatment "
+                   "name (its mean, needs --data) or a cell id like 12-3 (needs --data).")
+@click.option("--correlated", is_flag=True,
+              help="Move the other features with it by their training correlation (needs "
+                   "--data): the average cell with that value, not that value alone.")
+@click.option("--interpolate", nargs=2, default=None, metavar="TREATMENT_A TREATMENT_B",
+              help="Also draw the way from A's mean profile to B's (needs --data).")
+@click.option("--data", "data_dir", type=click.Path(), default=None,
+              help="The converted dataset the model was trained on.")
+@click.option("--checkpoint", type=click.Choice(["best", "latest"]), default="best",
+              show_default=True, help="For a run folder MODEL.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+def traverse(model_path, out_dir, features, start, stop, steps, base, correlated, interpolate,
+             data_dir, checkpoint, overwrite):
+    """Show what changing one feature does to a cell.
+
+    Varies each --feature from --from to --to training SDs around a base profile,
+    holding every other feature (or, with --correlated, moving them by their
+    correlation with it), and draws each step. Writes OUT_DIR/traverse.png
+    (one row per feature, labelled with its values), a TIFF stack per row and
+    traverse.csv.
+    """
+    from cp2image_tf.drawing.traverse import traverse as run
+    from cp2image_tf.serving.local import load_model
+
+    start_tensorflow()
+    model = call(load_model, model_path, checkpoint)
+    summary = call(run, model, out_dir, list(features), start=start, stop=stop, steps=steps,
+                   base=base, data=data_dir, interpolate=interpolate, correlated=correlated,
+                   overwrite=overwrite)
+    echo_outputs(summary, f" and {len(summary['stacks'])} TIFF stack(s)")

@@ -1,0 +1,160 @@
+"""traverse: one feature varied around a base profile (alone, or moving the features correlated
+with it), or the way from one treatment's mean to another's, each step drawn.
+
+    traverse(model, "out", ["Nuclei_AreaShape_Area"], data="demo-output/tfrecords")
+
+Writes traverse.png (one row per feature or interpolation), one TCYX stack per row and
+traverse.csv.
+"""
+from __future__ import annotations
+
+import difflib
+
+import numpy as np
+import pandas as pd
+
+from cp2image_tf.drawing.generate import _safe
+from cp2image_tf.drawing.profiles import (cell_profile, check_data, _records, treatment_means,
+                                          warn_nonfinite)
+from tfrecords_tools.atomic import OutputFolder
+from tfrecords_tools.errors import UserInputError
+
+
+def resolve_feature(model, name: str) -> str:
+    """A feature's full name from an exact, case-insensitive or unique partial name."""
+    names = model.feature_names
+    if name in names:
+        return name
+    lower = {n.lower(): n for n in names}
+    if name.lower() in lower:
+        return lower[name.lower()]
+    partial = [n for n in names if n.lower().endswith("_" + name.lower())]
+    if len(partial) == 1:
+        return partial[0]
+    if partial:
+        raise UserInputError(f"--feature {name}: matches {', '.join(partial[:6])}; give the full "
+                             "name.")
+    close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UserInputError(f"--feature {name}: not one of the model's {len(names)} features.{hint} "
+                         "The list is in the SavedModel's assets/feature_names.txt or the "
+                         "dataset's manifest.json.")
+
+
+def base_profile(model, base: str, data=None) -> tuple[np.ndarray, str]:
+    """The profile a traversal starts from: the training median, a treatment's mean, or a cell."""
+    if base == "median":
+        return model.median.copy(), "the training median cell"
+    if base in model.description.get("treatments", []):
+        return treatment_means(data, model, [base]).to_numpy(np.float32)[0], f"the {base} mean"
+    return cell_profile(data, model, base), f"cell {base}"
+
+
+def feature_correlations_with(data, model, columns, max_cells: int = 20000) -> np.ndarray:
+    """Correlation [len(columns), F] of each chosen feature with every feature, over up to
+    max_cells training cells of DATA_DIR (missing values at the training median)."""
+    manifest = check_data(data, model)
+    if manifest is None:
+        raise UserInputError("--correlated needs --data DATA_DIR: the correlations between "
+                             "features come from the training cells.")
+    rows = []
+    for _, values in _records(data, manifest, splits=("train",)):
+        rows.append(values)
+        if len(rows) >= max_cells:
+            break
+    values = np.stack(rows).astype(np.float64)
+    values = np.where(np.isfinite(values), values, model.median)
+    z = (values - values.mean(0)) / np.where(values.std(0) > 0, values.std(0), 1.0)
+    return (z[:, columns].T @ z) / len(z)
+
+
+def traversal_profiles(origin, j: int, move, sd, zs) -> np.ndarray:
+    """[len(zs), F] profiles: feature j at origin + z SDs; every other feature k at origin +
+    z * move[k] SDs (move: the unit vector of j, or its training correlations)."""
+    profiles = origin[None] + zs[:, None] * (move * sd)[None]
+    profiles[:, j] = origin[j] + zs * sd[j]
+    return profiles
+
+
+def interpolation_profiles(a: str, a_raw, b: str, b_raw, steps: int):
+    """(profiles [steps, F], labels): linear steps from profile a to profile b."""
+    alphas = np.linspace(0.0, 1.0, steps)
+    profiles = (1 - alphas[:, None]) * a_raw[None] + alphas[:, None] * b_raw[None]
+    labels = [a if k == 0 else b if k == steps - 1 else f"{alpha:.2f}"
+              for k, alpha in enumerate(alphas)]
+    return profiles, labels
+
+
+def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0,
+             steps: int = 7, base: str = "median", data=None, interpolate=None,
+             correlated: bool = False, overwrite: bool = False) -> dict:
+    """Vary each feature from `start` to `stop` training SDs around a base profile, holding
+    the others; with `correlated`, the others move by their expected change (each by its
+    training correlation with the varied feature, in SDs: what cells with that value look
+    like on average, e.g. area, perimeter and diameters together). Or (`interpolate=(A, B)`)
+    move linearly from treatment A's mean to B's. Writes traverse.png (one row per feature),
+    one TIFF stack per row and traverse.csv."""
+    if steps < 2:
+        raise UserInputError(f"--steps {steps}: at least 2.")
+    if not features and not interpolate:
+        raise UserInputError("Give --feature NAME (one or more) or --interpolate A B.")
+    rows, row_names, tile_labels, records = [], [], [], []
+    if features:
+        origin, base_name = base_profile(model, base, data)
+        warn_nonfinite(origin[None], model.feature_names, f"base profile ({base_name})")
+        origin = np.where(np.isfinite(origin), origin, model.median)
+        zs = np.linspace(start, stop, steps)
+        chosen = [model.feature_names.index(resolve_feature(model, name)) for name in features]
+        for j in chosen:
+            if not model.sd[j] > 0:
+                raise UserInputError(f"--feature {model.feature_names[j]}: its training SD is 0; "
+                                     "it cannot be varied.")
+        moves = np.zeros((len(chosen), len(origin)))
+        moves[np.arange(len(chosen)), chosen] = 1.0
+        if correlated:
+            moves = feature_correlations_with(data, model, chosen)
+        for j, move in zip(chosen, moves):
+            full = model.feature_names[j]
+            profiles = traversal_profiles(origin, j, move, model.sd, zs)
+            rows.append(profiles)
+            row_names.append(full)
+            tile_labels.append([f"{z:+.1f} SD\n{v:.4g}" for z, v in zip(zs, profiles[:, j])])
+            records += [{"row": full, "step": k, "z": z, "value": v}
+                        for k, (z, v) in enumerate(zip(zs, profiles[:, j]))]
+        others = ("correlated features moved with it" if correlated else "other features held")
+        title = f"Traversal from {base_name}, {others} (model: {model.source})"
+    if interpolate:
+        a, b = interpolate
+        means = treatment_means(data, model, [a, b]).to_numpy(np.float32)
+        means = np.where(np.isfinite(means), means, model.median)
+        profiles, labels = interpolation_profiles(a, means[0], b, means[1], steps)
+        rows.append(profiles)
+        row_names.append(f"{a} -> {b}")
+        tile_labels.append(labels)
+        records += [{"row": f"{a} -> {b}", "step": k, "z": alpha, "value": np.nan}
+                    for k, alpha in enumerate(np.linspace(0.0, 1.0, steps))]
+        if not features:
+            title = f"Interpolation between treatment means (model: {model.source})"
+    profiles = np.concatenate(rows).astype(np.float32)
+    images = model.images(profiles).reshape(len(rows), steps, *model.crop_shape)
+    folder = OutputFolder(out_dir, overwrite)
+    try:
+        from cp2image_tf.viz import save_tiles, write_hyperstack
+
+        stacks = []
+        for name, row, labels in zip(row_names, images, tile_labels):
+            stack = f"traverse_{_safe(name)}.tif"
+            write_hyperstack(folder.path / stack, row, model.channels,
+                             [label.replace("\n", " ") for label in labels])
+            stacks.append(stack)
+        table = pd.DataFrame(records)
+        table = pd.concat([table, pd.DataFrame(profiles, columns=model.feature_names)], axis=1)
+        table.to_csv(folder.path / "traverse.csv", index=False)
+        save_tiles(folder.path / "traverse.png", images, model.channels, tile_labels,
+                   [n.replace("_", "_\n", 1) if len(n) > 22 else n for n in row_names], title)
+        path = folder.commit()
+    except BaseException:
+        folder.abandon()
+        raise
+    return {"out_dir": str(path), "montage": "traverse.png", "stacks": stacks, "images": images,
+            "rows": row_names}

@@ -1,0 +1,191 @@
+"""evaluate's written outputs: report.json (JSON-safe), report.md (the headline table first)
+and remeasured.parquet."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cp2image_tf.evaluation.compare import METHODS, THRESHOLD
+from cp2image_tf.metrics import summarize
+
+
+
+def json_safe(value):
+    """JSON-safe: NaN and inf become None, numpy scalars plain numbers."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json(path, data) -> None:
+    Path(path).write_text(json.dumps(json_safe(data), indent=1, allow_nan=False) + "\n")
+
+
+def pixel_report(pixels: dict, treatments) -> dict:
+    treatments = np.asarray(treatments)
+    out = {}
+    for name, values in pixels.items():
+        entry = {"all": {k: summarize(v) for k, v in values.items()}}
+        for t in sorted(set(treatments)):
+            entry[t] = {k: summarize(v[treatments == t]) for k, v in values.items()}
+        out[name] = entry
+    return out
+
+
+def module_report(modules: pd.DataFrame) -> dict:
+    """metrics.module_summary's long table as {module: {"n_features": n, method: {...}}}."""
+    out = {}
+    for module, group in modules.groupby("module", sort=False):
+        entry = {"n_features": int(group["n_features"].max())}
+        for row in group.itertuples():
+            entry[row.method] = {"median_r": row.median_r, "fraction": row.fraction,
+                                 "nan_r": int(row.n_nan)}
+        out[module] = entry
+    return out
+
+
+def report_markdown(report: dict) -> str:
+    """The report's tables, readable."""
+    lines = [f"# Evaluation of {report['model']}", "",
+             f"{report['cells']} {report['split']} cells of {report['data']} "
+             f"({', '.join(f'{t} {k}' for t, k in report['cells_per_treatment'].items())}); "
+             f"nearest neighbours and the mean image from {report['reference_cells']} training "
+             f"cells. {report['features']['remeasured']} of {report['features']['input']} features "
+             "re-measured with cp-measure.", ""]
+    lines += headline_lines(report)
+    lines += ["## Pixels", "", "| method | MSE | PSNR (dB) | SSIM |", "|---|---|---|---|"]
+    for name, entry in report["pixels"].items():
+        a = entry["all"]
+        lines.append(f"| {name} | {fmt(a['mse']['mean'], 5)} | {fmt(a['psnr']['mean'], 2)} | "
+                     f"{fmt(a['ssim']['mean'], 3)} |")
+    lines += ["", "## Feature preservation per module", "",
+              f"Pearson r between input and re-measured features: median, and the share of "
+              f"features with r >= {THRESHOLD}. The ceiling re-measures the real crops.", ""]
+    lines += module_lines(report["modules"])
+    lines += ["", "## Treatments", "",
+              "Correlation of each treatment's mean re-measured profile with the real cells' "
+              "(standardised features), and top-1 retrieval of the own treatment.", "",
+              "| method | median r | retrieval | chance |", "|---|---|---|---|"]
+    for name, entry in report["treatments"].items():
+        lines.append(f"| {name} | {fmt(entry['median_r'], 3)} | {fmt(entry['retrieval_top1'], 2)} | "
+                     f"{fmt(entry['chance'], 2)} |")
+    timing = report["timing"]
+    lines += ["", "## Time", "",
+              f"{timing['seconds']:.0f} s in all ({timing['measure_seconds']:.0f} s measuring "
+              f"{timing['measured_crops']} crops on {timing['workers']} worker(s)): "
+              f"{timing['seconds_per_1000_cells'] / 60:.1f} min per 1,000 cells.", ""]
+    failures = {k: v for k, v in report["segmentation_failures"].items() if v}
+    if failures:
+        lines += [f"Segmentation found no object in: "
+                  f"{', '.join(f'{k} {v} cells' for k, v in failures.items())}.", ""]
+    return "\n".join(lines)
+HEADLINE_NAMES = {"model": "model", "nearest neighbour": "nearest neighbour",
+                  "mean image": "mean image", "ceiling": "real cells (ceiling)"}
+
+
+def headline_table(headline: dict) -> list[str]:
+    methods = headline["methods"]
+    kinds = [k for k in ("treatment", "moa") if f"{k}_accuracy" in methods["model"]]
+    titles = {"treatment": "treatment accuracy", "moa": "MoA accuracy"}
+    lines = [f"| | pixel SSIM | features r >= {THRESHOLD} | Fréchet distance | KID | "
+             + "".join(f"{titles[k]} | " for k in kinds) + "mean-profile r |",
+             "|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
+    for method, label in HEADLINE_NAMES.items():
+        row = methods[method]
+        ssim = "1 (itself)" if method == "ceiling" else fmt(row["ssim"], 3)
+        lines.append(f"| {label} | {ssim} | {fmt(row['fraction_r'], 2)} | {fmt(row['frechet'], 1)} "
+                     f"| {fmt(row['kid'], 3)} | "
+                     + "".join(f"{fmt(row[f'{k}_accuracy'], 2)} | " for k in kinds)
+                     + f"{fmt(row['profile_r'], 2)} |")
+    return lines
+
+
+def headline_lines(report: dict) -> list[str]:
+    """One table: each method against the real cells, the ceiling last; then the same for
+    seen and unseen treatments when the split holds treatments training never saw."""
+    cls = report["classification"]
+    head = report["headline"]
+    model, ceiling = head["all"]["methods"]["model"], head["all"]["methods"]["ceiling"]
+    lines = headline_table(head["all"])
+    lines += ["", f"Distances on the {ceiling['features']} re-measured features standardised with "
+              f"{report['training_cells_measured']} re-measured training cells; N = "
+              f"{model['n'][0]} generated vs {model['n'][1]} real cells (the ceiling: two halves "
+              f"of the real cells, N = {ceiling['n'][0]} and {ceiling['n'][1]})."
+              + (" N is below the number of features: the Fréchet distance is unreliable at "
+                 "this size; KID is not." if model["n_below_features"] else "")]
+    if cls:
+        lines.append(f"Treatment accuracy: logistic regression trained on the re-measured "
+                     f"training cells ({len(cls['classes'])} treatments, chance "
+                     f"{fmt(cls['chance'], 2)})"
+                     + ("; unseen treatments are scored as described under Unseen treatments."
+                        if cls.get("unseen_protocol") else "."))
+        if "moa" in cls:
+            moa = cls["moa"]
+            lines.append(f"MoA accuracy: the same, by {moa['column']} ({len(moa['classes'])} "
+                         f"classes, chance {fmt(moa['chance'], 2)})"
+                         + (f"; {', '.join(moa['unseen'])} not among the training cells, not "
+                            "scored." if moa["unseen"] else "."))
+    else:
+        lines.append("No treatment classifier (--no-classifier).")
+    lines += ["Mean-profile r: median over treatments of the correlation between generated and "
+              "real mean profiles; the ceiling from random split-halves of the real cells.", ""]
+    unseen = report.get("unseen_treatments") or []
+    if unseen:
+        lines += ["## Unseen treatments", "",
+                  f"{', '.join(unseen)}: in the {report['split']} split but not among the "
+                  "training cells (data converted with --split-by on the treatment). The model "
+                  "draws them from their features alone.", ""]
+        if cls.get("unseen_protocol"):
+            protocol = cls["unseen_protocol"]
+            lines += [f"Treatment accuracy for unseen treatments: a second classifier learns the "
+                      f"training cells plus {protocol['learned_cells']} real cells (a random "
+                      f"half of each unseen treatment) and is scored on the other "
+                      f"{protocol['scored_cells']} (chance {fmt(protocol['chance'], 2)}).", ""]
+        if "seen" not in head:
+            lines += ["Every test treatment is unseen: the headline table above is theirs.", ""]
+        for group, title in (("seen", "Seen treatments"), ("unseen", "Unseen treatments")):
+            if group in head and "seen" in head:
+                lines += [f"### {title}: {', '.join(head[group]['treatments'])} "
+                          f"({head[group]['cells']} cells)", ""]
+                lines += headline_table(head[group]) + [""]
+    return lines
+
+
+def fmt(value, digits) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) \
+        else f"{value:.{digits}f}"
+
+
+def module_lines(modules: dict) -> list[str]:
+    header = "| module | features | " + " | ".join(f"{m} r / >= {THRESHOLD}" for m in METHODS) + " |"
+    lines = [header, "|" + "---|" * (2 + len(METHODS))]
+    for module, row in modules.items():
+        cells = [f"{fmt(row[m]['median_r'], 2)} / {fmt(row[m]['fraction'], 2)}" for m in METHODS]
+        lines.append(f"| {module} | {row['n_features']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_remeasured(path: Path, remeasured: dict, train: pd.DataFrame, cells, train_ids,
+                      train_treatments) -> None:
+    """Every re-measured feature behind the report, one row per picture: the real test cells
+    (method "ceiling"), their generated and baseline pictures, and the training cells."""
+    parts = []
+    for name, frame in list(remeasured.items()) + [("training", train)]:
+        ids, treatments = ((train_ids, train_treatments) if name == "training"
+                           else (cells["cell_ids"], cells["treatments"]))
+        part = frame.reset_index(drop=True).astype(np.float64)
+        part.insert(0, "treatment", list(treatments))
+        part.insert(0, "cell_id", list(ids))
+        part.insert(0, "method", name)
+        parts.append(part)
+    pd.concat(parts, ignore_index=True).to_parquet(path, index=False)
