@@ -1,7 +1,7 @@
-"""The evaluate command."""
+"""The evaluate command: a model against a dataset's cells, written to a report."""
 import click
 
-from cli.common import call, start_tensorflow
+from cli.common import call, checkpoint_option, start_tensorflow
 
 
 @click.command()
@@ -28,8 +28,7 @@ from cli.common import call, start_tensorflow
               help="Re-measure on Dask: 'local' (a LocalCluster on this machine) or a running "
                    "dask-scheduler's address, e.g. tcp://host:8786.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cell sample.")
-@click.option("--checkpoint", type=click.Choice(["best", "latest"]), default="best",
-              show_default=True, help="For a run folder MODEL.")
+@checkpoint_option()
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, train_cells,

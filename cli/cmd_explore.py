@@ -1,7 +1,7 @@
 """The explore command: a web page to see what a CellProfiler profile looks like, live."""
 import click
 
-from cli.common import call, start_tensorflow
+from cli.common import call, checkpoint_option, start_tensorflow
 
 
 @click.command()
@@ -22,8 +22,7 @@ from cli.common import call, start_tensorflow
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--max-cells", type=click.IntRange(min=1), default=20000, show_default=True,
               help="Training cells of --data read at start for the nearest real cells.")
-@click.option("--checkpoint", type=click.Choice(["best", "latest"]), default="best",
-              show_default=True, help="For a run folder MODEL.")
+@checkpoint_option()
 def explore(model_path, data_dir, server, model_name, use_grpc, model_version, host, port,
             max_cells, checkpoint):
     """See what a CellProfiler profile looks like, live, in a web browser.

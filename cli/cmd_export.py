@@ -1,7 +1,7 @@
 """The export command: a run folder to a SavedModel for TensorFlow Serving."""
 import click
 
-from cli.common import call, start_tensorflow
+from cli.common import call, checkpoint_option, start_tensorflow
 
 
 @click.command()
@@ -9,8 +9,7 @@ from cli.common import call, start_tensorflow
 @click.argument("model_base", type=click.Path())
 @click.option("--version", type=int, default=None,
               help="Version folder to write [default: one more than the highest present].")
-@click.option("--checkpoint", type=click.Choice(["best", "latest"]), default="best",
-              show_default=True, help="best: lowest validation pixel MSE; latest: last step.")
+@checkpoint_option("best: lowest validation pixel MSE; latest: last step.")
 @click.option("--no-warmup", is_flag=True, help="Leave out assets.extra/tf_serving_warmup_requests.")
 def export(run_dir, model_base, version, checkpoint, no_warmup):
     """Export a trained model as a SavedModel for TensorFlow Serving.

@@ -1,7 +1,8 @@
 """Drawing cells from profiles: generate (a local model) and predict (TensorFlow Serving)."""
 import click
 
-from cli.common import call, echo_outputs, parse_list, start_tensorflow
+from cli.common import (call, checkpoint_option, echo_outputs, missing_option, parse_list,
+                        start_tensorflow)
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -14,13 +15,11 @@ from cli.common import call, echo_outputs, parse_list, start_tensorflow
 @click.option("--object", "object_name", default=None,
               help="PROFILES is one object's table (e.g. Nuclei): prefix its columns with this "
                    "[default: from the file name, e.g. Nuclei.csv].")
-@click.option("--missing", type=click.Choice(["error", "median"]), default="error",
-              show_default=True, help="Features PROFILES lacks: an error, or the training medians.")
+@missing_option
 @click.option("--label-column", default=None, help="PROFILES column to label cells with.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Only the first N rows of PROFILES.")
-@click.option("--checkpoint", type=click.Choice(["best", "latest"]), default="best",
-              show_default=True, help="For a run folder MODEL.")
+@checkpoint_option()
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 def generate(paths, treatment_mean, data_dir, object_name, missing, label_column, limit,
              checkpoint, overwrite):
@@ -60,8 +59,7 @@ def generate(paths, treatment_mean, data_dir, object_name, missing, label_column
 @click.option("--model-version", type=int, default=None, help="[default: the latest served]")
 @click.option("--object", "object_name", default=None,
               help="PROFILES is one object's table: prefix its columns with this.")
-@click.option("--missing", type=click.Choice(["error", "median"]), default="error",
-              show_default=True, help="Features PROFILES lacks: an error, or the training medians.")
+@missing_option
 @click.option("--label-column", default=None, help="PROFILES column to label cells with.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Only the first N rows of PROFILES.")

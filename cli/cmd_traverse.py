@@ -1,7 +1,7 @@
 """The traverse command: one feature varied, the cells drawn."""
 import click
 
-from cli.common import call, echo_outputs, start_tensorflow
+from cli.common import call, checkpoint_option, echo_outputs, start_tensorflow
 
 
 @click.command()
@@ -25,8 +25,7 @@ from cli.common import call, echo_outputs, start_tensorflow
               help="Also draw the way from A's mean profile to B's (needs --data).")
 @click.option("--data", "data_dir", type=click.Path(), default=None,
               help="The converted dataset the model was trained on.")
-@click.option("--checkpoint", type=click.Choice(["best", "latest"]), default="best",
-              show_default=True, help="For a run folder MODEL.")
+@checkpoint_option()
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 def traverse(model_path, out_dir, features, start, stop, steps, base, correlated, interpolate,
              data_dir, checkpoint, overwrite):

@@ -92,3 +92,18 @@ def parse_list(value):
 def echo_outputs(summary, extra=""):
     """The line generate, traverse and predict end with: where the montage went."""
     click.echo(f"Wrote {summary['out_dir']}/{summary['montage']}{extra}.")
+
+
+CHECKPOINTS = ("best", "latest")
+
+
+def checkpoint_option(help: str = "For a run folder MODEL."):
+    """--checkpoint: which checkpoint of a run folder to use."""
+    return click.option("--checkpoint", type=click.Choice(CHECKPOINTS), default="best",
+                        show_default=True, help=help)
+
+
+# The options every command that draws from a PROFILES table takes.
+missing_option = click.option(
+    "--missing", type=click.Choice(["error", "median"]), default="error", show_default=True,
+    help="Features PROFILES lacks: an error, or the training medians.")

@@ -18,6 +18,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from tfrecords_tools.features import feature_name
+
 SSIM_BATCH = 256
 PSNR_CAP = 100.0  # dB: the PSNR of mse = 1e-10, given to identical images instead of inf
 MODULE_ORDER = ("AreaShape", "Zernike", "Intensity", "Texture", "Granularity", "RadialDistribution")
@@ -102,12 +104,12 @@ def feature_correlations(inputs: pd.DataFrame, measured: pd.DataFrame, min_cells
 
 def module_of(feature: str) -> str:
     """Module group of `<Object>_<Module>_<rest>`: "Zernike" for AreaShape_Zernike_*, else the module."""
-    parts = feature.split("_")
-    if len(parts) < 2:
+    parsed = feature_name(feature)
+    if parsed.module is None:
         return feature
-    if parts[1] == "AreaShape" and len(parts) > 2 and parts[2] == "Zernike":
+    if parsed.module == "AreaShape" and (parsed.measurement or "").split("_")[0] == "Zernike":
         return "Zernike"
-    return parts[1]
+    return parsed.module
 
 
 def module_summary(correlations: dict[str, pd.DataFrame], threshold: float = 0.7,

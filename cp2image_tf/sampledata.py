@@ -40,6 +40,7 @@ from scipy import ndimage
 from skimage.measure import label as connected_components
 from skimage.segmentation import find_boundaries
 
+from tfrecords_tools.atomic import replace_folder
 from tfrecords_tools.errors import UserInputError
 
 CHANNELS = ("DNA", "Tubulin", "Actin")
@@ -202,7 +203,7 @@ def make_sample_data(out_dir, cells: int = 2000, seed: int = 0, overwrite: bool 
         t0 = time.perf_counter()
         _measure(load_data, tmp / "cellprofiler", workers, progress)
         measure_seconds = time.perf_counter() - t0
-        _replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -694,6 +695,7 @@ def _write_load_data(plans, root: Path) -> Path:
 
 def _measure(load_data: Path, out: Path, workers: int, progress: bool):
     """CellProfiler-style measurements of every nucleus and cell, via cp2image_tf.measuring.featurize."""
+    # cp-measure takes a second to import: only when measuring, so argument errors stay fast.
     from cp2image_tf.measuring.featurize import featurize
     from cp2image_tf.measuring.measure import DEFAULT_MODULES
 
@@ -725,13 +727,3 @@ def _write_readme(root: Path, cells: int, seed: int, plans):
     lines += [f"  {name:<26} {meaning}" for name, meaning in GROUND_TRUTH_COLUMNS.items()]
     (root / "README.txt").write_text("\n".join(lines) + "\n")
 
-
-def _replace(tmp: Path, out_dir: Path):
-    """Move the finished folder into place, replacing an old one only at the last moment."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old)

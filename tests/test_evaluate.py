@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from scipy import stats
 
 from cli.main import main
-from cp2image_tf.evaluation.evaluate import evaluate, nearest_neighbours, stratified_quota
+from cp2image_tf.evaluation.evaluate import evaluate, nearest_neighbours
+from tfrecords_tools.reader import stratified_quota
 from cp2image_tf.serving.local import load_model
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest
@@ -34,7 +35,7 @@ def split_cells(data, split):
 
 
 def test_report_agrees_with_independent_computation(evaluated, disc_dataset):
-    from cp2image_tf.measuring.remeasure import plan, remeasure
+    from cp2image_tf.measuring.remeasure import plan_measurement as plan, remeasure
 
     report, model = evaluated.report, evaluated.model
     raw, crops = split_cells(disc_dataset, "test")

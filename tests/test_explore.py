@@ -19,9 +19,10 @@ from fake_serving import ServedModels, rest_server
 from cli.main import main
 from cp2image_tf import explore
 from cp2image_tf.serving.export import export
-from cp2image_tf.drawing.profiles import _records, read_profiles, treatment_means
+from cp2image_tf.drawing.profiles import read_profiles, treatment_means
 from cp2image_tf.drawing.traverse import traverse
 from cp2image_tf.serving.local import load_model
+from tfrecords_tools.reader import iter_cells as _records
 from cp2image_tf.serving.remote import RemoteModel
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest

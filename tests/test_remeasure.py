@@ -40,12 +40,12 @@ FEATURES = [f"{obj}_{col}" for obj in ("Nuclei", "Cells") for col in (
 
 @pytest.fixture(scope="module")
 def full_plan():
-    return rm.plan(FEATURES, CHANNELS)
+    return rm.plan_measurement(FEATURES, CHANNELS)
 
 
 def test_disc_is_segmented_and_measured():
     crop = draw_cell()
-    plan = rm.plan(["Nuclei_AreaShape_Area", "Nuclei_Intensity_MeanIntensity_DNA",
+    plan = rm.plan_measurement(["Nuclei_AreaShape_Area", "Nuclei_Intensity_MeanIntensity_DNA",
                     "Cells_AreaShape_Area", "Cytoplasm_AreaShape_Area",
                     "Cells_Intensity_MeanIntensity_Tubulin"], CHANNELS)
     row = rm.remeasure(crop[None], plan, CHANNELS).iloc[0]
@@ -130,7 +130,7 @@ def test_plan_picks_objects_modules_and_reasons():
              "Nuclei_Location_Center_X", "Cells_AreaShape_Center_Y", "Speckles_AreaShape_Area",
              "Cells_Intensity_MeanIntensity_GFP", "Cells_Texture_Contrast_DNA_5_00_256",
              "Nuclei_Filtered_AreaShape_Area"]
-    plan = rm.plan(names, CHANNELS)
+    plan = rm.plan_measurement(names, CHANNELS)
     assert plan.objects == {"Nuclei": "nucleus", "Cells": "cell", "Cytoplasm": "cytoplasm",
                             "Nuclei_Filtered": "nucleus"}
     assert plan.modules == {
@@ -150,7 +150,7 @@ def test_plan_picks_objects_modules_and_reasons():
 
 def test_plan_without_anything_measurable_is_a_user_error():
     with pytest.raises(UserInputError, match="none of the 3 features can be re-measured"):
-        rm.plan(["Speckles_AreaShape_Area", "Nuclei_Location_Center_X", "Count_Nuclei"],
+        rm.plan_measurement(["Speckles_AreaShape_Area", "Nuclei_Location_Center_X", "Count_Nuclei"],
                 CHANNELS)
 
 

@@ -196,7 +196,7 @@ def test_remeasure_on_dask_equals_one_process(cluster):
         cell = (yy - 20) ** 2 + (xx - 21) ** 2 <= (11 + k) ** 2
         crops.append(np.stack([np.where(nucleus, 0.8, 0.05), np.where(cell, 0.5, 0.04)], -1))
     crops = np.asarray(crops)
-    plan = rm.plan(["Nuclei_AreaShape_Area", "Cells_AreaShape_Area",
+    plan = rm.plan_measurement(["Nuclei_AreaShape_Area", "Cells_AreaShape_Area",
                     "Cells_Intensity_MeanIntensity_Actin"], ["DNA", "Actin"])
     one = rm.remeasure(crops, plan, ["DNA", "Actin"], chunk=2)
     dask = rm.remeasure(crops, plan, ["DNA", "Actin"], chunk=2, client=cluster[1])

@@ -1,16 +1,54 @@
-"""Writing under a temporary name and renaming when complete: a reader never sees half a file
-or half a folder, and an interrupted run leaves only a hidden .partial to clean up."""
+"""Writing under a temporary name and renaming when complete, the one way this project writes
+what others read: a reader never sees half a file or half a folder, and an interrupted run
+leaves only a hidden *.partial to clean up."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from tfrecords_tools.errors import UserInputError
 
 
+def partial_path(path) -> Path:
+    """A hidden temporary name beside `path`, unique to this attempt (process and a random
+    tag): when Dask reruns a part whose first attempt still runs (a worker cut off, not dead),
+    the two never write into one file; each renames a complete file into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+
+
+def write_json(path, data, sync: bool = True, **options) -> None:
+    """Write JSON (indent 1, NaN refused unless `options` say otherwise) under a temporary
+    name, then rename; `sync` flushes it to disk first."""
+    path = Path(path)
+    tmp = partial_path(path)
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, **{"indent": 1, "allow_nan": False, **options})
+        handle.write("\n")
+        if sync:
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def replace_folder(new: Path, out_dir: Path) -> Path:
+    """Move a finished folder into place, setting an old one aside only at the last moment."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    new.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old)
+    return out_dir
+
+
 class OutputFolder:
-    """Writes into a temporary sibling folder; `commit` renames it to OUT_DIR."""
+    """Writes into a temporary sibling folder; `commit` puts it in OUT_DIR's place."""
 
     def __init__(self, out_dir, overwrite: bool):
         self.out_dir = Path(out_dir)
@@ -24,10 +62,7 @@ class OutputFolder:
                                           dir=self.out_dir.parent))
 
     def commit(self) -> Path:
-        if self.out_dir.exists():
-            shutil.rmtree(self.out_dir)
-        self.path.rename(self.out_dir)
-        return self.out_dir
+        return replace_folder(self.path, self.out_dir)
 
     def abandon(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

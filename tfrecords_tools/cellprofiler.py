@@ -1,4 +1,6 @@
-"""Reading what CellProfiler's ExportToSpreadsheet writes, and the images it names.
+"""Reading CellProfiler's ExportToSpreadsheet tables (and single-cell tables) into one row per
+cell, and the images they name. The loaders take plain arguments, for convert and for
+anyone reading profiles.
 
 An ExportToSpreadsheet folder holds `Image.csv` (one row per image set, with
 `FileName_<image>` / `PathName_<image>` columns) and one CSV per object set
@@ -16,6 +18,9 @@ import numpy as np
 import pandas as pd
 
 from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.features import compartment_of
+
+CROP_COLUMN_CANDIDATES = ("Metadata_CropFile", "Metadata_Crop", "CropFile")
 
 IMAGE_TABLE = "Image"
 
@@ -116,3 +121,80 @@ def image_shape(path: str) -> tuple[int, int]:
         raise UserInputError(f"{path}: cannot be read as an image ({err}).") from None
     shape = tuple(s for s in shape if s != 1) if len(shape) > 2 else tuple(shape)
     return shape
+
+
+def load_cellprofiler_cells(folder, objects, channels):
+    """Cells of an ExportToSpreadsheet folder, one row each: the object tables joined on
+    ImageNumber and ObjectNumber (features prefixed by object; `_has_<object>` says whether a
+    later object had the cell), the first object's centre as `_x`/`_y`, the Image table's
+    Metadata_ columns (`_has_image`), `path_<channel>` per channel and `_cell_id`.
+    Returns (cells, the tables read, Image.csv's path)."""
+    folder = Path(folder)
+    image_csv = find_table(folder, IMAGE_TABLE)
+    image_df = read_table(image_csv)
+    require_columns(image_df, ["ImageNumber"], image_csv)
+    if image_df["ImageNumber"].duplicated().any():
+        dup = image_df["ImageNumber"][image_df["ImageNumber"].duplicated()].iloc[0]
+        raise UserInputError(f"{image_csv}: ImageNumber {dup} appears twice; merge batches "
+                             "with distinct ImageNumbers.")
+    paths = {ch: channel_paths(image_df, ch, image_csv) for ch in channels}
+    fields = pd.DataFrame({"ImageNumber": image_df["ImageNumber"].to_numpy()})
+    for ch in channels:
+        fields[f"path_{ch}"] = paths[ch]
+    meta_cols = [c for c in image_df.columns if c.startswith("Metadata_")]
+    source_files = [image_csv]
+    cells = None
+    for k, obj in enumerate(objects):
+        path = find_table(folder, obj)
+        source_files.append(path)
+        table = read_table(path)
+        need = ["ImageNumber", "ObjectNumber"] + (
+            ["Location_Center_X", "Location_Center_Y"] if k == 0 else [])
+        require_columns(table, need, path, " (needed to place crops)" if k == 0 else "")
+        table = table.drop(columns=[c for c in table.columns if c.startswith("Metadata_")])
+        renamed = {c: f"{obj}_{c}" for c in table.columns if c not in ("ImageNumber", "ObjectNumber")}
+        table = table.rename(columns=renamed).copy()  # consolidated: merges stay cheap
+        if cells is None:
+            cells = table
+        else:
+            cells = cells.merge(table, on=["ImageNumber", "ObjectNumber"], how="left",
+                                indicator=f"_has_{obj}")
+    cells = cells.copy().rename(columns={f"{objects[0]}_Location_Center_X": "_x",
+                                  f"{objects[0]}_Location_Center_Y": "_y"})
+    cells = cells.merge(image_df[["ImageNumber"] + meta_cols], on="ImageNumber", how="left",
+                        indicator="_has_image")
+    cells = cells.merge(fields, on="ImageNumber", how="left").copy()
+    cells["_cell_id"] = cells["ImageNumber"].astype(str) + "-" + cells["ObjectNumber"].astype(str)
+    return cells, source_files, image_csv
+
+
+def load_table_cells(path, crop_column: str | None = None):
+    """Cells of a CytoTable/pycytominer single-cell table, each with a crop file (`_crop_path`,
+    absolute) and a `_cell_id`. Returns (cells, [path], path)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such file. With --table, INPUT is a single-cell "
+                             "CSV or Parquet file.")
+    cells = read_table(path)
+    column = crop_column or next((c for c in CROP_COLUMN_CANDIDATES if c in cells.columns), None)
+    if column is None or column not in cells.columns:
+        raise UserInputError(
+            f"{path}: no crop file column {column or '(tried ' + ', '.join(CROP_COLUMN_CANDIDATES) + ')'}; "
+            "name the column of crop files with --crop-column.")
+    base = path.resolve().parent
+    cells["_crop_path"] = [None if pd.isna(p) else os.path.normpath(
+        str(p) if os.path.isabs(str(p)) else str(base / str(p))) for p in cells[column]]
+    for key, target in (("Metadata_ImageNumber", "ImageNumber"), ("Metadata_ObjectNumber", "ObjectNumber")):
+        cells[target] = cells[key] if key in cells.columns else (
+            np.arange(len(cells)) + 1 if target == "ObjectNumber" else 0)
+    cells["_cell_id"] = (cells["ImageNumber"].astype(str) + "-" + cells["ObjectNumber"].astype(str)
+                         if "Metadata_ObjectNumber" in cells.columns
+                         else pd.Series(np.arange(len(cells)).astype(str)))
+    cells = cells.drop(columns=[column])
+    return cells, [path], path
+
+
+def table_compartments(columns) -> list[str]:
+    """The object sets (compartments) a single-cell table's columns are prefixed with."""
+    skip = {"Metadata", "Image", "ImageNumber", "ObjectNumber"}
+    return sorted({compartment_of(c) for c in columns if "_" in c and compartment_of(c) not in skip})

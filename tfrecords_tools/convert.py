@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import sys
@@ -38,18 +37,21 @@ import pandas as pd
 
 from tfrecords_tools import cellprofiler as cp
 from tfrecords_tools.errors import UserInputError
-from tfrecords_tools.features import (as_float_matrix, drop_uninformative, part_moments,
-                                      select_features, sorted_part_values,
+from tfrecords_tools.features import (as_float_matrix, drop_uninformative,
+                                      part_moments, select_features, sorted_part_values,
                                       statistics_from_parts)
-from tfrecords_tools.manifest import (MANIFEST, SCHEMA_VERSION, partial_path, sha256_file,
-                                      write_json_atomic)
+from tfrecords_tools._version import __version__
+from tfrecords_tools.atomic import partial_path, write_json
+from tfrecords_tools.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
+from tfrecords_tools.parts import (PARTS, check_options, client_for, parse_part, part_label,
+                                   run_parts, select_part, verify_part, write_partition)
+from tfrecords_tools.records import encode_example
+from tfrecords_tools.tfrecord_io import TFRecordWriter
 from tfrecords_tools.splits import SPLITS, assign_splits, group_keys, parse_fractions
 
-PARTS = ".parts"
 REJECTS = "rejects.csv"
 TREATMENT_CANDIDATES = ("Metadata_Treatment", "Metadata_Compound", "Metadata_pert_iname",
                         "Metadata_JCP2022", "Metadata_broad_sample", "Metadata_Perturbation")
-CROP_COLUMN_CANDIDATES = ("Metadata_CropFile", "Metadata_Crop", "CropFile")
 
 
 @dataclass
@@ -102,81 +104,6 @@ class ConvertConfig:
 
 
 # ---------------------------------------------------------------------------
-# Reading the tables into one cell table
-
-
-def load_cellprofiler_cells(config: ConvertConfig):
-    """Cells of an ExportToSpreadsheet folder: one row each, features prefixed by object."""
-    folder = Path(config.input)
-    image_csv = cp.find_table(folder, cp.IMAGE_TABLE)
-    image_df = cp.read_table(image_csv)
-    cp.require_columns(image_df, ["ImageNumber"], image_csv)
-    if image_df["ImageNumber"].duplicated().any():
-        dup = image_df["ImageNumber"][image_df["ImageNumber"].duplicated()].iloc[0]
-        raise UserInputError(f"{image_csv}: ImageNumber {dup} appears twice; merge batches "
-                             "with distinct ImageNumbers.")
-    paths = {ch: cp.channel_paths(image_df, ch, image_csv) for ch in config.channels}
-    fields = pd.DataFrame({"ImageNumber": image_df["ImageNumber"].to_numpy()})
-    for ch in config.channels:
-        fields[f"path_{ch}"] = paths[ch]
-    meta_cols = [c for c in image_df.columns if c.startswith("Metadata_")]
-    source_files = [image_csv]
-    cells = None
-    for k, obj in enumerate(config.objects):
-        path = cp.find_table(folder, obj)
-        source_files.append(path)
-        table = cp.read_table(path)
-        need = ["ImageNumber", "ObjectNumber"] + (
-            ["Location_Center_X", "Location_Center_Y"] if k == 0 else [])
-        cp.require_columns(table, need, path, " (needed to place crops)" if k == 0 else "")
-        table = table.drop(columns=[c for c in table.columns if c.startswith("Metadata_")])
-        renamed = {c: f"{obj}_{c}" for c in table.columns if c not in ("ImageNumber", "ObjectNumber")}
-        table = table.rename(columns=renamed).copy()  # consolidated: merges stay cheap
-        if cells is None:
-            cells = table
-        else:
-            cells = cells.merge(table, on=["ImageNumber", "ObjectNumber"], how="left",
-                                indicator=f"_has_{obj}")
-    cells = cells.copy().rename(columns={f"{config.objects[0]}_Location_Center_X": "_x",
-                                  f"{config.objects[0]}_Location_Center_Y": "_y"})
-    cells = cells.merge(image_df[["ImageNumber"] + meta_cols], on="ImageNumber", how="left",
-                        indicator="_has_image")
-    cells = cells.merge(fields, on="ImageNumber", how="left").copy()
-    cells["_cell_id"] = cells["ImageNumber"].astype(str) + "-" + cells["ObjectNumber"].astype(str)
-    return cells, source_files, image_csv
-
-
-def load_table_cells(config: ConvertConfig):
-    """Cells of a CytoTable/pycytominer single-cell table, each with a crop file."""
-    path = Path(config.input)
-    if not path.is_file():
-        raise UserInputError(f"{path}: no such file. With --table, INPUT is a single-cell "
-                             "CSV or Parquet file.")
-    cells = cp.read_table(path)
-    column = config.crop_column or next((c for c in CROP_COLUMN_CANDIDATES if c in cells.columns), None)
-    if column is None or column not in cells.columns:
-        raise UserInputError(
-            f"{path}: no crop file column {column or '(tried ' + ', '.join(CROP_COLUMN_CANDIDATES) + ')'}; "
-            "name the column of crop files with --crop-column.")
-    base = path.resolve().parent
-    cells["_crop_path"] = [None if pd.isna(p) else os.path.normpath(
-        str(p) if os.path.isabs(str(p)) else str(base / str(p))) for p in cells[column]]
-    for key, target in (("Metadata_ImageNumber", "ImageNumber"), ("Metadata_ObjectNumber", "ObjectNumber")):
-        cells[target] = cells[key] if key in cells.columns else (
-            np.arange(len(cells)) + 1 if target == "ObjectNumber" else 0)
-    cells["_cell_id"] = (cells["ImageNumber"].astype(str) + "-" + cells["ObjectNumber"].astype(str)
-                         if "Metadata_ObjectNumber" in cells.columns
-                         else pd.Series(np.arange(len(cells)).astype(str)))
-    cells = cells.drop(columns=[column])
-    return cells, [path], path
-
-
-def table_compartments(columns) -> list[str]:
-    skip = {"Metadata", "Image", "ImageNumber", "ObjectNumber"}
-    return sorted({c.split("_")[0] for c in columns if "_" in c and c.split("_")[0] not in skip})
-
-
-# ---------------------------------------------------------------------------
 # Planning
 
 
@@ -199,92 +126,24 @@ def plan_dataset(config: ConvertConfig):
     """Everything decided before any pixel is read: cells, features, splits, shards, rejects."""
     config.validate()
     if config.table:
-        cells, sources, source = load_table_cells(config)
-        compartments = table_compartments(cells.columns)
+        cells, sources, source = cp.load_table_cells(config.input, config.crop_column)
+        compartments = cp.table_compartments(cells.columns)
     else:
-        cells, sources, source = load_cellprofiler_cells(config)
+        cells, sources, source = cp.load_cellprofiler_cells(config.input, config.objects,
+                                                            config.channels)
         compartments = list(config.objects)
-    cells = cells.copy()  # one block per dtype: the columns added below stay cheap
-    rejects = []
-
-    def reject(mask, reason):
-        nonlocal cells
-        mask = np.asarray(mask, dtype=bool)
-        if mask.any():
-            for _, row in cells.loc[mask, ["_cell_id", "ImageNumber", "ObjectNumber"]].iterrows():
-                rejects.append({"cell_id": row["_cell_id"], "ImageNumber": row["ImageNumber"],
-                                "ObjectNumber": row["ObjectNumber"], "reason": reason})
-            cells = cells.loc[~mask].reset_index(drop=True)
-
-    if not config.table:
-        for obj in config.objects[1:]:
-            flag = f"_has_{obj}"
-            reject(cells[flag] != "both", f"no {obj} object with this ObjectNumber")
-            cells = cells.drop(columns=[flag])
-        reject(cells["_has_image"] != "both", "ImageNumber not in Image.csv")
-        reject(~np.isfinite(cells["_x"].astype(float)) | ~np.isfinite(cells["_y"].astype(float)),
-               "no Location_Center_X/Y")
-        for ch in config.channels:
-            reject(cells[f"path_{ch}"].isna(), f"no {ch} image listed for this image set")
-    else:
-        reject(cells["_crop_path"].isna(), "no crop file")
-
-    treatment_cols = pick_column(cells.columns, config.treatment_column, TREATMENT_CANDIDATES,
-                                 "--treatment-column", source)
-    if treatment_cols:
-        values = cells[treatment_cols].astype("string")
-        reject(values.isna().any(axis=1).to_numpy(), f"no value in {','.join(treatment_cols)}")
-        treatment = cells[treatment_cols].astype(str).agg("@".join, axis=1) if len(treatment_cols) > 1 \
-            else cells[treatment_cols[0]].astype(str)
-    else:
-        treatment = pd.Series([""] * len(cells))
-    cells["_treatment"] = treatment.to_numpy()
-
-    split_by = config.split_by
-    if not split_by:
-        if not config.table:
-            split_by = ["ImageNumber"]
-        elif "Metadata_ImageNumber" in cells.columns:
-            split_by = ["Metadata_ImageNumber"]
-        else:
-            raise UserInputError(f"{source}: no Metadata_ImageNumber column to keep fields together "
-                                 "across splits; name the grouping column(s) with --split-by.")
-    cells["_group"] = group_keys(cells, split_by, source).to_numpy()
-
-    # Image sizes from headers: checks channels agree and finds cells at the border.
-    shape_of = {}
-    if not config.table:
-        shape_of = check_field_images(cells, config)
-        size = config.crop_size
-        if config.edge == "skip":
-            height = cells["ImageNumber"].map(lambda n: shape_of[n][0]).to_numpy()
-            width = cells["ImageNumber"].map(lambda n: shape_of[n][1]).to_numpy()
-            top = np.floor(cells["_y"].astype(float).to_numpy() + 0.5).astype(int) - size // 2
-            left = np.floor(cells["_x"].astype(float).to_numpy() + 0.5).astype(int) - size // 2
-            reject((top < 0) | (left < 0) | (top + size > height) | (left + size > width),
-                   f"within {size // 2} px of the image border (--edge skip)")
+    kept = _KeptCells(cells.copy())  # one block per dtype: the columns added below stay cheap
+    _reject_incomplete(kept, config)
+    treatment_cols = _assign_treatments(kept, config, source)
+    split_by = _assign_groups(kept, config, source)
+    shape_of = _reject_border_cells(kept, config)
+    cells, rejects = kept.cells, kept.rejects
     if len(cells) == 0:
         raise UserInputError(f"{source}: no cell left to convert ({len(rejects)} rejected; "
                              f"first reason: {rejects[0]['reason'] if rejects else 'no rows'}).")
-
-    split = assign_splits(pd.Series(cells["_group"]), config.split, config.seed,
-                          strata=pd.Series(cells["_treatment"]))
-    cells["_split"] = split
-    train = cells["_split"].to_numpy() == "train"
-
-    selection = select_features(cells.drop(columns=[c for c in cells.columns if c.startswith("_")
-                                                    or c.startswith("path_")]),
-                                compartments, config.include, config.exclude,
-                                config.features_file, source=str(source))
-    values = as_float_matrix(cells, selection.names)
-    keep, uninformative = drop_uninformative(values, selection.names, train)
-    if not keep:
-        raise UserInputError(f"{source}: every selected feature is all-NaN or constant in the "
-                             "training split; nothing to learn from.")
-    names = [selection.names[j] for j in keep]
-    values = values[:, keep]
-    dropped = selection.dropped + uninformative
-
+    cells["_split"] = assign_splits(pd.Series(cells["_group"]), config.split, config.seed,
+                                    strata=pd.Series(cells["_treatment"]))
+    names, values, dropped = _choose_features(cells, compartments, config, source)
     treatments = sorted(set(cells["_treatment"]))
     treatment_metadata = per_treatment_columns(cells, treatment_cols)
     cells = cells.reset_index(drop=True)  # shard rows are positions into cells and values
@@ -296,6 +155,106 @@ def plan_dataset(config: ConvertConfig):
         "split_by": split_by, "shards": shards, "sources": sources, "source": source,
         "compartments": compartments, "shapes": shape_of,
     }
+
+
+class _KeptCells:
+    """The cells still planned, and those rejected so far with why (rejects.csv's rows)."""
+
+    def __init__(self, cells: pd.DataFrame):
+        self.cells = cells
+        self.rejects = []
+
+    def reject(self, mask, reason: str) -> None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.any():
+            rows = self.cells.loc[mask, ["_cell_id", "ImageNumber", "ObjectNumber"]]
+            for _, row in rows.iterrows():
+                self.rejects.append({"cell_id": row["_cell_id"], "ImageNumber": row["ImageNumber"],
+                                     "ObjectNumber": row["ObjectNumber"], "reason": reason})
+            self.cells = self.cells.loc[~mask].reset_index(drop=True)
+
+
+def _reject_incomplete(kept: _KeptCells, config: ConvertConfig) -> None:
+    """Cells without every object, their image set, a centre or an image of every channel (or,
+    from a table, a crop file)."""
+    if config.table:
+        kept.reject(kept.cells["_crop_path"].isna(), "no crop file")
+        return
+    for obj in config.objects[1:]:
+        flag = f"_has_{obj}"
+        kept.reject(kept.cells[flag] != "both", f"no {obj} object with this ObjectNumber")
+        kept.cells = kept.cells.drop(columns=[flag])
+    kept.reject(kept.cells["_has_image"] != "both", "ImageNumber not in Image.csv")
+    x, y = (kept.cells[c].astype(float) for c in ("_x", "_y"))
+    kept.reject(~np.isfinite(x) | ~np.isfinite(y), "no Location_Center_X/Y")
+    for ch in config.channels:
+        kept.reject(kept.cells[f"path_{ch}"].isna(), f"no {ch} image listed for this image set")
+
+
+def _assign_treatments(kept: _KeptCells, config: ConvertConfig, source) -> list[str]:
+    """Each cell's treatment (the treatment columns' values, joined by "@"), as `_treatment`;
+    cells without one are rejected. Returns the treatment columns."""
+    treatment_cols = pick_column(kept.cells.columns, config.treatment_column,
+                                 TREATMENT_CANDIDATES, "--treatment-column", source)
+    if treatment_cols:
+        values = kept.cells[treatment_cols].astype("string")
+        kept.reject(values.isna().any(axis=1).to_numpy(), f"no value in {','.join(treatment_cols)}")
+        cells = kept.cells
+        treatment = cells[treatment_cols].astype(str).agg("@".join, axis=1) \
+            if len(treatment_cols) > 1 else cells[treatment_cols[0]].astype(str)
+    else:
+        treatment = pd.Series([""] * len(kept.cells))
+    kept.cells["_treatment"] = treatment.to_numpy()
+    return treatment_cols
+
+
+def _assign_groups(kept: _KeptCells, config: ConvertConfig, source) -> list[str]:
+    """Each cell's --split-by group, as `_group`; returns the columns grouped by."""
+    split_by = config.split_by
+    if not split_by:
+        if not config.table:
+            split_by = ["ImageNumber"]
+        elif "Metadata_ImageNumber" in kept.cells.columns:
+            split_by = ["Metadata_ImageNumber"]
+        else:
+            raise UserInputError(f"{source}: no Metadata_ImageNumber column to keep fields together "
+                                 "across splits; name the grouping column(s) with --split-by.")
+    kept.cells["_group"] = group_keys(kept.cells, split_by, source).to_numpy()
+    return split_by
+
+
+def _reject_border_cells(kept: _KeptCells, config: ConvertConfig) -> dict:
+    """Image sizes from the headers (checking that channels agree); with --edge skip, the cells
+    whose crop leaves the field are rejected. Returns {ImageNumber: shape}."""
+    if config.table:
+        return {}
+    shape_of = check_field_images(kept.cells, config)
+    if config.edge == "skip":
+        cells, size = kept.cells, config.crop_size
+        height = cells["ImageNumber"].map(lambda n: shape_of[n][0]).to_numpy()
+        width = cells["ImageNumber"].map(lambda n: shape_of[n][1]).to_numpy()
+        top = np.floor(cells["_y"].astype(float).to_numpy() + 0.5).astype(int) - size // 2
+        left = np.floor(cells["_x"].astype(float).to_numpy() + 0.5).astype(int) - size // 2
+        kept.reject((top < 0) | (left < 0) | (top + size > height) | (left + size > width),
+                    f"within {size // 2} px of the image border (--edge skip)")
+    return shape_of
+
+
+def _choose_features(cells: pd.DataFrame, compartments, config: ConvertConfig, source):
+    """(names, values [N, F], dropped): the selected features less those all-NaN or constant
+    in the training split."""
+    train = cells["_split"].to_numpy() == "train"
+    selection = select_features(cells.drop(columns=[c for c in cells.columns if c.startswith("_")
+                                                    or c.startswith("path_")]),
+                                compartments, config.include, config.exclude,
+                                config.features_file, source=str(source))
+    values = as_float_matrix(cells, selection.names)
+    keep, uninformative = drop_uninformative(values, selection.names, train)
+    if not keep:
+        raise UserInputError(f"{source}: every selected feature is all-NaN or constant in the "
+                             "training split; nothing to learn from.")
+    return ([selection.names[j] for j in keep], values[:, keep],
+            selection.dropped + uninformative)
 
 
 def per_treatment_columns(cells: pd.DataFrame, treatment_cols) -> dict:
@@ -476,9 +435,6 @@ def read_field(paths: list[str]):
 
 def write_part(task: dict) -> dict:
     """Write one shard and its summary. Pure and idempotent: the same task gives the same bytes."""
-    from tfrecords_tools.records import encode_example
-    from tfrecords_tools.tfrecord_io import TFRecordWriter
-
     out_dir = Path(task["out_dir"])
     final = out_dir / task["file"]
     tmp = partial_path(final)
@@ -527,7 +483,7 @@ def write_part(task: dict) -> dict:
         summary["moments"] = part_moments(values)
         summary["values_sha256"] = _save_npy(parts / f"{task['file']}.values.npy",
                                              sorted_part_values(values))
-    write_json_atomic(parts / f"{task['file']}.json", summary)
+    write_json(parts / f"{task['file']}.json", summary)
     return summary
 
 
@@ -630,47 +586,31 @@ def task_hash(task: dict) -> str:
 def check_part(out_dir: Path, task: dict) -> tuple[dict | None, str | None]:
     """(summary, None) for a part an earlier run completed, verified by checksum; else
     (None, what is wrong with it)."""
-    summary_path = out_dir / PARTS / f"{task['file']}.json"
-    shard = out_dir / task["file"]
-    if not summary_path.is_file():
-        return None, "not written (no summary in .parts)"
-    if not shard.is_file():
-        return None, f"its shard {task['file']} is missing"
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None, f"its summary {PARTS}/{summary_path.name} is not valid JSON (corrupt)"
-    if summary.get("plan_hash") != task["plan_hash"]:
-        return None, "written for another plan (other input or options)"
-    if summary.get("sha256") != sha256_file(shard):
-        return None, f"its shard {task['file']} does not match its checksum (corrupt)"
-    aux = [("hist.npy", "hist_sha256")] + ([("values.npy", "values_sha256")]
-                                             if task["split"] == "train" else [])
-    for suffix, key in aux:
-        path = out_dir / PARTS / f"{task['file']}.{suffix}"
-        if not path.is_file() or summary.get(key) != sha256_file(path):
-            return None, f"{PARTS}/{path.name} is missing or does not match its checksum (corrupt)"
-    if task["split"] == "train" and "moments" not in summary:
+    parts = out_dir / PARTS
+    aux = ["hist"] + (["values"] if task["split"] == "train" else [])
+
+    def checksums(summary):
+        return ([(out_dir / task["file"], summary.get("sha256"))]
+                + [(parts / f"{task['file']}.{kind}.npy", summary.get(f"{kind}_sha256"))
+                   for kind in aux])
+
+    summary, problem = verify_part(parts / f"{task['file']}.json", task["plan_hash"],
+                                   "plan_hash", checksums)
+    if summary is not None and task["split"] == "train" and "moments" not in summary:
         return None, "its summary holds no moments (corrupt)"
-    return summary, None
+    return summary, problem
 
 
-def completed_part(out_dir: Path, task: dict):
-    """The summary of a part an earlier run finished, if it verifies by checksum."""
-    return check_part(out_dir, task)[0]
-
-
-def run_parts(tasks: list[dict], workers: int, progress: bool, scheduler: str | None = None,
-              client=None):
-    """Run the parts (one process, a process pool or Dask) with a progress bar over parts."""
-    from tfrecords_tools.parts import run_parts as run
-
+def write_parts(tasks: list[dict], workers: int, progress: bool, scheduler: str | None = None,
+                client=None):
+    """Write the shards (one process, a process pool or Dask) with a progress bar over parts."""
     total_cells = sum(len(f["cells"]) for t in tasks for f in t["fields"])
     keys = [f"convert-{t['file']}-{t['plan_hash'][:16]}" for t in tasks]
     results = [None] * len(tasks)
-    for k, summary in run(write_part, tasks, keys, cells=lambda s: s["records"],
-                          scheduler=scheduler, workers=workers, progress=progress,
-                          desc="convert", unit="shard", client=client, total_cells=total_cells):
+    for k, summary in run_parts(write_part, tasks, keys, cells=lambda s: s["records"],
+                                scheduler=scheduler, workers=workers, progress=progress,
+                                desc="convert", unit="shard", client=client,
+                                total_cells=total_cells):
         results[k] = summary
     return results
 
@@ -707,9 +647,6 @@ def dtype_max(dtype: str) -> float:
     return 1.0
 
 
-PARTITION = "partition.json"
-
-
 def convert(config: ConvertConfig, progress: bool = True, command: list[str] | None = None,
             part: tuple[int, int] | str | None = None, finalize: bool = False,
             client=None) -> dict:
@@ -726,21 +663,15 @@ def convert(config: ConvertConfig, progress: bool = True, command: list[str] | N
     gathers the completed parts into the manifest, with a clear error naming
     any part that is missing or corrupt.
     """
-    from tfrecords_tools.parts import check_options, dask_client, parse_part
-
     started = time.time()
     part = parse_part(part)
     check_options(config.scheduler, config.workers, part, finalize)
-    if config.scheduler is not None and client is None and not finalize:
-        # Connect (or start the LocalCluster) first: a wrong address fails in seconds.
-        with dask_client(config.scheduler, config.workers, quiet=not progress) as client:
-            return _convert(config, progress, command, part, finalize, client, started)
-    return _convert(config, progress, command, part, finalize, client, started)
+    with client_for(config.scheduler, config.workers, client, finalize,
+                    quiet=not progress) as client:
+        return _convert(config, progress, command, part, finalize, client, started)
 
 
 def _convert(config, progress, command, part, finalize, client, started):
-    from tfrecords_tools.parts import select_part
-
     if part is not None and config.overwrite:
         raise UserInputError("--overwrite with --part: parts of one job run at the same time and "
                              "must not remove each other's shards. Remove OUT_DIR (or run "
@@ -762,15 +693,15 @@ def _convert(config, progress, command, part, finalize, client, started):
             if stale.name not in planned:
                 stale.unlink()
     else:
-        write_json_atomic(out_dir / PARTS / PARTITION, {"parts": part[1], "shards": len(tasks)})
+        write_partition(out_dir / PARTS, part[1], len(tasks))
     selected = select_part(tasks, part)
     done, todo = [], []
     for task in selected:
-        summary = completed_part(out_dir, task)
+        summary, _ = check_part(out_dir, task)
         (done if summary else todo).append(summary or task)
     if resuming and progress and done:
         print(f"Resuming: {len(done)} of {len(selected)} shards already complete.", file=sys.stderr)
-    written = run_parts(todo, config.workers, progress, config.scheduler, client)
+    written = write_parts(todo, config.workers, progress, config.scheduler, client)
     if part is not None:
         return {"part": list(part), "shards": [t["file"] for t in selected],
                 "written": len(written), "already_complete": len(done),
@@ -788,20 +719,10 @@ def finish(config, plan, tasks, out_dir: Path, command, started) -> dict:
             problems.append((position, task, problem))
         summaries.append(summary)
     if problems:
-        partition = out_dir / PARTS / PARTITION
-        count = None
-        if partition.is_file():
-            try:
-                count = int(json.loads(partition.read_text())["parts"])
-            except (ValueError, KeyError, TypeError):
-                count = None
-        from tfrecords_tools.parts import part_of
-
         position, task, problem = problems[0]
-        which = (f"part {part_of(position, len(tasks), count)}/{count}" if count
-                 else "a part")
+        label = part_label(position, len(tasks), out_dir / PARTS)
+        which, rerun = (f"part {label}", f"--part {label}") if label else ("a part", "its part")
         more = f" ({len(problems) - 1} more shard(s) incomplete)" if len(problems) > 1 else ""
-        rerun = f"--part {part_of(position, len(tasks), count)}/{count}" if count else "its part"
         raise UserInputError(f"{out_dir}: {which} is not complete: shard {task['file']}: "
                              f"{problem}{more}. Run {rerun} again, then --finalize.")
     dtypes = {s["dtype"] for s in summaries if s["records"]}
@@ -818,7 +739,7 @@ def finish(config, plan, tasks, out_dir: Path, command, started) -> dict:
     tmp = partial_path(out_dir / REJECTS)
     rejects.to_csv(tmp, index=False)
     os.replace(tmp, out_dir / REJECTS)
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    write_json(out_dir / MANIFEST, manifest)
     shutil.rmtree(out_dir / PARTS, ignore_errors=True)
     for stale in out_dir.glob(".*.partial"):  # left by attempts that were killed
         stale.unlink(missing_ok=True)
@@ -826,8 +747,6 @@ def finish(config, plan, tasks, out_dir: Path, command, started) -> dict:
 
 
 def build_manifest(config, plan, summaries, out_dir, dtype, command, started) -> dict:
-    from tfrecords_tools._version import __version__
-
     cells = plan["cells"]
     counts = {split: int((cells["_split"] == split).sum()) for split in SPLITS}
     per_treatment = {split: {t: int(((cells["_split"] == split) & (cells["_treatment"] == t)).sum())

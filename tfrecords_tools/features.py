@@ -1,7 +1,8 @@
-"""Choosing the feature columns of a single-cell table, and their statistics.
+"""Feature names, choosing the feature columns of a single-cell table, and their statistics.
 
 Feature names follow the field's `<Compartment>_<Module>_<Feature>` convention
-(e.g. `Nuclei_AreaShape_Area`, `Cells_Intensity_MeanIntensity_DNA`). By default
+(e.g. `Nuclei_AreaShape_Area`, `Cells_Intensity_MeanIntensity_DNA`); `feature_name` and
+`object_and_measurement` are the one place that reads them. By default
 every numeric measurement is a feature except identifiers and positions, which
 say where a cell is, not what it looks like.
 """
@@ -27,6 +28,48 @@ NOT_FEATURES = [
     (r"^Children_.*_Count$", "child object count"),
     (r"^(FileName|PathName|URL|Series|Frame)_", "file reference"),
 ]
+
+
+# CellProfiler's measurement categories: the first part of a measurement's name.
+CATEGORIES = ("AreaShape", "Intensity", "Texture", "Granularity", "RadialDistribution",
+              "Correlation", "Location", "Number", "Parent", "Children", "Neighbors",
+              "ObjectSkeleton", "Math", "Count", "Metadata", "Threshold")
+
+
+@dataclass(frozen=True)
+class FeatureName:
+    """`Nuclei_AreaShape_Zernike_0_0` -> compartment Nuclei, module AreaShape, measurement
+    Zernike_0_0; a part the name lacks is None (no "_": no compartment; one "_": no
+    measurement)."""
+    name: str
+    compartment: str | None
+    module: str | None
+    measurement: str | None
+
+
+def feature_name(name: str) -> FeatureName:
+    parts = name.split("_", 2)
+    if len(parts) == 1:
+        return FeatureName(name, None, None, None)
+    return FeatureName(name, parts[0], parts[1], parts[2] if len(parts) > 2 else None)
+
+
+def compartment_of(name: str) -> str:
+    """The object set a feature belongs to: the part before the first "_" (the whole name
+    without one)."""
+    return name.split("_", 1)[0]
+
+
+def object_and_measurement(name: str, categories=CATEGORIES) -> tuple[str | None, str]:
+    """("Nuclei", "AreaShape_Area") from "Nuclei_AreaShape_Area"; the object may hold "_"
+    (it ends where a measurement category starts); (None, name) when there is no object."""
+    parts = name.split("_")
+    for i in range(1, len(parts)):
+        if parts[i] in categories:
+            return "_".join(parts[:i]), "_".join(parts[i:])
+    if len(parts) < 2 or parts[0] in categories:
+        return None, name
+    return parts[0], "_".join(parts[1:])
 
 
 @dataclass
@@ -80,7 +123,7 @@ def select_features(table: pd.DataFrame, compartments, include=None, exclude=Non
             candidates.append(name)
         # Merged batches list the same columns in other orders: fix one order.
         rank = {comp: i for i, comp in enumerate(compartments)}
-        candidates.sort(key=lambda n: (rank.get(n.split("_")[0], len(rank)), n))
+        candidates.sort(key=lambda n: (rank.get(compartment_of(n), len(rank)), n))
     for pattern, keep in ((include, True), (exclude, False)):
         if pattern is None:
             continue

@@ -4,7 +4,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from tfrecords_tools.features import compartment_of, feature_name
 from tfrecords_tools.manifest import load_manifest, sha256_file
+from tfrecords_tools.records import decode_example, iterate_records
 
 
 def summarize(data_dir) -> str:
@@ -13,8 +15,9 @@ def summarize(data_dir) -> str:
     crop, counts, feats = m["crop"], m["counts"], m["features"]
     modules = Counter()
     for name in feats["names"]:
-        parts = name.split("_")
-        modules[f"{parts[0]} {parts[1]}" if len(parts) > 2 else parts[0]] += 1
+        parsed = feature_name(name)
+        modules[f"{parsed.compartment} {parsed.module}" if parsed.measurement is not None
+                else compartment_of(name)] += 1
     lines = [
         f"Dataset {Path(data_dir)}",
         f"  made by {m['tool']['name']} {m['tool']['version']} on {m['created']} "
@@ -56,8 +59,6 @@ def summarize(data_dir) -> str:
 def verify(data_dir) -> list[str]:
     """Read every record and check it against the manifest; returns the problems found (none: [])."""
     import tensorflow as tf
-
-    from tfrecords_tools.records import decode_example, iterate_records
 
     m = load_manifest(data_dir)
     crop = m["crop"]
@@ -104,8 +105,6 @@ def verify(data_dir) -> list[str]:
 
 def first_records(data_dir, n: int = 4) -> list[dict]:
     """The first n records of the training split as numpy values (for a quick look)."""
-    from tfrecords_tools.records import decode_example, iterate_records
-
     m = load_manifest(data_dir)
     crop = m["crop"]
     shape = (crop["height"], crop["width"], crop["channels"])

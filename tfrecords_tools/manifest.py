@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 
 from tfrecords_tools.errors import UserInputError
@@ -26,26 +24,6 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def partial_path(path) -> Path:
-    """A hidden temporary name beside `path`, unique to this attempt (process and a random
-    tag): when Dask reruns a part whose first attempt still runs (a worker cut off, not dead),
-    the two never write into one file; each renames a complete file into place."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
-
-
-def write_json_atomic(path, data) -> None:
-    """Write JSON under a temporary name, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = partial_path(path)
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1, allow_nan=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def load_manifest(data_dir) -> dict:
@@ -72,3 +50,18 @@ def shard_files(manifest: dict, data_dir, split: str, treatment: str | None = No
     """Paths of the shards of one split (optionally one treatment), in manifest order."""
     return [str(Path(data_dir) / s["file"]) for s in manifest["shards"]
             if s["split"] == split and (treatment is None or s["treatment"] == treatment)]
+
+
+def treatment_cells(manifest: dict, split: str) -> dict[str, int]:
+    """{treatment: cells} of the treatments present in `split`, in the manifest's order."""
+    return {t: n for t, n in manifest["counts"]["treatments"][split].items() if n}
+
+
+def matching_manifest(data_dir, feature_names) -> dict:
+    """The manifest of DATA_DIR, which must hold `feature_names` in that order (the model's)."""
+    manifest = load_manifest(data_dir)
+    if manifest["features"]["names"] != list(feature_names):
+        raise UserInputError(
+            f"{data_dir}: its {manifest['features']['count']} features are not the model's "
+            f"{len(feature_names)} (in order): use the dataset the model was trained on.")
+    return manifest

@@ -1,4 +1,4 @@
-"""Running parts on Dask distributed: the one module that knows Dask.
+"""Running work in parts, and resuming it: the one module that knows Dask.
 
 convert, featurize and evaluate cut their work into parts: pure, idempotent functions that
 write their own, deterministically named output under a temporary name and return a small
@@ -14,22 +14,34 @@ with one progress bar over parts showing cells/s. Parts are submitted with pure,
 when a worker dies mid-part (kill -9, a node lost), the scheduler runs the part again
 elsewhere, and since a part only renames its output into place when complete, the result is
 the same. `parse_part("I/N")` reads the `--part` option of a Slurm array or Nextflow run.
+
+The resumable-parts protocol convert and featurize share: each part writes its outputs and a
+summary (with the plan's hash and each file's sha256) into OUT_DIR/.parts; a run finds the
+parts already done with `verify_part`, `--part I/N` records N in .parts/partition.json
+(`write_partition`), and finalizing names a part that is not done as `part_label` gives it.
+Dask is imported only when a cluster is used.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import multiprocessing
 import os
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
+from tfrecords_tools.atomic import write_json
 from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.manifest import sha256_file
 
 CONNECT_TIMEOUT = 3  # seconds to wait for a scheduler to answer
 _DELAY_ENV = "CP2IMAGE_TF_PART_DELAY"  # test hook: seconds each part sleeps first (kill tests)
+PARTS = ".parts"  # beside the outputs: the parts' files and summaries until finalized
+PARTITION = "partition.json"
 
 
 def parse_part(value) -> tuple[int, int] | None:
@@ -82,6 +94,54 @@ def check_options(scheduler: str | None, workers: int, part=None, finalize: bool
         raise UserInputError(f"--workers {workers} with --scheduler {scheduler}: the cluster "
                              "has its own workers; --workers counts LocalCluster processes "
                              "(with --scheduler local) or local processes (without --scheduler).")
+
+
+def write_partition(parts_dir: Path, count: int, items: int) -> None:
+    """Record that `items` parts run as `count` groups (--part I/count)."""
+    write_json(Path(parts_dir) / PARTITION, {"parts": count, "of": items})
+
+
+def part_label(position: int, total: int, parts_dir: Path) -> str | None:
+    """'I/N', the --part that holds the item at `position` of `total`, when the parts ran as
+    N groups (partition.json says so); else None."""
+    try:
+        count = int(json.loads((Path(parts_dir) / PARTITION).read_text())["parts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return f"{part_of(position, total, count)}/{count}"
+
+
+def verify_part(summary_path: Path, plan_hash: str, hash_key: str,
+                checksums: Callable[[dict], list]) -> tuple[dict | None, str | None]:
+    """(summary, None) for a part an earlier run completed: its summary is there, made for this
+    plan (summary[hash_key] == plan_hash), and every file `checksums(summary)` lists as
+    (path, recorded sha256) matches; else (None, what is wrong with it)."""
+    summary_path = Path(summary_path)
+    if not summary_path.is_file():
+        return None, f"not done (no summary in {PARTS})"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, f"its summary {summary_path.name} is not valid JSON (corrupt)"
+    if summary.get(hash_key) != plan_hash:
+        return None, "done for other inputs or options"
+    for path, recorded in checksums(summary):
+        if not Path(path).is_file() or recorded != sha256_file(path):
+            return None, f"{Path(path).name} is missing or does not match its checksum (corrupt)"
+    return summary, None
+
+
+@contextlib.contextmanager
+def client_for(scheduler: str | None, workers: int, client=None, finalize: bool = False,
+               quiet: bool = False):
+    """The Dask client the parts run on: `client` if given; else, with a scheduler, a new one,
+    connected before any work so that a wrong address fails in seconds; None without a
+    scheduler or when only finalizing."""
+    if scheduler is None or client is not None or finalize:
+        yield client
+        return
+    with dask_client(scheduler, workers, quiet=quiet) as opened:
+        yield opened
 
 
 @contextlib.contextmanager

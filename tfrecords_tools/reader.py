@@ -16,6 +16,11 @@ Crop scaling (`scaling`):
 Feature normalisation (`normalization`): "standard" (x - mean) / std or
 "robust" (x - median) / (1.4826 MAD), both with training-split statistics;
 NaN and inf are replaced by the training median first.
+
+Cells as NumPy arrays, for everything that is not a training loop: `iter_cells` streams
+(cell id, raw features) without decoding crops; `sample_cells` reads a quota of cells per
+treatment (`stratified_quota`) with their crops scaled as a model was trained.
+TensorFlow is imported inside the functions that use it.
 """
 from __future__ import annotations
 
@@ -23,10 +28,12 @@ import numpy as np
 
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest, shard_files
-from tfrecords_tools.records import feature_spec
+from tfrecords_tools.records import decode_features, feature_spec, iterate_records
+from tfrecords_tools.splits import SPLITS
 
 SCALINGS = ("dataset", "dtype", "crop_max", "none")
 NORMALIZATIONS = ("standard", "robust", "none")
+DEFAULT_SCALING, DEFAULT_NORMALIZATION = SCALINGS[0], NORMALIZATIONS[0]
 
 
 def feature_normalizer(manifest: dict, normalization: str = "standard"):
@@ -200,3 +207,90 @@ def make_dataset(data_dir, split: str = "train", batch_size: int = 104, *, shuff
     ds = ds.batch(batch_size, drop_remainder=drop_remainder or (repeat or stratify))
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def iter_cells(data_dir, manifest: dict, splits=SPLITS, treatment: str | None = None):
+    """(cell_id, raw features float32 [F]) of every cell of `splits` (or of one treatment's),
+    in shard order; the crops are not decoded."""
+    for split in splits:
+        for shard in shard_files(manifest, data_dir, split, treatment):
+            for record in iterate_records(shard, manifest.get("compression", "")):
+                yield decode_features(record)
+
+
+def stratified_quota(counts: dict, max_cells: int | None) -> dict:
+    """Cells per treatment: an even share of max_cells (unused shares go to the larger ones)."""
+    if max_cells is None or max_cells >= sum(counts.values()):
+        return dict(counts)
+    quota = {t: 0 for t in counts}
+    left = max_cells
+    open_ = sorted(counts, key=lambda t: counts[t])
+    while left > 0 and open_:
+        share = max(1, left // len(open_))
+        for t in list(open_):
+            take = min(share, counts[t] - quota[t], left)
+            quota[t] += take
+            left -= take
+            if quota[t] == counts[t]:
+                open_.remove(t)
+            if left == 0:
+                break
+    return quota
+
+
+def sample_cells(data_dir, manifest: dict, split: str, quota: dict, scaling: str = DEFAULT_SCALING,
+                 seed: int | None = None, uint8: bool = False) -> dict:
+    """`quota[t]` cells of each treatment t of `split`: raw features, crops scaled as
+    `scaling` says (with `uint8`, as round(255 x value), to hold many), treatments, cell ids.
+
+    seed None: the first cells of each treatment's shards, treatment by treatment (reads only
+    those). A seed: a seeded random sample of each treatment's cells over the whole split,
+    in the order the split streams."""
+    pick = _first_cells if seed is None else _random_cells
+    raw, crops, treatments, ids = [], [], [], []
+    for batch_crops, meta, chosen in pick(data_dir, manifest, split, quota, scaling, seed):
+        batch_crops = batch_crops.numpy()[chosen]
+        if uint8:
+            batch_crops = np.round(np.clip(batch_crops, 0, 1) * 255).astype(np.uint8)
+        batch_treatments, batch_ids = meta["treatment"].numpy(), meta["cell_id"].numpy()
+        raw.append(meta["raw_features"].numpy()[chosen])
+        crops.append(batch_crops)
+        treatments += [batch_treatments[i].decode() for i in chosen]
+        ids += [batch_ids[i].decode() for i in chosen]
+    if not ids:
+        return {"raw": np.zeros((0, manifest["features"]["count"]), np.float32),
+                "crops": np.zeros((0,), np.uint8 if uint8 else np.float32),
+                "treatments": [], "cell_ids": []}
+    return {"raw": np.concatenate(raw), "crops": np.concatenate(crops),
+            "treatments": treatments, "cell_ids": ids}
+
+
+def _first_cells(data_dir, manifest, split, quota, scaling, seed):
+    import tensorflow as tf
+
+    parse = parse_batch_fn(manifest, scaling, "none", with_metadata=True)
+    for treatment, wanted in quota.items():
+        files = shard_files(manifest, data_dir, split, treatment)
+        if not wanted or not files:
+            continue
+        ds = tf.data.TFRecordDataset(files, compression_type=manifest.get("compression") or None)
+        for _, batch_crops, meta in ds.take(wanted).batch(256).map(parse):
+            yield batch_crops, meta, list(range(len(meta["cell_id"])))
+
+
+def _random_cells(data_dir, manifest, split, quota, scaling, seed):
+    rng = np.random.default_rng(seed)
+    counts = manifest["counts"]["treatments"][split]
+    keep = {t: set(rng.choice(counts[t], size=k, replace=False).tolist())
+            for t, k in quota.items() if k}
+    seen = {t: 0 for t in counts}
+    ds = make_dataset(data_dir, split, 256, shuffle=False, repeat=False, with_metadata=True,
+                      scaling=scaling, normalization="none", manifest=manifest)
+    for _, batch_crops, meta in ds:
+        chosen = []
+        for i, t in enumerate(t.decode() for t in meta["treatment"].numpy()):
+            if seen[t] in keep.get(t, ()):
+                chosen.append(i)
+            seen[t] += 1
+        if chosen:
+            yield batch_crops, meta, chosen

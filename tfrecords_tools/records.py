@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tfrecords_tools.tfrecord_io import serialize_example
+
 RECORD_KEYS = ("features", "crop", "cell_id", "image_number", "object_number",
                "treatment", "treatment_index", "group")
 
@@ -24,9 +26,7 @@ RECORD_KEYS = ("features", "crop", "cell_id", "image_number", "object_number",
 def encode_example(features: np.ndarray, crop: np.ndarray, cell_id: str, image_number: int,
                    object_number: int, treatment: str, treatment_index: int, group: str) -> bytes:
     """One cell as serialized tf.train.Example bytes (no TensorFlow import)."""
-    from tfrecords_tools.tfrecord_io import encode_example as encode
-
-    return encode({
+    return serialize_example({
         "features": np.asarray(features, dtype="<f4").tobytes(),
         "crop": np.ascontiguousarray(crop, dtype=crop.dtype.newbyteorder("<")).tobytes(),
         "cell_id": str(cell_id).encode(),
@@ -55,10 +55,7 @@ def feature_spec():
 
 def decode_example(serialized: bytes, n_features: int, crop_shape, dtype: str) -> dict:
     """One record as numpy values (for checks and tests; the reader uses tf.data)."""
-    import tensorflow as tf
-
-    example = tf.train.Example.FromString(serialized)
-    f = example.features.feature
+    f = _fields(serialized)
 
     def one_bytes(key):
         return f[key].bytes_list.value[0]
@@ -78,6 +75,19 @@ def decode_example(serialized: bytes, n_features: int, crop_shape, dtype: str) -
         "treatment_index": f["treatment_index"].int64_list.value[0],
         "group": one_bytes("group").decode(),
     }
+
+
+def decode_features(serialized: bytes) -> tuple[str, np.ndarray]:
+    """(cell_id, raw features float32 [F]) of one record, leaving its crop alone."""
+    f = _fields(serialized)
+    return (f["cell_id"].bytes_list.value[0].decode(),
+            np.frombuffer(f["features"].bytes_list.value[0], dtype="<f4"))
+
+
+def _fields(serialized: bytes):
+    import tensorflow as tf
+
+    return tf.train.Example.FromString(serialized).features.feature
 
 
 def iterate_records(path: str, compression: str = ""):

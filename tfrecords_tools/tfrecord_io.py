@@ -41,7 +41,7 @@ def encode_feature(value) -> bytes:
     raise TypeError(f"unsupported feature value {type(value).__name__}")
 
 
-def encode_example(features: dict) -> bytes:
+def serialize_example(features: dict) -> bytes:
     """A tf.train.Example from {name: bytes | int}, keys in sorted order."""
     entries = b"".join(
         _field(1, _field(1, key.encode()) + _field(2, encode_feature(features[key])))

@@ -21,24 +21,24 @@ import numpy as np
 import pandas as pd
 
 from cp2image_tf.drawing.profiles import read_profiles, row_labels, treatment_means, warn_nonfinite
+from cp2image_tf.viz import save_tiles, write_hyperstack
 from tfrecords_tools.atomic import OutputFolder
 from tfrecords_tools.errors import UserInputError
 
 MONTAGE_MAX = 64
 
 
-def _safe(label: str) -> str:
+def file_label(label: str) -> str:
+    """A label as part of a file name: letters, digits and ._- only, at most 60 characters."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[:60] or "cell"
 
 
 def _write_cells(folder: Path, images, labels, profiles: pd.DataFrame, channels, title) -> dict:
-    from cp2image_tf.viz import save_tiles, write_hyperstack
-
     cells = folder / "cells"
     cells.mkdir()
     files = []
     for i, (image, label) in enumerate(zip(images, labels)):
-        name = f"{i + 1:04d}_{_safe(label)}.tif"
+        name = f"{i + 1:04d}_{file_label(label)}.tif"
         write_hyperstack(cells / name, image, channels)
         files.append(f"cells/{name}")
     table = profiles.copy()

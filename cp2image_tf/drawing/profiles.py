@@ -9,14 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tfrecords_tools.cellprofiler import load_cellprofiler_cells, read_table
 from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.features import compartment_of
+from tfrecords_tools.manifest import matching_manifest
+from tfrecords_tools.reader import iter_cells
 
 LABEL_COLUMNS = ("Metadata_Treatment", "Metadata_pert_iname", "Metadata_Compound",
                  "Metadata_Condition")
 
 
 def object_prefixes(feature_names) -> list[str]:
-    return sorted({name.split("_", 1)[0] for name in feature_names})
+    return sorted({compartment_of(name) for name in feature_names})
 
 
 def read_profiles(path, feature_names, object_name: str | None = None,
@@ -29,8 +33,6 @@ def read_profiles(path, feature_names, object_name: str | None = None,
     (`Nuclei_AreaShape_Area`), taken from `object_name` or the file name. Features the table
     lacks are an error that lists them, or with missing="median" the training medians.
     """
-    from tfrecords_tools.cellprofiler import read_table
-
     path = Path(path)
     if path.is_dir():
         table = read_cellprofiler_folder(path, feature_names)
@@ -58,7 +60,7 @@ def read_profiles(path, feature_names, object_name: str | None = None,
     absent = [name for name in feature_names if name not in columns]
     if absent and missing != "median":
         shown = ", ".join(absent[:8]) + (f" and {len(absent) - 8} more" if len(absent) > 8 else "")
-        from_objects = sorted({a.split("_", 1)[0] for a in absent})
+        from_objects = sorted({compartment_of(a) for a in absent})
         raise UserInputError(
             f"{path}: {len(absent)} of the model's {len(feature_names)} features are not columns "
             f"of the table: {shown} (objects {', '.join(from_objects)}). Give a table with one "
@@ -84,11 +86,8 @@ def read_cellprofiler_folder(folder: Path, feature_names) -> pd.DataFrame:
     """An ExportToSpreadsheet folder's object tables joined into one row per cell, columns
     <Object>_<Feature> for the model's object sets (the first one's rows are the cells), with
     the Image table's Metadata columns, as convert joins them."""
-    from tfrecords_tools.convert import ConvertConfig, load_cellprofiler_cells
-
-    objects = list(dict.fromkeys(name.split("_", 1)[0] for name in feature_names))
-    cells, _, _ = load_cellprofiler_cells(ConvertConfig(input=str(folder), out_dir="",
-                                                        channels=[], objects=objects))
+    objects = list(dict.fromkeys(compartment_of(name) for name in feature_names))
+    cells, _, _ = load_cellprofiler_cells(folder, objects, channels=[])
     return cells.drop(columns=[c for c in cells.columns if c.startswith("_")])
 
 
@@ -125,40 +124,16 @@ def warn_nonfinite(values: np.ndarray, feature_names, what: str) -> None:
                       f"{' ...' if n_feat > 5 else ''}", UserWarning, stacklevel=3)
 
 
-def check_data(data, model):
-    """The manifest of DATA_DIR, which must hold the model's features in the model's order."""
-    from tfrecords_tools.manifest import load_manifest
-
+def model_dataset(data, model, needed_for: str) -> dict:
+    """The manifest of DATA_DIR, the dataset `model` was trained on; a clear error without one."""
     if data is None:
-        return None
-    manifest = load_manifest(data)
-    if manifest["features"]["names"] != model.feature_names:
-        raise UserInputError(
-            f"{data}: its {manifest['features']['count']} features are not the model's "
-            f"{len(model.feature_names)} (in order): use the dataset the model was trained on.")
-    return manifest
-
-
-def _records(data, manifest, treatment=None, splits=("train", "val", "test")):
-    """(cell_id, raw features) of every cell of DATA_DIR's splits (or of one treatment)."""
-    import tensorflow as tf
-
-    from tfrecords_tools.manifest import shard_files
-    from tfrecords_tools.records import iterate_records
-
-    for split in splits:
-        for shard in shard_files(manifest, data, split, treatment):
-            for record in iterate_records(shard, manifest.get("compression", "")):
-                fields = tf.train.Example.FromString(record).features.feature
-                yield (fields["cell_id"].bytes_list.value[0].decode(),
-                       np.frombuffer(fields["features"].bytes_list.value[0], dtype="<f4"))
+        raise UserInputError(f"--data DATA_DIR is needed {needed_for}.")
+    return matching_manifest(data, model.feature_names)
 
 
 def treatment_means(data, model, treatments, max_cells: int = 20000) -> pd.DataFrame:
     """Each treatment's mean raw profile (NaN ignored) over up to max_cells cells of DATA_DIR."""
-    manifest = check_data(data, model)
-    if manifest is None:
-        raise UserInputError("--data DATA_DIR is needed for treatment means.")
+    manifest = model_dataset(data, model, "for treatment means")
     known = manifest["treatments"]["names"]
     if list(treatments) == ["all"]:
         treatments = known
@@ -169,7 +144,7 @@ def treatment_means(data, model, treatments, max_cells: int = 20000) -> pd.DataF
     rows = {}
     for treatment in treatments:
         feats = []
-        for _, values in _records(data, manifest, treatment):
+        for _, values in iter_cells(data, manifest, treatment=treatment):
             feats.append(values)
             if len(feats) >= max_cells:
                 break
@@ -183,10 +158,8 @@ def treatment_means(data, model, treatments, max_cells: int = 20000) -> pd.DataF
 
 def cell_profile(data, model, cell_id: str) -> np.ndarray:
     """The raw profile of one cell of DATA_DIR by its id (<ImageNumber>-<ObjectNumber>)."""
-    manifest = check_data(data, model)
-    if manifest is None:
-        raise UserInputError(f"--data DATA_DIR is needed to find cell {cell_id}.")
-    for found, values in _records(data, manifest):
+    manifest = model_dataset(data, model, f"to find cell {cell_id}")
+    for found, values in iter_cells(data, manifest):
         if found == cell_id:
             return values.copy()
     raise UserInputError(f"cell {cell_id}: not in {data} (cell ids are <ImageNumber>-<ObjectNumber>, "

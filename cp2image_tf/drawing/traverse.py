@@ -13,11 +13,13 @@ import difflib
 import numpy as np
 import pandas as pd
 
-from cp2image_tf.drawing.generate import _safe
-from cp2image_tf.drawing.profiles import (cell_profile, check_data, _records, treatment_means,
-                                          warn_nonfinite)
+from cp2image_tf.drawing.generate import file_label
+from cp2image_tf.drawing.profiles import cell_profile, treatment_means, warn_nonfinite
+from cp2image_tf.viz import save_tiles, write_hyperstack
 from tfrecords_tools.atomic import OutputFolder
 from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.manifest import matching_manifest
+from tfrecords_tools.reader import iter_cells
 
 
 def resolve_feature(model, name: str) -> str:
@@ -53,12 +55,12 @@ def base_profile(model, base: str, data=None) -> tuple[np.ndarray, str]:
 def feature_correlations_with(data, model, columns, max_cells: int = 20000) -> np.ndarray:
     """Correlation [len(columns), F] of each chosen feature with every feature, over up to
     max_cells training cells of DATA_DIR (missing values at the training median)."""
-    manifest = check_data(data, model)
-    if manifest is None:
+    if data is None:
         raise UserInputError("--correlated needs --data DATA_DIR: the correlations between "
                              "features come from the training cells.")
+    manifest = matching_manifest(data, model.feature_names)
     rows = []
-    for _, values in _records(data, manifest, splits=("train",)):
+    for _, values in iter_cells(data, manifest, splits=("train",)):
         rows.append(values)
         if len(rows) >= max_cells:
             break
@@ -98,63 +100,75 @@ def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0
         raise UserInputError(f"--steps {steps}: at least 2.")
     if not features and not interpolate:
         raise UserInputError("Give --feature NAME (one or more) or --interpolate A B.")
-    rows, row_names, tile_labels, records = [], [], [], []
+    rows = []  # (name, profiles [steps, F], tile labels, traverse.csv records)
     if features:
-        origin, base_name = base_profile(model, base, data)
-        warn_nonfinite(origin[None], model.feature_names, f"base profile ({base_name})")
-        origin = np.where(np.isfinite(origin), origin, model.median)
-        zs = np.linspace(start, stop, steps)
-        chosen = [model.feature_names.index(resolve_feature(model, name)) for name in features]
-        for j in chosen:
-            if not model.sd[j] > 0:
-                raise UserInputError(f"--feature {model.feature_names[j]}: its training SD is 0; "
-                                     "it cannot be varied.")
-        moves = np.zeros((len(chosen), len(origin)))
-        moves[np.arange(len(chosen)), chosen] = 1.0
-        if correlated:
-            moves = feature_correlations_with(data, model, chosen)
-        for j, move in zip(chosen, moves):
-            full = model.feature_names[j]
-            profiles = traversal_profiles(origin, j, move, model.sd, zs)
-            rows.append(profiles)
-            row_names.append(full)
-            tile_labels.append([f"{z:+.1f} SD\n{v:.4g}" for z, v in zip(zs, profiles[:, j])])
-            records += [{"row": full, "step": k, "z": z, "value": v}
-                        for k, (z, v) in enumerate(zip(zs, profiles[:, j]))]
-        others = ("correlated features moved with it" if correlated else "other features held")
-        title = f"Traversal from {base_name}, {others} (model: {model.source})"
+        title = _feature_rows(rows, model, features, np.linspace(start, stop, steps), base, data,
+                              correlated)
     if interpolate:
-        a, b = interpolate
-        means = treatment_means(data, model, [a, b]).to_numpy(np.float32)
-        means = np.where(np.isfinite(means), means, model.median)
-        profiles, labels = interpolation_profiles(a, means[0], b, means[1], steps)
-        rows.append(profiles)
-        row_names.append(f"{a} -> {b}")
-        tile_labels.append(labels)
-        records += [{"row": f"{a} -> {b}", "step": k, "z": alpha, "value": np.nan}
-                    for k, alpha in enumerate(np.linspace(0.0, 1.0, steps))]
+        rows.append(_interpolation_row(model, interpolate, steps, data))
         if not features:
             title = f"Interpolation between treatment means (model: {model.source})"
-    profiles = np.concatenate(rows).astype(np.float32)
+    profiles = np.concatenate([row[1] for row in rows]).astype(np.float32)
     images = model.images(profiles).reshape(len(rows), steps, *model.crop_shape)
     folder = OutputFolder(out_dir, overwrite)
     try:
-        from cp2image_tf.viz import save_tiles, write_hyperstack
-
-        stacks = []
-        for name, row, labels in zip(row_names, images, tile_labels):
-            stack = f"traverse_{_safe(name)}.tif"
-            write_hyperstack(folder.path / stack, row, model.channels,
-                             [label.replace("\n", " ") for label in labels])
-            stacks.append(stack)
-        table = pd.DataFrame(records)
-        table = pd.concat([table, pd.DataFrame(profiles, columns=model.feature_names)], axis=1)
-        table.to_csv(folder.path / "traverse.csv", index=False)
-        save_tiles(folder.path / "traverse.png", images, model.channels, tile_labels,
-                   [n.replace("_", "_\n", 1) if len(n) > 22 else n for n in row_names], title)
+        stacks = _write_traversal(folder.path, model, rows, profiles, images, title)
         path = folder.commit()
     except BaseException:
         folder.abandon()
         raise
     return {"out_dir": str(path), "montage": "traverse.png", "stacks": stacks, "images": images,
-            "rows": row_names}
+            "rows": [row[0] for row in rows]}
+
+
+def _feature_rows(rows: list, model, features, zs, base: str, data, correlated: bool) -> str:
+    """One row per feature varied over `zs` SDs from the base profile; returns the title."""
+    origin, base_name = base_profile(model, base, data)
+    warn_nonfinite(origin[None], model.feature_names, f"base profile ({base_name})")
+    origin = np.where(np.isfinite(origin), origin, model.median)
+    chosen = [model.feature_names.index(resolve_feature(model, name)) for name in features]
+    for j in chosen:
+        if not model.sd[j] > 0:
+            raise UserInputError(f"--feature {model.feature_names[j]}: its training SD is 0; "
+                                 "it cannot be varied.")
+    moves = np.zeros((len(chosen), len(origin)))
+    moves[np.arange(len(chosen)), chosen] = 1.0
+    if correlated:
+        moves = feature_correlations_with(data, model, chosen)
+    for j, move in zip(chosen, moves):
+        full = model.feature_names[j]
+        profiles = traversal_profiles(origin, j, move, model.sd, zs)
+        rows.append((full, profiles,
+                     [f"{z:+.1f} SD\n{v:.4g}" for z, v in zip(zs, profiles[:, j])],
+                     [{"row": full, "step": k, "z": z, "value": v}
+                      for k, (z, v) in enumerate(zip(zs, profiles[:, j]))]))
+    others = ("correlated features moved with it" if correlated else "other features held")
+    return f"Traversal from {base_name}, {others} (model: {model.source})"
+
+
+def _interpolation_row(model, interpolate, steps: int, data) -> tuple:
+    """The row from treatment A's mean profile to B's."""
+    a, b = interpolate
+    means = treatment_means(data, model, [a, b]).to_numpy(np.float32)
+    means = np.where(np.isfinite(means), means, model.median)
+    profiles, labels = interpolation_profiles(a, means[0], b, means[1], steps)
+    return (f"{a} -> {b}", profiles, labels,
+            [{"row": f"{a} -> {b}", "step": k, "z": alpha, "value": np.nan}
+             for k, alpha in enumerate(np.linspace(0.0, 1.0, steps))])
+
+
+def _write_traversal(folder, model, rows, profiles, images, title) -> list[str]:
+    """A TIFF stack per row, traverse.csv and traverse.png; returns the stacks' names."""
+    stacks = []
+    for (name, _, labels, _), row in zip(rows, images):
+        stack = f"traverse_{file_label(name)}.tif"
+        write_hyperstack(folder / stack, row, model.channels,
+                         [label.replace("\n", " ") for label in labels])
+        stacks.append(stack)
+    table = pd.DataFrame([record for row in rows for record in row[3]])
+    table = pd.concat([table, pd.DataFrame(profiles, columns=model.feature_names)], axis=1)
+    table.to_csv(folder / "traverse.csv", index=False)
+    names = [row[0] for row in rows]
+    save_tiles(folder / "traverse.png", images, model.channels, [row[2] for row in rows],
+               [n.replace("_", "_\n", 1) if len(n) > 22 else n for n in names], title)
+    return stacks

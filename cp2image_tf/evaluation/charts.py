@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cp2image_tf.drawing.generate import _safe
+from cp2image_tf.drawing.generate import file_label
 from cp2image_tf.evaluation.compare import METHODS, THRESHOLD
 from cp2image_tf.evaluation.report import fmt
 from cp2image_tf.metrics import module_of
@@ -36,7 +36,7 @@ def draw_pictures(folder: Path, cells, predictions, neighbour, reference, correl
                 "nearest neighbour": predictions["nearest neighbour"][picks]}
         labels = [f"{cells['cell_ids'][i]}\nNN {reference['cell_ids'][neighbour[i]]}"
                   f"\n({reference['treatments'][neighbour[i]]})" for i in picks]
-        save_grid(folder / "treatments" / f"{_safe(t)}.png", rows, channels, labels,
+        save_grid(folder / "treatments" / f"{file_label(t)}.png", rows, channels, labels,
                   title=f"{t}{' (unseen in training)' if t in unseen else ''}: real cells, the "
                         "model's drawing of their profiles, the nearest training cell")
     module_chart(folder / "modules.png", modules)

@@ -1,4 +1,5 @@
-"""evaluate: how much of a cell's CellProfiler profile survives generation.
+"""evaluate: how much of a cell's CellProfiler profile survives generation. This module runs the
+steps; compare.py, classify.py, report.py and charts.py hold what each step computes or writes.
 
 For cells of one split (test by default, sampled evenly across treatments):
 
@@ -34,99 +35,28 @@ correlations) and remeasured.parquet (every re-measured feature of every picture
 """
 from __future__ import annotations
 
-import contextlib
+import os
+import sys
 import time
 
 import numpy as np
 import pandas as pd
+from sklearn.neighbors import NearestNeighbors
 
 from cp2image_tf import metrics
-from cp2image_tf.drawing.profiles import check_data
 from cp2image_tf.evaluation.charts import draw_pictures
 from cp2image_tf.evaluation.classify import classify
 from cp2image_tf.evaluation.compare import (THRESHOLD, distribution_report, group_headline,
                                             split_half_profiles)
 from cp2image_tf.evaluation.report import (module_report, pixel_report, report_markdown,
                                            write_json, write_remeasured)
-from cp2image_tf.measuring.remeasure import fit_cell_threshold, plan as plan_measurement, remeasure
+from cp2image_tf.measuring.remeasure import fit_cell_threshold, plan_measurement, remeasure
 from tfrecords_tools.atomic import OutputFolder
 from tfrecords_tools.errors import UserInputError
-
-
-
-def _split_counts(manifest: dict, data, split: str) -> dict:
-    splits = manifest["counts"]["splits"]
-    if split not in splits:
-        raise UserInputError(f"--split {split}: not a split of {data}; it has "
-                             f"{', '.join(f'{k} ({v} cells)' for k, v in splits.items())}.")
-    if not splits[split]:
-        raise UserInputError(f"--split {split}: {data} has no {split} cells; choose one of "
-                             f"{', '.join(k for k, v in splits.items() if v)}.")
-    return {t: n for t, n in manifest["counts"]["treatments"][split].items() if n}
-
-
-def stratified_quota(counts: dict, max_cells: int | None) -> dict:
-    """Cells per treatment: an even share of max_cells (unused shares go to the larger ones)."""
-    if max_cells is None or max_cells >= sum(counts.values()):
-        return dict(counts)
-    quota = {t: 0 for t in counts}
-    left = max_cells
-    open_ = sorted(counts, key=lambda t: counts[t])
-    while left > 0 and open_:
-        share = max(1, left // len(open_))
-        for t in list(open_):
-            take = min(share, counts[t] - quota[t], left)
-            quota[t] += take
-            left -= take
-            if quota[t] == counts[t]:
-                open_.remove(t)
-            if left == 0:
-                break
-    return quota
-
-
-def read_cells(data, manifest: dict, split: str, quota: dict, scaling: str, seed: int) -> dict:
-    """A seeded random sample of a split's cells, `quota[t]` of treatment t, in stream order:
-    raw features, crops scaled as the model was trained, treatments and cell ids."""
-    from tfrecords_tools.reader import make_dataset
-
-    rng = np.random.default_rng(seed)
-    counts = manifest["counts"]["treatments"][split]
-    keep = {t: set(rng.choice(counts[t], size=k, replace=False).tolist())
-            for t, k in quota.items() if k}
-    seen = {t: 0 for t in counts}
-    ds = make_dataset(data, split, 256, shuffle=False, repeat=False, with_metadata=True,
-                      scaling=scaling, normalization="none", manifest=manifest)
-    raw, crops, treatments, ids = [], [], [], []
-    for _, batch_crops, meta in ds:
-        batch_treatments = [t.decode() for t in meta["treatment"].numpy()]
-        chosen = []
-        for i, t in enumerate(batch_treatments):
-            if seen[t] in keep.get(t, ()):
-                chosen.append(i)
-            seen[t] += 1
-        if chosen:
-            raw.append(meta["raw_features"].numpy()[chosen])
-            crops.append(batch_crops.numpy()[chosen])
-            treatments += [batch_treatments[i] for i in chosen]
-            ids += [meta["cell_id"].numpy()[i].decode() for i in chosen]
-    return {"raw": np.concatenate(raw), "crops": np.concatenate(crops),
-            "treatments": treatments, "cell_ids": ids}
-
-
-def nearest_neighbours(query_raw, reference_raw, manifest: dict, normalization: str) -> np.ndarray:
-    """Index of the reference cell whose normalised features are nearest each query cell."""
-    from sklearn.neighbors import NearestNeighbors
-
-    from tfrecords_tools.reader import feature_normalizer
-
-    median, center, scale = feature_normalizer(manifest, normalization)
-
-    def normalise(raw):
-        return (np.where(np.isfinite(raw), raw, median) - center) / scale
-
-    index = NearestNeighbors(n_neighbors=1).fit(normalise(reference_raw))
-    return index.kneighbors(normalise(query_raw), return_distance=False)[:, 0]
+from tfrecords_tools.manifest import matching_manifest, treatment_cells
+from tfrecords_tools.parts import check_options, client_for
+from tfrecords_tools.reader import (DEFAULT_NORMALIZATION, DEFAULT_SCALING, feature_normalizer,
+                                    sample_cells, stratified_quota)
 
 
 def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 1000,
@@ -142,157 +72,221 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
     treatment in its training split). `scheduler`: re-measure on Dask, "local" (a LocalCluster
     of `workers` processes) or a running scheduler's address (see tfrecords_tools.parts)."""
     started = time.perf_counter()
-    manifest = check_data(data, model)
-    if manifest is None:
+    if data is None:
         raise UserInputError("DATA_DIR is needed: the dataset the model was trained on.")
+    manifest = matching_manifest(data, model.feature_names)
     counts = _split_counts(manifest, data, split)
     moa = _moa_labels(manifest, data, moa_column) if moa_column else None
     if classifier:
         _check_classes(manifest, data, moa, moa_column)
-    channels = manifest["channels"]
-    plan = plan_measurement(model.feature_names, channels)
+    plan = plan_measurement(model.feature_names, manifest["channels"])
     workers = workers or (1 if scheduler not in (None, "local") else min(2, _cpus()))
     folder = OutputFolder(out_dir, overwrite)  # fails early on an occupied OUT_DIR
-    resources = contextlib.ExitStack()
     try:
-        client = None
         if scheduler is not None:  # connect first: a wrong address fails before any work
-            from tfrecords_tools.parts import check_options, dask_client
-
             check_options(scheduler, workers)
-            client = resources.enter_context(dask_client(scheduler, workers, quiet=not progress))
-        scaling = model.description.get("scaling", "dataset")
-        normalization = model.description.get("normalization", "standard")
-        quota = stratified_quota(counts, max_cells)
-        cells = read_cells(data, manifest, split, quota, scaling, seed)
-        train_counts = manifest["counts"]["treatments"]["train"]
-        ref_quota = stratified_quota({t: n for t, n in train_counts.items() if n}, reference_cells)
-        reference = read_cells(data, manifest, "train", ref_quota, scaling, seed + 1)
-        n = len(cells["raw"])
-        _say(progress, f"Evaluating {n} {split} cells of {len(quota)} treatment(s) against "
-                       f"{len(reference['raw'])} training cells.")
-
-        generated = model.images(cells["raw"])
-        neighbour = nearest_neighbours(cells["raw"], reference["raw"], manifest, normalization)
-        mean_image = reference["crops"].astype(np.float64).mean(0).astype(np.float32)
-        predictions = {"model": generated, "nearest neighbour": reference["crops"][neighbour],
-                       "mean image": mean_image}
-
-        pixels = {name: metrics.pixel_metrics(pred, cells["crops"])
-                  for name, pred in predictions.items()}
-
-        # Re-measure everything in one pool: real, generated, the neighbours used plus a random
-        # sample of training cells (for standardising and the classifier), the mean image.
-        rng = np.random.default_rng(seed + 2)
-        train_pick = rng.choice(len(reference["raw"]), min(train_cells, len(reference["raw"])),
-                                replace=False)
-        used = np.union1d(neighbour, train_pick)
-        stack = np.concatenate([cells["crops"], generated, reference["crops"][used],
-                                mean_image[None]])
-        measure_start = time.perf_counter()
-        # One cell threshold for every picture, fitted on the real crops, as a pipeline has.
-        threshold = fit_cell_threshold(cells["crops"], channels)
-        measured_all = remeasure(stack, plan, channels, workers=workers, progress=progress,
-                                 cell_threshold=threshold, client=client)
-        measure_seconds = time.perf_counter() - measure_start
-        measured_all = measured_all.reset_index(drop=True)
-        real_m = measured_all.iloc[:n].reset_index(drop=True)
-        gen_m = measured_all.iloc[n:2 * n].reset_index(drop=True)
-        used_m = measured_all.iloc[2 * n:2 * n + len(used)].reset_index(drop=True)
-        position = {int(u): k for k, u in enumerate(used)}
-        nn_m = used_m.iloc[[position[int(j)] for j in neighbour]].reset_index(drop=True)
-        mean_m = pd.DataFrame(np.repeat(measured_all.iloc[[-1]].to_numpy(), n, axis=0),
-                              columns=measured_all.columns)
-        remeasured = {"model": gen_m, "nearest neighbour": nn_m, "mean image": mean_m,
-                      "ceiling": real_m}
-
-        inputs = pd.DataFrame(cells["raw"], columns=model.feature_names)[plan.measurable]
-        correlations = {name: metrics.feature_correlations(inputs, frame)
-                        for name, frame in remeasured.items()}
-        modules = metrics.module_summary(correlations, THRESHOLD)
-
-        # Features standardised with the re-measured real training cells' statistics.
-        train_m = used_m.iloc[[position[int(j)] for j in train_pick]].reset_index(drop=True)
-        train_treatments = [reference["treatments"][j] for j in train_pick]
-        standardized = {}
-        dropped = []
-        for name, frame in remeasured.items():
-            standardized[name], dropped = metrics.standardize(frame, train_m)
-        train_z, _ = metrics.standardize(train_m, train_m)
-        profiles = {name: metrics.treatment_profiles(frame, cells["treatments"])
-                    for name, frame in standardized.items()}
-        treatment_level = {name: metrics.profile_agreement(profiles[name], profiles["ceiling"])
-                           for name in ("model", "nearest neighbour", "mean image")}
-        treatment_level["ceiling"] = split_half_profiles(standardized["ceiling"],
-                                                         cells["treatments"], seed)
-        distributions = distribution_report(standardized, cells["treatments"], seed)
-        test_treatments = np.asarray(cells["treatments"])
-        classification, correct = {}, {}
-        if classifier:
-            classification, correct["treatment"] = classify(
-                train_z, train_treatments, standardized, test_treatments, seed, unseen_halves=True)
-            if moa is not None:
-                classification["moa"], correct["moa"] = classify(
-                    train_z, [moa[t] for t in train_treatments], standardized,
-                    np.array([moa[t] for t in test_treatments]), seed)
-                classification["moa"]["column"] = moa_column
-        seen = np.isin(test_treatments, [t for t, k in train_counts.items() if k])
-        groups = {"all": np.ones(n, bool)}
-        if not seen.all():
-            groups.update(seen=seen, unseen=~seen)
-        pooled = {name: entry["pooled"] for name, entry in distributions.items()}
-        headline = {group: group_headline(mask, pixels, inputs, remeasured, standardized,
-                                          test_treatments, correct, seed,
-                                          known_distances=pooled if group == "all" else None)
-                    for group, mask in groups.items() if mask.any()}
-
-        failures = {name: int(frame.isna().all(axis=1).sum()) for name, frame in remeasured.items()}
-        elapsed = time.perf_counter() - started
-        report = {
-            "model": model.source,
-            "data": str(data),
-            "split": split,
-            "cells": n,
-            "cells_per_treatment": {t: int(k) for t, k in quota.items()},
-            "reference_cells": len(reference["raw"]),
-            "channels": channels,
-            "scaling": scaling,
-            "features": {"input": len(model.feature_names), "remeasured": len(plan.measurable),
-                         "not_remeasured": plan.unmeasurable},
-            "segmentation_failures": failures,
-            "pixels": pixel_report(pixels, cells["treatments"]),
-            "modules": module_report(modules),
-            "treatments": treatment_level,
-            "distributions": distributions,
-            "classification": classification,
-            "headline": headline,
-            "unseen_treatments": sorted(set(test_treatments[~seen])),
-            "training_cells_measured": len(train_pick),
-            "standardization_dropped": dropped,
-            "timing": {"seconds": elapsed, "measure_seconds": measure_seconds,
-                       "measured_crops": len(stack), "workers": workers,
-                       "seconds_per_1000_cells": elapsed / n * 1000},
-        }
-        table = pd.concat({name: c for name, c in correlations.items()}, axis=1)
-        table.columns = [f"{method} {stat}" for method, stat in table.columns]
-        table.index.name = "feature"
-        table.insert(0, "module", [metrics.module_of(f) for f in table.index])
-        table.to_csv(folder.path / "features.csv")
-        write_json(folder.path / "report.json", report)
-        (folder.path / "report.md").write_text(report_markdown(report))
-        draw_pictures(folder.path, cells, predictions, neighbour, reference, correlations, inputs,
-                  remeasured, channels, report["modules"], set(report["unseen_treatments"]))
-        write_remeasured(folder.path / "remeasured.parquet", remeasured, train_m, cells,
-                          [reference["cell_ids"][j] for j in train_pick], train_treatments)
+        with client_for(scheduler, workers, quiet=not progress) as client:
+            quota, cells, reference = _sample(model, data, manifest, split, counts, max_cells,
+                                              reference_cells, seed)
+            _say(progress, f"Evaluating {len(cells['raw'])} {split} cells of {len(quota)} "
+                           f"treatment(s) against {len(reference['raw'])} training cells.")
+            predictions, neighbour = _predict(model, manifest, cells, reference)
+            measured = _remeasure_all(cells, predictions, reference, neighbour, plan, manifest,
+                                      train_cells, seed, workers, progress, client)
+            found = _compare(model, plan, manifest, cells, predictions, measured, seed,
+                             moa if classifier else None, classifier, moa_column)
+            report = _report(model, data, split, quota, cells, reference, manifest, plan,
+                             measured, found, workers, time.perf_counter() - started)
+            _write_outputs(folder.path, report, cells, predictions, neighbour, reference,
+                           measured, found)
         path = folder.commit()
     except BaseException:
         folder.abandon()
         raise
-    finally:
-        resources.close()
     report["out_dir"] = str(path)
     return report
 
+
+def _sample(model, data, manifest, split, counts, max_cells, reference_cells, seed):
+    """The evaluated cells (an even share per treatment of the split) and the training cells
+    the nearest neighbours, the mean image and the classifier come from."""
+    scaling = model.description.get("scaling", DEFAULT_SCALING)
+    quota = stratified_quota(counts, max_cells)
+    cells = sample_cells(data, manifest, split, quota, scaling, seed)
+    ref_quota = stratified_quota(treatment_cells(manifest, "train"), reference_cells)
+    reference = sample_cells(data, manifest, "train", ref_quota, scaling, seed + 1)
+    return quota, cells, reference
+
+
+def nearest_neighbours(query_raw, reference_raw, manifest: dict, normalization: str) -> np.ndarray:
+    """Index of the reference cell whose normalised features are nearest each query cell."""
+    median, center, scale = feature_normalizer(manifest, normalization)
+
+    def normalise(raw):
+        return (np.where(np.isfinite(raw), raw, median) - center) / scale
+
+    index = NearestNeighbors(n_neighbors=1).fit(normalise(reference_raw))
+    return index.kneighbors(normalise(query_raw), return_distance=False)[:, 0]
+
+
+def _predict(model, manifest, cells, reference):
+    """The model's pictures of the cells' profiles and the two baselines' (the nearest training
+    cell by profile, the mean training image); the neighbours' indices."""
+    normalization = model.description.get("normalization", DEFAULT_NORMALIZATION)
+    generated = model.images(cells["raw"])
+    neighbour = nearest_neighbours(cells["raw"], reference["raw"], manifest, normalization)
+    mean_image = reference["crops"].astype(np.float64).mean(0).astype(np.float32)
+    return ({"model": generated, "nearest neighbour": reference["crops"][neighbour],
+             "mean image": mean_image}, neighbour)
+
+
+def _remeasure_all(cells, predictions, reference, neighbour, plan, manifest, train_cells, seed,
+                   workers, progress, client) -> dict:
+    """Every picture segmented and re-measured in one pool: real, generated, the neighbours
+    used plus a random sample of training cells (for standardising and the classifier), the
+    mean image. Returns each method's features and the training cells'."""
+    channels = manifest["channels"]
+    n = len(cells["raw"])
+    rng = np.random.default_rng(seed + 2)
+    train_pick = rng.choice(len(reference["raw"]), min(train_cells, len(reference["raw"])),
+                            replace=False)
+    used = np.union1d(neighbour, train_pick)
+    stack = np.concatenate([cells["crops"], predictions["model"], reference["crops"][used],
+                            predictions["mean image"][None]])
+    measure_start = time.perf_counter()
+    # One cell threshold for every picture, fitted on the real crops, as a pipeline has.
+    threshold = fit_cell_threshold(cells["crops"], channels)
+    measured_all = remeasure(stack, plan, channels, workers=workers, progress=progress,
+                             cell_threshold=threshold, client=client)
+    measure_seconds = time.perf_counter() - measure_start
+    measured_all = measured_all.reset_index(drop=True)
+    real_m = measured_all.iloc[:n].reset_index(drop=True)
+    gen_m = measured_all.iloc[n:2 * n].reset_index(drop=True)
+    used_m = measured_all.iloc[2 * n:2 * n + len(used)].reset_index(drop=True)
+    position = {int(u): k for k, u in enumerate(used)}
+    nn_m = used_m.iloc[[position[int(j)] for j in neighbour]].reset_index(drop=True)
+    mean_m = pd.DataFrame(np.repeat(measured_all.iloc[[-1]].to_numpy(), n, axis=0),
+                          columns=measured_all.columns)
+    train_m = used_m.iloc[[position[int(j)] for j in train_pick]].reset_index(drop=True)
+    return {"methods": {"model": gen_m, "nearest neighbour": nn_m, "mean image": mean_m,
+                        "ceiling": real_m},
+            "train": train_m, "train_pick": train_pick,
+            "train_treatments": [reference["treatments"][j] for j in train_pick],
+            "seconds": measure_seconds, "crops": len(stack)}
+
+
+def _compare(model, plan, manifest, cells, predictions, measured, seed, moa, classifier,
+             moa_column) -> dict:
+    """Every comparison of the re-measured features with the input and with the real cells'."""
+    remeasured = measured["methods"]
+    pixels = {name: metrics.pixel_metrics(pred, cells["crops"])
+              for name, pred in predictions.items()}
+    inputs = pd.DataFrame(cells["raw"], columns=model.feature_names)[plan.measurable]
+    correlations = {name: metrics.feature_correlations(inputs, frame)
+                    for name, frame in remeasured.items()}
+    # Features standardised with the re-measured real training cells' statistics.
+    standardized, dropped = {}, []
+    for name, frame in remeasured.items():
+        standardized[name], dropped = metrics.standardize(frame, measured["train"])
+    profiles = {name: metrics.treatment_profiles(frame, cells["treatments"])
+                for name, frame in standardized.items()}
+    treatment_level = {name: metrics.profile_agreement(profiles[name], profiles["ceiling"])
+                       for name in ("model", "nearest neighbour", "mean image")}
+    treatment_level["ceiling"] = split_half_profiles(standardized["ceiling"],
+                                                     cells["treatments"], seed)
+    distributions = distribution_report(standardized, cells["treatments"], seed)
+    test_treatments = np.asarray(cells["treatments"])
+    classification, correct = (_classify_all(measured, standardized, test_treatments, seed, moa,
+                                             moa_column) if classifier else ({}, {}))
+    seen = np.isin(test_treatments, list(treatment_cells(manifest, "train")))
+    groups = {"all": np.ones(len(test_treatments), bool)}
+    if not seen.all():
+        groups.update(seen=seen, unseen=~seen)
+    pooled = {name: entry["pooled"] for name, entry in distributions.items()}
+    headline = {group: group_headline(mask, pixels, inputs, remeasured, standardized,
+                                      test_treatments, correct, seed,
+                                      known_distances=pooled if group == "all" else None)
+                for group, mask in groups.items() if mask.any()}
+    return {"pixels": pixels, "inputs": inputs, "correlations": correlations,
+            "modules": metrics.module_summary(correlations, THRESHOLD), "dropped": dropped,
+            "treatments": treatment_level, "distributions": distributions,
+            "classification": classification, "headline": headline,
+            "unseen": sorted(set(test_treatments[~seen]))}
+
+
+def _classify_all(measured, standardized, test_treatments, seed, moa, moa_column):
+    """Treatment (and, with `moa`, mechanism) classification of every method's pictures."""
+    train_z, _ = metrics.standardize(measured["train"], measured["train"])
+    train_treatments = measured["train_treatments"]
+    classification, correct = {}, {}
+    classification, correct["treatment"] = classify(
+        train_z, train_treatments, standardized, test_treatments, seed, unseen_halves=True)
+    if moa is not None:
+        classification["moa"], correct["moa"] = classify(
+            train_z, [moa[t] for t in train_treatments], standardized,
+            np.array([moa[t] for t in test_treatments]), seed)
+        classification["moa"]["column"] = moa_column
+    return classification, correct
+
+
+def _report(model, data, split, quota, cells, reference, manifest, plan, measured, found,
+            workers, elapsed) -> dict:
+    """report.json's content: every figure, with what was evaluated and how long it took."""
+    n = len(cells["raw"])
+    return {
+        "model": model.source,
+        "data": str(data),
+        "split": split,
+        "cells": n,
+        "cells_per_treatment": {t: int(k) for t, k in quota.items()},
+        "reference_cells": len(reference["raw"]),
+        "channels": manifest["channels"],
+        "scaling": model.description.get("scaling", DEFAULT_SCALING),
+        "features": {"input": len(model.feature_names), "remeasured": len(plan.measurable),
+                     "not_remeasured": plan.unmeasurable},
+        "segmentation_failures": {name: int(frame.isna().all(axis=1).sum())
+                                  for name, frame in measured["methods"].items()},
+        "pixels": pixel_report(found["pixels"], cells["treatments"]),
+        "modules": module_report(found["modules"]),
+        "treatments": found["treatments"],
+        "distributions": found["distributions"],
+        "classification": found["classification"],
+        "headline": found["headline"],
+        "unseen_treatments": found["unseen"],
+        "training_cells_measured": len(measured["train_pick"]),
+        "standardization_dropped": found["dropped"],
+        "timing": {"seconds": elapsed, "measure_seconds": measured["seconds"],
+                   "measured_crops": measured["crops"], "workers": workers,
+                   "seconds_per_1000_cells": elapsed / n * 1000},
+    }
+
+
+def _write_outputs(folder, report, cells, predictions, neighbour, reference, measured, found):
+    """features.csv, report.json, report.md, the pictures and remeasured.parquet."""
+    table = pd.concat({name: c for name, c in found["correlations"].items()}, axis=1)
+    table.columns = [f"{method} {stat}" for method, stat in table.columns]
+    table.index.name = "feature"
+    table.insert(0, "module", [metrics.module_of(f) for f in table.index])
+    table.to_csv(folder / "features.csv")
+    write_json(folder / "report.json", report)
+    (folder / "report.md").write_text(report_markdown(report))
+    draw_pictures(folder, cells, predictions, neighbour, reference, found["correlations"],
+                  found["inputs"], measured["methods"], report["channels"], report["modules"],
+                  set(report["unseen_treatments"]))
+    write_remeasured(folder / "remeasured.parquet", measured["methods"], measured["train"], cells,
+                     [reference["cell_ids"][j] for j in measured["train_pick"]],
+                     measured["train_treatments"])
+
+
+def _split_counts(manifest: dict, data, split: str) -> dict:
+    splits = manifest["counts"]["splits"]
+    if split not in splits:
+        raise UserInputError(f"--split {split}: not a split of {data}; it has "
+                             f"{', '.join(f'{k} ({v} cells)' for k, v in splits.items())}.")
+    if not splits[split]:
+        raise UserInputError(f"--split {split}: {data} has no {split} cells; choose one of "
+                             f"{', '.join(k for k, v in splits.items() if v)}.")
+    return treatment_cells(manifest, split)
 
 
 def _moa_labels(manifest: dict, data, column: str) -> dict:
@@ -308,7 +302,7 @@ def _moa_labels(manifest: dict, data, column: str) -> dict:
 
 
 def _check_classes(manifest: dict, data, moa: dict | None, moa_column: str | None) -> None:
-    train = [t for t, k in manifest["counts"]["treatments"]["train"].items() if k]
+    train = list(treatment_cells(manifest, "train"))
     if len(train) < 2:
         raise UserInputError(
             f"{data}: its training split has {len(train)} treatment(s) "
@@ -322,15 +316,9 @@ def _check_classes(manifest: dict, data, moa: dict | None, moa_column: str | Non
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _say(progress: bool, text: str) -> None:
     if progress:
-        import sys
-
         print(text, file=sys.stderr)
-
-

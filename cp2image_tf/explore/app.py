@@ -23,7 +23,13 @@ treatment, 503 TensorFlow Serving not answering):
 """
 import logging
 import re
+import traceback
 from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from cp2image_tf.explore.explorer import MAX_CELLS, RESERVED, ApiError, Explorer
 from tfrecords_tools.errors import UserInputError
@@ -36,14 +42,19 @@ def create_app(model, data=None, max_cells: int = MAX_CELLS, progress=None):
     """A FastAPI app serving the page and its API for `model` (a LocalModel or RemoteModel,
     see serving.local.load_model and serving.remote.RemoteModel); `data` is the dataset the model
     was trained on (treatment means, cell bases, the nearest real cells)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
-    from fastapi.staticfiles import StaticFiles
-
     explorer = Explorer(model, data, max_cells, progress)
     app = FastAPI(title="cp2image-tf explore", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.explorer = explorer
+    _answer_errors(app)
+    _serve_page(app)
+    _serve_api(app, explorer)
+    _serve_downloads(app, explorer)
+    return app
+
+
+def _answer_errors(app) -> None:
+    """Errors as JSON {"error": ...}: 400 for bad input, the ApiError's status, 500 for the
+    unexpected (OneLineErrors)."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -61,15 +72,20 @@ def create_app(model, data=None, max_cells: int = MAX_CELLS, progress=None):
 
     app.add_middleware(OneLineErrors)
 
-    def params(request: Request) -> dict:
-        return dict(request.query_params)
 
-    def attachment(profile_params: dict, ext: str) -> dict:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "_", profile_params.get("base") or "median")
-        changed = len([k for k in profile_params if k not in RESERVED])
-        name = f"cp2image_{base}" + (f"_{changed}changed" if changed else "") + f".{ext}"
-        return {"Content-Disposition": f'attachment; filename="{name}"'}
+def _params(request: Request) -> dict:
+    return dict(request.query_params)
 
+
+def _attachment(profile_params: dict, ext: str) -> dict:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", profile_params.get("base") or "median")
+    changed = len([k for k in profile_params if k not in RESERVED])
+    name = f"cp2image_{base}" + (f"_{changed}changed" if changed else "") + f".{ext}"
+    return {"Content-Disposition": f'attachment; filename="{name}"'}
+
+
+def _serve_page(app) -> None:
+    """The page and its static files (never cached: a new version shows at once)."""
     no_cache = {"Cache-Control": "no-cache"}
 
     @app.get("/", include_in_schema=False)
@@ -78,6 +94,9 @@ def create_app(model, data=None, max_cells: int = MAX_CELLS, progress=None):
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+
+def _serve_api(app, explorer) -> None:
+    """The JSON endpoints the page calls."""
     @app.get("/api/info")
     def info():
         return explorer.info()
@@ -94,44 +113,45 @@ def create_app(model, data=None, max_cells: int = MAX_CELLS, progress=None):
 
     @app.get("/api/render")
     def render(request: Request):
-        return explorer.render(params(request))
+        return explorer.render(_params(request))
 
     @app.get("/api/profile")
     def profile(request: Request):
-        found = explorer.profile(params(request))
+        found = explorer.profile(_params(request))
         return {"base": found.base, "label": found.label, "offsets": found.offsets,
                 "raw": dict(zip(explorer.names, found.raw.tolist())),
                 "clamped": found.clamped, "notes": found.notes()}
 
-    @app.get("/api/image.png")
-    def image_png(request: Request):
-        p = params(request)
-        return Response(explorer.png(explorer.profile(p).raw), media_type="image/png",
-                        headers=attachment(p, "png") if "download" in p else None)
-
-    @app.get("/api/image.tiff")
-    def image_tiff(request: Request):
-        p = params(request)
-        return Response(explorer.tiff(p), media_type="image/tiff", headers=attachment(p, "tif"))
-
-    @app.get("/api/profile.csv")
-    def profile_csv(request: Request):
-        p = params(request)
-        return Response(explorer.csv(p), media_type="text/csv", headers=attachment(p, "csv"))
-
     @app.get("/api/neighbours")
     def neighbours(request: Request, k: int = 6):
-        return explorer.neighbours(params(request), k)
+        return explorer.neighbours(_params(request), k)
 
     @app.get("/api/traverse")
     def traverse(request: Request):
-        return explorer.traverse(params(request))
+        return explorer.traverse(_params(request))
 
     @app.get("/api/interpolate")
     def interpolate(request: Request):
-        return explorer.interpolate(params(request))
+        return explorer.interpolate(_params(request))
 
-    return app
+
+def _serve_downloads(app, explorer) -> None:
+    """The image (PNG, TIFF) and the profile (CSV), as the page's download buttons ask."""
+    @app.get("/api/image.png")
+    def image_png(request: Request):
+        p = _params(request)
+        return Response(explorer.png(explorer.profile(p).raw), media_type="image/png",
+                        headers=_attachment(p, "png") if "download" in p else None)
+
+    @app.get("/api/image.tiff")
+    def image_tiff(request: Request):
+        p = _params(request)
+        return Response(explorer.tiff(p), media_type="image/tiff", headers=_attachment(p, "tif"))
+
+    @app.get("/api/profile.csv")
+    def profile_csv(request: Request):
+        p = _params(request)
+        return Response(explorer.csv(p), media_type="text/csv", headers=_attachment(p, "csv"))
 
 
 class OneLineErrors:
@@ -152,10 +172,6 @@ class OneLineErrors:
         try:
             await self.app(scope, receive, tracked)
         except Exception as err:  # noqa: BLE001  (anything an endpoint did not expect)
-            import traceback
-
-            from fastapi.responses import JSONResponse
-
             where = traceback.extract_tb(err.__traceback__)[-1]
             log.error("explore: %s %s failed: %s: %s (at %s:%d)", scope.get("method", ""),
                       scope.get("path", ""), type(err).__name__, err,

@@ -27,8 +27,18 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
+from cp2image_tf.drawing.profiles import treatment_means
+from cp2image_tf.drawing.traverse import (base_profile, feature_correlations_with,
+                                          interpolation_profiles, resolve_feature,
+                                          traversal_profiles)
+from cp2image_tf.serving.local import LocalModel
+from cp2image_tf.viz import channel_colours, write_hyperstack
 from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.features import feature_name
+from tfrecords_tools.manifest import matching_manifest, treatment_cells
+from tfrecords_tools.reader import DEFAULT_SCALING, sample_cells, stratified_quota
 
 OFFSET_LIMIT = 5.0  # SDs from the base a feature may move; beyond, values are clamped
 MAX_STEPS = 15
@@ -105,31 +115,13 @@ def data_url(png: bytes) -> str:
 def read_reference_cells(data, manifest: dict, model, max_cells: int = MAX_CELLS) -> ReferenceCells:
     """Up to max_cells training cells of DATA_DIR (an even share per treatment, the first ones
     of its shards): ids, treatments, raw features and 8-bit crops scaled as the model's."""
-    import tensorflow as tf
-
-    from cp2image_tf.evaluation.evaluate import stratified_quota
-    from tfrecords_tools.manifest import shard_files
-    from tfrecords_tools.reader import parse_batch_fn
-
-    counts = {t: n for t, n in manifest["counts"]["treatments"]["train"].items() if n}
-    quota = stratified_quota(counts, max_cells)
-    scaling = model.description.get("scaling", "dataset")
-    parse = parse_batch_fn(manifest, scaling, "none", with_metadata=True)
-    ids, treatments, raws, crops = [], [], [], []
-    for treatment, wanted in quota.items():
-        files = shard_files(manifest, data, "train", treatment)
-        if not wanted or not files:
-            continue
-        ds = tf.data.TFRecordDataset(files, compression_type=manifest.get("compression") or None)
-        for _, batch_crops, meta in ds.take(wanted).batch(256).map(parse):
-            ids += [c.decode() for c in meta["cell_id"].numpy()]
-            treatments += [t.decode() for t in meta["treatment"].numpy()]
-            raws.append(meta["raw_features"].numpy())
-            crops.append(np.round(np.clip(batch_crops.numpy(), 0, 1) * 255).astype(np.uint8))
-    if not ids:
+    quota = stratified_quota(treatment_cells(manifest, "train"), max_cells)
+    scaling = model.description.get("scaling", DEFAULT_SCALING)
+    cells = sample_cells(data, manifest, "train", quota, scaling, uint8=True)
+    if not cells["cell_ids"]:
         raise UserInputError(f"{data}: no training cells to show as nearest real cells.")
-    return ReferenceCells(ids, treatments, np.concatenate(raws), np.concatenate(crops),
-                          position={cell: i for i, cell in enumerate(ids)})
+    return ReferenceCells(cells["cell_ids"], cells["treatments"], cells["raw"], cells["crops"],
+                          position={cell: i for i, cell in enumerate(cells["cell_ids"])})
 
 
 class Explorer:
@@ -137,9 +129,6 @@ class Explorer:
     the nearest real cells, traversals and interpolations. Thread-safe."""
 
     def __init__(self, model, data=None, max_cells: int = MAX_CELLS, progress=None):
-        from cp2image_tf.drawing.profiles import check_data, treatment_means
-        from cp2image_tf.serving.local import LocalModel
-
         say = progress or (lambda message: None)
         self.model = model
         self.data = str(data) if data is not None else None
@@ -158,7 +147,7 @@ class Explorer:
         self._model_lock = threading.Lock() if self.remote else None
         self.reference = None
         self.low = self.high = None  # per feature, the training cells' lowest and highest values
-        self.manifest = check_data(data, model)
+        self.manifest = matching_manifest(data, self.names) if data is not None else None
         if self.manifest is not None:
             say(f"Reading treatment means from {data} ...")
             means = treatment_means(data, model, ["all"])
@@ -192,8 +181,6 @@ class Explorer:
 
     def base(self, name: str) -> Base:
         """median, a treatment's mean (needs DATA_DIR) or a cell id of DATA_DIR."""
-        from cp2image_tf.drawing.traverse import base_profile
-
         name = (name or "median").strip()
         with self._lock:
             if name in self._bases:
@@ -233,8 +220,6 @@ class Explorer:
 
     def feature(self, name: str) -> str:
         """A feature's full name (exact, case-insensitive or a unique end), else a 400 naming it."""
-        from cp2image_tf.drawing.traverse import resolve_feature
-
         if name in self.position:
             return name
         try:
@@ -331,15 +316,11 @@ class Explorer:
                 "label": profile.label, "model_ms": round(model_ms, 2)}
 
     def tiff(self, params) -> bytes:
-        from cp2image_tf.viz import write_hyperstack
-
         out = io.BytesIO()
         write_hyperstack(out, self.images(self.profile(params).raw)[0], self.model.channels)
         return out.getvalue()
 
     def csv(self, params) -> str:
-        import pandas as pd
-
         profile = self.profile(params)
         changed = ", ".join(f"{k} {v:+g} SD" for k, v in profile.offsets.items())
         label = profile.label + (f", {changed}" if changed else "")
@@ -421,8 +402,6 @@ class Explorer:
 
     def correlations(self, j: int) -> np.ndarray:
         """Correlation of feature j with every feature over DATA_DIR's training cells."""
-        from cp2image_tf.drawing.traverse import feature_correlations_with
-
         with self._lock:
             if j in self._correlations:
                 return self._correlations[j]
@@ -448,8 +427,6 @@ class Explorer:
         if correlated and self.data is None:
             raise ApiError(400, "correlated: the correlations come from the training cells; start "
                                 "explore with --data DATA_DIR.")
-        from cp2image_tf.drawing.traverse import traversal_profiles
-
         profile = self.profile(params)
         move = self.correlations(j) if correlated else np.eye(len(self.names))[j]
         zs = np.linspace(start, stop, steps)
@@ -469,8 +446,6 @@ class Explorer:
             if name not in self.treatments:
                 raise ApiError(404, f"treatment {name}: not in {self.data}; it has "
                                     f"{', '.join(self.treatments)}.")
-        from cp2image_tf.drawing.traverse import interpolation_profiles
-
         profiles, labels = interpolation_profiles(
             a, self.base(a).raw.astype(np.float64), b, self.base(b).raw.astype(np.float64),
             self._steps(params))
@@ -479,16 +454,14 @@ class Explorer:
     # --- description -------------------------------------------------------------------------
 
     def info(self) -> dict:
-        from cp2image_tf.viz import channel_colours
-
         features = []
         for j, name in enumerate(self.names):
-            parts = name.split("_")
-            compartment = parts[0] if len(parts) > 1 else "Other"
-            module = parts[1] if len(parts) > 2 else "Other"
+            parsed = feature_name(name)
+            compartment = parsed.compartment if parsed.compartment is not None else "Other"
+            module = parsed.module if parsed.measurement is not None else "Other"
             bounded = self.low is not None and np.isfinite(self.low[j])
             features.append({"name": name, "compartment": compartment, "module": module,
-                             "short": "_".join(parts[2:]) or name,
+                             "short": parsed.measurement or name,
                              "median": float(self.median[j]), "sd": float(self.sd[j]),
                              "low": float(self.low[j]) if bounded else None,
                              "high": float(self.high[j]) if bounded else None})

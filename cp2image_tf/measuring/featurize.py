@@ -31,7 +31,6 @@ interrupted run, run again, redoes only the parts that do not verify by checksum
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -44,13 +43,15 @@ import pandas as pd
 import tifffile
 
 from cp2image_tf.measuring.measure import DEFAULT_MODULES, measure_objects, resolve_modules
+from tfrecords_tools.atomic import partial_path, write_json
 from tfrecords_tools.errors import UserInputError
-from tfrecords_tools.manifest import partial_path
+from tfrecords_tools.manifest import sha256_file
+from tfrecords_tools.parts import (PARTS, check_options, client_for, parse_part, part_label,
+                                   run_parts, select_part, verify_part, write_partition)
 
 __all__ = ["featurize", "DEFAULT_MODULES"]
 
 FLOAT_FORMAT = "%.9g"  # round-trips float32, the precision every later stage uses
-PARTS = ".parts"
 PART_SIZE = 8  # image sets per part
 
 
@@ -68,23 +69,15 @@ def featurize(load_data_csv, out_dir, channels, objects, modules=DEFAULT_MODULES
     of parts and returns that group's summary; `finalize=True` then writes the CSVs from the
     completed parts. Returns a summary: counts, feature numbers, output paths, seconds.
     """
-    from tfrecords_tools.parts import check_options, dask_client, parse_part
-
     part = parse_part(part)
     check_options(scheduler, workers, part, finalize)
-    args = (load_data_csv, out_dir, channels, objects, modules, workers, overwrite, scale,
-            progress, scheduler, part, finalize, part_size)
-    if scheduler is not None and client is None and not finalize:
-        # Connect (or start the LocalCluster) first: a wrong address fails in seconds.
-        with dask_client(scheduler, workers, quiet=not progress) as client:
-            return _featurize(*args, client)
-    return _featurize(*args, client)
+    with client_for(scheduler, workers, client, finalize, quiet=not progress) as client:
+        return _featurize(load_data_csv, out_dir, channels, objects, modules, workers, overwrite,
+                          scale, progress, scheduler, part, finalize, part_size, client)
 
 
 def _featurize(load_data_csv, out_dir, channels, objects, modules, workers, overwrite, scale,
                progress, scheduler, part, finalize, part_size, client) -> dict:
-    from tfrecords_tools.parts import part_of, run_parts, select_part
-
     started = time.perf_counter()
     load_data_csv = Path(load_data_csv)
     out_dir = Path(out_dir)
@@ -112,7 +105,7 @@ def _featurize(load_data_csv, out_dir, channels, objects, modules, workers, over
                              "options.")
     parts_dir.mkdir(parents=True, exist_ok=True)
     if part is not None:
-        _write_json(parts_dir / "partition.json", {"parts": part[1], "of": len(parts)})
+        write_partition(parts_dir, part[1], len(parts))
 
     if not finalize:
         selected = select_part(parts, part)
@@ -139,8 +132,8 @@ def _featurize(load_data_csv, out_dir, channels, objects, modules, workers, over
     for position, entry in enumerate(parts):
         summary, problem = _check_part(entry)
         if problem:
-            count = _partition(parts_dir)
-            which = f"part {part_of(position, len(parts), count)}/{count} " if count else ""
+            label = part_label(position, len(parts), parts_dir)
+            which = f"part {label} " if label else ""
             raise UserInputError(f"{out_dir}: {which}({entry['name']}) is not complete: "
                                  f"{problem}. Measure it again, then --finalize.")
         summaries.append(summary)
@@ -208,8 +201,8 @@ def measure_part(entry: dict) -> dict:
     summary = {"name": entry["name"], "hash": entry["hash"], "image_sets": len(image_rows),
                "rows": {obj: w.rows for obj, w in writers.items()},
                "columns": {obj: w.columns for obj, w in writers.items()},
-               "sha256": {name: _sha256(tmp / name) for name in files}}
-    _write_json(tmp / "summary.json", summary)
+               "sha256": {name: sha256_file(tmp / name) for name in files}}
+    write_json(tmp / "summary.json", summary, sync=False, default=str)
     if final.exists():
         shutil.rmtree(final)  # an earlier, incomplete or corrupt copy
     os.replace(tmp, final)
@@ -219,19 +212,10 @@ def measure_part(entry: dict) -> dict:
 def _check_part(entry: dict) -> tuple[dict | None, str | None]:
     """(summary, None) for a completed part that verifies by checksum, else (None, why not)."""
     folder = Path(entry["dir"])
-    if not (folder / "summary.json").is_file():
-        return None, "not measured (no summary)"
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None, "its summary.json is not valid JSON (corrupt)"
-    if summary.get("hash") != entry["hash"]:
-        return None, "measured for other inputs or options"
-    for name in ["Image.csv"] + [f"{obj}.csv" for obj in entry["objects"]]:
-        path = folder / name
-        if not path.is_file() or summary.get("sha256", {}).get(name) != _sha256(path):
-            return None, f"{name} is missing or does not match its checksum (corrupt)"
-    return summary, None
+    files = ["Image.csv"] + [f"{obj}.csv" for obj in entry["objects"]]
+    return verify_part(folder / "summary.json", entry["hash"], "hash",
+                       lambda summary: [(folder / name, summary.get("sha256", {}).get(name))
+                                        for name in files])
 
 
 def _concatenate(parts, summaries, outputs: dict, objects) -> dict:
@@ -280,27 +264,6 @@ def _append_csv(out, path: Path, columns, header_too: bool):
         if header_too:
             out.write(head)
         shutil.copyfileobj(handle, out)
-
-
-def _partition(parts_dir: Path):
-    try:
-        return int(json.loads((parts_dir / "partition.json").read_text())["parts"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, data: dict):
-    tmp = partial_path(path)
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Segment single-cell crops and measure them again with cp-measure, under the dataset's names.
 
-`plan(feature_names, channels)` reads a converted dataset's feature names
+`plan_measurement(feature_names, channels)` reads a converted dataset's feature names
 (`<Object>_<CellProfiler column>`, e.g. `Nuclei_AreaShape_Area`,
 `Cells_Intensity_MeanIntensity_Actin`) and decides which object sets to segment, which
 `cp2image_tf.measuring.measure` modules each needs and which features cannot be measured again from a crop.
@@ -30,6 +30,7 @@ thresholds and no watershed: 0.74 (0.54); with the fitted threshold but no water
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import functools
 import multiprocessing
 import warnings
@@ -44,6 +45,8 @@ from skimage.segmentation import watershed
 
 from cp2image_tf.measuring.measure import MODULES, measure_objects
 from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.features import object_and_measurement
+from tfrecords_tools.parts import check_options, run_parts
 
 ROLES = ("nucleus", "cell", "cytoplasm")
 DNA_NAMES = ("dna", "dapi", "hoechst", "nuc")
@@ -56,9 +59,6 @@ PER_CROP = ("zernike", "radial_zernikes", "granularity", "granularity4")
 SCALE_MAX = 65535  # only sets Costes' threshold step (1 / SCALE_MAX); float pixels are not scaled
 
 # CellProfiler measurement categories: the first one in a feature name ends the object name.
-_CATEGORIES = ("AreaShape", "Intensity", "Texture", "Granularity", "RadialDistribution",
-               "Correlation", "Location", "Number", "Parent", "Children", "Neighbors",
-               "ObjectSkeleton", "Math", "Count", "Metadata", "Threshold")
 # The measure.py modules that can make a column of each category.
 _CANDIDATES = {
     "AreaShape": ("sizeshape", "zernike", "feret", "moments"),
@@ -100,12 +100,12 @@ def role_of(object_name: str) -> str | None:
     return None
 
 
-def plan(feature_names: list[str], channels: list[str]) -> Plan:
+def plan_measurement(feature_names: list[str], channels: list[str]) -> Plan:
     """Decide what re-measuring crops of `channels` can give of `feature_names`."""
     channels = tuple(channels)
     objects, modules, measurable, unmeasurable = {}, {}, [], {}
     for feature in feature_names:
-        obj, column = _split(feature)
+        obj, column = object_and_measurement(feature)
         reason = _why_not(obj, column, channels)
         if reason:
             unmeasurable[feature] = reason
@@ -123,17 +123,6 @@ def plan(feature_names: list[str], channels: list[str]) -> Plan:
             found.discard("granularity4")
     ordered = {obj: tuple(m for m in MODULES if m in found) for obj, found in modules.items()}
     return Plan(objects, ordered, measurable, unmeasurable)
-
-
-def _split(feature: str) -> tuple[str | None, str]:
-    """("Nuclei", "AreaShape_Area") from "Nuclei_AreaShape_Area"; the object may hold "_"."""
-    parts = feature.split("_")
-    for i in range(1, len(parts)):
-        if parts[i] in _CATEGORIES:
-            return "_".join(parts[:i]), "_".join(parts[i:])
-    if len(parts) < 2 or parts[0] in _CATEGORIES:
-        return None, feature
-    return parts[0], "_".join(parts[1:])
 
 
 def _why_not(obj: str | None, column: str, channels: tuple[str, ...]) -> str | None:
@@ -342,10 +331,6 @@ def remeasure(crops: np.ndarray, plan: Plan, channels: list[str], workers: int =
              for s in range(0, len(crops), chunk)]
     results: list[np.ndarray | None] = [None] * len(tasks)
     if scheduler is not None or client is not None:
-        import hashlib
-
-        from tfrecords_tools.parts import check_options, run_parts
-
         if scheduler not in (None, "local"):
             workers = 1  # a running cluster has its own workers
         check_options(scheduler, workers)
@@ -410,7 +395,7 @@ def _measure_batch(crops: np.ndarray, masks: list[Mapping[str, np.ndarray]], pla
     single = [m for m in MODULES if m in needed and m in PER_CROP]
     targets = {obj: [] for obj in plan.objects}  # object set -> [(output column, its column)]
     for k, feature in enumerate(plan.measurable):
-        obj, column = _split(feature)
+        obj, column = object_and_measurement(feature)
         targets[obj].append((k, column))
     out = np.full((n, len(plan.measurable)), np.nan)
     failed: dict[str, str] = {}

@@ -1,0 +1,2 @@
+"""serving: a trained decoder as a SavedModel (export), on this machine (local: LocalModel,
+load_model) or behind TensorFlow Serving (remote: RemoteModel); both draw the same cells."""

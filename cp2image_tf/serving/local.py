@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cp2image_tf.serving.export import load_run, model_description, serving_module
 from tfrecords_tools.errors import UserInputError
 
 BATCH = 256
@@ -75,8 +76,6 @@ def load_model(path, checkpoint: str = "best"):
         raise UserInputError(f"{path}: no such folder. MODEL is a run folder of `cp2image-tf fit` "
                              "or a SavedModel written by `cp2image-tf export`.")
     if (path / "config.json").is_file():
-        from cp2image_tf.serving.export import load_run, model_description, serving_module
-
         decoder, manifest, config, info = load_run(path, checkpoint)
         module = serving_module(decoder, manifest, config.normalization, config.noise_dim, info,
                                 config.scaling)
