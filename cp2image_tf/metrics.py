@@ -314,3 +314,14 @@ def finite_mean(values) -> float | None:
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     return float(values.mean()) if values.size else None
+
+
+def half_of_each(labels, which, rng) -> np.ndarray:
+    """A mask of a random half (rounded down) of the cells of each label in `which`, drawn in
+    `which`'s order from `rng`."""
+    labels = np.asarray(labels)
+    half = np.zeros(len(labels), bool)
+    for label in which:
+        idx = np.flatnonzero(labels == label)
+        half[rng.permutation(idx)[: len(idx) // 2]] = True
+    return half

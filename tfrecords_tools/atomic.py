@@ -48,7 +48,9 @@ def replace_folder(new: Path, out_dir: Path) -> Path:
 
 
 class OutputFolder:
-    """Writes into a temporary sibling folder; `commit` puts it in OUT_DIR's place."""
+    """Writes into a temporary sibling folder (`path`); `commit` puts it in OUT_DIR's place.
+    Made first, it fails early on an occupied OUT_DIR; `with folder:` then commits when the
+    block ends and abandons the folder on any error."""
 
     def __init__(self, out_dir, overwrite: bool):
         self.out_dir = Path(out_dir)
@@ -66,3 +68,12 @@ class OutputFolder:
 
     def abandon(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> "OutputFolder":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abandon()

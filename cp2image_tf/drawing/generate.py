@@ -82,15 +82,10 @@ def generate(model, profiles=None, out_dir=None, treatment_mean=None, data=None,
     raw = values.to_numpy(np.float32)
     warn_nonfinite(raw, model.feature_names, what)
     images = model.images(raw)
-    folder = OutputFolder(out_dir, overwrite)
-    try:
+    with OutputFolder(out_dir, overwrite) as folder:
         title = f"{len(images)} cell(s) drawn from {what}\nmodel: {model.source}"
         summary = _write_cells(folder.path, images, labels, values.reset_index(drop=True),
                                model.channels, title)
-        path = folder.commit()
-    except BaseException:
-        folder.abandon()
-        raise
-    return {**summary, "out_dir": str(path), "images": images, "labels": labels}
+    return {**summary, "out_dir": str(folder.out_dir), "images": images, "labels": labels}
 
 

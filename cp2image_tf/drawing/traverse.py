@@ -110,14 +110,9 @@ def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0
             title = f"Interpolation between treatment means (model: {model.source})"
     profiles = np.concatenate([row[1] for row in rows]).astype(np.float32)
     images = model.images(profiles).reshape(len(rows), steps, *model.crop_shape)
-    folder = OutputFolder(out_dir, overwrite)
-    try:
+    with OutputFolder(out_dir, overwrite) as folder:
         stacks = _write_traversal(folder.path, model, rows, profiles, images, title)
-        path = folder.commit()
-    except BaseException:
-        folder.abandon()
-        raise
-    return {"out_dir": str(path), "montage": "traverse.png", "stacks": stacks, "images": images,
+    return {"out_dir": str(folder.out_dir), "montage": "traverse.png", "stacks": stacks, "images": images,
             "rows": [row[0] for row in rows]}
 
 

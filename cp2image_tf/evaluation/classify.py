@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
-from cp2image_tf.metrics import finite_mean
+from cp2image_tf.metrics import finite_mean, half_of_each
 
 
 
@@ -42,11 +42,7 @@ def classify(train: pd.DataFrame, train_labels, standardized: dict, labels, seed
                "chance": 1.0 / len(classes), "cells": int(seen.sum()), "train_cells": len(train),
                "features": len(columns), "classes": classes, "unseen": unseen}
     if unseen and unseen_halves:
-        rng = np.random.default_rng(seed + 5)
-        learn = np.zeros(len(labels), bool)
-        for label in unseen:
-            idx = np.flatnonzero(labels == label)
-            learn[rng.permutation(idx)[: len(idx) // 2]] = True
+        learn = half_of_each(labels, unseen, np.random.default_rng(seed + 5))
         scored = ~seen & ~learn
         extended = _fit_classifier(pd.concat([train, frames["ceiling"][learn]]),
                                    list(train_labels) + list(labels[learn]), seed)

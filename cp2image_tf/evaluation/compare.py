@@ -10,7 +10,8 @@ import pandas as pd
 from scipy.linalg import LinAlgWarning
 
 from cp2image_tf.metrics import (feature_correlations, finite_mean, frechet_distance,
-                                 kernel_inception_distance, profile_agreement, treatment_profiles)
+                                 half_of_each, kernel_inception_distance, profile_agreement,
+                                 treatment_profiles)
 
 METHODS = ("model", "nearest neighbour", "mean image", "ceiling")
 THRESHOLD = 0.7
@@ -67,10 +68,7 @@ def split_half_profiles(real: pd.DataFrame, treatments, seed: int, splits: int =
     rng = np.random.default_rng(seed + 4)
     medians, retrievals = [], []
     for _ in range(splits):
-        half = np.zeros(len(real), bool)
-        for t in usable:
-            idx = np.flatnonzero(treatments == t)
-            half[rng.permutation(idx)[: len(idx) // 2]] = True
+        half = half_of_each(treatments, usable, rng)
         a = treatment_profiles(real[half].reset_index(drop=True), treatments[half])
         b = treatment_profiles(real[~half].reset_index(drop=True), treatments[~half])
         agreement = profile_agreement(a, b)

@@ -82,7 +82,7 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
     plan = plan_measurement(model.feature_names, manifest["channels"])
     workers = workers or (1 if scheduler not in (None, "local") else min(2, _cpus()))
     folder = OutputFolder(out_dir, overwrite)  # fails early on an occupied OUT_DIR
-    try:
+    with folder:
         if scheduler is not None:  # connect first: a wrong address fails before any work
             check_options(scheduler, workers)
         with client_for(scheduler, workers, quiet=not progress) as client:
@@ -99,11 +99,7 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
                              measured, found, workers, time.perf_counter() - started)
             _write_outputs(folder.path, report, cells, predictions, neighbour, reference,
                            measured, found)
-        path = folder.commit()
-    except BaseException:
-        folder.abandon()
-        raise
-    report["out_dir"] = str(path)
+    report["out_dir"] = str(folder.out_dir)
     return report
 
 
