@@ -2,22 +2,31 @@
 import click
 
 from cli.common import call, start_tensorflow
+from cp2image_tf.training.config import MODELS, STRATEGIES, STRATIFY
+from tfrecords_tools.reader import SCALINGS
 
 
 @click.command()
 @click.argument("data_dir", type=click.Path())
 @click.argument("run_dir", type=click.Path())
+@click.option("--model", type=click.Choice(MODELS), default=None,
+              help="film: conditioned in every block, with a measurer's feature-consistency "
+                   "loss and a projection critic [default]; published: the paper's network, "
+                   "losses and schedule.")
 @click.option("--steps", type=int, default=None, help="Train until this step [default: 20000].")
+@click.option("--time-limit", default=None,
+              help="Stop cleanly after this much training time, e.g. 30m, 90s, 1.5h (summed "
+                   "over resumed runs); checkpoints and reports steps and images/s.")
 @click.option("--batch-size", type=int, default=None,
-              help="Global batch, split over replicas [default: 104, as published].")
-@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multiworker"]),
+              help="Global batch, split over replicas [default: film 32; published 104].")
+@click.option("--strategy", type=click.Choice(STRATEGIES),
               default=None, help="tf.distribute strategy [default: auto: multiworker when "
                                  "TF_CONFIG names a cluster, mirrored with several GPUs].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="JSON file of FitConfig settings; options given here override it.")
-@click.option("--stratify", type=click.Choice(["auto", "yes", "no"]), default=None,
+@click.option("--stratify", type=click.Choice(STRATIFY), default=None,
               help="Treatment-balanced batches [default: auto, when the data has treatments].")
-@click.option("--scaling", type=click.Choice(["dataset", "dtype", "crop_max", "none"]), default=None,
+@click.option("--scaling", type=click.Choice(SCALINGS), default=None,
               help="Crop intensity scaling [default: dataset; crop_max is the published one].")
 @click.option("--noise-dim", type=int, default=None,
               help="Noise inputs for several plausible cells per profile [default: 0].")
@@ -27,7 +36,7 @@ from cli.common import call, start_tensorflow
 @click.option("--seed", type=int, default=None, help="[default: 0]")
 @click.option("--mixed-precision", is_flag=True, default=None, help="float16 compute (GPUs).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def fit(data_dir, run_dir, steps, batch_size, strategy, config_file, stratify, scaling, noise_dim,
+def fit(data_dir, run_dir, model, steps, time_limit, batch_size, strategy, config_file, stratify, scaling, noise_dim,
         checkpoint_every, validate_every, log_every, seed, mixed_precision, quiet):
     """Train the conditional decoder on a converted dataset.
 
@@ -38,13 +47,22 @@ def fit(data_dir, run_dir, steps, batch_size, strategy, config_file, stratify, s
     from cp2image_tf.training.config import FitConfig
     from cp2image_tf.training.train import fit as run
 
-    config = call(FitConfig.from_file, config_file, steps=steps, batch_size=batch_size,
+    config = call(FitConfig.from_file, config_file, model=model, steps=steps,
+                  time_limit=time_limit, batch_size=batch_size,
                   strategy=strategy, stratify=stratify, scaling=scaling, noise_dim=noise_dim,
                   checkpoint_every=checkpoint_every, validate_every=validate_every,
                   log_every=log_every, seed=seed, mixed_precision=mixed_precision)
     start_tensorflow()
     summary = call(run, data_dir, run_dir, config, progress=not quiet)
     best = summary["best"]
+    rate = summary.get("images_per_s")
+    click.echo(f"Stopped by the {summary['stopped_by']} after {summary['seconds'] / 60:.1f} min"
+               + (f" at {rate:.0f} images/s." if rate else "."))
+    if summary.get("measurer"):
+        m = summary["measurer"]
+        click.echo(f"Measurer ({m['steps']} steps): {m['split']} median r {m['median_r']:.2f}, "
+                   f"{m['fraction_r_0.7']:.0%} of features at r >= 0.7 "
+                   f"(per module: {run_dir}/measurer.json).")
     click.echo(f"Trained to step {summary['steps']} in {run_dir}. Validation pixel MSE "
                f"{summary.get('val_mse', float('nan')):.4f} (mean training image: "
                f"{summary['baseline_mse']:.4f}), SSIM {summary.get('val_ssim', float('nan')):.3f}; "

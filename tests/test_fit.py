@@ -24,7 +24,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 def test_short_run_learns_and_writes_its_outputs(disc_dataset, tmp_path):
     run = tmp_path / "run"
-    summary = fit(disc_dataset, run, FitConfig(steps=120, batch_size=16, log_every=10,
+    summary = fit(disc_dataset, run, FitConfig(model="published", steps=120, batch_size=16, log_every=10,
                                                validate_every=60, checkpoint_every=60,
                                                val_cells=64, grid_cells=4), progress=False)
     # Well below the mean training image: the decoder draws each cell's own disc.
@@ -47,11 +47,11 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 from cp2image_tf.training.config import FitConfig
-from cp2image_tf.training.train import Trainer
+from cp2image_tf.training.published import PublishedTrainer as Trainer
 from tfrecords_tools.manifest import load_manifest
 
 manifest = load_manifest(sys.argv[1])
-config = FitConfig(batch_size=8, perceptual_delay=1, perceptual_slope=1)
+config = FitConfig(model="published", batch_size=8, perceptual_delay=1, perceptual_slope=1)
 rng = np.random.default_rng(0)
 F = manifest["features"]["count"]
 features = rng.normal(size=(3, 8, F)).astype("float32")
@@ -133,7 +133,7 @@ def test_multiworker_two_processes_end_with_identical_weights(disc_dataset, tmp_
 
 def test_killed_run_resumes_from_its_last_checkpoint(disc_dataset, tmp_path):
     run = tmp_path / "run"
-    args = ["-m", "cli", "fit", str(disc_dataset), str(run), "--batch-size", "8",
+    args = ["-m", "cli", "fit", str(disc_dataset), str(run), "--model", "published", "--batch-size", "8",
             "--checkpoint-every", "2", "--validate-every", "1000", "--log-every", "1", "--quiet"]
     proc = subprocess.Popen([sys.executable, *args, "--steps", "1000"], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -198,11 +198,11 @@ def test_bad_input_is_one_clear_line(disc_dataset, tmp_path, monkeypatch):
 def test_noise_input_trains_and_generates_several_cells(disc_dataset):
     import tensorflow as tf
 
-    from cp2image_tf.training.train import Trainer
+    from cp2image_tf.training.published import PublishedTrainer as Trainer
     from tfrecords_tools.manifest import load_manifest
 
     manifest = load_manifest(disc_dataset)
-    trainer = Trainer(manifest, FitConfig(batch_size=4, noise_dim=3, jit_compile=False),
+    trainer = Trainer(manifest, FitConfig(model="published", batch_size=4, noise_dim=3, jit_compile=False),
                       tf.distribute.get_strategy())
     rng = np.random.default_rng(0)
     features = rng.normal(size=(2, 4, manifest["features"]["count"])).astype("float32")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -45,7 +44,7 @@ def load_run(run_dir, checkpoint: str = "best"):
     import tensorflow as tf
 
     from cp2image_tf.training.config import FitConfig
-    from cp2image_tf.training.model import build_decoder
+    from cp2image_tf.training.networks import build_model_decoder
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (run_dir / "manifest.json").is_file():
@@ -53,7 +52,10 @@ def load_run(run_dir, checkpoint: str = "best"):
                              "(no config.json and manifest.json).")
     if checkpoint not in ("best", "latest"):
         raise UserInputError(f"--checkpoint {checkpoint}: choose best or latest.")
-    config = FitConfig.from_file(run_dir / "config.json")
+    saved = json.loads((run_dir / "config.json").read_text())
+    # Runs written before the film model existed trained the published one.
+    config = FitConfig.from_file(run_dir / "config.json",
+                                 **({} if "model" in saved else {"model": "published"}))
     manifest = json.loads((run_dir / "manifest.json").read_text())
     folder = run_dir / ("best" if checkpoint == "best" else "checkpoints")
     path = tf.train.latest_checkpoint(str(folder))
@@ -62,8 +64,7 @@ def load_run(run_dir, checkpoint: str = "best"):
                 if checkpoint == "best" else " Train it with `cp2image-tf fit` first.")
         raise UserInputError(f"{run_dir}: no {checkpoint} checkpoint in {folder}.{hint}")
     crop = manifest["crop"]
-    decoder = build_decoder(manifest["features"]["count"], crop["height"], crop["channels"],
-                            noise_dim=config.noise_dim, filters=config.filters)
+    decoder = build_model_decoder(manifest, config)
     tf.train.Checkpoint(decoder=decoder).restore(path).expect_partial().assert_existing_objects_matched()
     step = int(path.rsplit("-", 1)[1])
     info = {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint, "step": step}

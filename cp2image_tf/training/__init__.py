@@ -1,2 +1,3 @@
-"""training: the FitConfig, the CP2Image networks and losses, the tf.distribute strategy and
-the training loop (fit)."""
+"""training: the FitConfig, the networks (film: the default; model: the published CP2Image
+ones), their trainers (film_trainer, published, losses), the tf.distribute strategy and the
+training loop (train.fit)."""

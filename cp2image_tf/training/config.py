@@ -1,39 +1,93 @@
-"""FitConfig: everything that decides a training run; saved as config.json in the run folder."""
+"""FitConfig: everything that decides a training run; saved as config.json in the run folder.
+
+Settings left at None take the chosen model's default (MODEL_DEFAULTS): the
+published model keeps the paper's batch, learning rates and schedule; the film
+model has its own.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tfrecords_tools.errors import UserInputError
 
 
+from tfrecords_tools.reader import NORMALIZATIONS, SCALINGS
+
+MODELS = ("film", "published")
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+STRATIFY = ("auto", "yes", "no")
+MODEL_DEFAULTS = {
+    "published": {"batch_size": 104, "decoder_lr": 0.01, "discriminator_lr": 0.001, "filters": 32,
+                  "jit_compile": True},
+    # XLA was slower than plain graphs for the film step on a 2-core CPU (bench_train.py).
+    "film": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
+             "jit_compile": False},
+}
+
+
+def parse_duration(text) -> float | None:
+    """Seconds from "90", "90s", "30m", "1.5h" (None stays None)."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+    if not match:
+        raise UserInputError(f"--time-limit {text}: give a duration such as 30m, 90s or 1.5h.")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
 @dataclass
 class FitConfig:
+    # Which network: film (the default; film.py) or published (model.py, as in the paper).
+    model: str = "film"
     # Steps and batches (published: batch 104, one cell per treatment, up to 680,000 steps).
+    # With time_limit (seconds), training stops at whichever comes first.
     steps: int = 20000
-    batch_size: int = 104
+    time_limit: float | None = None
+    batch_size: int | None = None
     stratify: str = "auto"  # auto: treatment-balanced batches when the data has treatments
     scaling: str = "dataset"  # crop scaling, see tfrecords_tools.reader
     normalization: str = "standard"
     # Model.
-    filters: int = 32
+    filters: int | None = None
     noise_dim: int = 0
-    # Published optimisation.
-    decoder_lr: float = 0.01
+    # Published optimisation (decoder_lr and discriminator_lr: the model's default when None).
+    decoder_lr: float | None = None
     decoder_beta1: float = 0.9
     decoder_beta2: float = 0.999
     decoder_epsilon: float = 1e-7
-    discriminator_lr: float = 0.001
+    discriminator_lr: float | None = None
     discriminator_momentum: float = 0.9
     weight_decay: float = 1e-4  # kernels multiplied by (1 - weight_decay) after every step
     perceptual_delay: float = 2500.0  # feature term k starts at delay * (k + 1)
     perceptual_slope: float = 2500.0  # and reaches full weight `slope` steps later
+    # The film model's losses and schedule (fractions of the decoder's run; see film_trainer.py).
+    # The measurer trains first, for measurer_steps (default 4 x steps: a measurer step costs
+    # about a sixteenth of a decoder step), or for measurer_share of --time-limit.
+    measurer_steps: int | None = None
+    measurer_share: float = 0.2
+    measurer_lr: float = 1e-3
+    pixel_weight: float = 100.0
+    # The pixel loss compares pixel_pool x pixel_pool averages: layout, size and brightness,
+    # not the detail that the features leave open (see film_trainer.py).
+    pixel_pool: int = 1
+    # The measurer sees crops shifted by up to measurer_jitter px (a new shift every step), in
+    # its own training and when it scores generated crops: a pattern tuned to one pixel grid
+    # cannot fool it.
+    measurer_jitter: int = 0
+    pixel_noise: bool = False  # per-pixel noise inputs at full resolution (film.PixelNoise)
+    consistency_weight: float = 1.0
+    consistency_ramp: float = 0.1
+    adversarial_weight: float = 0.05
+    matching_weight: float = 1.0
+    adversarial_ramp: tuple = (0.05, 0.25)
     # Running.
     strategy: str = "auto"
     seed: int = 0
-    jit_compile: bool = True
+    jit_compile: bool | None = None
     mixed_precision: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -42,16 +96,27 @@ class FitConfig:
     log_every: int = 25
     grid_cells: int = 8
 
+    def __post_init__(self):
+        self.time_limit = parse_duration(self.time_limit)
+        self.adversarial_ramp = tuple(self.adversarial_ramp)
+        for name, value in MODEL_DEFAULTS.get(self.model, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.measurer_steps is None and isinstance(self.steps, int):
+            self.measurer_steps = 4 * self.steps
+
     def validate(self) -> None:
+        if self.model not in MODELS:
+            raise UserInputError(f"--model {self.model}: choose one of {', '.join(MODELS)}.")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise UserInputError(f"--time-limit {self.time_limit}: must be positive.")
         positive = ("steps", "batch_size", "filters", "checkpoint_every", "validate_every",
                     "log_every", "val_cells", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserInputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1.")
-        choices = {"stratify": ("auto", "yes", "no"),
-                   "strategy": ("auto", "default", "mirrored", "multiworker"),
-                   "scaling": ("dataset", "dtype", "crop_max", "none"),
-                   "normalization": ("standard", "robust", "none")}
+        choices = {"stratify": STRATIFY, "strategy": STRATEGIES,
+                   "scaling": SCALINGS, "normalization": NORMALIZATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one of "

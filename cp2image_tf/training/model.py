@@ -116,16 +116,20 @@ def decoder_sizes(crop_size: int) -> tuple[list[int], list[int]]:
     return [5, conv2, conv3, crop_size], [resize1, resize2, resize3]
 
 
+def condition_inputs(n_features: int, noise_dim: int = 0):
+    """The decoder's inputs (features, and noise when noise_dim) and the condition they make:
+    (the Keras input or list of inputs, the condition tensor)."""
+    features = keras.Input((n_features,), name="features")
+    if not noise_dim:
+        return features, features
+    noise = keras.Input((noise_dim,), name="noise")
+    return [features, noise], layers.Concatenate(name="condition")([features, noise])
+
+
 def build_decoder(n_features: int, crop_size: int = 68, channels: int = 3, noise_dim: int = 0,
                   filters: int = FILTERS, name: str = "decoder") -> keras.Model:
     """Features [B, F] (and noise [B, noise_dim] if noise_dim) -> image [B, H, W, C] in [0, 1]."""
-    features = keras.Input((n_features,), name="features")
-    inputs = [features]
-    x = features
-    if noise_dim:
-        noise = keras.Input((noise_dim,), name="noise")
-        inputs.append(noise)
-        x = layers.Concatenate(name="condition")([features, noise])
+    inputs, x = condition_inputs(n_features, noise_dim)
     x = layers.Reshape((1, 1, n_features + noise_dim), name="as_1x1_map")(x)
     conv_sizes, resizes = decoder_sizes(crop_size)
     c_in = n_features + noise_dim
@@ -147,7 +151,7 @@ def build_decoder(n_features: int, crop_size: int = 68, channels: int = 3, noise
                                   name="reconstructor_bn")(x)
     raw = layers.LeakyReLU(LEAK, name="reconstruction")(x)
     image = ClipToUnit(name="image")(raw)
-    model = keras.Model(inputs if noise_dim else features, image, name=name)
+    model = keras.Model(inputs, image, name=name)
     assert tuple(model.output_shape[1:]) == (crop_size, crop_size, channels), conv_sizes
     return model
 
@@ -200,3 +204,4 @@ def conv_kernels(model: keras.Model) -> list:
         if isinstance(layer, layers.Conv2D):
             kernels.append(layer.kernel)
     return kernels
+

@@ -6,6 +6,7 @@ import os
 
 import tensorflow as tf
 
+from cp2image_tf.training.config import STRATEGIES
 from tfrecords_tools.errors import UserInputError
 
 
@@ -37,7 +38,7 @@ def local_devices():
 def choose_strategy(name: str = "auto"):
     """auto: MultiWorkerMirroredStrategy when TF_CONFIG names a cluster of several tasks,
     MirroredStrategy when more than one GPU is visible, else the default strategy."""
-    if name not in ("auto", "default", "mirrored", "multiworker"):
+    if name not in STRATEGIES:
         raise UserInputError(f"--strategy {name}: choose auto, default, mirrored or multiworker.")
     spec = cluster_spec()
     if name == "auto":

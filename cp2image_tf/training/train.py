@@ -1,11 +1,11 @@
-"""fit: train the conditional decoder with pixel + adversarially learned perceptual loss.
+"""fit: the training loop of either model, on one device, several or several machines.
 
-A custom training step run by `strategy.run` inside a tf.function (Keras 3's
-Model.fit does not run under MultiWorkerMirroredStrategy), the same code on one
-device, several local devices or several machines. Both networks update from
-the same forward pass every step, as published: the decoder from the pixel loss
-plus the scheduled feature losses, the discriminator from its cross-entropy on
-an independent real batch vs the generated cells.
+The model's trainer (film_trainer.FilmTrainer, the default, or
+published.PublishedTrainer) owns its networks, optimisers and a custom training
+step run by `strategy.run` inside a tf.function (Keras 3's Model.fit does not run
+under MultiWorkerMirroredStrategy). This module runs it: the film measurer's phase
+first, then steps until --steps or --time-limit, with logging, validation,
+best-checkpoint tracking and resume.
 
 Run folder:
     config.json        the FitConfig in force
@@ -32,8 +32,7 @@ from cp2image_tf.training.config import FitConfig
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest
 
-N_FEATURE_LAYERS = 4
-MODEL_KEYS = ("filters", "noise_dim")
+MODEL_KEYS = ("model", "filters", "noise_dim", "pixel_noise")
 
 
 def data_signature(manifest: dict) -> dict:
@@ -66,158 +65,6 @@ def check_run_dir(run_dir: Path, manifest: dict, config: FitConfig) -> None:
                 raise UserInputError(
                     f"{run_dir}: was trained with {key}={old[key]}, now {getattr(config, key)}; "
                     "the checkpoint cannot be resumed with another model. Use a new RUN_DIR.")
-
-
-class Trainer:
-    """The two networks, their optimisers, the step counter and the distributed step."""
-
-    def __init__(self, manifest: dict, config: FitConfig, strategy):
-        import keras
-        import tensorflow as tf
-
-        from cp2image_tf.training.model import (build_decoder, build_discriminator, conv_kernels,
-                                       training_decoder)
-
-        self.manifest, self.config, self.strategy = manifest, config, strategy
-        crop = manifest["crop"]
-        self.crop_shape = (crop["height"], crop["width"], crop["channels"])
-        self.image_size = int(np.prod(self.crop_shape))
-        self.n_features = manifest["features"]["count"]
-        self.global_batch = config.batch_size
-        if config.batch_size % strategy.num_replicas_in_sync:
-            raise UserInputError(f"--batch-size {config.batch_size}: must divide evenly over "
-                                 f"{strategy.num_replicas_in_sync} replicas.")
-        with strategy.scope():
-            self.decoder = build_decoder(self.n_features, crop["height"], crop["channels"],
-                                         noise_dim=config.noise_dim, filters=config.filters)
-            self.decoder_raw = training_decoder(self.decoder)
-            self.discriminator = build_discriminator(crop["height"], crop["channels"],
-                                                     filters=config.filters)
-            self.decoder_optimizer = keras.optimizers.Adam(
-                config.decoder_lr, beta_1=config.decoder_beta1, beta_2=config.decoder_beta2,
-                epsilon=config.decoder_epsilon, name="decoder_adam")
-            self.discriminator_optimizer = keras.optimizers.SGD(
-                config.discriminator_lr, momentum=config.discriminator_momentum,
-                name="discriminator_sgd")
-            if config.mixed_precision:
-                self.decoder_optimizer = keras.optimizers.LossScaleOptimizer(self.decoder_optimizer)
-                self.discriminator_optimizer = keras.optimizers.LossScaleOptimizer(
-                    self.discriminator_optimizer)
-            self.decoder_optimizer.build(self.decoder.trainable_variables)
-            self.discriminator_optimizer.build(self.discriminator.trainable_variables)
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
-                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self.kernels = conv_kernels(self.decoder) + conv_kernels(self.discriminator)
-        self.checkpoint = tf.train.Checkpoint(
-            decoder=self.decoder, discriminator=self.discriminator,
-            decoder_optimizer=self.decoder_optimizer,
-            discriminator_optimizer=self.discriminator_optimizer, step=self.step)
-        self._train_step = None
-        self._compiled_gradients = None
-
-    def noise_for(self, batch):
-        import tensorflow as tf
-
-        return tf.random.normal([batch, self.config.noise_dim])
-
-    def decoder_inputs(self, features):
-        import tensorflow as tf
-
-        features = tf.convert_to_tensor(features, tf.float32)
-        if not self.config.noise_dim:
-            return features
-        return [features, self.noise_for(tf.shape(features)[0])]
-
-    def replica_step(self, features, target, real):
-        """One step on one replica's share of the global batch; returns the loss terms."""
-        losses, decoder_grads, disc_grads = self._gradients(features, target, real)
-        self.decoder_optimizer.apply_gradients(zip(decoder_grads, self.decoder.trainable_variables))
-        self.discriminator_optimizer.apply_gradients(
-            zip(disc_grads, self.discriminator.trainable_variables))
-        return losses
-
-    def _gradients(self, features, target, real):
-        if self._compiled_gradients is None:
-            import tensorflow as tf
-
-            # XLA fuses the forward and backward passes on one device. With several replicas
-            # the synchronised batch norm all-reduces, which a nested tf.function cannot do.
-            if self.config.jit_compile and self.strategy.num_replicas_in_sync == 1:
-                self._compiled_gradients = tf.function(self.losses_and_gradients, jit_compile=True)
-            else:
-                self._compiled_gradients = self.losses_and_gradients
-        return self._compiled_gradients(features, target, real)
-
-    def losses_and_gradients(self, features, target, real):
-        """Forward both networks once; loss terms and both networks' gradients."""
-        import tensorflow as tf
-
-        from cp2image_tf.training.losses import (discriminator_loss, feature_loss, perceptual_weights,
-                                        pixel_loss)
-
-        cfg = self.config
-        n = tf.shape(target)[0]
-        with tf.GradientTape(persistent=True) as tape:
-            generated = tf.cast(self.decoder_raw(self.decoder_inputs(features), training=True),
-                                tf.float32)
-            # One discriminator pass over [real, generated, target]; its batch norm takes
-            # training statistics from the real and generated parts only.
-            logit, *activations = self.discriminator(tf.concat([real, generated, target], 0),
-                                                     training=True)
-            logit = tf.cast(logit, tf.float32)
-            pixel = pixel_loss(generated, target, self.global_batch)
-            features_terms = [feature_loss(tf.cast(a[n:2 * n], tf.float32),
-                                           tf.cast(a[2 * n:], tf.float32),
-                                           self.image_size, self.global_batch) for a in activations]
-            weights = perceptual_weights(self.step, N_FEATURE_LAYERS, cfg.perceptual_delay,
-                                         cfg.perceptual_slope)
-            decoder_loss = pixel + tf.add_n([weights[k] * features_terms[k]
-                                             for k in range(N_FEATURE_LAYERS)])
-            disc_loss = discriminator_loss(logit[:n], logit[n:2 * n], self.global_batch)
-            if cfg.mixed_precision:
-                scaled_decoder = self.decoder_optimizer.scale_loss(decoder_loss)
-                scaled_disc = self.discriminator_optimizer.scale_loss(disc_loss)
-            else:
-                scaled_decoder, scaled_disc = decoder_loss, disc_loss
-        decoder_vars = self.decoder.trainable_variables
-        disc_vars = self.discriminator.trainable_variables
-        decoder_grads = tape.gradient(scaled_decoder, decoder_vars)
-        disc_grads = tape.gradient(scaled_disc, disc_vars)
-        del tape
-        losses = {"pixel": pixel, "decoder": decoder_loss, "discriminator": disc_loss}
-        for k in range(N_FEATURE_LAYERS):
-            losses[f"feature{k + 1}"] = features_terms[k]
-        return losses, decoder_grads, disc_grads
-
-    def train_step_fn(self):
-        """A tf.function: (target iterator, real iterator) -> global loss terms; advances the step."""
-        import tensorflow as tf
-
-        if self._train_step is not None:
-            return self._train_step
-        strategy = self.strategy
-        decay = 1.0 - self.config.weight_decay
-
-        @tf.function
-        def step(target_iterator, real_iterator):
-            features, target = next(target_iterator)
-            _, real = next(real_iterator)
-            per_replica = strategy.run(self.replica_step, args=(features, target, real))
-            losses = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-                      for k, v in per_replica.items()}
-            # Published weight decay: every kernel shrinks by (1 - 1e-4) after each step,
-            # independent of the learning rate; batch-norm parameters are left alone.
-            for kernel in self.kernels:
-                kernel.assign(kernel * decay)
-            self.step.assign_add(1)
-            return losses
-
-        self._train_step = step
-        return step
-
-    def generate(self, features):
-        """Images in [0, 1] from normalised features, inference mode."""
-        return self.decoder(self.decoder_inputs(features), training=False)
 
 
 def load_val_cells(data_dir, manifest, config, limit):
@@ -280,17 +127,12 @@ def pixel_metrics(generated, real):
     return float(values["mse"].mean()), float(values["ssim"].mean())
 
 
-HISTORY_COLUMNS = (["step", "pixel"] + [f"feature{k + 1}" for k in range(N_FEATURE_LAYERS)]
-                   + ["decoder", "discriminator"] + [f"weight{k + 1}" for k in range(N_FEATURE_LAYERS)]
-                   + ["images_per_s", "val_mse", "val_ssim", "baseline_mse"])
-
-
 class History:
     """history.csv, appended to as training goes; survives restarts."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, columns):
         self.path, self.enabled = path, enabled
-        self.columns = HISTORY_COLUMNS
+        self.columns = list(columns)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -322,18 +164,186 @@ def _fmt(value):
     return value
 
 
+def make_trainer(manifest: dict, config: FitConfig, strategy):
+    """The trainer of the configured model: FilmTrainer (default) or the published Trainer."""
+    if config.model == "film":
+        from cp2image_tf.training.film_trainer import FilmTrainer
+
+        return FilmTrainer(manifest, config, strategy)
+    from cp2image_tf.training.published import PublishedTrainer
+
+    return PublishedTrainer(manifest, config, strategy)
+
+
+def history_columns(trainer) -> list[str]:
+    return (["step", *trainer.loss_names, *trainer.weight_names]
+            + ["images_per_s", "val_mse", "val_ssim", "baseline_mse"])
+
+
+class Clock:
+    """Training seconds across runs of one RUN_DIR (kept in the checkpoint), for --time-limit."""
+
+    def __init__(self, trainer, limit: float | None):
+        self.variable, self.limit = trainer.elapsed, limit
+        self.offset, self.start = float(trainer.elapsed.numpy()), time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.offset + time.perf_counter() - self.start
+
+    def sync(self) -> None:
+        """Record the training seconds so far in the checkpointed variable."""
+        self.variable.assign(self.seconds())
+
+    def left(self) -> float:
+        return math.inf if self.limit is None else self.limit - self.seconds()
+
+
+def restore_latest(trainer, run_dir: Path, chief: bool, progress: bool) -> int:
+    """Restore the newest checkpoint of RUN_DIR, if any; the step it resumes from."""
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(run_dir / "checkpoints")
+    if not latest:
+        return 0
+    trainer.checkpoint.restore(latest).assert_existing_objects_matched()
+    start_step = int(trainer.step.numpy())
+    if chief and progress:
+        print(f"Resuming from step {start_step} ({latest}).", file=sys.stderr)
+    return start_step
+
+
+def train_iterators(trainer, data_dir, manifest: dict, config: FitConfig) -> list:
+    """Distributed training iterators: (features, crops) batches, plus an independent real
+    batch for the published discriminator."""
+    strategy = trainer.strategy
+    treatments = [t for t in manifest["treatments"]["names"]
+                  if manifest["counts"]["treatments"]["train"].get(t)]
+    stratify = {"yes": True, "no": False}.get(config.stratify, len(treatments) > 1)
+    per_replica = config.batch_size // strategy.num_replicas_in_sync
+
+    def dataset_fn(seed):
+        from tfrecords_tools.reader import make_dataset
+
+        def make(ctx):
+            return make_dataset(data_dir, "train", per_replica, stratify=stratify, shuffle=True,
+                                repeat=True, seed=seed, scaling=config.scaling,
+                                normalization=config.normalization, input_context=ctx,
+                                manifest=manifest)
+        return make
+
+    seeds = [config.seed, config.seed + 1] if trainer.needs_real_batch else [config.seed]
+    return [iter(strategy.distribute_datasets_from_function(dataset_fn(s))) for s in seeds]
+
+
+class Validator:
+    """Validation pixel metrics against the mean training image, and the sample pictures."""
+
+    def __init__(self, trainer, data_dir, run_dir: Path, manifest: dict, config: FitConfig,
+                 chief: bool):
+        import tensorflow as tf
+
+        self.trainer, self.run_dir, self.manifest, self.chief = trainer, run_dir, manifest, chief
+        (self.feats, self.crops, self.treatments, self.ids,
+         self.split) = load_val_cells(data_dir, manifest, config, config.val_cells)
+        mean_image = mean_training_image(data_dir, manifest, config)
+        self.baseline_mse, self.baseline_ssim = pixel_metrics(
+            np.broadcast_to(mean_image, self.crops.shape).copy(), self.crops)
+        self.grid = grid_indices(self.treatments, config.grid_cells)
+        self.writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else None
+        self.infer = tf.function(trainer.generate)
+        if chief:
+            (run_dir / "samples").mkdir(exist_ok=True)
+
+    def __call__(self, step: int) -> tuple[float, float]:
+        import tensorflow as tf
+
+        generated = np.concatenate([self.infer(tf.constant(self.feats[i:i + 256])).numpy()
+                                    for i in range(0, len(self.feats), 256)])
+        mse, ssim = pixel_metrics(generated, self.crops)
+        if self.chief and self.grid:
+            self.save_pictures(step, generated, mse, ssim)
+        if self.chief:
+            with self.writer.as_default(step=step):
+                tf.summary.scalar("val/pixel_mse", mse)
+                tf.summary.scalar("val/ssim", ssim)
+                tf.summary.scalar("val/mean_image_mse", self.baseline_mse)
+        return mse, ssim
+
+    def save_pictures(self, step, generated, mse, ssim) -> None:
+        import tensorflow as tf
+
+        from cp2image_tf.viz import composite, save_grid
+
+        grid = self.grid
+        rows = {"real": self.crops[grid], "generated": generated[grid]}
+        labels = [f"{self.treatments[i]}\n{self.ids[i]}" for i in grid]
+        title = (f"step {step}: {self.split} cells, val MSE {mse:.4f} "
+                 f"(mean image {self.baseline_mse:.4f}), SSIM {ssim:.3f}")
+        path = self.run_dir / "samples" / f"step_{step:07d}.png"
+        save_grid(path, rows, self.manifest["channels"], labels, title)
+        shutil.copyfile(path, self.run_dir / "samples" / "latest.png")
+        with self.writer.as_default(step=step):
+            pair = np.concatenate([rows["real"], rows["generated"]], axis=2)
+            tf.summary.image("val/real_vs_generated", composite(pair, self.manifest["channels"]),
+                             max_outputs=len(grid))
+
+
+def train_measurer(trainer, iterator, config: FitConfig, clock: Clock, validator: Validator,
+                   run_dir: Path, progress: bool) -> dict | None:
+    """Phase 1 of the film model: the measurer learns crops -> features, then is frozen.
+
+    `measurer_steps`, or `measurer_share` of the time limit when one is set. Writes
+    RUN_DIR/measurer.json: the measurer's validation r per module.
+    """
+    from tqdm import tqdm
+
+    from cp2image_tf.training.film_trainer import measurer_report
+
+    n_steps = config.measurer_steps
+    budget = None if config.time_limit is None else config.measurer_share * config.time_limit
+    done = int(trainer.measurer_step.numpy())
+    if done >= n_steps or (budget is not None and clock.seconds() >= budget and done):
+        return None
+    step_fn = trainer.measurer_step_fn()
+    bar = tqdm(total=n_steps, initial=done, unit="step", desc="measurer", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    while done < n_steps and (budget is None or clock.seconds() < budget or not done):
+        loss = float(step_fn(iterator)["measurer"])
+        done += 1
+        bar.update(1)
+        if done % config.log_every == 0:
+            bar.set_postfix_str(f"loss {loss:.3f}")
+    bar.close()
+    clock.sync()
+    report = measurer_report(trainer.measurer, validator.crops, validator.feats,
+                             trainer.manifest["features"]["names"])
+    report.update(steps=done, split=validator.split)
+    if validator.chief:
+        (run_dir / "measurer.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def plan_total_steps(trainer, config: FitConfig, clock: Clock, seconds_per_step: float) -> int:
+    """Under --time-limit, the decoder steps the budget is expected to allow (capped by --steps):
+    the film schedule's ramps are fractions of this, fixed once in the checkpoint."""
+    expected = int(trainer.step.numpy()) + max(1, int(clock.left() / max(seconds_per_step, 1e-9)))
+    total = min(config.steps, expected)
+    trainer.total_steps.assign(total)
+    return total
+
+
 def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = True,
         strategy=None) -> dict:
     """Train (or resume training) a decoder on a converted dataset; returns a summary.
 
-    Re-running with the same RUN_DIR resumes from its latest checkpoint.
+    Re-running with the same RUN_DIR resumes from its latest checkpoint. With
+    config.time_limit the run stops cleanly when its training seconds (summed over
+    resumed runs) reach the limit, and checkpoints.
     """
     import keras
     import tensorflow as tf
 
     from cp2image_tf.training.strategy import choose_strategy, is_chief
-    from cp2image_tf.viz import save_grid
-    from tfrecords_tools.reader import make_dataset
 
     config = config or FitConfig()
     config.validate()
@@ -353,137 +363,147 @@ def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = Tru
         config.to_json(run_dir / "config.json")
         (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
-    trainer = Trainer(manifest, config, strategy)
-    manager = tf.train.CheckpointManager(trainer.checkpoint, write_dir / "checkpoints",
-                                         max_to_keep=config.keep_checkpoints)
-    best_manager = tf.train.CheckpointManager(trainer.checkpoint, write_dir / "best", max_to_keep=1)
-    latest = tf.train.latest_checkpoint(run_dir / "checkpoints")
-    start_step = 0
-    if latest:
-        trainer.checkpoint.restore(latest).assert_existing_objects_matched()
-        start_step = int(trainer.step.numpy())
-        if chief and progress:
-            print(f"Resuming from step {start_step} ({latest}).", file=sys.stderr)
-    history = History(run_dir / "history.csv", chief)
+    trainer = make_trainer(manifest, config, strategy)
+    managers = (tf.train.CheckpointManager(trainer.checkpoint, write_dir / "checkpoints",
+                                           max_to_keep=config.keep_checkpoints),
+                tf.train.CheckpointManager(trainer.checkpoint, write_dir / "best", max_to_keep=1))
+    start_step = restore_latest(trainer, run_dir, chief, progress)
+    iterators = train_iterators(trainer, data_dir, manifest, config)
+    validator = Validator(trainer, data_dir, run_dir, manifest, config, chief)
+    clock = Clock(trainer, config.time_limit)
+    summary = {"start_step": start_step, "baseline_mse": validator.baseline_mse,
+               "baseline_ssim": validator.baseline_ssim}
+    try:
+        if hasattr(trainer, "measurer_step_fn"):
+            report = train_measurer(trainer, iterators[0], config, clock, validator, run_dir,
+                                    progress and chief)
+            if report:
+                summary["measurer"] = report
+                managers[0].save(checkpoint_number=int(trainer.step.numpy()))
+        step = training_loop(trainer, iterators, config, clock, validator, managers, run_dir,
+                             start_step, summary, chief and progress)
+    finally:
+        if validator.writer is not None:
+            validator.writer.flush()
+        if not chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
+    summary.update(steps=step, run_dir=str(run_dir), seconds=clock.seconds(),
+                   weights_sha256=weights_digest(*trainer.models))
+    return summary
+
+
+def training_loop(trainer, iterators, config: FitConfig, clock: Clock, validator: Validator,
+                  managers, run_dir: Path, start_step: int, summary: dict, progress: bool) -> int:
+    """Steps until --steps or --time-limit; logs, validates and checkpoints on the way."""
+    from tqdm import tqdm
+
+    manager, best_manager = managers
+    history = History(run_dir / "history.csv", validator.chief, history_columns(trainer))
     history.truncate_after(start_step)
     best_file = run_dir / "best" / "best.json"
     best = json.loads(best_file.read_text()) if best_file.is_file() else {"val_mse": math.inf}
-
-    treatments = [t for t in manifest["treatments"]["names"]
-                  if manifest["counts"]["treatments"]["train"].get(t)]
-    stratify = {"yes": True, "no": False}.get(config.stratify, len(treatments) > 1)
-    per_replica = config.batch_size // strategy.num_replicas_in_sync
-
-    def dataset_fn(seed):
-        def make(ctx):
-            return make_dataset(data_dir, "train", per_replica, stratify=stratify, shuffle=True,
-                                repeat=True, seed=seed, scaling=config.scaling,
-                                normalization=config.normalization, input_context=ctx,
-                                manifest=manifest)
-        return make
-
-    target_iter = iter(strategy.distribute_datasets_from_function(dataset_fn(config.seed)))
-    real_iter = iter(strategy.distribute_datasets_from_function(dataset_fn(config.seed + 1)))
-
-    val_feats, val_crops, val_treatments, val_ids, val_split = load_val_cells(
-        data_dir, manifest, config, config.val_cells)
-    mean_image = mean_training_image(data_dir, manifest, config)
-    baseline_mse, baseline_ssim = pixel_metrics(np.broadcast_to(mean_image, val_crops.shape).copy(),
-                                                val_crops)
-    grid = grid_indices(val_treatments, config.grid_cells)
-    writer = tf.summary.create_file_writer(str(run_dir / "logs")) if chief else None
-    if chief:
-        (run_dir / "samples").mkdir(exist_ok=True)
-
-    @tf.function
-    def infer(features):
-        return trainer.generate(features)
-
-    def validate(step):
-        generated = np.concatenate([infer(tf.constant(val_feats[i:i + 256])).numpy()
-                                    for i in range(0, len(val_feats), 256)])
-        mse, ssim = pixel_metrics(generated, val_crops)
-        if chief and grid:
-            rows = {"real": val_crops[grid], "generated": generated[grid]}
-            labels = [f"{val_treatments[i]}\n{val_ids[i]}" for i in grid]
-            title = (f"step {step}: {val_split} cells, val MSE {mse:.4f} "
-                     f"(mean image {baseline_mse:.4f}), SSIM {ssim:.3f}")
-            path = run_dir / "samples" / f"step_{step:07d}.png"
-            save_grid(path, rows, manifest["channels"], labels, title)
-            shutil.copyfile(path, run_dir / "samples" / "latest.png")
-            with writer.as_default(step=step):
-                pair = np.concatenate([rows["real"], rows["generated"]], axis=2)
-                from cp2image_tf.viz import composite
-                tf.summary.image("val/real_vs_generated", composite(pair, manifest["channels"]),
-                                 max_outputs=len(grid))
-        return mse, ssim
-
     step_fn = trainer.train_step_fn()
-    from tqdm import tqdm
-
+    # Under --time-limit the film schedule's length is planned once, from the first steps' speed.
+    planning = (config.time_limit is not None and start_step == 0
+                and hasattr(trainer, "total_steps"))
     bar = tqdm(total=config.steps, initial=min(start_step, config.steps), unit="step",
-               disable=not (chief and progress), file=sys.stderr, dynamic_ncols=True)
-    step = start_step
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    step, rate = start_step, None
     last_time, last_step = time.perf_counter(), step
-    summary = {"start_step": start_step, "baseline_mse": baseline_mse, "baseline_ssim": baseline_ssim}
     try:
         if step == 0:
-            mse, ssim = validate(0)
+            mse, ssim = validator(0)
             history.write({"step": 0, "val_mse": mse, "val_ssim": ssim,
-                           "baseline_mse": baseline_mse})
-        while step < config.steps:
-            losses = step_fn(target_iter, real_iter)
+                           "baseline_mse": validator.baseline_mse})
+        while step < config.steps and clock.left() > 0:
+            losses = step_fn(*iterators)
             step += 1
             bar.update(1)
+            if planning and step == PLAN_AFTER + 2:
+                bar.total = plan_total_steps(trainer, config, clock, plan_clock.lap(PLAN_AFTER))
+                planning = False
+            elif planning and step == 2:
+                plan_clock = Lap()  # the first steps include compiling: time from the third
             log_now = step % config.log_every == 0 or step == config.steps
             validate_now = step % config.validate_every == 0 or step == config.steps
+            row = None
             if log_now or validate_now:
                 values = {k: float(v) for k, v in losses.items()}
-                weights = trainer_weights(step - 1, config)
+                weights = trainer.schedule_weights(step - 1)
                 row = {"step": step, **values, **weights}
             if log_now:
                 now = time.perf_counter()
                 rate = (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
                 row["images_per_s"] = rate
-                bar.set_postfix_str(f"pixel {values['pixel']:.1f} D {values['discriminator']:.3f} "
-                                    f"{rate:.0f} img/s")
-                if chief:
-                    with writer.as_default(step=step):
-                        for k, v in values.items():
-                            tf.summary.scalar(f"loss/{k}", v)
-                        for k, v in weights.items():
-                            tf.summary.scalar(f"schedule/{k}", v)
-                        tf.summary.scalar("perf/images_per_s", rate)
+                bar.set_postfix_str(" ".join(f"{k} {values[k]:.3g}" for k in trainer.loss_names[:3])
+                                    + f" {rate:.0f} img/s")
+                if validator.chief:
+                    write_scalars(validator.writer, step, values, weights, rate)
             if validate_now:
-                mse, ssim = validate(step)
-                row.update(val_mse=mse, val_ssim=ssim, baseline_mse=baseline_mse)
-                if chief:
-                    with writer.as_default(step=step):
-                        tf.summary.scalar("val/pixel_mse", mse)
-                        tf.summary.scalar("val/ssim", ssim)
-                        tf.summary.scalar("val/mean_image_mse", baseline_mse)
-                if mse < best["val_mse"]:
-                    best_manager.save(checkpoint_number=step)
-                    best = {"step": step, "val_mse": mse, "val_ssim": ssim}
-                    if chief:
-                        best_file.write_text(json.dumps(best, indent=1) + "\n")
-                summary.update(val_mse=mse, val_ssim=ssim)
-            if log_now or validate_now:
+                best = validate_and_keep_best(validator, step, row, best, best_manager, best_file)
+                summary.update(val_mse=row["val_mse"], val_ssim=row["val_ssim"])
+            if row is not None:
                 history.write(row)
             if step % config.checkpoint_every == 0:
+                clock.sync()
                 manager.save(checkpoint_number=step)
+        if planning and step > start_step:
+            trainer.total_steps.assign(step)  # stopped before the plan: the run was this long
+        if step > start_step and not (step % config.validate_every == 0 or step == config.steps):
+            # Stopped by the time limit between validations: validate the last step too.
+            row = {"step": step}
+            best = validate_and_keep_best(validator, step, row, best, best_manager, best_file)
+            summary.update(val_mse=row["val_mse"], val_ssim=row["val_ssim"])
+            history.write(row)
     finally:
         bar.close()
-        if step > start_step and manager.latest_checkpoint != str(write_dir / "checkpoints" / f"ckpt-{step}"):
+        clock.sync()
+        if step > start_step and manager.latest_checkpoint != str(
+                Path(manager.directory) / f"ckpt-{step}"):
             manager.save(checkpoint_number=step)
-        if writer is not None:
-            writer.flush()
-        if not chief:
-            shutil.rmtree(write_dir, ignore_errors=True)
-    summary.update(steps=step, best=best, run_dir=str(run_dir),
-                   weights_sha256=weights_digest(trainer.decoder, trainer.discriminator))
-    return summary
+    planned = getattr(trainer, "total_steps", None)
+    summary.update(best=best, images_per_s=rate,
+                   total_steps=None if planned is None else int(planned.numpy()),
+                   stopped_by=("time limit" if step < config.steps else "steps"))
+    return step
+
+
+def write_scalars(writer, step: int, losses: dict, weights: dict, rate: float) -> None:
+    """The loss terms, schedule weights and images/s to TensorBoard."""
+    import tensorflow as tf
+
+    with writer.as_default(step=step):
+        for k, v in losses.items():
+            tf.summary.scalar(f"loss/{k}", v)
+        for k, v in weights.items():
+            tf.summary.scalar(f"schedule/{k}", v)
+        tf.summary.scalar("perf/images_per_s", rate)
+
+
+def validate_and_keep_best(validator, step: int, row: dict, best: dict, best_manager,
+                           best_file: Path) -> dict:
+    """Validate at `step` (into `row`); save the best checkpoint when the pixel MSE improves."""
+    mse, ssim = validator(step)
+    row.update(val_mse=mse, val_ssim=ssim, baseline_mse=validator.baseline_mse)
+    if mse < best["val_mse"]:
+        best_manager.save(checkpoint_number=step)
+        best = {"step": step, "val_mse": mse, "val_ssim": ssim}
+        if validator.chief:
+            best_file.write_text(json.dumps(best, indent=1) + "\n")
+    return best
+
+
+PLAN_AFTER = 5
+
+
+class Lap:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def lap(self, steps: int) -> float:
+        """Seconds per step over the `steps` since this was made."""
+        return (time.perf_counter() - self.start) / steps
 
 
 def weights_digest(*models) -> str:
@@ -495,12 +515,3 @@ def weights_digest(*models) -> str:
         for weight in model.weights:
             digest.update(np.ascontiguousarray(np.asarray(weight.numpy())).tobytes())
     return digest.hexdigest()
-
-
-def trainer_weights(step: int, config: FitConfig) -> dict:
-    """The schedule weights in force at a step, for logs."""
-    from cp2image_tf.training.losses import perceptual_weights
-
-    weights = perceptual_weights(step, N_FEATURE_LAYERS, config.perceptual_delay,
-                                 config.perceptual_slope).numpy()
-    return {f"weight{k + 1}": float(w) for k, w in enumerate(weights)}
