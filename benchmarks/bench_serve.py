@@ -27,6 +27,11 @@ concrete function for any batch; Keras' predict function uses reduce_retracing=T
 
     python benchmarks/bench_serve.py [--repeats 5] [--calls 50] [--batches 64,256]
                                      [--features 598] [--crop 68]
+
+With --models, instead: the serving_default signature of the film model (the default)
+and of the published model, each saved and loaded as TensorFlow Serving would, timed
+round-robin at batch 1 (p50, p95) and at batch 64 (images/s), and the ratio film/published
+in batch-1 time (<= 1: the film model serves no slower, which the explore page needs).
 """
 import argparse
 import os
@@ -81,6 +86,41 @@ def timed_rounds(ways: dict, inputs: dict, calls: int, warmup: int = 3,
     return {name: np.asarray(t) for name, t in times.items()}
 
 
+def compare_models(args) -> None:
+    """Batch-1 latency and batch-64 throughput of both models' served signatures, round-robin."""
+    import tensorflow as tf
+
+    from cp2image_tf.serving.export import serving_module
+    from cp2image_tf.training.config import FitConfig
+    from cp2image_tf.training.networks import build_model_decoder
+
+    F = args.features
+    manifest = make_manifest(F, args.crop)
+    root = tempfile.mkdtemp(prefix="bench_serve_models_")
+    try:
+        ways = {}
+        for model in ("film", "published"):
+            decoder = build_model_decoder(manifest, FitConfig(model=model))
+            module = serving_module(decoder, manifest, "standard")
+            tf.saved_model.save(module, f"{root}/{model}",
+                                signatures={"serving_default": module.serve})
+            signature = tf.saved_model.load(f"{root}/{model}").signatures["serving_default"]
+            ways[model] = (lambda sig: lambda x: sig(features=x)["images"].numpy())(signature)
+        rng = np.random.default_rng(1)
+        for batch, calls in ((1, args.calls), (64, args.repeats * 2)):
+            raw = rng.normal(size=(batch, F)).astype(np.float32)
+            times = timed_rounds(ways, {name: raw for name in ways}, calls)
+            for name, seconds in times.items():
+                seconds = np.asarray(seconds)
+                print(f"{name:<10} batch {batch:>3}: p50 {np.median(seconds) * 1e3:7.2f} ms, "
+                      f"p95 {np.percentile(seconds, 95) * 1e3:7.2f} ms, "
+                      f"{batch / np.median(seconds):8.0f} images/s")
+            ratio = np.median(np.asarray(times["film"]) / np.asarray(times["published"]))
+            print(f"film / published at batch {batch}: {ratio:.2f} (median of per-round ratios)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5,
@@ -89,7 +129,12 @@ def main():
     parser.add_argument("--batches", default="64,256", help="batch sizes for throughput")
     parser.add_argument("--features", type=int, default=598)
     parser.add_argument("--crop", type=int, default=68)
+    parser.add_argument("--models", action="store_true",
+                        help="compare the film and published models' signatures instead")
     args = parser.parse_args()
+    if args.models:
+        compare_models(args)
+        return
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
 
     import tensorflow as tf
