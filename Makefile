@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
-DEMO_STEPS ?= 500
+DEMO_STEPS ?= 400
 
 .PHONY: demo test venv bench clean
 
@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/cp2image-tf inspect $(DEMO_DIR)/tfrecords --verify
 	rm -rf $(DEMO_DIR)/run
 	$(BIN)/cp2image-tf fit $(DEMO_DIR)/tfrecords $(DEMO_DIR)/run --steps $(DEMO_STEPS) \
-		--batch-size 28 --validate-every 250 --checkpoint-every 250 --log-every 10
+		--validate-every 200 --checkpoint-every 200 --log-every 10
 	rm -rf $(DEMO_DIR)/models
 	$(BIN)/cp2image-tf export $(DEMO_DIR)/run $(DEMO_DIR)/models/cp2image
 	$(BIN)/cp2image-tf generate $(DEMO_DIR)/models/cp2image $(DEMO_DIR)/generate \
