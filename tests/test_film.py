@@ -130,6 +130,8 @@ def test_film_learns_discs(disc_dataset, tmp_path):
     assert last["w_consistency"] == FitConfig().consistency_weight
     assert last["w_adversarial"] == FitConfig().adversarial_weight
     assert json.loads((run / "config.json").read_text())["model"] == "film"
+    # best/ follows the latest validation, not the lowest pixel MSE.
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == 120
 
 
 @pytest.mark.parametrize("model", ["film", "published"])

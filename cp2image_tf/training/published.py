@@ -22,6 +22,7 @@ class PublishedTrainer:
     distributed step."""
 
     needs_real_batch = True
+    best_by_pixel_mse = True  # best/ holds the checkpoint of lowest validation pixel MSE
     loss_names = ("pixel", *(f"feature{k + 1}" for k in range(N_FEATURE_LAYERS)), "decoder",
                   "discriminator")
     weight_names = tuple(f"weight{k + 1}" for k in range(N_FEATURE_LAYERS))

@@ -483,10 +483,11 @@ def write_scalars(writer, step: int, losses: dict, weights: dict, rate: float) -
 
 def validate_and_keep_best(validator, step: int, row: dict, best: dict, best_manager,
                            best_file: Path) -> dict:
-    """Validate at `step` (into `row`); save the best checkpoint when the pixel MSE improves."""
+    """Validate at `step` (into `row`); save the best checkpoint when the pixel MSE improves,
+    or at every validation for a trainer that is not judged by pixels (best_by_pixel_mse)."""
     mse, ssim = validator(step)
     row.update(val_mse=mse, val_ssim=ssim, baseline_mse=validator.baseline_mse)
-    if mse < best["val_mse"]:
+    if mse < best["val_mse"] or not validator.trainer.best_by_pixel_mse:
         best_manager.save(checkpoint_number=step)
         best = {"step": step, "val_mse": mse, "val_ssim": ssim}
         if validator.chief:
