@@ -230,25 +230,20 @@ class FilmTrainer:
 
 def measurer_report(measurer, crops: np.ndarray, features: np.ndarray, names) -> dict:
     """The measurer's validation r per feature, summarised per module (it cannot teach what it
-    cannot read): {"median_r", "fraction_r_0.7", "modules": {module: {...}}}."""
-    from cp2image_tf.metrics import module_of
+    cannot read): {"median_r", "fraction_r_0.7", "modules": {module: {...}}}, as evaluate
+    summarises re-measured features (NaN r counts as 0)."""
+    import pandas as pd
+
+    from cp2image_tf.metrics import feature_correlations, module_summary
 
     predicted = np.concatenate([measurer(crops[i:i + 256], training=False).numpy()
                                 for i in range(0, len(crops), 256)])
     target = np.clip(features, -FEATURE_CLIP, FEATURE_CLIP)
-    r = np.array([_pearson(predicted[:, j], target[:, j]) for j in range(target.shape[1])])
-    modules = {}
-    for module in sorted({module_of(n) for n in names}):
-        sel = np.array([module_of(n) == module for n in names])
-        values = np.nan_to_num(r[sel], nan=0.0)
-        modules[module] = {"features": int(sel.sum()), "median_r": float(np.median(values)),
-                           "fraction_r_0.7": float(np.mean(values >= 0.7))}
-    values = np.nan_to_num(r, nan=0.0)
-    return {"cells": int(len(crops)), "median_r": float(np.median(values)),
-            "fraction_r_0.7": float(np.mean(values >= 0.7)), "modules": modules}
-
-
-def _pearson(a, b) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    denominator = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+    r = feature_correlations(pd.DataFrame(target, columns=names),
+                             pd.DataFrame(predicted, columns=names), min_cells=2)
+    table = module_summary({"measurer": r}).set_index("module")
+    modules = {m: {"features": int(row.n_features), "median_r": float(row.median_r),
+                   "fraction_r_0.7": float(row.fraction)}
+               for m, row in table.iterrows() if m != "all"}
+    return {"cells": int(len(crops)), "median_r": float(table.loc["all", "median_r"]),
+            "fraction_r_0.7": float(table.loc["all", "fraction"]), "modules": modules}

@@ -30,7 +30,7 @@ import numpy as np
 
 from cp2image_tf.training.config import FitConfig
 from tfrecords_tools.errors import UserInputError
-from tfrecords_tools.manifest import load_manifest
+from tfrecords_tools.manifest import load_manifest, treatment_cells
 
 MODEL_KEYS = ("model", "filters", "noise_dim", "pixel_noise")
 
@@ -216,8 +216,7 @@ def train_iterators(trainer, data_dir, manifest: dict, config: FitConfig) -> lis
     """Distributed training iterators: (features, crops) batches, plus an independent real
     batch for the published discriminator."""
     strategy = trainer.strategy
-    treatments = [t for t in manifest["treatments"]["names"]
-                  if manifest["counts"]["treatments"]["train"].get(t)]
+    treatments = treatment_cells(manifest, "train")
     stratify = {"yes": True, "no": False}.get(config.stratify, len(treatments) > 1)
     per_replica = config.batch_size // strategy.num_replicas_in_sync
 
@@ -420,10 +419,11 @@ def training_loop(trainer, iterators, config: FitConfig, clock: Clock, validator
             step += 1
             bar.update(1)
             if planning and step == PLAN_AFTER + 2:
-                bar.total = plan_total_steps(trainer, config, clock, plan_clock.lap(PLAN_AFTER))
+                seconds_per_step = (time.perf_counter() - plan_start) / PLAN_AFTER
+                bar.total = plan_total_steps(trainer, config, clock, seconds_per_step)
                 planning = False
             elif planning and step == 2:
-                plan_clock = Lap()  # the first steps include compiling: time from the third
+                plan_start = time.perf_counter()  # the first steps include compiling
             log_now = step % config.log_every == 0 or step == config.steps
             validate_now = step % config.validate_every == 0 or step == config.steps
             row = None
@@ -496,15 +496,6 @@ def validate_and_keep_best(validator, step: int, row: dict, best: dict, best_man
 
 
 PLAN_AFTER = 5
-
-
-class Lap:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def lap(self, steps: int) -> float:
-        """Seconds per step over the `steps` since this was made."""
-        return (time.perf_counter() - self.start) / steps
 
 
 def weights_digest(*models) -> str:
