@@ -45,6 +45,17 @@ from cli.common import call, parse_list
 @click.option("--intensity-percentile", default=99.99, show_default=True, type=float,
               help="Per-channel percentile of training-split pixels that maps to 1.0 in "
                    "the reader's default (dataset-level) scaling.")
+@click.option("--measured-as", default=None, metavar="CHANNEL=IMAGE,...",
+              help="The image each channel's features were measured on, when the features "
+                   "are named after another image than the one cropped (e.g. "
+                   "rawGFP=CorrGreen,rawDNA=CorrBlue) [default: the channel itself, or the "
+                   "unique name that differs by an Orig/Raw/Corr/Illum prefix, as OrigDNA/"
+                   "CorrDNA].")
+@click.option("--illum", default=None, metavar="CHANNEL=ILLUM,...",
+              help="Crop the illumination-corrected image, as CellProfiler's "
+                   "CorrectIlluminationApply (Divide) made it: the channel divided by the "
+                   "function Image.csv names as FileName_<ILLUM> (.mat, .npy or TIFF), e.g. "
+                   "rawGFP=IllumGFP,rawDNA=IllumDNA. Crops are then float32.")
 @click.option("--workers", default=1, show_default=True, type=int,
               help="Processes writing shards in parallel (with --scheduler local: the "
                    "LocalCluster's worker processes).")
@@ -61,8 +72,8 @@ from cli.common import call, parse_list
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert(input_path, out_dir, channels, objects, table, crop_column, crop_size, edge, include,
             exclude, features_file, split_by, split_fractions, seed, treatment_column, shard_size,
-            compression, intensity_percentile, workers, scheduler, part, finalize, overwrite,
-            quiet):
+            compression, intensity_percentile, measured_as, illum, workers, scheduler, part,
+            finalize, overwrite, quiet):
     """Cut single-cell crops and pair them with CellProfiler features as sharded TFRecords.
 
     INPUT is a CellProfiler ExportToSpreadsheet folder (Image.csv plus one CSV per
@@ -82,7 +93,7 @@ def convert(input_path, out_dir, channels, objects, table, crop_column, crop_siz
         treatment_column=parse_list(treatment_column), shard_size=shard_size,
         compression="" if compression == "none" else compression,
         intensity_percentile=intensity_percentile, workers=workers, overwrite=overwrite,
-        scheduler=scheduler)
+        scheduler=scheduler, measured_as=measured_as, illum=illum)
     manifest = call(run, config, progress=not quiet, command=["cp2image-tf"] + sys.argv[1:],
                     part=part, finalize=finalize)
     if part is not None:
@@ -99,3 +110,16 @@ def convert(input_path, out_dir, channels, objects, table, crop_column, crop_siz
                f"{manifest['features']['count']} features in {len(manifest['shards'])} shards "
                f"to {out_dir}; {counts['rejected']} cells rejected (see rejects.csv), "
                f"{len(manifest['features']['dropped'])} features dropped (see manifest.json).")
+    renamed = {ch: m for ch, m in manifest.get("measured_as", {}).items() if ch != m}
+    if renamed:
+        click.echo("Features measured on: " + ", ".join(f"{ch} -> {m}" for ch, m in renamed.items())
+                   + ".")
+    without = [t for t, n in counts["treatments"]["test"].items() if not n]
+    if without:
+        click.echo(f"{len(without)} of {len(counts['treatments']['test'])} treatments have no test "
+                   f"cells (too few --split-by groups): {', '.join(without)}.")
+    named = manifest.get("cellprofiler", {}).get("illumination_functions", [])
+    if named and not illum:
+        click.echo(f"Image.csv names illumination functions ({', '.join(named)}): if the features "
+                   "were measured on corrected images, convert with --illum CHANNEL=NAME to crop "
+                   "them as CellProfiler measured them.")

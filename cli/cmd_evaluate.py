@@ -55,6 +55,11 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
                   seed=seed, moa_column=moa_column, classifier=classifier,
                   scheduler=scheduler,
                   progress=not quiet, overwrite=overwrite)
+    check = report["ceiling_check"]
+    if not check["passed"]:
+        click.echo(f"No headline: {check['why']} Tables for diagnosis: "
+                   f"{report['out_dir']}/report.md")
+        return
     overall = report["modules"]["all"]
     click.echo(f"{report['cells']} {split} cells, {report['features']['remeasured']} features "
                f"re-measured; share of features with r >= {THRESHOLD} (median r):")

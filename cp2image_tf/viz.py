@@ -36,9 +36,10 @@ def upscale(rgb: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(rgb, factor, axis=-3), factor, axis=-2)
 
 
-def channel_legend(fig, channels, left: float, step: float) -> None:
-    """Channel names in their colours along the bottom of a figure (fractions of its width)."""
-    for k, (ch, colour) in enumerate(zip(channels, channel_colours(channels))):
+def channel_legend(fig, channels, left: float, step: float, labels=None) -> None:
+    """Channel names (or `labels`) in their colours along the bottom of a figure (fractions of
+    its width)."""
+    for k, (ch, colour) in enumerate(zip(labels or channels, channel_colours(channels))):
         fig.text(left + step * k, 0.005, ch, color=tuple(np.clip(colour, 0, 1)), fontsize=8,
                  fontweight="bold", va="bottom")
 
@@ -76,7 +77,7 @@ def save_grid(path, rows: dict, channels, row_labels=None, title: str = "", scal
 
 
 def save_tiles(path, tiles, channels, tile_labels=None, row_labels=None, title: str = "",
-               scale: int = 3, legend: bool = True) -> None:
+               scale: int = 3, legend: bool = True, channel_labels=None) -> None:
     """A PNG of composites laid out as `tiles` [rows, cols, H, W, C] (NaN tiles left blank),
     each with an optional label under it, rows optionally labelled on the left."""
     import matplotlib
@@ -108,7 +109,8 @@ def save_tiles(path, tiles, channels, tile_labels=None, row_labels=None, title: 
     if title:
         fig.suptitle(title, fontsize=9)
     if legend:
-        channel_legend(fig, channels, 0.01, 0.1)
+        channel_legend(fig, channels, 0.01, 0.1 if channel_labels is None else 0.25,
+                       channel_labels)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, facecolor="white")
     plt.close(fig)

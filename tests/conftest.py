@@ -131,11 +131,13 @@ def disc_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def disc_run(disc_dataset, tmp_path_factory):
-    """A run folder of a short fit on the disc dataset (best checkpoint at step 6 or 12)."""
+    """A run folder of a short fit on the disc dataset (best checkpoint at step 18 or 36): long
+    enough that every generated disc holds a nucleus above the dataset's threshold (12 steps
+    draw 3 in 16)."""
     from cp2image_tf.training.config import FitConfig
     from cp2image_tf.training.train import fit
 
     run = tmp_path_factory.mktemp("disc_run") / "run"
-    fit(disc_dataset, run, FitConfig(steps=12, batch_size=8, validate_every=6, checkpoint_every=6,
+    fit(disc_dataset, run, FitConfig(steps=36, batch_size=8, validate_every=18, checkpoint_every=18,
                                      val_cells=32, grid_cells=0), progress=False)
     return run

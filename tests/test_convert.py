@@ -115,7 +115,8 @@ def test_split_by_group_never_leaks(tmp_path):
     split_of_group = {}
     for rec in records.values():
         assert split_of_group.setdefault(rec["group"], rec["split"]) == rec["split"]
-    assert m["split"]["groups"] == {"train": 8, "val": 1, "test": 1}
+    # Treatments A and B have 3 wells each: one of each is a test well.
+    assert m["split"]["groups"] == {"train": 7, "val": 1, "test": 2}
     assert sum(m["counts"]["splits"].values()) == len(records) == 59
     # Shards hold one treatment each; counts per treatment add up.
     for shard in m["shards"]:
@@ -287,3 +288,94 @@ def test_split_keeps_every_treatment_in_every_split_when_groups_allow(tmp_path):
     split_of_group = {}
     for rec in records.values():
         assert split_of_group.setdefault(rec["group"], rec["split"]) == rec["split"]
+
+
+def test_split_keeps_a_dose_series_in_test(tmp_path):
+    # 4 wells per dose (as BBBC013's dose series): 10% of 4 wells is less than half a well, yet
+    # every dose gets a test well and a val well; with 3 wells, a test well only.
+    doses = [f"dose{k}" for k in range(5)]
+    cp_dir = make_cellprofiler_folder(tmp_path, n_fields=40, cells_per_field=2, edge_cell=False,
+                                      treatments=doses)
+    m = convert(config_for(cp_dir, tmp_path / "out", split_by=["Metadata_Well"]), progress=False)
+    for split in ("train", "val", "test"):
+        assert all(m["counts"]["treatments"][split][t] > 0 for t in doses), split
+    assert m["split"]["groups"] == {"train": 10, "val": 5, "test": 5}
+    from tfrecords_tools.splits import assign_splits
+    wells = pd.Series([f"w{k}" for k in range(6)])
+    out = assign_splits(wells, (0.8, 0.1, 0.1), strata=pd.Series(["a"] * 3 + ["b"] * 3))
+    # Each has a test well; val (wanted: 10% of 6 wells) borrows a training well of one.
+    assert "test" in out[:3] and "test" in out[3:]
+    assert sorted(out) == ["test", "test", "train", "train", "train", "val"]
+
+
+def test_illumination_correction_crops_what_cellprofiler_measured(cp_folder, tmp_path):
+    image_csv = cp_folder / "Image.csv"
+    table = pd.read_csv(image_csv)
+    illum = np.linspace(1.0, 2.0, 96 * 96).reshape(96, 96)
+    np.save(tmp_path / "illum.npy", illum)
+    table["PathName_IllumDNA"] = str(tmp_path)
+    table["Scaling_DNA"] = 65535.0
+    table.to_csv(image_csv, index=False)
+    out = tmp_path / "out"
+    plain = convert(config_for(cp_folder, tmp_path / "plain"), progress=False)
+    m = convert(config_for(cp_folder, out, illum="DNA=IllumDNA"), progress=False)
+    assert m["crop"]["dtype"] == "float32" and m["crop"]["dtype_max"] == 1.0
+    assert m["cellprofiler"]["illumination"] == {"DNA": "IllumDNA"}
+    assert m["cellprofiler"]["thresholds"]["Nuclei"]["median"] == pytest.approx(0.01)
+    assert m["measured_as"] == {"DNA": "DNA", "Actin": "Actin"}  # Tubulin has no features
+    _, corrected = read_all(out)
+    _, raw = read_all(tmp_path / "plain")
+    assert plain["crop"]["dtype"] == "uint16" and corrected.keys() == raw.keys()
+    nuclei = pd.read_csv(cp_folder / "Nuclei.csv")
+    for cell_id, rec in list(corrected.items())[:5]:
+        image, obj = map(int, cell_id.split("-"))
+        row = nuclei[(nuclei.ImageNumber == image) & (nuclei.ObjectNumber == obj)].iloc[0]
+        top = int(np.floor(row.Location_Center_Y + 0.5)) - 16
+        left = int(np.floor(row.Location_Center_X + 0.5)) - 16
+        function = illum[top:top + 32, left:left + 32]
+        expected = raw[cell_id]["crop"].astype(np.float64) / 65535
+        np.testing.assert_allclose(rec["crop"][..., 0], expected[..., 0] / function, rtol=1e-6)
+        np.testing.assert_allclose(rec["crop"][..., 1:], expected[..., 1:], rtol=1e-6)
+
+
+def test_illumination_errors_name_the_option(cp_folder, tmp_path):
+    with pytest.raises(UserInputError, match="--illum DNA=IllumGFP: .*Image.csv has no "
+                                             "FileName_IllumGFP.*IllumDNA"):
+        convert(config_for(cp_folder, tmp_path / "a", illum="DNA=IllumGFP"), progress=False)
+    with pytest.raises(UserInputError, match="/nowhere/illum.npy: illumination function not found"):
+        convert(config_for(cp_folder, tmp_path / "b", illum="DNA=IllumDNA"), progress=False)
+    with pytest.raises(UserInputError, match="--illum: GFP is not one of --channels"):
+        convert(config_for(cp_folder, tmp_path / "c", illum="GFP=IllumDNA"), progress=False)
+
+
+def test_features_measured_on_other_images_pair_by_name_or_by_option(cp_folder, tmp_path):
+    from tfrecords_tools.measured import measured_images, pair_channels
+
+    columns = ["Nuclei_Intensity_MeanIntensity_CorrDNA", "Cells_Granularity_3_CorrActin",
+               "Nuclei_Texture_Contrast_CorrDNA_3_00_256", "Nuclei_AreaShape_Area",
+               "Nuclei_Location_CenterMassIntensity_X_CorrDNA"]
+    assert measured_images(columns) == ["CorrDNA", "CorrActin"]
+    # JUMP's OrigDNA -> CorrDNA pairs by name; a channel without features stays out.
+    assert pair_channels(["OrigDNA", "OrigActin", "OrigRNA"], ["CorrDNA", "CorrActin"], None,
+                         "x") == {"OrigDNA": "CorrDNA", "OrigActin": "CorrActin"}
+    with pytest.raises(UserInputError, match="measured on CorrGreen, CorrBlue.*--measured-as "
+                                             "rawGFP=NAME,rawDNA=NAME"):
+        pair_channels(["rawGFP", "rawDNA"], ["CorrGreen", "CorrBlue"], None, "x")
+    assert pair_channels(["rawGFP", "rawDNA"], ["CorrGreen", "CorrBlue"],
+                         {"rawGFP": "CorrGreen", "rawDNA": "CorrBlue"}, "x") == \
+        {"rawGFP": "CorrGreen", "rawDNA": "CorrBlue"}
+    with pytest.raises(UserInputError, match="--measured-as: no feature of x is measured on Blue"):
+        pair_channels(["rawDNA"], ["CorrBlue"], {"rawDNA": "Blue"}, "x")
+    # In convert: the features of Nuclei.csv named after CorrDNA, the files DNA.
+    nuclei = pd.read_csv(cp_folder / "Nuclei.csv")
+    nuclei.columns = [c.replace("_DNA", "_CorrDNA") for c in nuclei.columns]
+    nuclei.to_csv(cp_folder / "Nuclei.csv", index=False)
+    m = convert(config_for(cp_folder, tmp_path / "a"), progress=False)
+    assert m["measured_as"] == {"DNA": "CorrDNA", "Actin": "Actin"}
+    nuclei.columns = [c.replace("_CorrDNA", "_CorrBlue") for c in nuclei.columns]
+    nuclei.to_csv(cp_folder / "Nuclei.csv", index=False)
+    with pytest.raises(UserInputError, match="measured on CorrBlue, which do not pair with "
+                                             "channel.s. DNA, Tubulin"):
+        convert(config_for(cp_folder, tmp_path / "b"), progress=False)
+    m = convert(config_for(cp_folder, tmp_path / "c", measured_as="DNA=CorrBlue"), progress=False)
+    assert m["measured_as"] == {"DNA": "CorrBlue", "Actin": "Actin"}

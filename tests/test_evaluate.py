@@ -35,7 +35,7 @@ def split_cells(data, split):
 
 
 def test_report_agrees_with_independent_computation(evaluated, disc_dataset):
-    from cp2image_tf.measuring.remeasure import plan_measurement as plan, remeasure
+    from cp2image_tf.measuring.remeasure import Segmentation, plan_measurement as plan, remeasure
 
     report, model = evaluated.report, evaluated.model
     raw, crops = split_cells(disc_dataset, "test")
@@ -62,8 +62,15 @@ def test_report_agrees_with_independent_computation(evaluated, disc_dataset):
     assert (table["ceiling pearson"] > 0.95).all(), table
     # The report pairs each cell's input with its own cell's measurement.
     channels = ["DNA", "Actin"]
+    # Every picture segmented with the settings report.json states (the disc dataset's Image.csv
+    # has no thresholds: pooled over training crops).
+    used = report["segmentation"]
+    assert used["from"]["nucleus_threshold"] == "pooled over real training crops"
+    settings = Segmentation(**{k: used[k] for k in ("dna", "nucleus_threshold", "cell_threshold",
+                                                    "nucleus_diameter")})
     for method, crops_ in (("ceiling", crops.astype(np.float32)), ("model", generated)):
-        measured = remeasure(crops_, plan(model.feature_names, channels), channels)
+        measured = remeasure(crops_, plan(model.feature_names, channels), channels,
+                             segmentation=settings)
         for j, feature in enumerate(table.index):
             x, y = raw[:, j], measured[feature].to_numpy()
             ok = np.isfinite(y)
@@ -171,7 +178,9 @@ def test_distributions_classifier_and_ceilings(evaluated):
     assert dist["mean image"]["pooled"]["kid"] > dist["ceiling"]["pooled"]["kid"]
     assert dist["mean image"]["pooled"]["frechet"] > dist["ceiling"]["pooled"]["frechet"]
     n = report["cells"]
-    assert dist["model"]["pooled"]["n"] == [n, n]
+    # Generated pictures without a nucleus above the dataset threshold are left out (NaN rows).
+    found = n - report["segmentation_failures"]["model"]
+    assert dist["model"]["pooled"]["n"] == [found, n] and found > 0
     assert sum(dist["ceiling"]["pooled"]["n"]) == n
     assert report["treatments"]["ceiling"]["splits"] == 20  # (2 features: r itself means little)
     markdown = (evaluated.out / "report.md").read_text()
@@ -193,8 +202,8 @@ def test_distances_and_accuracy_agree_with_independent_computation(evaluated):
     mean, sd = train[features].mean(), train[features].std(ddof=0)
     z = lambda m: ((table.loc[table["method"] == m, features] - mean) / sd)  # noqa: E731
     model, real = z("model").to_numpy(), z("ceiling").to_numpy()
-    ok = np.isfinite(model).all(1) & np.isfinite(real).all(1)
-    x, y = model[ok], real[ok]
+    # Each method's cells with every feature measured (a picture without a nucleus has none).
+    x, y = model[np.isfinite(model).all(1)], real[np.isfinite(real).all(1)]
 
     covmean = linalg.sqrtm(np.cov(x, rowvar=False) @ np.cov(y, rowvar=False)).real
     frechet = (((x.mean(0) - y.mean(0)) ** 2).sum()
@@ -203,14 +212,18 @@ def test_distances_and_accuracy_agree_with_independent_computation(evaluated):
     assert pooled["frechet"] == pytest.approx(frechet, rel=1e-6, abs=1e-9)
     assert report["headline"]["all"]["methods"]["model"]["frechet"] == pytest.approx(frechet,
                                                                                      rel=1e-6)
-    # Equal sample sizes: every subset is the whole sample, so KID is the full unbiased MMD^2.
+    # KID: the unbiased MMD^2 averaged over 100 subsets of m = the smaller sample's size, drawn
+    # as metrics.kernel_inception_distance documents (seed 0: evaluate's).
     k = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
-    m = len(x)
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    mmd = ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-           - 2 * kxy.mean())
-    assert pooled["n"] == [m, m]
-    assert pooled["kid"] == pytest.approx(mmd, rel=1e-6, abs=1e-9)
+    m = min(len(x), len(y))
+    assert pooled["n"] == [len(x), len(y)] and m >= 2
+    rng, values = np.random.default_rng(0), []
+    for _ in range(100):
+        a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]
+        kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
+        values.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+                      + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+    assert pooled["kid"] == pytest.approx(np.mean(values), rel=1e-6, abs=1e-9)
 
     classifier = LogisticRegression(max_iter=2000, random_state=0)
     classifier.fit(np.nan_to_num(((train[features] - mean) / sd).to_numpy()), train["treatment"])
@@ -229,7 +242,9 @@ def test_distances_and_accuracy_agree_with_independent_computation(evaluated):
     assert cls["moa"]["accuracy"] == pytest.approx(cls["accuracy"])
     markdown = (evaluated.out / "report.md").read_text()
     assert markdown.index("| model |") < markdown.index("## Pixels")
-    assert "MoA accuracy" in markdown.splitlines()[4]
+    table = markdown[markdown.index("| |"):]  # the headline table, after what was re-measured
+    assert "MoA accuracy" in table.splitlines()[0]
+    assert markdown.index("2 of 2 features re-measured") < markdown.index("| |")
     for t in ("small", "large"):
         assert (evaluated.out / "treatments" / f"{t}.png").stat().st_size > 5000
 
@@ -308,3 +323,21 @@ def test_split_half_ceiling_leaves_out_single_cell_treatments():
                                np.append(labels, "c"), seed=0)
     assert lone == both and both["splits"] == 20 and both["retrieval_top1"] == 1.0
     assert split_half_profiles(real.iloc[:1], labels[:1], seed=0)["median_r"] is None
+
+
+def test_no_headline_when_the_ceiling_says_measurement_fails(evaluated):
+    from cp2image_tf.evaluation.evaluate import ceiling_check
+    from cp2image_tf.evaluation.report import report_markdown
+
+    def modules(share):
+        return pd.DataFrame({"module": ["all", "all"], "method": ["model", "ceiling"],
+                             "fraction": [0.9, share]})
+
+    assert ceiling_check(modules(0.5))["passed"]
+    failed = ceiling_check(modules(0.39))
+    assert not failed["passed"] and "only 39% of CellProfiler's features" in failed["why"]
+    report = dict(evaluated.report, ceiling_check=failed)
+    markdown = report_markdown(report)
+    assert "No headline: re-measuring the real crops reproduces only 39%" in markdown
+    assert "| real cells (ceiling) |" not in markdown and "## Pixels" in markdown
+    assert "| real cells (ceiling) |" in report_markdown(evaluated.report)

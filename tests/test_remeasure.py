@@ -101,13 +101,14 @@ def test_a_fitted_threshold_is_one_threshold_for_every_crop():
     # A cell that fills its crop, with bright fibres.
     dense = draw_cell(cells=[(CENTRE, 31, 0.2)])
     dense[disc(CENTRE, 31) & (np.arange(SIZE)[:, None] % 8 == 0), 1:] = 0.8
-    cell = rm.segment(dense, CHANNELS, roles, cell_threshold=threshold)["Cells"]
+    cell = rm.segment(dense, CHANNELS, roles, rm.Segmentation(cell_threshold=threshold))["Cells"]
     assert cell.sum() == pytest.approx(disc(CENTRE, 31).sum(), rel=0.05)
     # A cell fainter than the threshold is not found, though the crop's own threshold finds it.
     faint = draw_cell(cells=[(CENTRE, 20, 0.06)])
     assert rm.segment(faint, CHANNELS, roles)["Cells"].sum() == pytest.approx(
         disc(CENTRE, 20).sum(), rel=0.05)
-    assert rm.segment(faint, CHANNELS, roles, cell_threshold=threshold)["Cells"].sum() == \
+    assert rm.segment(faint, CHANNELS, roles,
+                      rm.Segmentation(cell_threshold=threshold))["Cells"].sum() == \
         disc(CENTRE, 10).sum()
 
 
@@ -135,17 +136,17 @@ def test_plan_picks_objects_modules_and_reasons():
                             "Nuclei_Filtered": "nucleus"}
     assert plan.modules == {
         "Nuclei": ("sizeshape", "zernike", "granularity4"),
-        "Cells": ("feret", "texture", "granularity", "radial_distribution"),
+        "Cells": ("feret", "texture", "granularity", "radial_distribution", "texture:5"),
         "Cytoplasm": ("intensity",),
         "Nuclei_Filtered": ("sizeshape",)}
-    assert plan.measurable == names[:9] + names[-1:]
-    assert list(plan.unmeasurable) == names[9:-1]
+    # Haralick features at another scale than 3 are measured at theirs.
+    assert plan.measurable == names[:9] + names[13:]
+    assert list(plan.unmeasurable) == names[9:13]
     reasons = plan.unmeasurable
     assert "position" in reasons["Nuclei_Location_Center_X"]
     assert "position" in reasons["Cells_AreaShape_Center_Y"]
     assert "'Speckles'" in reasons["Speckles_AreaShape_Area"]
     assert "Intensity_MeanIntensity_GFP" in reasons["Cells_Intensity_MeanIntensity_GFP"]
-    assert "Texture_Contrast_DNA_5_00_256" in reasons["Cells_Texture_Contrast_DNA_5_00_256"]
 
 
 def test_plan_without_anything_measurable_is_a_user_error():
@@ -199,3 +200,91 @@ def test_a_module_that_fails_on_one_crop_leaves_only_its_values_nan(full_plan, m
     assert frame.loc[[0, 2], texture].notna().all().all()
     assert frame.drop(columns=texture).notna().all().all()
     assert any("texture failed on a crop (ZeroDivisionError" in str(w.message) for w in caught)
+
+
+def domed_nucleus(crop, centre, radius, peak=0.9, rim=0.4):
+    """A nucleus brightest at its centre, as DNA stains are: touching ones have a dim seam."""
+    yy, xx = np.mgrid[:crop.shape[0], :crop.shape[1]]
+    distance = np.hypot(yy - centre[0], xx - centre[1]) / radius
+    inside = distance <= 1
+    crop[inside, 0] = np.maximum(crop[inside, 0], rim + (peak - rim) * (1 - distance[inside]))
+
+
+def test_touching_nuclei_are_declumped_with_a_typical_diameter():
+    crop = np.zeros((SIZE, SIZE, 3), np.float32)
+    domed_nucleus(crop, CENTRE, 9)
+    domed_nucleus(crop, (32, 48), 9)  # 16 px apart: the two discs overlap
+    union = disc(CENTRE, 9) | disc((32, 48), 9)
+    roles = {"Nuclei": "nucleus"}
+    merged = rm.segment(crop, CHANNELS, roles, rm.Segmentation(nucleus_threshold=0.2))["Nuclei"]
+    assert merged.sum() == pytest.approx(union.sum(), rel=0.03)
+    split = rm.segment(crop, CHANNELS, roles, rm.Segmentation(
+        nucleus_threshold=0.2, nucleus_diameter=18))["Nuclei"]
+    own = union & (np.arange(SIZE)[None, :] <= 40)  # the half nearer the centre
+    assert split[CENTRE] == 1 and split[32, 48] == 0
+    assert split.sum() == pytest.approx(own.sum(), rel=0.06)
+
+
+def test_texture_inside_one_nucleus_does_not_split_it():
+    crop = np.zeros((SIZE, SIZE, 3), np.float32)
+    crop[disc(CENTRE, 12), 0] = 0.5
+    for spot in ((26, 28), (38, 36), (30, 40), (36, 25)):  # bright chromatin spots, no seam
+        crop[disc(spot, 2), 0] = 0.75
+    whole = rm.segment(crop, CHANNELS, {"Nuclei": "nucleus"},
+                       rm.Segmentation(nucleus_threshold=0.25))["Nuclei"]
+    nucleus = rm.segment(crop, CHANNELS, {"Nuclei": "nucleus"}, rm.Segmentation(
+        nucleus_threshold=0.25, nucleus_diameter=24))["Nuclei"]
+    assert whole.sum() == pytest.approx(disc(CENTRE, 12).sum(), rel=0.02)
+    assert (nucleus == whole).all()
+
+
+def manifest_for(dtype, high, scaling=None, thresholds=None, stats_area=None):
+    names = ["Nuclei_AreaShape_Area", "Cells_AreaShape_Area"]
+    manifest = {"channels": CHANNELS, "crop": {"dtype": dtype, "dtype_max": 1.0},
+                "intensity": {ch: {"high": high} for ch in CHANNELS},
+                "source": {"objects": ["Nuclei", "Cells"]},
+                "features": {"names": names,
+                             "stats": {"median": [stats_area or float("nan"), 900.0]}}}
+    if thresholds is not None:
+        manifest["cellprofiler"] = {"scaling": {"DNA": scaling}, "thresholds": {
+            "Nuclei": {"median": thresholds, "images": 3,
+                       "column": "Threshold_FinalThreshold_Nuclei"}}}
+    return manifest
+
+
+def test_nucleus_threshold_comes_from_image_csv_in_the_crops_scale():
+    crops = np.stack([draw_cell(nuclei=[(CENTRE, r, 0.6)]) for r in (8, 10, 12)])
+    roles = {"Nuclei": "nucleus", "Cells": "cell"}
+    # 16-bit crops, CellProfiler divided by 65535 and thresholded at 0.05; the reader maps
+    # 32768 to 1.0: the threshold is 0.05 * 65535 / 32768 on the crops' scale.
+    settings, origin = rm.dataset_segmentation(
+        manifest_for("uint16", 32768.0, None, 0.05, stats_area=314.0), crops, "dataset", roles)
+    assert settings.nucleus_threshold == pytest.approx(0.05 * 65535 / 32768)
+    assert "Threshold_FinalThreshold_Nuclei" in origin["nucleus_threshold"]
+    assert settings.nucleus_diameter == pytest.approx(np.sqrt(4 * 314.0 / np.pi))
+    # Image.csv's Scaling_<channel> (a 12-bit camera in 16-bit files) wins over the bit depth.
+    settings, _ = rm.dataset_segmentation(
+        manifest_for("uint16", 2048.0, 4095.0, 0.05), crops, "dataset", roles)
+    assert settings.nucleus_threshold == pytest.approx(0.05 * 4095 / 2048)
+    # Corrected crops (convert --illum) are stored in CellProfiler's own units.
+    settings, _ = rm.dataset_segmentation(
+        manifest_for("float32", 0.5, 255.0, 0.05), crops, "dataset", roles)
+    assert settings.nucleus_threshold == pytest.approx(0.1)
+    # Without one in Image.csv: pooled over the crops, between background and nuclei; the
+    # diameter measured on them (radii 8, 10, 12 -> about 20 px).
+    settings, origin = rm.dataset_segmentation(manifest_for("uint16", 1.0), crops, "dataset",
+                                               roles)
+    assert 0.25 < settings.nucleus_threshold < 0.5
+    assert origin["nucleus_threshold"] == "pooled over real training crops"
+    assert settings.nucleus_diameter == pytest.approx(20, abs=1.5)
+
+
+def test_texture_at_the_scale_the_feature_names():
+    crop = draw_cell()
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    crop[..., 0] *= 1 + 0.5 * np.sin(xx / 1.5)  # texture that differs between scales
+    names = ["Nuclei_Texture_Contrast_DNA_3_00_256", "Nuclei_Texture_Contrast_DNA_1_00_256"]
+    plan = rm.plan_measurement(names, CHANNELS)
+    assert plan.measurable == names and plan.modules["Nuclei"] == ("texture", "texture:1")
+    row = rm.remeasure(crop[None], plan, CHANNELS).iloc[0]
+    assert np.isfinite(row).all() and row.iloc[0] > 2 * row.iloc[1] > 0

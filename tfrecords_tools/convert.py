@@ -22,6 +22,7 @@ draw treatment-balanced batches without reading anything twice.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -36,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from tfrecords_tools import cellprofiler as cp
+from tfrecords_tools import measured as ms
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.features import (as_float_matrix, drop_uninformative,
                                       part_moments, select_features, sorted_part_values,
@@ -78,6 +80,8 @@ class ConvertConfig:
     workers: int = 1
     overwrite: bool = False
     scheduler: str | None = None  # None: this machine; "local": a LocalCluster; or an address
+    measured_as: dict | None = None  # channel -> the image its features were measured on
+    illum: dict | None = None  # channel -> Image.csv's name of its illumination function
 
     # How a run executes, not what it makes: left out of the manifest.
     RUN_OPTIONS = ("workers", "overwrite", "scheduler")
@@ -99,6 +103,17 @@ class ConvertConfig:
             raise UserInputError(f"--intensity-percentile {self.intensity_percentile}: "
                                  "use a value between 50 and 100.")
         self.split = parse_fractions(self.split)
+        self.measured_as = ms.parse_map(self.measured_as, "--measured-as") or None
+        self.illum = ms.parse_map(self.illum, "--illum") or None
+        if self.illum:
+            if self.table:
+                raise UserInputError("--illum: with --table the crops are files of their own; "
+                                     "correct them before converting, or convert the "
+                                     "ExportToSpreadsheet folder instead.")
+            unknown = [k for k in self.illum if k not in self.channels]
+            if unknown:
+                raise UserInputError(f"--illum: {', '.join(unknown)} is not one of --channels "
+                                     f"({', '.join(self.channels)}).")
         if self.workers < 1:
             raise UserInputError(f"--workers {self.workers}: must be at least 1.")
 
@@ -132,6 +147,12 @@ def plan_dataset(config: ConvertConfig):
         cells, sources, source = cp.load_cellprofiler_cells(config.input, config.objects,
                                                             config.channels)
         compartments = list(config.objects)
+    measured_as = ms.pair_channels(config.channels, ms.measured_images(cells.columns),
+                                   config.measured_as, source)
+    image_info = None if config.table else image_settings(source, config)
+    if config.illum:
+        cells = cells.merge(image_info[["ImageNumber"] + [f"_illum_{ch}" for ch in config.illum]],
+                            on="ImageNumber", how="left")
     kept = _KeptCells(cells.copy())  # one block per dtype: the columns added below stay cheap
     _reject_incomplete(kept, config)
     treatment_cols = _assign_treatments(kept, config, source)
@@ -148,13 +169,47 @@ def plan_dataset(config: ConvertConfig):
     treatment_metadata = per_treatment_columns(cells, treatment_cols)
     cells = cells.reset_index(drop=True)  # shard rows are positions into cells and values
     shards = plan_shards(cells, config)
+    cellprofiler = {}
+    if image_info is not None:
+        train_images = set(cells.loc[cells["_split"] == "train", "ImageNumber"])
+        cellprofiler = {
+            "illumination": dict(config.illum or {}),
+            "illumination_functions": image_info.attrs["illumination_functions"],
+            "scaling": {ch: ms.scaling_of(image_info, ch) for ch in config.channels},
+            "thresholds": ms.object_thresholds(image_info, config.objects, train_images)}
     return {
+        "measured_as": measured_as, "cellprofiler": cellprofiler,
         "cells": cells, "values": values, "names": names, "dropped": dropped,
         "rejects": rejects, "treatments": treatments, "treatment_columns": treatment_cols,
         "treatment_metadata": treatment_metadata,
         "split_by": split_by, "shards": shards, "sources": sources, "source": source,
         "compartments": compartments, "shapes": shape_of,
     }
+
+
+def image_settings(image_csv, config: ConvertConfig) -> pd.DataFrame:
+    """The Image table's columns that say how CellProfiler saw each image set: ImageNumber,
+    Scaling_<channel>, Threshold_FinalThreshold_<object> and, with --illum, each illumination
+    function's path as `illum_<channel>`."""
+    header = cp.read_table(image_csv).columns if str(image_csv).endswith(".parquet") else \
+        pd.read_csv(image_csv, nrows=0).columns
+    wanted = ["ImageNumber"] + [c for c in header if c in
+                                {f"Scaling_{ch}" for ch in config.channels}
+                                | {f"Threshold_FinalThreshold_{o}" for o in config.objects}]
+    for ch, name in (config.illum or {}).items():
+        pair = [f"FileName_{name}", f"PathName_{name}"]
+        if not set(pair) <= set(header):
+            listed = ", ".join(c[len("FileName_"):] for c in header
+                               if c.startswith("FileName_Illum")) or "none"
+            raise UserInputError(f"--illum {ch}={name}: {image_csv} has no {pair[0]} / {pair[1]} "
+                                 f"columns. Illumination functions it names: {listed}.")
+        wanted += pair
+    table = cp.read_table(image_csv, columns=list(dict.fromkeys(wanted)))
+    for ch, name in (config.illum or {}).items():
+        table[f"_illum_{ch}"] = cp.channel_paths(table, name, image_csv)
+    table.attrs["illumination_functions"] = [c[len("FileName_"):] for c in header
+                                             if c.lower().startswith("filename_illum")]
+    return table
 
 
 class _KeptCells:
@@ -189,6 +244,9 @@ def _reject_incomplete(kept: _KeptCells, config: ConvertConfig) -> None:
     kept.reject(~np.isfinite(x) | ~np.isfinite(y), "no Location_Center_X/Y")
     for ch in config.channels:
         kept.reject(kept.cells[f"path_{ch}"].isna(), f"no {ch} image listed for this image set")
+    for ch, name in (config.illum or {}).items():
+        kept.reject(kept.cells[f"_illum_{ch}"].isna(), f"no {name} (--illum) listed for this "
+                    "image set")
 
 
 def _assign_treatments(kept: _KeptCells, config: ConvertConfig, source) -> list[str]:
@@ -300,6 +358,16 @@ def check_field_images(cells: pd.DataFrame, config: ConvertConfig) -> dict:
             raise UserInputError(f"--crop-size {config.crop_size}: larger than the images "
                                  f"({shape[1]}x{shape[0]} px, {first}). Choose a smaller crop.")
         shapes[number] = shape
+    for ch in config.illum or {}:  # every function read once now: a wrong one fails before work
+        for path, number in firsts.drop_duplicates(f"_illum_{ch}")[
+                [f"_illum_{ch}", "ImageNumber"]].itertuples(index=False):
+            function = ms.load_illumination(path)
+            if function.shape != tuple(shapes[number]):
+                raise UserInputError(
+                    f"{path}: the illumination function is {function.shape[1]}x"
+                    f"{function.shape[0]} px but the {ch} images are {shapes[number][1]}x"
+                    f"{shapes[number][0]} (ImageNumber {number}); --illum must name the "
+                    "function made for them.")
     return shapes
 
 
@@ -415,19 +483,40 @@ def read_array(path: str):
         raise UserInputError(f"{path}: cannot be read as an image ({err}).") from None
 
 
+@functools.lru_cache(maxsize=8)
+def _illumination(path: str) -> np.ndarray:
+    """An illumination function, read once per process (one file serves many fields)."""
+    return ms.load_illumination(path)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_info(path: str) -> dict:
+    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
 def _host() -> str:
     import socket
 
     return socket.gethostname()
 
 
-def read_field(paths: list[str]):
-    """The channels of one field as an (H, W, C) stack, with each file's size and sha256."""
+def read_field(paths: list[str], illum: list | None = None, scaling: list | None = None):
+    """The channels of one field as an (H, W, C) stack, with each file's size and sha256.
+
+    With `scaling` (a list, one entry per channel: CellProfiler's scale or None for the bit
+    depth), every channel is divided by it and, where `illum` names a file, by that
+    illumination function: float32, as CellProfiler measured the image."""
     planes, files = [], {}
-    for path in paths:
+    for k, path in enumerate(paths):
         plane, files[path] = read_array(path)
         if plane.ndim == 3 and 1 in (plane.shape[0], plane.shape[-1]):
             plane = np.squeeze(plane)
+        if scaling is not None:
+            function = illum[k] if illum else None
+            if function:
+                files[function] = _file_info(function)
+            plane = ms.correct(plane, ms.full_scale(plane.dtype, scaling[k]),
+                               _illumination(function) if function else None, path)
         planes.append(plane)
     dtype = np.result_type(*[p.dtype for p in planes])
     return np.stack([p.astype(dtype, copy=False) for p in planes], axis=-1), files
@@ -443,7 +532,7 @@ def write_part(task: dict) -> dict:
         for fld in task["fields"]:
             crops = []
             if not task["table"]:
-                stack, fld_files = read_field(fld["paths"])
+                stack, fld_files = read_field(fld["paths"], fld.get("illum"), task.get("scaling"))
                 files.update(fld_files)
                 if stack.shape[:2] != tuple(fld["shape"]):
                     raise UserInputError(f"{fld['paths'][0]}: image is {stack.shape[1]}x{stack.shape[0]} px "
@@ -540,6 +629,10 @@ def build_tasks(plan: dict, config: ConvertConfig, out_dir: Path) -> list[dict]:
         firsts = cells.drop_duplicates("ImageNumber")
         paths = {n: [firsts[f"path_{ch}"].iloc[i] for ch in config.channels]
                  for i, n in enumerate(firsts["ImageNumber"])}
+        illum = {n: [firsts[f"_illum_{ch}"].iloc[i] if ch in (config.illum or {}) else None
+                     for ch in config.channels]
+                 for i, n in enumerate(firsts["ImageNumber"])} if config.illum else {}
+    scaling = plan["cellprofiler"].get("scaling", {})
     tasks = []
     for shard in plan["shards"]:
         by_field = {}
@@ -551,6 +644,8 @@ def build_tasks(plan: dict, config: ConvertConfig, out_dir: Path) -> list[dict]:
             if not config.table:
                 entry["paths"] = paths[image_number]
                 entry["shape"] = tuple(plan["shapes"][image_number])
+                if illum:
+                    entry["illum"] = illum[image_number]
             for r in by_field[image_number]:
                 cell = {"cell_id": cell_id[r], "image_number": int(image[r]),
                         "object_number": int(obj[r]), "group": group[r], "features": values[r]}
@@ -564,7 +659,10 @@ def build_tasks(plan: dict, config: ConvertConfig, out_dir: Path) -> list[dict]:
                 "treatment_index": treatment_index[shard["treatment"]], "fields": fields,
                 "out_dir": str(out_dir), "compression": config.compression,
                 "crop_size": config.crop_size, "edge": config.edge, "table": config.table,
-                "channels": list(config.channels)}
+                "channels": list(config.channels),
+                # With --illum every channel is cropped as CellProfiler saw it: pixels / scaling
+                # (/ the illumination function where one is named), float32.
+                "scaling": [scaling.get(ch) for ch in config.channels] if config.illum else None}
         task["plan_hash"] = task_hash(task)
         tasks.append(task)
     return tasks
@@ -573,10 +671,10 @@ def build_tasks(plan: dict, config: ConvertConfig, out_dir: Path) -> list[dict]:
 def task_hash(task: dict) -> str:
     digest = hashlib.sha256()
     for key in ("file", "split", "treatment", "treatment_index", "compression", "crop_size",
-                "edge", "table", "channels"):
+                "edge", "table", "channels", "scaling"):
         digest.update(repr(task[key]).encode())
     for fld in task["fields"]:
-        digest.update(repr(fld.get("paths")).encode())
+        digest.update(repr((fld.get("paths"), fld.get("illum"))).encode())
         for cell in fld["cells"]:
             digest.update(repr({k: v for k, v in cell.items() if k != "features"}).encode())
             digest.update(np.asarray(cell["features"], dtype="<f4").tobytes())
@@ -781,6 +879,11 @@ def build_manifest(config, plan, summaries, out_dir, dtype, command, started) ->
                    "input": str(base), "objects": list(config.objects) if not config.table else None,
                    "compartments": plan["compartments"], "files": source_files},
         "channels": channels,
+        # The image each channel's features were measured on (e.g. rawGFP -> CorrGreen).
+        "measured_as": plan["measured_as"],
+        # How CellProfiler saw the images: the illumination functions cropped with (--illum),
+        # Image.csv's Scaling_<channel> and the training images' Threshold_FinalThreshold_<object>.
+        "cellprofiler": plan["cellprofiler"],
         "crop": {"height": size, "width": size, "channels": len(channels), "dtype": dtype,
                  "layout": "HWC", "dtype_max": dtype_max(dtype), "edge": config.edge,
                  "centre": "pixel (floor(y + 0.5), floor(x + 0.5)) of Location_Center_X/Y at "

@@ -65,3 +65,16 @@ def matching_manifest(data_dir, feature_names) -> dict:
             f"{data_dir}: its {manifest['features']['count']} features are not the model's "
             f"{len(feature_names)} (in order): use the dataset the model was trained on.")
     return manifest
+
+
+def measured_names(manifest: dict) -> list[str]:
+    """The image each channel's features are named after (`measured_as`; the channel itself
+    when the dataset does not say), in channel order."""
+    pairs = manifest.get("measured_as") or {}
+    return [pairs.get(ch, ch) for ch in manifest["channels"]]
+
+
+def channel_label(manifest: dict, channel: str) -> str:
+    """'rawGFP (measured as CorrGreen)' for a channel measured under another name, else the name."""
+    measured = (manifest.get("measured_as") or {}).get(channel, channel)
+    return channel if measured == channel else f"{channel} (measured as {measured})"

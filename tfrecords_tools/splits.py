@@ -31,8 +31,11 @@ def assign_splits(groups: pd.Series, fractions=(0.8, 0.1, 0.1), seed: int = 0,
 
     With `strata` (e.g. the treatment) and every group inside one stratum, each
     stratum's groups are split on their own, so that every treatment with enough
-    groups is in every split (unless that would leave a split empty). Groups are visited in a seeded random order; each
-    goes to the split furthest below its target number of cells.
+    groups is in every split (unless that would leave a split empty): a split gets a group
+    when its share is at least half a group, and, so that a dose series with a few wells per
+    dose is evaluated at every dose, test gets one of every stratum with 3 or more groups and
+    val one of every stratum with 4 or more. Groups are visited in a seeded random order;
+    each goes to the split furthest below its target number of cells.
     """
     keys = groups.astype(str).to_numpy()
     if strata is not None:
@@ -42,24 +45,41 @@ def assign_splits(groups: pd.Series, fractions=(0.8, 0.1, 0.1), seed: int = 0,
             out = np.empty(len(keys), dtype=object)
             for k, stratum in enumerate(sorted(set(labels))):
                 rows = labels == stratum
-                out[rows] = _assign(keys[rows], fractions, seed + 7919 * k)
+                n = len(np.unique(keys[rows]))
+                extra = [i for i, least in ((2, 3), (1, 4)) if n >= least and fractions[i] > 0]
+                out[rows] = _assign(keys[rows], fractions, seed + 7919 * k, extra)
             n_groups = len(pairs)
             wanted = {SPLITS[i] for i in range(3) if fractions[i] * n_groups >= 0.5}
+            for missing in sorted(wanted - set(out), key=SPLITS.index, reverse=True):
+                _lend_a_group(out, keys, labels, missing, seed)
             # Too few groups per treatment to give every split some: split them all together.
             if wanted <= set(out):
                 return out.astype(str)
     return _assign(keys, fractions, seed)
 
 
-def _assign(keys: np.ndarray, fractions, seed: int) -> np.ndarray:
+def _lend_a_group(out: np.ndarray, keys: np.ndarray, labels: np.ndarray, split: str,
+                  seed: int) -> None:
+    """Give `split` one training group of the stratum with the most training groups (if it
+    has two or more), in place: e.g. a val well when every dose has exactly 3 wells."""
+    train = pd.DataFrame({"g": keys, "s": labels})[out == "train"].drop_duplicates()
+    per_stratum = train.groupby("s")["g"].agg(list)
+    if per_stratum.empty or per_stratum.map(len).max() < 2:
+        return
+    groups = sorted(per_stratum[per_stratum.map(len).idxmax()])
+    chosen = groups[np.random.default_rng(seed).integers(len(groups))]
+    out[keys == chosen] = split
+
+
+def _assign(keys: np.ndarray, fractions, seed: int, extra=()) -> np.ndarray:
     unique, counts = np.unique(keys, return_counts=True)
     order = np.random.default_rng(seed).permutation(len(unique))
     targets = np.asarray(fractions, dtype=np.float64) * counts.sum()
     filled = np.zeros(3)
     group_split = {}
-    # A split is guaranteed a group only when its share is at least half a group:
-    # three wells of a treatment all go to train rather than one each.
-    wanted = [i for i in range(3) if fractions[i] * len(unique) >= 0.5]
+    # A split is guaranteed a group when its share is at least half a group, or when `extra`
+    # names it (train always comes first: a split of a stratum's groups keeps one to learn).
+    wanted = sorted({i for i in range(3) if fractions[i] * len(unique) >= 0.5} | set(extra))
     for rank, g in enumerate(order):
         remaining = len(order) - rank
         empty = [i for i in wanted if filled[i] == 0]

@@ -33,7 +33,8 @@ def file_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[:60] or "cell"
 
 
-def _write_cells(folder: Path, images, labels, profiles: pd.DataFrame, channels, title) -> dict:
+def _write_cells(folder: Path, images, labels, profiles: pd.DataFrame, channels, title,
+                 legend=None) -> dict:
     cells = folder / "cells"
     cells.mkdir()
     files = []
@@ -55,7 +56,8 @@ def _write_cells(folder: Path, images, labels, profiles: pd.DataFrame, channels,
     if len(images) > shown:
         title += f" (first {shown} of {len(images)}; all in cells/)"
     save_tiles(folder / "montage.png", tiles.reshape(rows, cols, h, w, c), channels,
-               [tile_labels[r * cols:(r + 1) * cols] for r in range(rows)], title=title)
+               [tile_labels[r * cols:(r + 1) * cols] for r in range(rows)], title=title,
+               channel_labels=legend)
     return {"cells": len(images), "montage": "montage.png", "tiffs": "cells/"}
 
 
@@ -85,7 +87,7 @@ def generate(model, profiles=None, out_dir=None, treatment_mean=None, data=None,
     with OutputFolder(out_dir, overwrite) as folder:
         title = f"{len(images)} cell(s) drawn from {what}\nmodel: {model.source}"
         summary = _write_cells(folder.path, images, labels, values.reset_index(drop=True),
-                               model.channels, title)
+                               model.channels, title, getattr(model, "channel_labels", None))
     return {**summary, "out_dir": str(folder.out_dir), "images": images, "labels": labels}
 
 

@@ -46,14 +46,14 @@ from sklearn.neighbors import NearestNeighbors
 from cp2image_tf import metrics
 from cp2image_tf.evaluation.charts import draw_pictures
 from cp2image_tf.evaluation.classify import classify
-from cp2image_tf.evaluation.compare import (THRESHOLD, distribution_report, group_headline,
+from cp2image_tf.evaluation.compare import (MIN_CEILING, THRESHOLD, distribution_report, group_headline,
                                             split_half_profiles)
 from cp2image_tf.evaluation.report import (module_report, pixel_report, report_markdown,
                                            write_json, write_remeasured)
-from cp2image_tf.measuring.remeasure import fit_cell_threshold, plan_measurement, remeasure
+from cp2image_tf.measuring.remeasure import dataset_segmentation, plan_measurement, remeasure
 from tfrecords_tools.atomic import OutputFolder
 from tfrecords_tools.errors import UserInputError
-from tfrecords_tools.manifest import matching_manifest, treatment_cells
+from tfrecords_tools.manifest import matching_manifest, measured_names, treatment_cells
 from tfrecords_tools.parts import check_options, client_for
 from tfrecords_tools.reader import (DEFAULT_NORMALIZATION, DEFAULT_SCALING, feature_normalizer,
                                     sample_cells, stratified_quota)
@@ -79,7 +79,8 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
     moa = _moa_labels(manifest, data, moa_column) if moa_column else None
     if classifier:
         _check_classes(manifest, data, moa, moa_column)
-    plan = plan_measurement(model.feature_names, manifest["channels"])
+    # Measured under the names the features have (rawGFP's features are CorrGreen's).
+    plan = plan_measurement(model.feature_names, measured_names(manifest))
     workers = workers or (1 if scheduler not in (None, "local") else min(2, _cpus()))
     folder = OutputFolder(out_dir, overwrite)  # fails early on an occupied OUT_DIR
     with folder:
@@ -92,7 +93,8 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
                            f"treatment(s) against {len(reference['raw'])} training cells.")
             predictions, neighbour = _predict(model, manifest, cells, reference)
             measured = _remeasure_all(cells, predictions, reference, neighbour, plan, manifest,
-                                      train_cells, seed, workers, progress, client)
+                                      train_cells, seed, workers, progress, client,
+                                      model.description.get("scaling", DEFAULT_SCALING))
             found = _compare(model, plan, manifest, cells, predictions, measured, seed,
                              moa if classifier else None, classifier, moa_column)
             report = _report(model, data, split, quota, cells, reference, manifest, plan,
@@ -137,11 +139,11 @@ def _predict(model, manifest, cells, reference):
 
 
 def _remeasure_all(cells, predictions, reference, neighbour, plan, manifest, train_cells, seed,
-                   workers, progress, client) -> dict:
+                   workers, progress, client, scaling) -> dict:
     """Every picture segmented and re-measured in one pool: real, generated, the neighbours
     used plus a random sample of training cells (for standardising and the classifier), the
-    mean image. Returns each method's features and the training cells'."""
-    channels = manifest["channels"]
+    mean image. Returns each method's features and the training cells', and the segmentation."""
+    channels = measured_names(manifest)
     n = len(cells["raw"])
     rng = np.random.default_rng(seed + 2)
     train_pick = rng.choice(len(reference["raw"]), min(train_cells, len(reference["raw"])),
@@ -150,10 +152,12 @@ def _remeasure_all(cells, predictions, reference, neighbour, plan, manifest, tra
     stack = np.concatenate([cells["crops"], predictions["model"], reference["crops"][used],
                             predictions["mean image"][None]])
     measure_start = time.perf_counter()
-    # One cell threshold for every picture, fitted on the real crops, as a pipeline has.
-    threshold = fit_cell_threshold(cells["crops"], channels)
+    # One segmentation for every picture, as a pipeline has: CellProfiler's nucleus threshold
+    # where Image.csv gave it, else thresholds pooled over real training crops.
+    segmentation, origin = dataset_segmentation(manifest, reference["crops"], scaling,
+                                                plan.objects)
     measured_all = remeasure(stack, plan, channels, workers=workers, progress=progress,
-                             cell_threshold=threshold, client=client)
+                             segmentation=segmentation, client=client)
     measure_seconds = time.perf_counter() - measure_start
     measured_all = measured_all.reset_index(drop=True)
     real_m = measured_all.iloc[:n].reset_index(drop=True)
@@ -168,7 +172,9 @@ def _remeasure_all(cells, predictions, reference, neighbour, plan, manifest, tra
                         "ceiling": real_m},
             "train": train_m, "train_pick": train_pick,
             "train_treatments": [reference["treatments"][j] for j in train_pick],
-            "seconds": measure_seconds, "crops": len(stack)}
+            "seconds": measure_seconds, "crops": len(stack),
+            "segmentation": {**{k: v for k, v in vars(segmentation).items()},
+                             "from": origin}}
 
 
 def _compare(model, plan, manifest, cells, predictions, measured, seed, moa, classifier,
@@ -239,7 +245,12 @@ def _report(model, data, split, quota, cells, reference, manifest, plan, measure
         "channels": manifest["channels"],
         "scaling": model.description.get("scaling", DEFAULT_SCALING),
         "features": {"input": len(model.feature_names), "remeasured": len(plan.measurable),
-                     "not_remeasured": plan.unmeasurable},
+                     "not_remeasured": plan.unmeasurable,
+                     "not_remeasured_by_reason": dict(pd.Series(
+                         list(plan.unmeasurable.values()), dtype=object).value_counts())},
+        "ceiling_check": ceiling_check(found["modules"]),
+        "measured_as": measured_names(manifest),
+        "segmentation": measured["segmentation"],
         "segmentation_failures": {name: int(frame.isna().all(axis=1).sum())
                                   for name, frame in measured["methods"].items()},
         "pixels": pixel_report(found["pixels"], cells["treatments"]),
@@ -272,6 +283,22 @@ def _write_outputs(folder, report, cells, predictions, neighbour, reference, mea
     write_remeasured(folder / "remeasured.parquet", measured["methods"], measured["train"], cells,
                      [reference["cell_ids"][j] for j in measured["train_pick"]],
                      measured["train_treatments"])
+
+
+def ceiling_check(modules: pd.DataFrame) -> dict:
+    """Whether re-measuring reproduces CellProfiler's values on this data well enough for the
+    headline to mean anything: the real crops' share of features at r >= THRESHOLD against
+    MIN_CEILING."""
+    row = modules[(modules["module"] == "all") & (modules["method"] == "ceiling")]
+    share = float(row["fraction"].iloc[0]) if len(row) else float("nan")
+    passed = bool(share >= MIN_CEILING)
+    return {"share": share, "minimum": MIN_CEILING, "passed": passed,
+            "why": None if passed else (
+                f"re-measuring the real crops reproduces only {share:.0%} of CellProfiler's "
+                f"features at r >= {THRESHOLD} (below {MIN_CEILING:.0%}): the measurement does "
+                "not reproduce CellProfiler here, so no comparison of the model with the "
+                "baselines means anything. Check that the features were measured on the images "
+                "cropped (convert --measured-as, --illum) and the segmentation in report.json.")}
 
 
 def _split_counts(manifest: dict, data, split: str) -> dict:

@@ -60,9 +60,14 @@ def report_markdown(report: dict) -> str:
              f"{report['cells']} {report['split']} cells of {report['data']} "
              f"({', '.join(f'{t} {k}' for t, k in report['cells_per_treatment'].items())}); "
              f"nearest neighbours and the mean image from {report['reference_cells']} training "
-             f"cells. {report['features']['remeasured']} of {report['features']['input']} features "
-             "re-measured with cp-measure.", ""]
-    lines += headline_lines(report)
+             "cells.", ""]
+    lines += feature_lines(report)
+    check = report.get("ceiling_check") or {"passed": True}
+    if check["passed"]:
+        lines += headline_lines(report)
+    else:
+        lines += ["## No headline", "", f"No headline: {check['why']} The tables below are "
+                  "kept for diagnosis.", ""]
     lines += ["## Pixels", "", "| method | MSE | PSNR (dB) | SSIM |", "|---|---|---|---|"]
     for name, entry in report["pixels"].items():
         a = entry["all"]
@@ -89,6 +94,29 @@ def report_markdown(report: dict) -> str:
         lines += [f"Segmentation found no object in: "
                   f"{', '.join(f'{k} {v} cells' for k, v in failures.items())}.", ""]
     return "\n".join(lines)
+def feature_lines(report: dict) -> list[str]:
+    """How many features were re-measured, on which images, and why the others were not."""
+    features = report["features"]
+    lines = [f"{features['remeasured']} of {features['input']} features re-measured with "
+             "cp-measure" + (f", on images named {', '.join(report['measured_as'])}"
+                             if report.get("measured_as") and report["measured_as"]
+                             != report["channels"] else "") + "."]
+    reasons = features.get("not_remeasured_by_reason") or {}
+    if reasons:
+        lines += ["Not re-measured:", ""]
+        lines += [f"- {count}: {reason}" for reason, count in reasons.items()]
+    segmentation = report.get("segmentation")
+    if segmentation:
+        origin = segmentation.get("from", {})
+        lines += ["", "Segmentation of every picture: nucleus threshold "
+                  f"{fmt(segmentation['nucleus_threshold'], 4)} "
+                  f"({origin.get('nucleus_threshold', '')}), touching nuclei split at a typical "
+                  f"diameter of {fmt(segmentation['nucleus_diameter'], 1)} px "
+                  f"({origin.get('nucleus_diameter', '')}), cell threshold "
+                  f"{fmt(segmentation['cell_threshold'], 4)} ({origin.get('cell_threshold', '')})."]
+    return lines + [""]
+
+
 HEADLINE_NAMES = {"model": "model", "nearest neighbour": "nearest neighbour",
                   "mean image": "mean image", "ceiling": "real cells (ceiling)"}
 

@@ -105,7 +105,7 @@ MODULES = {
     "zernike": "AreaShape_Zernike_<n>_<m>",
     "feret": "AreaShape_MinFeretDiameter, AreaShape_MaxFeretDiameter",
     "intensity": "Intensity_<feature>_<channel>, Location_*Intensity_*_<channel>",
-    "texture": "Texture_<feature>_<channel>_3_<angle>_256",
+    "texture": "Texture_<feature>_<channel>_3_<angle>_256 (texture:<scale> for another scale)",
     "granularity": "Granularity_<1..16>_<channel>",
     "granularity4": "Granularity_<1..4>_<channel> (the first terms of the same spectrum)",
     "radial_distribution": "RadialDistribution_{FracAtD,MeanFrac,RadialCV}_<channel>_<k>of4",
@@ -141,7 +141,7 @@ def resolve_modules(modules: str | Iterable[str]) -> tuple[str, ...]:
         key = name.strip().lower()
         expanded = {"all": ALL_MODULES, "default": DEFAULT_MODULES}.get(key, (key,))
         for item in expanded:
-            if item not in MODULES:
+            if item not in MODULES and texture_scale(item) is None:
                 raise UserInputError(f"unknown measurement module '{name}' (--modules): choose "
                                      f"from {', '.join(MODULES)}, or 'all' or 'default'.")
             if item not in names:
@@ -177,7 +177,7 @@ def measure_objects(images: dict[str, np.ndarray], masks: dict[str, np.ndarray],
     for name, lab in present.items():
         columns[name].update(_centers(lab, numbers[name].size))
     for module in modules:
-        for name, values in _MEASURE[module](present, pixels, channels, scale_max).items():
+        for name, values in _measurer(module)(present, pixels, channels, scale_max).items():
             columns[name].update(values)
 
     tables = {}
@@ -516,3 +516,17 @@ def _radial_features(geometry: dict, pixels: np.ndarray) -> dict[str, np.ndarray
         out[f"RadialDistribution_MeanFrac_{scale}"] = mean_frac[:, b]
         out[f"RadialDistribution_RadialCV_{scale}"] = cv
     return out
+
+
+def texture_scale(module: str) -> int | None:
+    """The scale of a "texture:<scale>" module name (Haralick features at another distance than
+    TEXTURE_SCALE, as a pipeline's MeasureTexture may set), else None."""
+    prefix, _, scale = module.partition(":")
+    return int(scale) if prefix == "texture" and scale.isdigit() and int(scale) > 0 else None
+
+
+def _measurer(module: str) -> Callable:
+    if module in _MEASURE:
+        return _MEASURE[module]
+    return _per_channel(get_texture, _texture_name, scale=texture_scale(module),
+                        gray_levels=TEXTURE_GRAY_LEVELS)

@@ -9,13 +9,21 @@
 was not found.
 
 Objects are found by role, from the object set's name: "nucle" -> the nucleus, "cytoplasm" ->
-the cell minus its nucleus, "cell" -> the whole cell. Each is thresholded on a lightly smoothed
-image at Otsu's threshold and then at its half-maximum edge (`_halfway`), holes filled. The
-nucleus (DNA channel) is the component at the crop centre, or else the one whose centroid is
-nearest it. The cell (the other channels' mean; one threshold for all crops if given, see
-`fit_cell_threshold`) is the component, joined with the nucleus, that holds the nucleus, shared
-with any other nucleus in it by a seeded watershed. No nucleus, no cell (as in CellProfiler,
-where cells grow from nuclei): a crop without a nucleus gives an all-NaN row.
+the cell minus its nucleus, "cell" -> the whole cell. `Segmentation` holds the settings every
+crop (real, generated, baseline) is segmented with; `dataset_segmentation` makes them for a
+converted dataset as a pipeline has them: the nucleus threshold CellProfiler used (Image.csv's
+Threshold_FinalThreshold_<nuclei>, brought to the crops' scale) or else one pooled over real
+training crops, touching nuclei split (`declump`) at the typical nucleus diameter, and one cell
+threshold pooled over real training crops (`fit_cell_threshold`). Without settings each crop is
+thresholded at its own Otsu and then half-maximum threshold (`_halfway`). The nucleus (DNA
+channel) is the object at the crop centre, or else the one whose centroid is nearest it. The
+cell (the other channels' mean) is the component, joined with the nucleus, that holds the
+nucleus, shared with any other nucleus in it by a seeded watershed. No nucleus, no cell (as in
+CellProfiler, where cells grow from nuclei): a crop without a nucleus gives an all-NaN row.
+
+Features measured on another image than the one cropped (convert's `measured_as`: rawGFP's
+features named CorrGreen's) are planned and measured under the measured names
+(`tfrecords_tools.manifest.measured_names`).
 
 Pixels are measured as given (crops in [0, 1]): intensity features are on the crops' scale, so
 they equal CellProfiler's only for crops scaled as CellProfiler scales (pixel / dtype maximum).
@@ -40,10 +48,10 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 import scipy.ndimage
-from skimage.filters import threshold_otsu
+from skimage.filters import threshold_li, threshold_otsu
 from skimage.segmentation import watershed
 
-from cp2image_tf.measuring.measure import MODULES, measure_objects
+from cp2image_tf.measuring.measure import MODULES, TEXTURE_SCALE, measure_objects
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.features import object_and_measurement
 from tfrecords_tools.parts import check_options, run_parts
@@ -121,7 +129,9 @@ def plan_measurement(feature_names: list[str], channels: list[str]) -> Plan:
     for found in modules.values():
         if "granularity" in found:  # the whole spectrum holds the first four terms too
             found.discard("granularity4")
-    ordered = {obj: tuple(m for m in MODULES if m in found) for obj, found in modules.items()}
+    ordered = {obj: tuple(m for m in MODULES if m in found)
+               + tuple(sorted(m for m in found if m not in MODULES))  # texture:<scale>
+               for obj, found in modules.items()}
     return Plan(objects, ordered, measurable, unmeasurable)
 
 
@@ -140,7 +150,12 @@ def _why_not(obj: str | None, column: str, channels: tuple[str, ...]) -> str | N
 
 
 def _module_of(column: str, channels: tuple[str, ...]) -> str | None:
-    for module in _CANDIDATES.get(column.split("_", 1)[0], ()):
+    candidates = _CANDIDATES.get(column.split("_", 1)[0], ())
+    if column.startswith("Texture_"):  # Texture_<feature>_<image>_<scale>_<angle>_<levels>
+        scale = column.rsplit("_", 3)[-3] if column.count("_") >= 4 else ""
+        if scale.isdigit() and int(scale) != TEXTURE_SCALE:
+            candidates = (f"texture:{int(scale)}",)
+    for module in candidates:
         if column in _columns(module, channels):
             return module
     return None
@@ -164,43 +179,143 @@ def _columns(module: str, channels: tuple[str, ...]) -> frozenset[str]:
 # Segmentation
 
 
+@dataclass(frozen=True)
+class Segmentation:
+    """How every crop is segmented: the same settings for real, generated and baseline crops.
+
+    `dna`: index of the nucleus channel (None: the first named like DNA, see `dna_channel`).
+    `nucleus_threshold` / `cell_threshold`: one threshold of the smoothed DNA / cell signal for
+    every crop, on the crops' scale (None: each crop's own). A dataset-level nucleus threshold
+    is CellProfiler's own when Image.csv has it (see `cellprofiler_nucleus_threshold`), else
+    `fit_nucleus_threshold`'s. `nucleus_diameter`: the typical nucleus diameter in pixels;
+    given, touching nuclei are split as IdentifyPrimaryObjects declumps them (`declump`).
+    """
+
+    dna: int | None = None
+    nucleus_threshold: float | None = None
+    cell_threshold: float | None = None
+    nucleus_diameter: float | None = None
+
+
 def segment(crop: np.ndarray, channels: list[str], roles: Mapping[str, str],
-            cell_threshold: float | None = None) -> dict[str, np.ndarray]:
+            settings: Segmentation | None = None) -> dict[str, np.ndarray]:
     """Label images (int32; 1 = the object, 0 = background; all 0 if not found) per object set.
 
     `crop`: (H, W, C) float in [0, 1]; `roles`: object set -> "nucleus", "cell" or "cytoplasm"
-    (`Plan.objects`). `cell_threshold`: one threshold of the cell signal for every crop (see
-    `fit_cell_threshold`) instead of the crop's own.
+    (`Plan.objects`); `settings`: see `Segmentation` (default: each crop's own thresholds).
     """
+    settings = settings or Segmentation()
     crop = np.asarray(crop, dtype=np.float64)
     if crop.ndim != 3 or crop.shape[2] != len(channels):
         raise ValueError(f"crop must be (H, W, {len(channels)}), got {crop.shape}")
     unknown = sorted(set(roles.values()) - set(ROLES))
     if unknown:
         raise ValueError(f"unknown roles {unknown}; use {', '.join(ROLES)}")
-    dna = dna_channel(channels)
-    nucleus, nuclei = _nucleus(_smooth(crop[:, :, dna]))
+    dna = dna_channel(channels) if settings.dna is None else settings.dna
+    nucleus, nuclei = _nucleus(_smooth(crop[:, :, dna]), settings.nucleus_threshold,
+                               settings.nucleus_diameter)
     masks = {"nucleus": nucleus}
     if {"cell", "cytoplasm"} & set(roles.values()):
-        cell = _cell(_smooth(_cell_signal(crop, dna)), nucleus, nuclei, cell_threshold)
+        cell = _cell(_smooth(_cell_signal(crop, dna)), nucleus, nuclei, settings.cell_threshold)
         masks.update(cell=cell, cytoplasm=cell & ~nucleus)
     return {obj: masks[role].astype(np.int32) for obj, role in roles.items()}
 
 
-def fit_cell_threshold(crops: np.ndarray, channels: list[str], limit: int = 1000) -> float:
+def fit_cell_threshold(crops: np.ndarray, channels: list[str], limit: int = 1000,
+                       dna: int | None = None) -> float:
     """One threshold of the cell signal for all crops, from (up to `limit` of) real `crops`.
 
     Halfway between the medians of Otsu's two classes of the pooled pixels. Crops of dense
     cells hold little background, so a crop's own threshold often separates bright filaments
     from the cell body; a threshold pooled over many crops does not.
     """
+    dna = dna_channel(channels) if dna is None else dna
+    return _pooled_threshold(crops, channels, limit, lambda crop: _cell_signal(crop, dna))
+
+
+def fit_nucleus_threshold(crops: np.ndarray, channels: list[str], limit: int = 1000,
+                          dna: int | None = None) -> float:
+    """One threshold of the DNA channel for all crops, pooled over real `crops` as
+    `fit_cell_threshold` pools the cell signal: for data whose Image.csv has no
+    Threshold_FinalThreshold_<nuclei>."""
+    dna = dna_channel(channels) if dna is None else dna
+    return _pooled_threshold(crops, channels, limit, lambda crop: crop[:, :, dna], li=True)
+
+
+def dataset_segmentation(manifest: dict, crops: np.ndarray, scaling: str,
+                         roles: Mapping[str, str]) -> tuple[Segmentation, dict]:
+    """The segmentation of a converted dataset's crops, scaled as `scaling` says, and where each
+    setting came from: the nucleus threshold CellProfiler used (the training images' median of
+    Image.csv's Threshold_FinalThreshold_<nuclei>, brought to the crops' scale) or else one
+    pooled over the real training `crops`; the typical nucleus diameter from the nuclei's
+    AreaShape_EquivalentDiameter (or Area) median in the training split, else measured on the
+    crops; the cell threshold pooled over the crops. `roles`: `Plan.objects`."""
+    from tfrecords_tools.measured import full_scale
+    from tfrecords_tools.reader import crop_scale
+
+    channels = list(manifest["channels"])
+    dna = dna_channel(channels)
+    objects = list(roles) + list((manifest.get("source") or {}).get("objects") or [])
+    nucleus_object = next((o for o in objects if role_of(o) == "nucleus"), None)
+    cp = manifest.get("cellprofiler") or {}
+    found = (cp.get("thresholds") or {}).get(nucleus_object)
+    divisor = crop_scale(manifest, scaling)
+    origin = {}
+    if found and divisor is not None:
+        stored_dtype = np.dtype(manifest["crop"]["dtype"])
+        unit = 1.0 if stored_dtype.kind == "f" else full_scale(
+            stored_dtype, (cp.get("scaling") or {}).get(channels[dna]))
+        nucleus_threshold = found["median"] * unit / float(divisor[dna])
+        origin["nucleus_threshold"] = (f"CellProfiler's, Image.csv {found['column']} (median of "
+                                       f"{found['images']} training images)")
+    else:
+        nucleus_threshold = fit_nucleus_threshold(crops, channels, dna=dna)
+        origin["nucleus_threshold"] = "pooled over real training crops"
+    diameter = _typical_diameter(manifest, nucleus_object)
+    origin["nucleus_diameter"] = f"{nucleus_object}_AreaShape median of the training split"
+    if diameter is None:
+        diameter = _measured_diameter(crops, dna, nucleus_threshold)
+        origin["nucleus_diameter"] = "measured on real training crops"
+    settings = Segmentation(dna=dna, nucleus_threshold=float(nucleus_threshold),
+                            cell_threshold=fit_cell_threshold(crops, channels, dna=dna),
+                            nucleus_diameter=diameter)
+    origin["cell_threshold"] = "pooled over real training crops"
+    return settings, origin
+
+
+def _typical_diameter(manifest: dict, nucleus_object: str | None) -> float | None:
+    names = manifest["features"]["names"]
+    medians = manifest["features"]["stats"]["median"]
+    for measurement, to_diameter in (("EquivalentDiameter", float),
+                                     ("Area", lambda a: float(np.sqrt(4 * a / np.pi)))):
+        name = f"{nucleus_object}_AreaShape_{measurement}"
+        if nucleus_object and name in names and np.isfinite(medians[names.index(name)]):
+            return to_diameter(medians[names.index(name)])
+    return None
+
+
+def _measured_diameter(crops: np.ndarray, dna: int, threshold: float,
+                       limit: int = 200) -> float | None:
+    """The median equivalent diameter of the central nucleus of (up to `limit`) crops."""
+    picked = np.linspace(0, len(crops) - 1, min(limit, len(crops))).astype(int)
+    areas = []
+    for i in picked:
+        nucleus, _ = _nucleus(_smooth(np.clip(np.asarray(crops[i], np.float64)[:, :, dna], 0, 1)),
+                              threshold)
+        if nucleus.any():
+            areas.append(nucleus.sum())
+    return float(np.sqrt(4 * np.median(areas) / np.pi)) if areas else None
+
+
+def _pooled_threshold(crops, channels, limit, signal, li: bool = False) -> float:
     crops = np.asarray(crops)
     if crops.ndim != 4 or crops.shape[3] != len(channels) or not len(crops):
         raise ValueError(f"crops must be [N > 0, H, W, {len(channels)}], got {crops.shape}")
-    dna = dna_channel(channels)
     picked = np.linspace(0, len(crops) - 1, min(limit, len(crops))).astype(int)
-    pooled = np.stack([_smooth(_cell_signal(np.clip(crops[i].astype(np.float64), 0, 1), dna))
+    pooled = np.stack([_smooth(signal(np.clip(crops[i].astype(np.float64), 0, 1)))
                        for i in picked])
+    if li:  # minimum cross-entropy, IdentifyPrimaryObjects' default: keeps dim nuclei
+        return float(threshold_li(pooled))
     otsu = threshold_otsu(pooled)
     return _halfway(pooled, otsu, pooled > otsu)
 
@@ -238,31 +353,103 @@ def _halfway(smooth: np.ndarray, otsu: float, obj: np.ndarray) -> float:
     return float(np.median(below) + np.median(above)) / 2
 
 
-def _nucleus(smooth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the nucleus, every nucleus): found at Otsu's threshold, then at `_halfway`'s."""
-    if _flat(smooth):
-        return np.zeros(smooth.shape, bool), np.zeros(smooth.shape, bool)
-    otsu = threshold_otsu(smooth)
-    first = _central(scipy.ndimage.binary_fill_holes(smooth > otsu))
-    nuclei = scipy.ndimage.binary_fill_holes(smooth > _halfway(smooth, otsu, first))
+def _nucleus(smooth: np.ndarray, threshold: float | None = None,
+             diameter: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the nucleus, every nucleus as a label image). Foreground: above `threshold`, or (None)
+    at Otsu's threshold and then at `_halfway`'s; holes filled; with `diameter`, touching
+    nuclei split (`declump`). The nucleus is the one at the centre."""
+    empty = np.zeros(smooth.shape, bool)
+    if threshold is None:
+        if _flat(smooth):
+            return empty, empty.astype(np.int32)
+        otsu = threshold_otsu(smooth)
+        first = _central(scipy.ndimage.label(scipy.ndimage.binary_fill_holes(smooth > otsu))[0])
+        threshold = _halfway(smooth, otsu, first)
+    foreground = scipy.ndimage.binary_fill_holes(smooth > threshold)
+    nuclei = declump(foreground, smooth, diameter) if diameter else \
+        scipy.ndimage.label(foreground)[0]
     return _central(nuclei), nuclei
 
 
-def _central(foreground: np.ndarray) -> np.ndarray:
-    """The component at the centre, or else the one whose centroid is nearest it."""
-    labels, n = scipy.ndimage.label(foreground)
+def declump(foreground: np.ndarray, image: np.ndarray, diameter: float) -> np.ndarray:
+    """Touching nuclei split as IdentifyPrimaryObjects declumps them by default ("Intensity"):
+    a watershed of the inverted image, smoothed (sigma a tenth of the typical `diameter`),
+    from its maxima, maxima closer than a fifth of the diameter merged. Returns a label image.
+
+    Pieces without a dim seam between them are merged again (`SEAM`): texture inside one
+    nucleus makes maxima too. Measured (Pearson r of Nuclei_AreaShape_Area with CellProfiler's,
+    300 test crops): real BBBC013 crops 0.28 without declumping, 0.82 declumped, 0.69 with the
+    seam rule; the synthetic sample's textured nuclei 0.97, 0.69 and 0.92. The distance
+    transform's maxima ("Shape") gave 0.35 on BBBC013; smoothing at a seventh or twentieth of
+    the diameter, or merging maxima within a third of it, 0.31-0.64.
+    """
+    from skimage.feature import peak_local_max
+
+    components, n = scipy.ndimage.label(foreground)
     if n == 0:
-        return foreground
-    centre = (foreground.shape[0] // 2, foreground.shape[1] // 2)
+        return components
+    surface = scipy.ndimage.gaussian_filter(image, max(diameter / 10, 0.5))
+    peaks = peak_local_max(surface, min_distance=max(1, int(round(diameter / 5))),
+                           labels=components, exclude_border=False)
+    markers = np.zeros(foreground.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    labels = _merge_without_seam(watershed(-surface, markers, mask=foreground), surface, SEAM)
+    orphans = foreground & (labels == 0)  # a component without a maximum keeps itself
+    if orphans.any():
+        extra, _ = scipy.ndimage.label(orphans)
+        labels = np.where(orphans, extra + labels.max(), labels)
+    return labels
+
+
+SEAM = 0.75  # touching pieces stay apart where their boundary is below SEAM x the dimmer peak
+
+
+def _merge_without_seam(labels: np.ndarray, surface: np.ndarray, ratio: float) -> np.ndarray:
+    """Pieces of one nucleus merged again: two touching pieces stay apart only where the
+    (smoothed) signal along their shared boundary falls below `ratio` times the dimmer piece's
+    peak; texture inside one nucleus makes several maxima but no dim seam."""
+    if ratio <= 0 or labels.max() < 2:
+        return labels
+    peak = scipy.ndimage.maximum(surface, labels, np.arange(labels.max() + 1))
+    parent = np.arange(labels.max() + 1)
+
+    def root(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    pairs = {}
+    for axis in (0, 1):
+        a = labels.take(range(labels.shape[axis] - 1), axis=axis)
+        b = labels.take(range(1, labels.shape[axis]), axis=axis)
+        s = np.minimum(surface.take(range(labels.shape[axis] - 1), axis=axis),
+                       surface.take(range(1, labels.shape[axis]), axis=axis))
+        touch = (a > 0) & (b > 0) & (a != b)
+        for x, y, v in zip(a[touch], b[touch], s[touch]):
+            pairs.setdefault((min(x, y), max(x, y)), []).append(v)
+    for (x, y), values in pairs.items():
+        if np.median(values) > ratio * min(peak[x], peak[y]):
+            parent[root(y)] = root(x)
+    roots = np.array([root(k) for k in range(len(parent))])
+    return roots[labels]
+
+
+def _central(labels: np.ndarray) -> np.ndarray:
+    """The labelled object at the centre, or else the one whose centroid is nearest it."""
+    present = np.unique(labels[labels > 0])
+    if present.size == 0:
+        return labels > 0
+    centre = (labels.shape[0] // 2, labels.shape[1] // 2)
     keep = labels[centre]
     if keep == 0:
-        centroids = np.array(scipy.ndimage.center_of_mass(foreground, labels, range(1, n + 1)))
-        keep = 1 + int(np.argmin(((centroids - centre) ** 2).sum(axis=1)))
+        centroids = np.array(scipy.ndimage.center_of_mass(labels > 0, labels, present))
+        keep = present[int(np.argmin(((centroids - centre) ** 2).sum(axis=1)))]
     return labels == keep
 
 
 def _cell(smooth: np.ndarray, nucleus: np.ndarray, nuclei: np.ndarray,
           threshold: float | None) -> np.ndarray:
+    # `nuclei`: a label image of every nucleus in the crop.
     """The component of (cell foreground | nucleus), holes filled, that holds the nucleus.
 
     The foreground is the smoothed signal above `threshold`, or (None) above Otsu's and then
@@ -278,11 +465,12 @@ def _cell(smooth: np.ndarray, nucleus: np.ndarray, nuclei: np.ndarray,
         otsu = threshold_otsu(smooth)
         threshold = _halfway(smooth, otsu, _holding(smooth > otsu, nucleus))
     cell = _holding(smooth > threshold, nucleus)
-    seeds, n = scipy.ndimage.label((nuclei & cell) | nucleus)
-    if n < 2:
+    seeds = np.where(cell, nuclei, 0)
+    seeds[nucleus] = seeds.max() + 1  # the nucleus is one seed, whatever else touches it
+    if len(np.unique(seeds[seeds > 0])) < 2:
         return cell
     distance = scipy.ndimage.distance_transform_edt(seeds == 0)
-    return watershed(distance, seeds, mask=cell) == seeds[nucleus][0]
+    return watershed(distance, seeds, mask=cell) == seeds.max()
 
 
 def _holding(foreground: np.ndarray, nucleus: np.ndarray) -> np.ndarray:
@@ -308,7 +496,7 @@ def measure_masks(crop: np.ndarray, masks: Mapping[str, np.ndarray], plan: Plan,
 
 def remeasure(crops: np.ndarray, plan: Plan, channels: list[str], workers: int = 1,
               progress: bool = False, chunk: int = 32,
-              cell_threshold: float | None = None, scheduler: str | None = None,
+              segmentation: Segmentation | None = None, scheduler: str | None = None,
               client=None) -> pd.DataFrame:
     """Segment and measure every crop: [N rows, plan.measurable columns] float64, NaN if not found.
 
@@ -316,8 +504,8 @@ def remeasure(crops: np.ndarray, plan: Plan, channels: list[str], workers: int =
     chunks of `chunk` crops in that many spawned processes; `scheduler` measures them on Dask
     ("local": a LocalCluster of `workers` processes on 127.0.0.1, or a scheduler's address; see
     tfrecords_tools.parts), `client` on an open distributed.Client. The values do not depend
-    on `workers` or `scheduler` (nor, but for rounding, on `chunk`). `cell_threshold`: see
-    `segment`.
+    on `workers` or `scheduler` (nor, but for rounding, on `chunk`). `segmentation`: see
+    `Segmentation` (default: each crop's own thresholds, nuclei not declumped).
     """
     from tqdm.auto import tqdm
 
@@ -327,7 +515,7 @@ def remeasure(crops: np.ndarray, plan: Plan, channels: list[str], workers: int =
     if not np.issubdtype(crops.dtype, np.floating):
         raise ValueError(f"crops must be floats in [0, 1], got {crops.dtype}")
     chunk = max(1, int(chunk))
-    tasks = [(crops[s:s + chunk], plan, list(channels), cell_threshold)
+    tasks = [(crops[s:s + chunk], plan, list(channels), segmentation)
              for s in range(0, len(crops), chunk)]
     results: list[np.ndarray | None] = [None] * len(tasks)
     if scheduler is not None or client is not None:
@@ -338,7 +526,7 @@ def remeasure(crops: np.ndarray, plan: Plan, channels: list[str], workers: int =
         for k, task in enumerate(tasks):
             digest = hashlib.sha256(np.ascontiguousarray(task[0]).tobytes())
             digest.update(repr((task[0].shape, str(task[0].dtype), plan, task[2],
-                                cell_threshold)).encode())
+                                segmentation)).encode())
             keys.append(f"remeasure-{k:06d}-{digest.hexdigest()[:16]}")
         for k, rows in run_parts(_measure_chunk, tasks, keys, cells=len, scheduler=scheduler,
                                  workers=workers, progress=progress, desc="remeasure",
@@ -370,9 +558,9 @@ def remeasure(crops: np.ndarray, plan: Plan, channels: list[str], workers: int =
 
 def _measure_chunk(task: tuple) -> np.ndarray:
     """[n, features] for a chunk of crops (run in a worker process, or in this one)."""
-    crops, plan, channels, cell_threshold = task
+    crops, plan, channels, segmentation = task
     crops = np.clip(np.asarray(crops, dtype=np.float64), 0.0, 1.0)
-    masks = [segment(crop, channels, plan.objects, cell_threshold) for crop in crops]
+    masks = [segment(crop, channels, plan.objects, segmentation) for crop in crops]
     return _measure_batch(crops, masks, plan, channels)
 
 
@@ -391,7 +579,8 @@ def _measure_batch(crops: np.ndarray, masks: list[Mapping[str, np.ndarray]], pla
     needed = {m for found in plan.modules.values() for m in found}
     if "granularity" in needed:
         needed.discard("granularity4")  # the same first four terms
-    tiled = [m for m in MODULES if m in needed and m not in PER_CROP]
+    tiled = [m for m in MODULES if m in needed and m not in PER_CROP] + sorted(
+        m for m in needed if m not in MODULES)  # texture:<scale>
     single = [m for m in MODULES if m in needed and m in PER_CROP]
     targets = {obj: [] for obj in plan.objects}  # object set -> [(output column, its column)]
     for k, feature in enumerate(plan.measurable):

@@ -10,6 +10,7 @@ import numpy as np
 
 from cp2image_tf.serving.export import load_run, model_description, serving_module
 from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.manifest import channel_label
 
 BATCH = 256
 
@@ -27,6 +28,9 @@ class LocalModel:
         self.source = source
         self.feature_names = list(description["feature_names"])
         self.channels = list(description["channels"])
+        # 'rawGFP (measured as CorrGreen)' where the features name another image (legends).
+        self.channel_labels = [channel_label(manifest or {"channels": self.channels}, ch)
+                               for ch in self.channels]
         self.crop_shape = tuple(description["crop"])
         self.median = np.asarray(description["median"], dtype=np.float32)
         self.sd = np.asarray(description["sd"], dtype=np.float32)
