@@ -46,6 +46,7 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     """
     from cp2image_tf.evaluation.compare import THRESHOLD
     from cp2image_tf.evaluation.evaluate import evaluate as run
+    from cp2image_tf.evaluation.retrieval import retrieval_summary
     from cp2image_tf.serving.local import load_model
 
     start_tensorflow()
@@ -69,5 +70,7 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
                f"{report['treatments']['nearest neighbour']['retrieval_top1']:.2f}, chance "
                f"{retrieval['chance']:.2f}. Pixel SSIM: model "
                f"{report['pixels']['model']['all']['ssim']['mean']:.3f}.")
+    for line in retrieval_summary(report["retrieval"]):
+        click.echo(line)
     click.echo(f"{report['timing']['seconds_per_1000_cells'] / 60:.1f} min per 1,000 cells. "
                f"Tables: {report['out_dir']}/report.md; pictures: {report['out_dir']}/cells.png")
