@@ -45,6 +45,7 @@ demo: $(STAMP)
 	@echo "  each treatment's mean profile, drawn:          $(DEMO_DIR)/generate/montage.png"
 	@echo "  three features traversed, DMSO -> NucEnlarge:  $(DEMO_DIR)/traverse/traverse.png"
 	@echo "  re-measured features vs the input, baselines:  $(DEMO_DIR)/evaluate/report.md"
+	@echo "  real | generated | nearest neighbour:          $(DEMO_DIR)/evaluate/overview.png"
 	@echo
 	@echo "Explore the model in a browser (then open http://127.0.0.1:8080):"
 	@echo "  $(BIN)/cp2image-tf explore $(DEMO_DIR)/models/cp2image --data $(DEMO_DIR)/tfrecords"
@@ -74,6 +75,14 @@ browser:
 		echo "then make test again." >&2; \
 		exit 1; \
 	fi
+
+# The README's picture (docs/demo.png): real | generated | nearest neighbour per treatment, from
+# the demo's evaluate (run make demo first, with the same DEMO_DIR).
+readme-figure:
+	@test -f $(DEMO_DIR)/evaluate/overview.png || { echo "make readme-figure:" \
+		"$(DEMO_DIR)/evaluate/overview.png is missing; run make demo first." >&2; exit 1; }
+	mkdir -p docs
+	cp $(DEMO_DIR)/evaluate/overview.png docs/demo.png
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_convert.py
