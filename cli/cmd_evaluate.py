@@ -42,7 +42,7 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     classification, and mean-profile agreement, each against a real-vs-real
     ceiling; unseen treatments are reported apart. Writes report.md (headline
     table first), report.json, features.csv, remeasured.parquet and PNGs
-    (cells.png, treatments/<treatment>.png, modules.png, scatter.png) to OUT_DIR.
+    (cells.png, overview.png, treatments/<treatment>.png, modules.png, scatter.png) to OUT_DIR.
     """
     from cp2image_tf.evaluation.compare import THRESHOLD
     from cp2image_tf.evaluation.evaluate import evaluate as run

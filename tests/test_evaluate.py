@@ -82,7 +82,7 @@ def test_outputs_are_written(evaluated):
     assert set(report["modules"]) == {"AreaShape", "Intensity", "all"}
     markdown = (out / "report.md").read_text()
     assert "| AreaShape | 1 |" in markdown and "min per 1,000 cells" in markdown
-    for png in ("cells.png", "modules.png", "scatter.png"):
+    for png in ("cells.png", "overview.png", "modules.png", "scatter.png"):
         assert (out / png).stat().st_size > 5000, png
     assert report["timing"]["seconds_per_1000_cells"] > 0
 
