@@ -28,10 +28,14 @@ import math
 import numpy as np
 import pandas as pd
 
+from cp2image_tf.evaluation.compare import METHODS
+
 NULL_SIZE = 10000
 P_THRESHOLD = 0.05
 TIE_NOISE = 0.01
 TOP_SHARE = 0.1
+# report.md's names of the methods (report.py imports this module: no import back).
+NAMES = {m: "real cells (ceiling)" if m == "ceiling" else m for m in METHODS}
 
 
 def tie_broken(frame: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,10 +186,13 @@ def add_to_headline(headline: dict, groups: dict, per_cell: dict, n: int) -> Non
             row["self_top1"], row["self_top10pct"] = summary["top1"], summary["top10pct"]
 
 
+def fmt(value, digits) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) \
+        else f"{value:.{digits}f}"
+
+
 def retrieval_note(retrieval: dict | None) -> list[str]:
     """The lines under the headline table that say what its retrieval columns are."""
-    from cp2image_tf.evaluation.report import fmt
-
     if not retrieval:
         return []
     maps, selfs = retrieval["map"], retrieval["self"]
@@ -206,8 +213,6 @@ def retrieval_note(retrieval: dict | None) -> list[str]:
 
 def retrieval_lines(retrieval: dict) -> list[str]:
     """report.md's Retrieval section: mAP per method and treatment, then self-retrieval."""
-    from cp2image_tf.evaluation.report import HEADLINE_NAMES as NAMES, fmt
-
     maps, selfs = retrieval["map"], retrieval["self"]
     lines = ["## Retrieval", ""]
     if maps["skipped"]:
@@ -259,8 +264,6 @@ def retrieval_lines(retrieval: dict) -> list[str]:
 
 def retrieval_summary(retrieval: dict) -> list[str]:
     """Two lines for evaluate's command-line summary: treatment mAP and self-retrieval."""
-    from cp2image_tf.evaluation.report import fmt
-
     short = {"model": "model", "nearest neighbour": "nearest neighbour", "mean image": "mean image",
              "ceiling": "real"}
     maps, selfs = retrieval["map"]["methods"], retrieval["self"]
