@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 DEMO_STEPS ?= 400
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test browser venv bench clean readme-figure
 
 venv: $(STAMP)
 
@@ -45,12 +45,44 @@ demo: $(STAMP)
 	@echo "  each treatment's mean profile, drawn:          $(DEMO_DIR)/generate/montage.png"
 	@echo "  three features traversed, DMSO -> NucEnlarge:  $(DEMO_DIR)/traverse/traverse.png"
 	@echo "  re-measured features vs the input, baselines:  $(DEMO_DIR)/evaluate/report.md"
+	@echo "  real | generated | nearest neighbour:          $(DEMO_DIR)/evaluate/overview.png"
 	@echo
 	@echo "Explore the model in a browser (then open http://127.0.0.1:8080):"
 	@echo "  $(BIN)/cp2image-tf explore $(DEMO_DIR)/models/cp2image --data $(DEMO_DIR)/tfrecords"
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+# Every test runs: the real-browser tests (tests/test_explore_browser.py) need Debian's chromium
+# and chromium-driver, installed here when missing (as root, or with sudo that asks no
+# password); otherwise make stops and names the command. The tests fail, not skip, without them.
+BROWSER_PACKAGES := chromium chromium-driver
+APT_INSTALL := apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(BROWSER_PACKAGES)
+
+test: $(STAMP) browser
+	CP2IMAGE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q tests
+
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make test: the browser tests need /usr/bin/chromium and /usr/bin/chromedriver" \
+		     "(Debian/Ubuntu: apt-get install $(BROWSER_PACKAGES)); install them and run make test again." >&2; \
+		exit 1; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "Installing $(BROWSER_PACKAGES) for the browser tests"; sh -c '$(APT_INSTALL)'; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		echo "Installing $(BROWSER_PACKAGES) for the browser tests"; sudo sh -c '$(APT_INSTALL)'; \
+	else \
+		echo "make test: the browser tests need chromium and chromedriver; run" >&2; \
+		echo "  sudo sh -c '$(APT_INSTALL)'" >&2; \
+		echo "then make test again." >&2; \
+		exit 1; \
+	fi
+
+# The README's picture (docs/demo.png): real | generated | nearest neighbour per treatment, from
+# the demo's evaluate (run make demo first, with the same DEMO_DIR).
+readme-figure:
+	@test -f $(DEMO_DIR)/evaluate/overview.png || { echo "make readme-figure:" \
+		"$(DEMO_DIR)/evaluate/overview.png is missing; run make demo first." >&2; exit 1; }
+	mkdir -p docs
+	cp $(DEMO_DIR)/evaluate/overview.png docs/demo.png
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_convert.py

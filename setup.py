@@ -46,6 +46,8 @@ setup(
         "requests>=2.31",
         # evaluate: nearest-neighbour baseline.
         "scikit-learn>=1.4",
+        # evaluate: treatment mAP with permutation p-values, as image-based profiling reports it.
+        "copairs>=0.5.5,<0.6",
         # convert/featurize/evaluate --scheduler: parts on a Dask cluster (LocalCluster, Slurm, k8s).
         "dask[distributed]>=2024.1",
         # explore: the web page's server (its API and static files) and the ASGI server

@@ -42,10 +42,11 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     classification, and mean-profile agreement, each against a real-vs-real
     ceiling; unseen treatments are reported apart. Writes report.md (headline
     table first), report.json, features.csv, remeasured.parquet and PNGs
-    (cells.png, treatments/<treatment>.png, modules.png, scatter.png) to OUT_DIR.
+    (cells.png, overview.png, treatments/<treatment>.png, modules.png, scatter.png) to OUT_DIR.
     """
     from cp2image_tf.evaluation.compare import THRESHOLD
     from cp2image_tf.evaluation.evaluate import evaluate as run
+    from cp2image_tf.evaluation.retrieval import retrieval_summary
     from cp2image_tf.serving.local import load_model
 
     start_tensorflow()
@@ -74,5 +75,7 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
                f"{report['treatments']['nearest neighbour']['retrieval_top1']:.2f}, chance "
                f"{retrieval['chance']:.2f}. Pixel SSIM: model "
                f"{report['pixels']['model']['all']['ssim']['mean']:.3f}.")
+    for line in retrieval_summary(report["retrieval"]):
+        click.echo(line)
     click.echo(f"{report['timing']['seconds_per_1000_cells'] / 60:.1f} min per 1,000 cells. "
                f"Tables: {report['out_dir']}/report.md; pictures: {report['out_dir']}/cells.png")

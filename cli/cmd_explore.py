@@ -22,9 +22,12 @@ from cli.common import call, checkpoint_option, start_tensorflow
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--max-cells", type=click.IntRange(min=1), default=20000, show_default=True,
               help="Training cells of --data read at start for the nearest real cells.")
+@click.option("--extrapolate", is_flag=True,
+              help="Let sliders, traversals and interpolations go beyond the training range "
+                   "(the manifest's min and max); by default values stop at its limits.")
 @checkpoint_option()
 def explore(model_path, data_dir, server, model_name, use_grpc, model_version, host, port,
-            max_cells, checkpoint):
+            max_cells, extrapolate, checkpoint):
     """See what a CellProfiler profile looks like, live, in a web browser.
 
     MODEL is a run folder of `fit`, an exported SavedModel or a model base of
@@ -60,7 +63,8 @@ def explore(model_path, data_dir, server, model_name, use_grpc, model_version, h
 
         model = call(load_model, model_path, checkpoint)
     click.echo(f"Model: {model.source}")
-    app = call(lib.create_app, model, data_dir, max_cells=max_cells, progress=click.echo)
+    app = call(lib.create_app, model, data_dir, max_cells=max_cells, progress=click.echo,
+               extrapolate=extrapolate)
     explorer = app.state.explorer
     if explorer.reference is not None:
         click.echo(f"Loaded {len(explorer.reference.ids)} training cells of {data_dir} "

@@ -25,15 +25,19 @@ from cli.common import call, checkpoint_option, echo_outputs, start_tensorflow
               help="Also draw the way from A's mean profile to B's (needs --data).")
 @click.option("--data", "data_dir", type=click.Path(), default=None,
               help="The converted dataset the model was trained on.")
+@click.option("--extrapolate", is_flag=True,
+              help="Let values go beyond the training range (the manifest's min and max), "
+                   "where the model never saw a cell; by default they stop at its limits.")
 @checkpoint_option()
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 def traverse(model_path, out_dir, features, start, stop, steps, base, correlated, interpolate,
-             data_dir, checkpoint, overwrite):
+             data_dir, extrapolate, checkpoint, overwrite):
     """Show what changing one feature does to a cell.
 
     Varies each --feature from --from to --to training SDs around a base profile,
     holding every other feature (or, with --correlated, moving them by their
-    correlation with it), and draws each step. Writes OUT_DIR/traverse.png
+    correlation with it), and draws each step; values stop at the training
+    range's limits (labelled min or max) unless --extrapolate. Writes OUT_DIR/traverse.png
     (one row per feature, labelled with its values), a TIFF stack per row and
     traverse.csv.
     """
@@ -44,5 +48,5 @@ def traverse(model_path, out_dir, features, start, stop, steps, base, correlated
     model = call(load_model, model_path, checkpoint)
     summary = call(run, model, out_dir, list(features), start=start, stop=stop, steps=steps,
                    base=base, data=data_dir, interpolate=interpolate, correlated=correlated,
-                   overwrite=overwrite)
+                   overwrite=overwrite, extrapolate=extrapolate)
     echo_outputs(summary, f" and {len(summary['stacks'])} TIFF stack(s)")

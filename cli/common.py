@@ -23,18 +23,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # What TensorFlow's native start-up writes straight to file descriptor 2, before any logging
 # setting applies, on a machine without an NVIDIA driver: CUDA probing ("Could not find cuda
 # drivers", "failed call to cuInit: ... CUDA error") and CPU-instruction notes. Alarming to a
-# user of a CPU machine, and nothing to act on.
+# user of a CPU machine, and nothing to act on. On every machine, the oneDNN banner ("oneDNN
+# custom operations are on ..."): held back, not switched off, as TF_ENABLE_ONEDNN_OPTS=0 would
+# change the numerics.
+_ONEDNN_BANNER = r"port\.cc.*oneDNN custom operations are on"
 _STARTUP_NOISE = re.compile(r"All log messages before absl::InitializeLog|cudart_stub\.cc|"
                             r"cuda_platform\.cc.*cuInit|cpu_feature_guard\.cc|"
-                            r"To enable the following instructions")
+                            r"To enable the following instructions|" + _ONEDNN_BANNER)
 
 
 def start_tensorflow() -> None:
-    """Import TensorFlow and probe its devices with that start-up noise held back (only on
-    machines without an NVIDIA driver, where it means nothing); other lines pass through."""
-    if "tensorflow" in sys.modules or os.path.exists("/proc/driver/nvidia/version"):
+    """Import TensorFlow and probe its devices with that start-up noise held back (the CUDA
+    lines only on machines without an NVIDIA driver, where they mean nothing); other lines pass
+    through."""
+    if "tensorflow" in sys.modules:
         return
-    with _filtered_stderr(_STARTUP_NOISE):
+    gpu = os.path.exists("/proc/driver/nvidia/version")
+    with _filtered_stderr(re.compile(_ONEDNN_BANNER) if gpu else _STARTUP_NOISE):
         import tensorflow as tf
 
         tf.config.list_physical_devices()

@@ -151,6 +151,8 @@ def test_tensorflow_startup_noise_is_held_back_and_the_rest_passes(tmp_path):
         "with _filtered_stderr(_STARTUP_NOISE):\n"
         "    os.write(2, b'I0000 00:00:1 1 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
         "    os.write(2, b'E0000 00:00:1 1 cuda_platform.cc:52] failed call to cuInit: CUDA error\\n')\n"
+        "    os.write(2, b'I0000 00:00:1 1 port.cc:153] oneDNN custom operations are on. You may "
+        "see slightly different numerical results\\n')\n"
         "    os.write(2, b'a real problem\\n')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=tmp_path, check=True)

@@ -89,7 +89,7 @@ def test_outputs_are_written(evaluated):
     assert set(report["modules"]) == {"AreaShape", "Intensity", "all"}
     markdown = (out / "report.md").read_text()
     assert "| AreaShape | 1 |" in markdown and "min per 1,000 cells" in markdown
-    for png in ("cells.png", "modules.png", "scatter.png"):
+    for png in ("cells.png", "overview.png", "modules.png", "scatter.png"):
         assert (out / png).stat().st_size > 5000, png
     assert report["timing"]["seconds_per_1000_cells"] > 0
 
@@ -339,5 +339,102 @@ def test_no_headline_when_the_ceiling_says_measurement_fails(evaluated):
     report = dict(evaluated.report, ceiling_check=failed)
     markdown = report_markdown(report)
     assert "No headline: re-measuring the real crops reproduces only 39%" in markdown
-    assert "| real cells (ceiling) |" not in markdown and "## Pixels" in markdown
-    assert "| real cells (ceiling) |" in report_markdown(evaluated.report)
+    assert "| | pixel SSIM |" not in markdown and "## Pixels" in markdown
+    assert "| | pixel SSIM |" in report_markdown(evaluated.report)
+
+
+def test_retrieval_agrees_with_copairs_and_ranks_by_hand(evaluated, disc_dataset):
+    """Treatment mAP recomputed from remeasured.parquet with copairs directly; each picture's
+    rank of its own cell's input profile recomputed by hand; both as report.json has them."""
+    from copairs.map import average_precision, mean_average_precision
+    from tfrecords_tools.reader import make_dataset
+
+    report = json.loads((evaluated.out / "report.json").read_text())
+    retrieval = report["retrieval"]
+    table = pd.read_parquet(evaluated.out / "remeasured.parquet")
+    features = [c for c in table.columns if c not in ("method", "cell_id", "treatment")]
+    train = table[table["method"] == "training"]
+    mean, sd = train[features].mean(), train[features].std(ddof=0)
+
+    def z(method):
+        rows = table[table["method"] == method]
+        return rows, ((rows[features] - mean) / sd).fillna(0.0).to_numpy()
+
+    jittered = retrieval["map"]["tied_rows_jittered"]
+    for method in ("model", "ceiling", "nearest neighbour"):
+        if jittered[method]:  # two test cells drew one training cell: ties broken at random
+            continue
+        rows, values = z(method)
+        meta = rows[["treatment"]].reset_index(drop=True)
+        ap = average_precision(meta, values, pos_sameby=["treatment"], pos_diffby=[],
+                               neg_sameby=[], neg_diffby=["treatment"], progress_bar=False)
+        maps = mean_average_precision(ap, sameby=["treatment"], null_size=10000, threshold=0.05,
+                                      seed=0, progress_bar=False)
+        got = retrieval["map"]["methods"][method]
+        assert got["map"] == pytest.approx(ap["average_precision"].mean(), abs=1e-6)
+        assert report["headline"]["all"]["methods"][method]["map"] == pytest.approx(got["map"])
+        for row in maps.itertuples():
+            entry = got["per_treatment"][row.treatment]
+            assert entry["map"] == pytest.approx(row.mean_average_precision, abs=1e-6)
+            assert entry["p_value"] == pytest.approx(row.p_value)
+            assert entry["retrieved"] == bool(row.below_corrected_p)
+        assert got["fraction_retrieved"] == pytest.approx(maps["below_corrected_p"].mean())
+    assert jittered["model"] == 0 and jittered["ceiling"] == 0
+    # Discs of two sizes: the real cells retrieve their treatment; one picture for all cells
+    # does not (its ties broken at random, not in copairs' positives-first order).
+    assert retrieval["map"]["methods"]["ceiling"]["fraction_retrieved"] == 1.0
+    mean_image = retrieval["map"]["methods"]["mean image"]
+    assert jittered["mean image"] == report["cells"]
+    assert mean_image["fraction_retrieved"] == 0.0 and mean_image["map"] < 0.9
+
+    # Self-retrieval by hand: cosine similarity of each picture's re-measured z-scores to every
+    # test cell's input z-scores (manifest statistics); the rank of its own, ties against it.
+    _, _, meta = next(iter(make_dataset(disc_dataset, "test", 10_000, shuffle=False,
+                                        repeat=False, with_metadata=True,
+                                        normalization="none")))
+    ids = [c.decode() for c in meta["cell_id"].numpy()]
+    raw = dict(zip(ids, meta["raw_features"].numpy().astype(np.float64)))
+    manifest = load_manifest(disc_dataset)
+    names = manifest["features"]["names"]
+    stats_ = manifest["features"]["stats"]
+    cols = [names.index(f) for f in features]
+    order = list(table.loc[table["method"] == "ceiling", "cell_id"])
+    inputs = [[(raw[c][j] - stats_["mean"][j]) / stats_["std"][j] for j in cols] for c in order]
+    n = len(order)
+    chance = retrieval["self"]["chance"]
+    assert chance["top1"] == pytest.approx(1 / n)
+    assert chance["top10pct"] == pytest.approx(np.ceil(n / 10) / n)
+
+    def cos(a, b):
+        norm = lambda v: sum(x * x for x in v) ** 0.5  # noqa: E731
+        return sum(x * y for x, y in zip(a, b)) / (norm(a) * norm(b))
+
+    for method in ("model", "ceiling", "nearest neighbour", "mean image"):
+        rows, values = z(method)
+        assert list(rows["cell_id"]) == order
+        ranks = []
+        for i, picture in enumerate(values):
+            if not any(picture):  # nothing measured: last
+                ranks.append(n)
+                continue
+            sims = [cos(picture, profile) for profile in inputs]
+            ranks.append(sum(s >= sims[i] for s in sims))
+        got = retrieval["self"]["methods"][method]
+        assert got["top1"] == pytest.approx(np.mean([r == 1 for r in ranks]))
+        assert got["top10pct"] == pytest.approx(np.mean([r <= np.ceil(n / 10) for r in ranks]))
+        assert got["median_rank"] == pytest.approx(np.median(ranks))
+        assert report["headline"]["all"]["methods"][method]["self_top1"] == \
+            pytest.approx(got["top1"])
+    markdown = (evaluated.out / "report.md").read_text()
+    assert "treatment mAP | self-retrieval top-1 | top 10% |" in markdown
+    assert "## Retrieval" in markdown and "Self-retrieval" in markdown
+
+
+def test_self_ranks_small_case():
+    from cp2image_tf.evaluation.retrieval import self_ranks
+
+    inputs = pd.DataFrame([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], columns=["a", "b"])
+    pictures = pd.DataFrame([[1.0, 0.1], [1.0, 0.1], [np.nan, np.nan]], columns=["a", "b"])
+    # Picture 0 is nearest its own profile [1, 0]; picture 1 (the same picture) finds its own
+    # [0, 1] last of three; picture 2 has nothing measured: last.
+    assert list(self_ranks(pictures, inputs)) == [1, 3, 3]

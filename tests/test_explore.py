@@ -157,8 +157,8 @@ def test_unknown_feature_cell_or_treatment_is_a_4xx_naming_it(client):
 
 def test_out_of_range_offsets_are_clamped_and_reported(client, model, saved, stats):
     j = stats["names"].index(AREA)
-    # Without DATA_DIR: +-5 SD.
-    plain = TestClient(explore.create_app(model))
+    # Extrapolating: only +-5 SD.
+    plain = TestClient(explore.create_app(model, extrapolate=True))
     answer = plain.get(f"/api/render?base=median&{AREA}=12").json()
     at_limit = float(stats["median"][j] + 5 * stats["sd"][j])
     note = f"{AREA}: +12 SD is beyond the ±5 SD range; drawn at +5 SD."
@@ -169,9 +169,13 @@ def test_out_of_range_offsets_are_clamped_and_reported(client, model, saved, sta
     raw[j] += explore.OFFSET_LIMIT * stats["sd"][j]
     expected = as_uint8(signature(saved, "serving_default", raw))
     assert np.array_equal(strip_channels(answer["strip"], expected.shape[-1]), expected)
-    # With DATA_DIR: also within the training cells' values (the largest area seen here).
+    # Otherwise also within the training range (the largest area seen here): the manifest's,
+    # the model's own without DATA_DIR.
     high = client.get("/api/info").json()["features"][j]["high"]
     assert high < stats["median"][j] + 5 * stats["sd"][j]
+    without_data = TestClient(explore.create_app(model))
+    assert without_data.get(f"/api/render?base=median&{AREA}=12").json()["clamped"][0]["value"] \
+        == pytest.approx(high)
     answer = client.get(f"/api/render?base=median&{AREA}=12").json()
     [clamp] = answer["clamped"]
     assert clamp["value"] == pytest.approx(high)
@@ -348,3 +352,20 @@ def test_an_unexpected_error_is_a_json_500_and_one_log_line(model, monkeypatch, 
     [record] = [r for r in caplog.records if r.name == "cp2image_tf.explore"]
     assert record.getMessage().startswith("explore: GET /api/render failed: ZeroDivisionError: a bug")
     assert "Traceback" not in caplog.text
+
+
+def test_strips_stay_within_the_training_range_unless_extrapolating(client, model, disc_dataset):
+    s = load_manifest(disc_dataset)["features"]["stats"]
+    answer = client.get(f"/api/traverse?feature={AREA}&start=-5&stop=5&steps=3").json()
+    assert [f["label"] for f in answer["frames"]] == ["-5.0 SD (min)", "+0.0 SD", "+5.0 SD (max)"]
+    values = [f["value"] for f in answer["frames"]]
+    assert values[0] == pytest.approx(s["min"][0], rel=1e-6)
+    assert values[2] == pytest.approx(s["max"][0], rel=1e-6)
+    assert "training range" in answer["range"]
+    area = client.get("/api/info").json()["features"][0]
+    assert area["low"] == pytest.approx(s["min"][0]) and area["high"] == pytest.approx(s["max"][0])
+    free = TestClient(explore.create_app(model, extrapolate=True))
+    answer = free.get(f"/api/traverse?feature={AREA}&start=-5&stop=5&steps=3").json()
+    assert answer["frames"][0]["value"] == pytest.approx(model.median[0] - 5 * model.sd[0],
+                                                         rel=1e-5)
+    assert answer["range"] == "not limited to the training range"

@@ -305,3 +305,28 @@ def test_generate_from_a_cellprofiler_folder(disc_dataset, exported, tmp_path):
     by_table = pd.read_csv(tmp_path / "table" / "profiles.csv")
     assert list(by_folder["label"][:2]) == ["small 1-1", "small 1-2"]  # Image.csv's treatment
     pd.testing.assert_frame_equal(by_folder[model.feature_names], by_table[model.feature_names])
+
+
+def test_traverse_stays_within_the_training_range_unless_extrapolating(disc_dataset, exported,
+                                                                       tmp_path):
+    """No --data needed: the model's manifest holds the training split's min and max."""
+    from tfrecords_tools.manifest import load_manifest
+
+    model = load_model(exported)
+    stats = load_manifest(disc_dataset)["features"]["stats"]
+    traverse(model, tmp_path / "in", ["Nuclei_AreaShape_Area"], start=-10, stop=10, steps=5)
+    values = pd.read_csv(tmp_path / "in" / "traverse.csv")
+    area = values["Nuclei_AreaShape_Area"].to_numpy()
+    assert area[0] == pytest.approx(stats["min"][0], rel=1e-6)
+    assert area[-1] == pytest.approx(stats["max"][0], rel=1e-6)
+    assert area[2] == pytest.approx(model.median[0], rel=1e-6)
+    assert list(values["clamped"]) == [True, True, False, True, True]
+    result = CliRunner().invoke(main, ["traverse", str(exported), str(tmp_path / "out"),
+                                       "--feature", "AreaShape_Area", "--from", "-10", "--to",
+                                       "10", "--steps", "5", "--extrapolate"])
+    assert result.exit_code == 0, result.output
+    area = pd.read_csv(tmp_path / "out" / "traverse.csv")["Nuclei_AreaShape_Area"].to_numpy()
+    np.testing.assert_allclose(area, model.median[0] + np.linspace(-10, 10, 5) * model.sd[0],
+                               rtol=1e-5)
+    assert area[0] < 0  # a negative area: what --extrapolate asks for
+

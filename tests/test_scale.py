@@ -105,7 +105,7 @@ def test_statistics_merged_from_parts_equal_feature_statistics():
     want = feature_statistics(values)
     got = statistics_from_parts([part_moments(p) for p in parts],
                                 [sorted_part_values(p) for p in parts], 6, memory_bytes=2048)
-    for key in ("median", "mad", "finite_count"):  # exact
+    for key in ("median", "mad", "finite_count", "min", "max"):  # exact
         assert got[key] == want[key], key
     for key in ("mean", "std"):  # Chan's merge: equal to rounding
         np.testing.assert_allclose(got[key], want[key], rtol=1e-12, atol=1e-12)
@@ -122,7 +122,7 @@ def test_convert_statistics_come_from_parts_and_equal_direct_ones(cp_folder, tmp
                       for r in recs])
     assert sum(1 for s in m["shards"] if s["split"] == "train") > 3  # merged from several parts
     want, got = feature_statistics(train), m["features"]["stats"]
-    for key in ("median", "mad", "finite_count"):
+    for key in ("median", "mad", "finite_count", "min", "max"):
         assert got[key] == want[key], key
     for key in ("mean", "std"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-12)

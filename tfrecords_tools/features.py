@@ -177,9 +177,10 @@ def drop_uninformative(values: np.ndarray, names, train_rows) -> tuple[list[int]
 
 
 def feature_statistics(values: np.ndarray) -> dict:
-    """Per-feature mean, std, median and MAD over finite values (float64 arithmetic).
+    """Per-feature mean, std, median, MAD, min and max over finite values (float64 arithmetic).
 
-    MAD is the raw median absolute deviation (multiply by 1.4826 for a robust SD).
+    MAD is the raw median absolute deviation (multiply by 1.4826 for a robust SD); min and max
+    are the training range that traversals stay within.
     """
     values = np.asarray(values, dtype=np.float64)
     masked = np.where(np.isfinite(values), values, np.nan)
@@ -190,6 +191,8 @@ def feature_statistics(values: np.ndarray) -> dict:
         "median": median,
         "mad": np.nanmedian(np.abs(masked - median), axis=0),
         "finite_count": np.isfinite(values).sum(axis=0),
+        "min": np.nanmin(masked, axis=0),
+        "max": np.nanmax(masked, axis=0),
     }
     return {k: [float(x) for x in v] for k, v in stats.items()}
 
@@ -201,7 +204,7 @@ def feature_statistics(values: np.ndarray) -> dict:
 # al.'s pairwise formula in the fixed order of the parts, so every way of running a job (one
 # process, a process pool, Dask, --part/--finalize) gives bit-identical values; they equal
 # numpy's nanmean/nanstd over all values to rounding (about 1e-15 relative).
-# Median and MAD: exact. Each part keeps its training values sorted per feature; the final step
+# Median, MAD, min and max: exact. Each part keeps its training values sorted per feature; the final step
 # reads one block of features of every part at a time (memory: 4 bytes x training cells x
 # block; at least one feature) and takes the median of the finite values, then the median of
 # their absolute deviation from it: the very numbers feature_statistics gives.
@@ -252,13 +255,14 @@ def sorted_part_values(values: np.ndarray) -> np.ndarray:
 
 
 def merged_quantiles(arrays: list, n_features: int, memory_bytes: int = 1 << 28) -> dict:
-    """Exact median and MAD per feature from parts' sorted_part_values (arrays or .npy paths,
-    read memory-mapped, one block of features at a time)."""
+    """Exact median, MAD, min and max per feature from parts' sorted_part_values (arrays or .npy
+    paths, read memory-mapped, one block of features at a time)."""
     loaded = [np.load(a, mmap_mode="r") if not isinstance(a, np.ndarray) else a for a in arrays]
     rows = sum(len(a) for a in loaded)
     block = max(1, int(memory_bytes // max(1, rows * 8)))
     median = np.full(n_features, np.nan)
     mad = np.full(n_features, np.nan)
+    low, high = np.full(n_features, np.nan), np.full(n_features, np.nan)
     for lo in range(0, n_features, block):
         hi = min(n_features, lo + block)
         columns = np.concatenate([np.asarray(a[:, lo:hi], dtype=np.float64) for a in loaded]) \
@@ -269,7 +273,8 @@ def merged_quantiles(arrays: list, n_features: int, memory_bytes: int = 1 << 28)
             if finite.size:
                 median[lo + j] = np.median(finite)
                 mad[lo + j] = np.median(np.abs(finite - median[lo + j]))
-    return {"median": median, "mad": mad}
+                low[lo + j], high[lo + j] = finite.min(), finite.max()
+    return {"median": median, "mad": mad, "min": low, "max": high}
 
 
 def statistics_from_parts(moments: list[dict], value_arrays: list, n_features: int,
@@ -278,6 +283,7 @@ def statistics_from_parts(moments: list[dict], value_arrays: list, n_features: i
     merged = merge_moments(moments)
     quantiles = merged_quantiles(value_arrays, n_features, memory_bytes)
     stats = {"mean": merged["mean"], "std": merged["std"], "median": quantiles["median"],
-             "mad": quantiles["mad"], "finite_count": merged["count"]}
+             "mad": quantiles["mad"], "finite_count": merged["count"],
+             "min": quantiles["min"], "max": quantiles["max"]}
     return {k: [int(x) if k == "finite_count" else float(x) for x in v]
             for k, v in stats.items()}

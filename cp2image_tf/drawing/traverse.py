@@ -4,7 +4,8 @@ with it), or the way from one treatment's mean to another's, each step drawn.
     traverse(model, "out", ["Nuclei_AreaShape_Area"], data="demo-output/tfrecords")
 
 Writes traverse.png (one row per feature or interpolation), one TCYX stack per row and
-traverse.csv.
+traverse.csv. Every step stays within the training split's range of each feature (the
+manifest's min and max; a base already beyond them stays where it is), unless extrapolate.
 """
 from __future__ import annotations
 
@@ -70,6 +71,35 @@ def feature_correlations_with(data, model, columns, max_cells: int = 20000) -> n
     return (z[:, columns].T @ z) / len(z)
 
 
+def training_range(*manifests):
+    """(low, high) per feature: the training split's min and max from the first manifest that
+    has them (convert writes them), or None."""
+    for manifest in manifests:
+        stats = ((manifest or {}).get("features") or {}).get("stats") or {}
+        if "min" in stats and "max" in stats:
+            return (np.asarray(stats["min"], np.float64), np.asarray(stats["max"], np.float64))
+    return None
+
+
+def within_range(profiles, bounds, origin=None) -> tuple[np.ndarray, np.ndarray]:
+    """(profiles with each feature clamped to bounds = (low, high), which values were). The
+    range widens to take in `origin` (a base beyond it stays where it is); a feature without
+    finite bounds is left as it is."""
+    profiles = np.asarray(profiles, np.float64)
+    low, high = (np.where(np.isfinite(b), b, fill) for b, fill in zip(bounds, (-np.inf, np.inf)))
+    if origin is not None:
+        low, high = np.minimum(low, origin), np.maximum(high, origin)
+    clamped = np.clip(profiles, low, high)
+    return clamped, clamped != profiles
+
+
+def range_label(value, was_clamped, low, high) -> str:
+    """A step's value, saying where the training range stopped it."""
+    if not was_clamped:
+        return f"{value:.4g}"
+    return f"{value:.4g} ({'min' if value <= low else 'max'})"
+
+
 def traversal_profiles(origin, j: int, move, sd, zs) -> np.ndarray:
     """[len(zs), F] profiles: feature j at origin + z SDs; every other feature k at origin +
     z * move[k] SDs (move: the unit vector of j, or its training correlations)."""
@@ -89,25 +119,33 @@ def interpolation_profiles(a: str, a_raw, b: str, b_raw, steps: int):
 
 def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0,
              steps: int = 7, base: str = "median", data=None, interpolate=None,
-             correlated: bool = False, overwrite: bool = False) -> dict:
+             correlated: bool = False, overwrite: bool = False,
+             extrapolate: bool = False) -> dict:
     """Vary each feature from `start` to `stop` training SDs around a base profile, holding
     the others; with `correlated`, the others move by their expected change (each by its
     training correlation with the varied feature, in SDs: what cells with that value look
     like on average, e.g. area, perimeter and diameters together). Or (`interpolate=(A, B)`)
-    move linearly from treatment A's mean to B's. Writes traverse.png (one row per feature),
-    one TIFF stack per row and traverse.csv."""
+    move linearly from treatment A's mean to B's. Each value stays within the training range
+    (labelled "min" or "max" where it stopped), unless `extrapolate`. Writes traverse.png (one
+    row per feature), one TIFF stack per row and traverse.csv."""
     if steps < 2:
         raise UserInputError(f"--steps {steps}: at least 2.")
     if not features and not interpolate:
         raise UserInputError("Give --feature NAME (one or more) or --interpolate A B.")
     rows = []  # (name, profiles [steps, F], tile labels, traverse.csv records)
+    bounds = None if extrapolate else training_range(
+        getattr(model, "manifest", None),
+        matching_manifest(data, model.feature_names) if data is not None else None)
     if features:
         title = _feature_rows(rows, model, features, np.linspace(start, stop, steps), base, data,
-                              correlated)
+                              correlated, bounds)
     if interpolate:
-        rows.append(_interpolation_row(model, interpolate, steps, data))
+        rows.append(_interpolation_row(model, interpolate, steps, data, bounds))
         if not features:
             title = f"Interpolation between treatment means (model: {model.source})"
+    title += ("; values beyond the training range drawn at its limits" if bounds is not None
+              else "; values not limited to the training range" if extrapolate
+              else "; no training range in the manifest (convert again): values not limited")
     profiles = np.concatenate([row[1] for row in rows]).astype(np.float32)
     images = model.images(profiles).reshape(len(rows), steps, *model.crop_shape)
     with OutputFolder(out_dir, overwrite) as folder:
@@ -116,7 +154,8 @@ def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0
             "rows": [row[0] for row in rows]}
 
 
-def _feature_rows(rows: list, model, features, zs, base: str, data, correlated: bool) -> str:
+def _feature_rows(rows: list, model, features, zs, base: str, data, correlated: bool,
+                  bounds) -> str:
     """One row per feature varied over `zs` SDs from the base profile; returns the title."""
     origin, base_name = base_profile(model, base, data)
     warn_nonfinite(origin[None], model.feature_names, f"base profile ({base_name})")
@@ -133,22 +172,30 @@ def _feature_rows(rows: list, model, features, zs, base: str, data, correlated: 
     for j, move in zip(chosen, moves):
         full = model.feature_names[j]
         profiles = traversal_profiles(origin, j, move, model.sd, zs)
+        clamped = np.zeros(profiles.shape, bool)
+        if bounds is not None:
+            profiles, clamped = within_range(profiles, bounds, origin)
+        low, high = (np.nan, np.nan) if bounds is None else (bounds[0][j], bounds[1][j])
         rows.append((full, profiles,
-                     [f"{z:+.1f} SD\n{v:.4g}" for z, v in zip(zs, profiles[:, j])],
-                     [{"row": full, "step": k, "z": z, "value": v}
-                      for k, (z, v) in enumerate(zip(zs, profiles[:, j]))]))
+                     [f"{z:+.1f} SD\n{range_label(v, c, low, high)}"
+                      for z, v, c in zip(zs, profiles[:, j], clamped[:, j])],
+                     [{"row": full, "step": k, "z": z, "value": v, "clamped": bool(c)}
+                      for k, (z, v, c) in enumerate(zip(zs, profiles[:, j], clamped[:, j]))]))
     others = ("correlated features moved with it" if correlated else "other features held")
     return f"Traversal from {base_name}, {others} (model: {model.source})"
 
 
-def _interpolation_row(model, interpolate, steps: int, data) -> tuple:
-    """The row from treatment A's mean profile to B's."""
+def _interpolation_row(model, interpolate, steps: int, data, bounds) -> tuple:
+    """The row from treatment A's mean profile to B's (within the training range: each step
+    lies between two means, so only a mean beyond it would be limited)."""
     a, b = interpolate
     means = treatment_means(data, model, [a, b]).to_numpy(np.float32)
     means = np.where(np.isfinite(means), means, model.median)
+    if bounds is not None:
+        means = within_range(means, bounds)[0]
     profiles, labels = interpolation_profiles(a, means[0], b, means[1], steps)
     return (f"{a} -> {b}", profiles, labels,
-            [{"row": f"{a} -> {b}", "step": k, "z": alpha, "value": np.nan}
+            [{"row": f"{a} -> {b}", "step": k, "z": alpha, "value": np.nan, "clamped": False}
              for k, alpha in enumerate(np.linspace(0.0, 1.0, steps))])
 
 

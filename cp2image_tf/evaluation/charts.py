@@ -1,4 +1,5 @@
-"""evaluate's pictures: cells.png, treatments/<treatment>.png, modules.png and scatter.png.
+"""evaluate's pictures: cells.png, overview.png, treatments/<treatment>.png, modules.png and
+scatter.png.
 matplotlib is imported when a chart is drawn (with the Agg backend: no display needed)."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from cp2image_tf.drawing.generate import file_label
 from cp2image_tf.evaluation.compare import METHODS, THRESHOLD
 from cp2image_tf.evaluation.report import fmt
 from cp2image_tf.metrics import module_of
-from cp2image_tf.viz import save_grid
+from cp2image_tf.viz import save_grid, save_tiles
 
 PER_TREATMENT_CELLS = 6
 
@@ -28,6 +29,7 @@ def draw_pictures(folder: Path, cells, predictions, neighbour, reference, correl
     save_grid(folder / "cells.png", rows, channels, labels,
               title="Real cells, the model's drawing of their profiles, the nearest training "
                     "cell by profile, and the mean training image")
+    overview_chart(folder / "overview.png", cells, predictions, channels)
     # One picture per treatment: real, generated and nearest-neighbour cells side by side.
     (folder / "treatments").mkdir()
     for t in sorted(set(treatments)):
@@ -41,6 +43,20 @@ def draw_pictures(folder: Path, cells, predictions, neighbour, reference, correl
                         "model's drawing of their profiles, the nearest training cell")
     module_chart(folder / "modules.png", modules)
     scatter_chart(folder / "scatter.png", correlations, inputs, remeasured)
+
+
+def overview_chart(path, cells, predictions, channels, treatments: int = 7) -> None:
+    """What the tool does, at a glance (the README's picture): the first evaluated cell of up to
+    `treatments` treatments, real, drawn by the model from its features, and the nearest
+    training cell by features."""
+    names = np.asarray(cells["treatments"])
+    picks = [int(np.flatnonzero(names == t)[0]) for t in sorted(set(names))[:treatments]]
+    tiles = np.stack([cells["crops"][picks], predictions["model"][picks],
+                      predictions["nearest neighbour"][picks]])
+    save_tiles(path, tiles, channels, [[""] * len(picks)] * 2 + [[names[i] for i in picks]],
+               ["real cell", "generated from\nits features", "nearest training\ncell by features"],
+               title="Test cells never seen in training: the real crop, the model's drawing of "
+                     "its CellProfiler features, the nearest training cell", scale=2)
 
 
 def module_chart(path, table: dict) -> None:

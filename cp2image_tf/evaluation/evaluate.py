@@ -18,6 +18,8 @@ For cells of one split (test by default, sampled evenly across treatments):
 3. Treatments: correlation between each treatment's mean re-measured profile for
    generated and for real cells (the ceiling: random split-halves of the real cells),
    and top-1 retrieval of the own treatment.
+   Retrieval (retrieval.py): treatment mAP of every method's pictures with copairs, per
+   treatment with p-values, and each picture's rank of its own cell's input profile.
 4. Distributions, as generative models of cells are compared: Fréchet distance and KID
    between generated and real re-measured features (standardised with re-measured
    training cells), pooled and per treatment (the ceiling: two halves of the real cells);
@@ -48,6 +50,7 @@ from cp2image_tf.evaluation.charts import draw_pictures
 from cp2image_tf.evaluation.classify import classify
 from cp2image_tf.evaluation.compare import (MIN_CEILING, THRESHOLD, distribution_report, group_headline,
                                             split_half_profiles)
+from cp2image_tf.evaluation.retrieval import add_to_headline, retrieval_report
 from cp2image_tf.evaluation.report import (module_report, pixel_report, report_markdown,
                                            write_json, write_remeasured)
 from cp2image_tf.measuring.remeasure import dataset_segmentation, plan_measurement, remeasure
@@ -209,11 +212,13 @@ def _compare(model, plan, manifest, cells, predictions, measured, seed, moa, cla
                                       test_treatments, correct, seed,
                                       known_distances=pooled if group == "all" else None)
                 for group, mask in groups.items() if mask.any()}
+    retrieval, per_cell = retrieval_report(standardized, inputs, manifest, test_treatments, seed)
+    add_to_headline(headline, groups, per_cell, len(test_treatments))
     return {"pixels": pixels, "inputs": inputs, "correlations": correlations,
             "modules": metrics.module_summary(correlations, THRESHOLD), "dropped": dropped,
             "treatments": treatment_level, "distributions": distributions,
             "classification": classification, "headline": headline,
-            "unseen": sorted(set(test_treatments[~seen]))}
+            "unseen": sorted(set(test_treatments[~seen])), "retrieval": retrieval}
 
 
 def _classify_all(measured, standardized, test_treatments, seed, moa, moa_column):
@@ -258,6 +263,7 @@ def _report(model, data, split, quota, cells, reference, manifest, plan, measure
         "treatments": found["treatments"],
         "distributions": found["distributions"],
         "classification": found["classification"],
+        "retrieval": found["retrieval"],
         "headline": found["headline"],
         "unseen_treatments": found["unseen"],
         "training_cells_measured": len(measured["train_pick"]),

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cp2image_tf.evaluation.compare import METHODS, THRESHOLD
+from cp2image_tf.evaluation.retrieval import retrieval_lines, retrieval_note
 from cp2image_tf.metrics import summarize
 
 
@@ -84,6 +85,8 @@ def report_markdown(report: dict) -> str:
     for name, entry in report["treatments"].items():
         lines.append(f"| {name} | {fmt(entry['median_r'], 3)} | {fmt(entry['retrieval_top1'], 2)} | "
                      f"{fmt(entry['chance'], 2)} |")
+    if report.get("retrieval"):
+        lines += [""] + retrieval_lines(report["retrieval"])
     timing = report["timing"]
     lines += ["", "## Time", "",
               f"{timing['seconds']:.0f} s in all ({timing['measure_seconds']:.0f} s measuring "
@@ -125,16 +128,20 @@ def headline_table(headline: dict) -> list[str]:
     methods = headline["methods"]
     kinds = [k for k in ("treatment", "moa") if f"{k}_accuracy" in methods["model"]]
     titles = {"treatment": "treatment accuracy", "moa": "MoA accuracy"}
+    retrieval = "map" in methods["model"]  # treatment mAP and self-retrieval (retrieval.py)
     lines = [f"| | pixel SSIM | features r >= {THRESHOLD} | Fréchet distance | KID | "
-             + "".join(f"{titles[k]} | " for k in kinds) + "mean-profile r |",
-             "|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
+             + "".join(f"{titles[k]} | " for k in kinds) + "mean-profile r |"
+             + (" treatment mAP | self-retrieval top-1 | top 10% |" if retrieval else ""),
+             "|---|---|---|---|---|" + "---|" * len(kinds) + "---|" + "---|" * 3 * retrieval]
     for method, label in HEADLINE_NAMES.items():
         row = methods[method]
         ssim = "1 (itself)" if method == "ceiling" else fmt(row["ssim"], 3)
         lines.append(f"| {label} | {ssim} | {fmt(row['fraction_r'], 2)} | {fmt(row['frechet'], 1)} "
                      f"| {fmt(row['kid'], 3)} | "
                      + "".join(f"{fmt(row[f'{k}_accuracy'], 2)} | " for k in kinds)
-                     + f"{fmt(row['profile_r'], 2)} |")
+                     + f"{fmt(row['profile_r'], 2)} |"
+                     + (f" {fmt(row['map'], 2)} | {fmt(row['self_top1'], 3)} | "
+                        f"{fmt(row['self_top10pct'], 2)} |" if retrieval else ""))
     return lines
 
 
@@ -166,7 +173,8 @@ def headline_lines(report: dict) -> list[str]:
     else:
         lines.append("No treatment classifier (--no-classifier).")
     lines += ["Mean-profile r: median over treatments of the correlation between generated and "
-              "real mean profiles; the ceiling from random split-halves of the real cells.", ""]
+              "real mean profiles; the ceiling from random split-halves of the real cells."]
+    lines += retrieval_note(report.get("retrieval")) + [""]
     unseen = report.get("unseen_treatments") or []
     if unseen:
         lines += ["## Unseen treatments", "",

@@ -38,11 +38,13 @@ STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("cp2image_tf.explore")
 
 
-def create_app(model, data=None, max_cells: int = MAX_CELLS, progress=None):
+def create_app(model, data=None, max_cells: int = MAX_CELLS, progress=None,
+               extrapolate: bool = False):
     """A FastAPI app serving the page and its API for `model` (a LocalModel or RemoteModel,
     see serving.local.load_model and serving.remote.RemoteModel); `data` is the dataset the model
-    was trained on (treatment means, cell bases, the nearest real cells)."""
-    explorer = Explorer(model, data, max_cells, progress)
+    was trained on (treatment means, cell bases, the nearest real cells); `extrapolate` lets
+    profiles and strips go beyond the training range."""
+    explorer = Explorer(model, data, max_cells, progress, extrapolate)
     app = FastAPI(title="cp2image-tf explore", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.explorer = explorer
     _answer_errors(app)

@@ -8,8 +8,11 @@ shareable URL does:
 
     ?base=DMSO&Nuclei_AreaShape_Area=2&Cells_Intensity_MeanIntensity_Actin=-1.5
 
-Offsets beyond +-OFFSET_LIMIT SDs are clamped, and so (with DATA_DIR) are values beyond the
-range of the training cells read (an eccentricity above 1, a negative area); the answer says so.
+Offsets beyond +-OFFSET_LIMIT SDs are clamped, and so are values beyond the training range (an
+eccentricity above 1, a negative area): the manifest's min and max of the training split, or
+for a dataset converted before manifests had them, the training cells of DATA_DIR read; the
+answer says so. Traversal and interpolation strips stay within it too. `extrapolate` lifts the
+training range (not the SD limit).
 
 DATA_DIR's training cells (at most `max_cells`, an even share per treatment, the first in
 shard order) are read once at start: their features for the nearest-neighbour search and
@@ -32,7 +35,7 @@ import pandas as pd
 from cp2image_tf.drawing.profiles import treatment_means
 from cp2image_tf.drawing.traverse import (base_profile, feature_correlations_with,
                                           interpolation_profiles, resolve_feature,
-                                          traversal_profiles)
+                                          traversal_profiles, training_range, within_range)
 from cp2image_tf.serving.local import LocalModel
 from cp2image_tf.viz import channel_colours, write_hyperstack
 from tfrecords_tools.errors import UserInputError
@@ -128,9 +131,11 @@ class Explorer:
     """What the page asks of a model: profiles from bases and offsets, cells drawn from them,
     the nearest real cells, traversals and interpolations. Thread-safe."""
 
-    def __init__(self, model, data=None, max_cells: int = MAX_CELLS, progress=None):
+    def __init__(self, model, data=None, max_cells: int = MAX_CELLS, progress=None,
+                 extrapolate: bool = False):
         say = progress or (lambda message: None)
         self.model = model
+        self.extrapolate = extrapolate
         self.data = str(data) if data is not None else None
         self.remote = not isinstance(model, LocalModel)
         self.names = list(model.feature_names)
@@ -164,6 +169,11 @@ class Explorer:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN features: no bounds
                 self.low, self.high = np.nanmin(finite, axis=0), np.nanmax(finite, axis=0)
+        bounds = training_range(getattr(model, "manifest", None), self.manifest)
+        if bounds is not None:  # the whole training split's, not only the cells read
+            self.low, self.high = (b.astype(np.float32) for b in bounds)
+        if extrapolate:
+            self.low = self.high = None
         # The first calls of a signature are slow (graph set-up); make them before the page's.
         self.images(self.median)
         self.png(self.median)
@@ -431,9 +441,12 @@ class Explorer:
         move = self.correlations(j) if correlated else np.eye(len(self.names))[j]
         zs = np.linspace(start, stop, steps)
         profiles = traversal_profiles(profile.raw.astype(np.float64), j, move, self.sd, zs)
-        labels = [f"{z:+.1f} SD" for z in zs]
+        profiles, clamped = self._within_range(profiles, profile.raw)
+        labels = [f"{z:+.1f} SD" + (f" ({'min' if z < 0 else 'max'})" if c else "")
+                  for z, c in zip(zs, clamped[:, j])]
         return {"feature": name, "correlated": correlated, "label": profile.label,
-                "frames": self._frames(profiles, labels, profiles[:, j])}
+                "frames": self._frames(profiles, labels, profiles[:, j]),
+                "range": self._range_note(clamped)}
 
     def interpolate(self, params) -> dict:
         a, b = params.get("a"), params.get("b")
@@ -449,7 +462,24 @@ class Explorer:
         profiles, labels = interpolation_profiles(
             a, self.base(a).raw.astype(np.float64), b, self.base(b).raw.astype(np.float64),
             self._steps(params))
-        return {"a": a, "b": b, "frames": self._frames(profiles, labels)}
+        profiles, clamped = self._within_range(profiles)
+        return {"a": a, "b": b, "frames": self._frames(profiles, labels),
+                "range": self._range_note(clamped)}
+
+    def _within_range(self, profiles, origin=None):
+        """Strip profiles within the training range (see within_range), unless extrapolating
+        or without one; and which values were limited."""
+        if self.low is None:
+            return profiles, np.zeros(np.shape(profiles), bool)
+        return within_range(profiles, (self.low.astype(np.float64), self.high.astype(np.float64)),
+                            None if origin is None else np.asarray(origin, np.float64))
+
+    def _range_note(self, clamped) -> str | None:
+        if self.low is None:
+            return "not limited to the training range" if self.extrapolate else None
+        count = int(clamped.any(axis=0).sum())
+        return (f"{count} feature(s) stopped at the training range's limits" if count
+                else "within the training range")
 
     # --- description -------------------------------------------------------------------------
 
@@ -476,4 +506,5 @@ class Explorer:
             "data": self.data, "reference_cells": len(ref.ids) if ref else 0,
             "example_cells": ref.ids[:5] if ref else [],
             "offset_limit": OFFSET_LIMIT, "max_steps": MAX_STEPS,
+            "extrapolate": self.extrapolate,
         }

@@ -781,7 +781,8 @@
     await drawStrip("tr", "api/traverse?" + p.toString(), (answer) => {
       $("tr-title").textContent = `${answer.feature} around ${answer.label}` +
         (Object.keys(S.offsets).length ? " with your changes" : "") +
-        (answer.correlated ? ", correlated features moving with it" : ", other features held");
+        (answer.correlated ? ", correlated features moving with it" : ", other features held") +
+        (answer.range ? `; ${answer.range}` : "");
     });
   }
 
