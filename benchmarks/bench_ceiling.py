@@ -74,7 +74,8 @@ def run_one(data: Path, label: str, args, variants: bool) -> pd.DataFrame:
                              stratified_quota(treatment_cells(manifest, "train"),
                                               args.reference_cells), seed=1)
     neighbour = nearest_neighbours(cells["raw"], reference["raw"], manifest, "standard")
-    settings, origin = dataset_segmentation(manifest, reference["crops"], "dataset", plan.objects)
+    settings, origin = dataset_segmentation(manifest, reference["crops"], "dataset", plan.objects,
+                                            reference["raw"])
     channels = measured_names(manifest)
     inputs = pd.DataFrame(cells["raw"], columns=names)[plan.measurable]
     measured = {"ceiling": remeasure(cells["crops"], plan, channels, workers=2,
@@ -95,8 +96,7 @@ def run_one(data: Path, label: str, args, variants: bool) -> pd.DataFrame:
     for reason, count in reasons.items():
         print(f"   not re-measured ({count}): {reason}")
     print(f"   segmentation: nucleus threshold {settings.nucleus_threshold:.4f} "
-          f"({origin['nucleus_threshold']}), diameter {settings.nucleus_diameter:.1f} px "
-          f"({origin['nucleus_diameter']})")
+          f"({origin['nucleus_threshold']}); declumping: {origin['declumping']}")
     table = shares(inputs, measured)
     table.insert(0, "dataset", label)
     print(table.drop(columns="dataset").to_string(index=False, float_format="%.2f"))

@@ -158,7 +158,7 @@ def _remeasure_all(cells, predictions, reference, neighbour, plan, manifest, tra
     # One segmentation for every picture, as a pipeline has: CellProfiler's nucleus threshold
     # where Image.csv gave it, else thresholds pooled over real training crops.
     segmentation, origin = dataset_segmentation(manifest, reference["crops"], scaling,
-                                                plan.objects)
+                                                plan.objects, reference["raw"])
     measured_all = remeasure(stack, plan, channels, workers=workers, progress=progress,
                              segmentation=segmentation, client=client)
     measure_seconds = time.perf_counter() - measure_start

@@ -113,9 +113,9 @@ def feature_lines(report: dict) -> list[str]:
         origin = segmentation.get("from", {})
         lines += ["", "Segmentation of every picture: nucleus threshold "
                   f"{fmt(segmentation['nucleus_threshold'], 4)} "
-                  f"({origin.get('nucleus_threshold', '')}), touching nuclei split at a typical "
-                  f"diameter of {fmt(segmentation['nucleus_diameter'], 1)} px "
-                  f"({origin.get('nucleus_diameter', '')}), cell threshold "
+                  f"({origin.get('nucleus_threshold', '')}); touching nuclei: "
+                  f"{origin.get('declumping', 'not split')} (typical diameter "
+                  f"{fmt(segmentation['nucleus_diameter'], 1)} px); cell threshold "
                   f"{fmt(segmentation['cell_threshold'], 4)} ({origin.get('cell_threshold', '')})."]
     return lines + [""]
 

@@ -42,6 +42,7 @@ import hashlib
 import functools
 import multiprocessing
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -188,13 +189,16 @@ class Segmentation:
     every crop, on the crops' scale (None: each crop's own). A dataset-level nucleus threshold
     is CellProfiler's own when Image.csv has it (see `cellprofiler_nucleus_threshold`), else
     `fit_nucleus_threshold`'s. `nucleus_diameter`: the typical nucleus diameter in pixels;
-    given, touching nuclei are split as IdentifyPrimaryObjects declumps them (`declump`).
+    given, touching nuclei are split as IdentifyPrimaryObjects declumps them (`declump`), and
+    split pieces whose shared boundary is brighter than `seam` x the dimmer one's peak joined
+    again (0: never).
     """
 
     dna: int | None = None
     nucleus_threshold: float | None = None
     cell_threshold: float | None = None
     nucleus_diameter: float | None = None
+    seam: float = 0.0
 
 
 def segment(crop: np.ndarray, channels: list[str], roles: Mapping[str, str],
@@ -213,7 +217,7 @@ def segment(crop: np.ndarray, channels: list[str], roles: Mapping[str, str],
         raise ValueError(f"unknown roles {unknown}; use {', '.join(ROLES)}")
     dna = dna_channel(channels) if settings.dna is None else settings.dna
     nucleus, nuclei = _nucleus(_smooth(crop[:, :, dna]), settings.nucleus_threshold,
-                               settings.nucleus_diameter)
+                               settings.nucleus_diameter, settings.seam)
     masks = {"nucleus": nucleus}
     if {"cell", "cytoplasm"} & set(roles.values()):
         cell = _cell(_smooth(_cell_signal(crop, dna)), nucleus, nuclei, settings.cell_threshold)
@@ -243,13 +247,16 @@ def fit_nucleus_threshold(crops: np.ndarray, channels: list[str], limit: int = 1
 
 
 def dataset_segmentation(manifest: dict, crops: np.ndarray, scaling: str,
-                         roles: Mapping[str, str]) -> tuple[Segmentation, dict]:
+                         roles: Mapping[str, str], raw: np.ndarray | None = None
+                         ) -> tuple[Segmentation, dict]:
     """The segmentation of a converted dataset's crops, scaled as `scaling` says, and where each
     setting came from: the nucleus threshold CellProfiler used (the training images' median of
     Image.csv's Threshold_FinalThreshold_<nuclei>, brought to the crops' scale) or else one
     pooled over the real training `crops`; the typical nucleus diameter from the nuclei's
     AreaShape_EquivalentDiameter (or Area) median in the training split, else measured on the
-    crops; the cell threshold pooled over the crops. `roles`: `Plan.objects`."""
+    crops; the cell threshold pooled over the crops. `roles`: `Plan.objects`. With `raw` (the
+    crops' CellProfiler features, in manifest order), how touching nuclei are split is chosen
+    on them (`choose_declumping`)."""
     from tfrecords_tools.measured import full_scale
     from tfrecords_tools.reader import crop_scale
 
@@ -278,9 +285,47 @@ def dataset_segmentation(manifest: dict, crops: np.ndarray, scaling: str,
         origin["nucleus_diameter"] = "measured on real training crops"
     settings = Segmentation(dna=dna, nucleus_threshold=float(nucleus_threshold),
                             cell_threshold=fit_cell_threshold(crops, channels, dna=dna),
-                            nucleus_diameter=diameter)
+                            nucleus_diameter=diameter, seam=DEFAULT_SEAM)
     origin["cell_threshold"] = "pooled over real training crops"
+    origin["declumping"] = f"the default (seam {DEFAULT_SEAM})"
+    area = f"{nucleus_object}_AreaShape_Area"
+    if raw is not None and area in manifest["features"]["names"] and diameter:
+        settings, origin["declumping"] = choose_declumping(
+            settings, crops, raw[:, manifest["features"]["names"].index(area)], area)
     return settings, origin
+
+
+DEFAULT_SEAM = 0.75
+DECLUMPING = ((None, 0.0), ("diameter", 0.0), ("diameter", 0.75), ("diameter", 0.9))
+
+
+def choose_declumping(settings: Segmentation, crops: np.ndarray, areas: np.ndarray, name: str,
+                      limit: int = 300) -> tuple[Segmentation, str]:
+    """The declumping (none; declumped; declumped with seam 0.75 or 0.9) whose central nuclei in
+    (up to `limit`) real training `crops` agree best (Pearson r) with CellProfiler's own areas of
+    those cells (`areas`, the `name` feature): the pipeline's own objects decide how touching
+    nuclei are to be split, not a setting tuned to one screen."""
+    ok = np.flatnonzero(np.isfinite(areas))
+    picked = ok[np.linspace(0, len(ok) - 1, min(limit, len(ok))).astype(int)] if len(ok) else ok
+    if len(picked) < 10:
+        return settings, f"the default (seam {settings.seam}): too few training cells with {name}"
+    smooth = [_smooth(np.clip(np.asarray(crops[i], np.float64)[:, :, settings.dna], 0, 1))
+              for i in picked]
+    scores = {}
+    for diameter, seam in DECLUMPING:
+        size = settings.nucleus_diameter if diameter else None
+        measured = [_nucleus(s, settings.nucleus_threshold, size, seam)[0].sum() for s in smooth]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scores[(diameter, seam)] = float(np.nan_to_num(
+                np.corrcoef(measured, areas[picked])[0, 1], nan=-1.0))
+    best = max(DECLUMPING, key=lambda k: scores[k])  # ties: the first, the simplest
+    chosen = dataclasses.replace(settings, nucleus_diameter=settings.nucleus_diameter
+                                 if best[0] else None, seam=best[1])
+    said = {(None, 0.0): "none", ("diameter", 0.0): "declumped",
+            ("diameter", 0.75): "declumped, seam 0.75", ("diameter", 0.9): "declumped, seam 0.9"}
+    listed = ", ".join(f"{said[k]} {v:.2f}" for k, v in scores.items())
+    return chosen, (f"{said[best]}: chosen on {len(picked)} training crops by Pearson r of the "
+                    f"central nucleus's area with CellProfiler's {name} ({listed})")
 
 
 def _typical_diameter(manifest: dict, nucleus_object: str | None) -> float | None:
@@ -354,7 +399,7 @@ def _halfway(smooth: np.ndarray, otsu: float, obj: np.ndarray) -> float:
 
 
 def _nucleus(smooth: np.ndarray, threshold: float | None = None,
-             diameter: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+             diameter: float | None = None, seam: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(the nucleus, every nucleus as a label image). Foreground: above `threshold`, or (None)
     at Otsu's threshold and then at `_halfway`'s; holes filled; with `diameter`, touching
     nuclei split (`declump`). The nucleus is the one at the centre."""
@@ -366,22 +411,24 @@ def _nucleus(smooth: np.ndarray, threshold: float | None = None,
         first = _central(scipy.ndimage.label(scipy.ndimage.binary_fill_holes(smooth > otsu))[0])
         threshold = _halfway(smooth, otsu, first)
     foreground = scipy.ndimage.binary_fill_holes(smooth > threshold)
-    nuclei = declump(foreground, smooth, diameter) if diameter else \
+    nuclei = declump(foreground, smooth, diameter, seam) if diameter else \
         scipy.ndimage.label(foreground)[0]
     return _central(nuclei), nuclei
 
 
-def declump(foreground: np.ndarray, image: np.ndarray, diameter: float) -> np.ndarray:
+def declump(foreground: np.ndarray, image: np.ndarray, diameter: float,
+            seam: float = 0.0) -> np.ndarray:
     """Touching nuclei split as IdentifyPrimaryObjects declumps them by default ("Intensity"):
     a watershed of the inverted image, smoothed (sigma a tenth of the typical `diameter`),
     from its maxima, maxima closer than a fifth of the diameter merged. Returns a label image.
 
-    Pieces without a dim seam between them are merged again (`SEAM`): texture inside one
-    nucleus makes maxima too. Measured (Pearson r of Nuclei_AreaShape_Area with CellProfiler's,
-    300 test crops): real BBBC013 crops 0.28 without declumping, 0.82 declumped, 0.69 with the
-    seam rule; the synthetic sample's textured nuclei 0.97, 0.69 and 0.92. The distance
-    transform's maxima ("Shape") gave 0.35 on BBBC013; smoothing at a seventh or twentieth of
-    the diameter, or merging maxima within a third of it, 0.31-0.64.
+    With `seam` > 0, pieces without a dim seam between them are joined again: texture inside
+    one nucleus makes maxima too. Measured (Pearson r of Nuclei_AreaShape_Area with
+    CellProfiler's, 300 test crops): real BBBC013 crops 0.28 without declumping, 0.82 declumped,
+    0.69 with seam 0.75; the synthetic sample's textured nuclei 0.97, 0.69 and 0.92: which one a
+    dataset needs, `choose_declumping` decides on its training crops. The distance transform's
+    maxima ("Shape") gave 0.35 on BBBC013; smoothing at a seventh or twentieth of the diameter,
+    or merging maxima within a third of it, 0.31-0.64.
     """
     from skimage.feature import peak_local_max
 
@@ -393,15 +440,12 @@ def declump(foreground: np.ndarray, image: np.ndarray, diameter: float) -> np.nd
                            labels=components, exclude_border=False)
     markers = np.zeros(foreground.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    labels = _merge_without_seam(watershed(-surface, markers, mask=foreground), surface, SEAM)
+    labels = _merge_without_seam(watershed(-surface, markers, mask=foreground), surface, seam)
     orphans = foreground & (labels == 0)  # a component without a maximum keeps itself
     if orphans.any():
         extra, _ = scipy.ndimage.label(orphans)
         labels = np.where(orphans, extra + labels.max(), labels)
     return labels
-
-
-SEAM = 0.75  # touching pieces stay apart where their boundary is below SEAM x the dimmer peak
 
 
 def _merge_without_seam(labels: np.ndarray, surface: np.ndarray, ratio: float) -> np.ndarray:
