@@ -379,3 +379,14 @@ def test_features_measured_on_other_images_pair_by_name_or_by_option(cp_folder, 
         convert(config_for(cp_folder, tmp_path / "b"), progress=False)
     m = convert(config_for(cp_folder, tmp_path / "c", measured_as="DNA=CorrBlue"), progress=False)
     assert m["measured_as"] == {"DNA": "CorrBlue", "Actin": "Actin"}
+
+
+def test_channel_labels_name_the_measured_image():
+    from tfrecords_tools.manifest import channel_label, measured_names
+
+    manifest = {"channels": ["rawGFP", "rawDNA", "Mito"],
+                "measured_as": {"rawGFP": "CorrGreen", "rawDNA": "CorrBlue"}}
+    assert measured_names(manifest) == ["CorrGreen", "CorrBlue", "Mito"]
+    assert channel_label(manifest, "rawGFP") == "rawGFP (measured as CorrGreen)"
+    assert channel_label(manifest, "Mito") == "Mito"
+    assert measured_names({"channels": ["DNA"]}) == ["DNA"]  # datasets converted before the map

@@ -257,6 +257,7 @@ def test_without_data_the_median_works_and_the_rest_says_what_it_needs(model):
     client = TestClient(explore.create_app(model))
     info = client.get("/api/info").json()
     assert info["treatments"] == [] and set(info["model_treatments"]) == {"small", "large"}
+    assert info["channel_labels"] == info["channels"] == ["DNA", "Actin"]  # measured as named
     assert client.get("/api/render").status_code == 200
     for url in ("/api/render?base=large", "/api/neighbours", "/api/interpolate?a=small&b=large",
                 f"/api/traverse?feature={AREA}&correlated=1"):

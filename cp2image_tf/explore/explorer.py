@@ -499,6 +499,8 @@ class Explorer:
         return {
             "source": self.model.source, "remote": self.remote,
             "channels": list(self.model.channels),
+            # 'rawGFP (measured as CorrGreen)': the image the features were measured on.
+            "channel_labels": list(getattr(self.model, "channel_labels", self.model.channels)),
             "colours": channel_colours(self.model.channels).tolist(),
             "crop": list(self.model.crop_shape), "features": features,
             "treatments": self.treatments if self.data else [],

@@ -521,7 +521,7 @@
       img.alt = `${name} channel`;
       img.className = "channel";
       const cap = document.createElement("figcaption");
-      cap.textContent = name;
+      cap.textContent = (S.info.channel_labels || S.info.channels)[k];
       cap.style.color = cssColour(S.info.colours[k]);
       fig.append(img, cap);
       tiles.append(fig);
