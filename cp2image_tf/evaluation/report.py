@@ -114,9 +114,11 @@ def feature_lines(report: dict) -> list[str]:
         lines += ["", "Segmentation of every picture: nucleus threshold "
                   f"{fmt(segmentation['nucleus_threshold'], 4)} "
                   f"({origin.get('nucleus_threshold', '')}); touching nuclei: "
-                  f"{origin.get('declumping', 'not split')} (typical diameter "
-                  f"{fmt(segmentation['nucleus_diameter'], 1)} px); cell threshold "
-                  f"{fmt(segmentation['cell_threshold'], 4)} ({origin.get('cell_threshold', '')})."]
+                  f"{origin.get('declumping', 'not split')}"
+                  + (f" (typical diameter {fmt(segmentation['nucleus_diameter'], 1)} px)"
+                     if segmentation["nucleus_diameter"] else "")
+                  + f"; cell threshold {fmt(segmentation['cell_threshold'], 4)} "
+                  f"({origin.get('cell_threshold', '')})."]
     return lines + [""]
 
 
