@@ -13,6 +13,15 @@ def inspect(data_dir, verify):
     from tfrecords_tools import inspection as lib
 
     click.echo(call(lib.summarize, data_dir))
+    if not verify:
+        problems = call(lib.quick_check, data_dir)
+        if problems:
+            for problem in problems:
+                click.echo(f"  {problem}", err=True)
+            raise click.ClickException(f"{data_dir}: {len(problems)} damaged shard(s); run "
+                                       f"`cp2image-tf inspect {data_dir} --verify` for details.")
+        click.echo("  shards: all present, with the manifest's sizes and record counts "
+                   "(--verify reads every record).")
     if verify:
         start_tensorflow()
         problems = call(lib.verify, data_dir)

@@ -18,12 +18,16 @@ Run folder:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ import numpy as np
 from cp2image_tf.training.config import FitConfig
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest, treatment_cells
+from tfrecords_tools.shards import check_shards, named_read_errors
 
 MODEL_KEYS = ("model", "filters", "noise_dim", "pixel_noise")
 
@@ -42,11 +47,25 @@ def data_signature(manifest: dict) -> dict:
             "crop": [crop["height"], crop["width"], crop["channels"]]}
 
 
-def check_run_dir(run_dir: Path, manifest: dict, config: FitConfig) -> None:
-    """An existing run must have been trained on data of the same shape and the same model."""
+def shard_checksums(manifest: dict) -> list:
+    """The dataset's identity: its shards' names and SHA-256 checksums."""
+    return sorted((s["file"], s.get("sha256")) for s in manifest["shards"])
+
+
+def check_run_dir(run_dir: Path, manifest: dict, config: FitConfig, new_data: bool = False) -> None:
+    """An existing run must have been trained on data of the same shape and the same model,
+    and (unless new_data) on the same dataset: the same shard checksums."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserInputError(f"{run_dir}: exists and is a file; RUN_DIR is the folder fit writes "
+                             "its checkpoints to. Give a new RUN_DIR.")
     saved = run_dir / "manifest.json"
     if saved.is_file():
-        old = data_signature(json.loads(saved.read_text()))
+        try:
+            saved_manifest = json.loads(saved.read_text())
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{saved}: not valid JSON ({err}); the run folder is damaged. "
+                                 "Use a new RUN_DIR.") from None
+        old = data_signature(saved_manifest)
         new = data_signature(manifest)
         for key in ("features", "channels", "crop"):
             if old[key] != new[key]:
@@ -57,9 +76,18 @@ def check_run_dir(run_dir: Path, manifest: dict, config: FitConfig) -> None:
                 raise UserInputError(
                     f"{run_dir}: its checkpoints were trained on other data ({what}). "
                     "Use a new RUN_DIR for this dataset.")
+        if not new_data and shard_checksums(saved_manifest) != shard_checksums(manifest):
+            raise UserInputError(
+                f"{run_dir}: was trained on another dataset of the same shape (its manifest.json "
+                "names other shard checksums). Pass --new-data to continue training it on this "
+                "one, or use a new RUN_DIR.")
     saved_config = run_dir / "config.json"
     if saved_config.is_file():
-        old = json.loads(saved_config.read_text())
+        try:
+            old = json.loads(saved_config.read_text())
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{saved_config}: not valid JSON ({err}); the run folder is "
+                                 "damaged. Use a new RUN_DIR.") from None
         for key in MODEL_KEYS:
             if key in old and old[key] != getattr(config, key):
                 raise UserInputError(
@@ -198,40 +226,84 @@ class Clock:
         return math.inf if self.limit is None else self.limit - self.seconds()
 
 
-def restore_latest(trainer, run_dir: Path, chief: bool, progress: bool) -> int:
-    """Restore the newest checkpoint of RUN_DIR, if any; the step it resumes from."""
-    import tensorflow as tf
+def resume_point(run_dir: Path, chief: bool = True):
+    """The newest checkpoint of RUN_DIR that reads in full (None for a new run); says on stderr
+    which newer ones it skipped as unreadable (truncated, half copied)."""
+    from cp2image_tf.training.checkpoints import newest_readable
 
-    latest = tf.train.latest_checkpoint(run_dir / "checkpoints")
-    if not latest:
+    path, skipped = newest_readable(run_dir / "checkpoints")
+    if chief:
+        for bad, why in skipped:
+            print(f"Skipping checkpoint {bad}: it does not read ({why}).", file=sys.stderr)
+    if skipped and path is None:
+        raise UserInputError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'} reads "
+                             f"({skipped[0][0]}: {skipped[0][1]}). Move the checkpoints folder "
+                             "aside to train from the start, or use a new RUN_DIR.")
+    return path
+
+
+def restore_latest(trainer, run_dir: Path, chief: bool, progress: bool, path=None) -> int:
+    """Restore the newest readable checkpoint of RUN_DIR (or `path`), if any; the step it
+    resumes from. "Resuming from step N" is said even without progress output."""
+    path = path or resume_point(run_dir, chief)
+    if not path:
         return 0
-    trainer.checkpoint.restore(latest).assert_existing_objects_matched()
+    trainer.checkpoint.restore(path).assert_existing_objects_matched()
     start_step = int(trainer.step.numpy())
-    if chief and progress:
-        print(f"Resuming from step {start_step} ({latest}).", file=sys.stderr)
+    if chief:
+        print(f"Resuming from step {start_step} ({path}).", file=sys.stderr)
     return start_step
+
+
+def use_stratified(manifest: dict, config: FitConfig) -> bool:
+    treatments = treatment_cells(manifest, "train")
+    return {"yes": True, "no": False}.get(config.stratify, len(treatments) > 1)
+
+
+def warn_unbalanced(manifest: dict, config: FitConfig) -> None:
+    """Treatment-balanced batches need at least one cell of each treatment per batch."""
+    n = len(treatment_cells(manifest, "train"))
+    if use_stratified(manifest, config) and config.batch_size < n:
+        warnings.warn(f"--batch-size {config.batch_size} is smaller than the {n} treatments of "
+                      "the training split: batches cannot hold every treatment (each batch takes "
+                      f"the next {config.batch_size} in turn). Use --batch-size {n} or more for "
+                      "balanced batches.", UserWarning, stacklevel=2)
+
+
+def batches_consumed(trainer) -> list[int]:
+    """Batches each training iterator has given so far (from the checkpointed counters): the
+    measurer's steps and the decoder's draw from the first, the published discriminator's
+    real batches from the second."""
+    step = int(trainer.step.numpy())
+    measurer = int(trainer.measurer_step.numpy()) if hasattr(trainer, "measurer_step") else 0
+    return [measurer + step, step][:2 if trainer.needs_real_batch else 1]
 
 
 def train_iterators(trainer, data_dir, manifest: dict, config: FitConfig) -> list:
     """Distributed training iterators: (features, crops) batches, plus an independent real
-    batch for the published discriminator."""
+    batch for the published discriminator.
+
+    The batches are a fixed sequence of the seed (a deterministic pipeline), and a resumed run
+    skips the ones its checkpoint has used (reading, not decoding, them): it continues the
+    sequence where the interrupted run stopped, so both end with the same weights.
+    """
     strategy = trainer.strategy
-    treatments = treatment_cells(manifest, "train")
-    stratify = {"yes": True, "no": False}.get(config.stratify, len(treatments) > 1)
+    stratify = use_stratified(manifest, config)
     per_replica = config.batch_size // strategy.num_replicas_in_sync
 
-    def dataset_fn(seed):
+    def dataset_fn(seed, skip):
         from tfrecords_tools.reader import make_dataset
 
         def make(ctx):
             return make_dataset(data_dir, "train", per_replica, stratify=stratify, shuffle=True,
                                 repeat=True, seed=seed, scaling=config.scaling,
                                 normalization=config.normalization, input_context=ctx,
-                                manifest=manifest)
+                                manifest=manifest, skip_batches=skip)
         return make
 
     seeds = [config.seed, config.seed + 1] if trainer.needs_real_batch else [config.seed]
-    return [iter(strategy.distribute_datasets_from_function(dataset_fn(s))) for s in seeds]
+    return [iter(strategy.distribute_datasets_from_function(dataset_fn(s, skip)))
+            for s, skip in zip(seeds, batches_consumed(trainer))]
 
 
 class Validator:
@@ -331,27 +403,85 @@ def plan_total_steps(trainer, config: FitConfig, clock: Clock, seconds_per_step:
     return total
 
 
+class Interrupted(KeyboardInterrupt):
+    """fit stopped by SIGTERM or Ctrl+C after saving a checkpoint: `signal`, `step`, `checkpoint`."""
+
+    def __init__(self, signal_name: str = "SIGINT"):
+        super().__init__(signal_name)
+        self.signal, self.step, self.checkpoint = signal_name, None, None
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm():
+    """SIGTERM (timeout, Slurm preemption, Kubernetes) raises Interrupted, as Ctrl+C raises
+    KeyboardInterrupt: training saves a checkpoint on the way out instead of losing its work."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_steps_left(run_dir: Path, resume, config: FitConfig) -> None:
+    """A rerun asking for no more steps than the run has done is refused before anything is
+    written (config.json keeps the settings the run was trained with)."""
+    from cp2image_tf.training.checkpoints import checkpoint_step
+
+    if resume is None:
+        return
+    done = checkpoint_step(resume)
+    if done >= config.steps:
+        raise UserInputError(
+            f"{run_dir}: already trained to step {done}, so --steps {config.steps} leaves nothing "
+            f"to do. Give --steps above {done} to train further, or export it with "
+            f"`cp2image-tf export {run_dir} MODEL_BASE`.")
+
+
 def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = True,
-        strategy=None) -> dict:
+        strategy=None, verify_data: bool = False, new_data: bool = False) -> dict:
     """Train (or resume training) a decoder on a converted dataset; returns a summary.
 
-    Re-running with the same RUN_DIR resumes from its latest checkpoint. With
+    Re-running with the same RUN_DIR resumes from its latest checkpoint that reads. With
     config.time_limit the run stops cleanly when its training seconds (summed over
-    resumed runs) reach the limit, and checkpoints.
+    resumed runs) reach the limit, and checkpoints. Before any work the train and val shards
+    are checked against the manifest (size and record count; verify_data: also the SHA-256),
+    and a RUN_DIR trained on another dataset is refused unless new_data. SIGTERM and Ctrl+C
+    save a checkpoint and raise Interrupted.
     """
+    config = config or FitConfig()
+    config.validate()
+    manifest = load_manifest(data_dir)
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, manifest, config, new_data)
+    from cp2image_tf.training.networks import check_crop
+
+    check_crop(manifest, config, data_dir)
+    check_shards(data_dir, manifest, splits=("train", "val"),
+                 level="sha256" if verify_data else "count")
+    warn_unbalanced(manifest, config)
+    with interrupt_on_sigterm(), named_read_errors(data_dir, manifest):
+        return _fit(data_dir, run_dir, manifest, config, progress, strategy)
+
+
+def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: bool,
+         strategy) -> dict:
     import keras
     import tensorflow as tf
 
     from cp2image_tf.training.strategy import choose_strategy, is_chief
 
-    config = config or FitConfig()
-    config.validate()
-    manifest = load_manifest(data_dir)
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir, manifest, config)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    strategy = strategy or choose_strategy(config.strategy)
+    resume = resume_point(run_dir)
+    check_steps_left(run_dir, resume, config)
+    strategy = strategy or choose_strategy(config.strategy, config.peer_timeout)
     chief = is_chief(strategy)
     keras.utils.set_random_seed(config.seed)
 
@@ -366,7 +496,7 @@ def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = Tru
     managers = (tf.train.CheckpointManager(trainer.checkpoint, write_dir / "checkpoints",
                                            max_to_keep=config.keep_checkpoints),
                 tf.train.CheckpointManager(trainer.checkpoint, write_dir / "best", max_to_keep=1))
-    start_step = restore_latest(trainer, run_dir, chief, progress)
+    start_step = restore_latest(trainer, run_dir, chief, progress, resume)
     iterators = train_iterators(trainer, data_dir, manifest, config)
     validator = Validator(trainer, data_dir, run_dir, manifest, config, chief)
     clock = Clock(trainer, config.time_limit)
@@ -374,13 +504,25 @@ def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = Tru
                "baseline_ssim": validator.baseline_ssim}
     try:
         if hasattr(trainer, "measurer_step_fn"):
-            report = train_measurer(trainer, iterators[0], config, clock, validator, run_dir,
-                                    progress and chief)
+            measured = int(trainer.measurer_step.numpy())
+            try:
+                report = train_measurer(trainer, iterators[0], config, clock, validator, run_dir,
+                                        progress and chief)
+            except KeyboardInterrupt:
+                if int(trainer.measurer_step.numpy()) > measured:
+                    clock.sync()
+                    managers[0].save(checkpoint_number=int(trainer.step.numpy()))
+                raise
             if report:
                 summary["measurer"] = report
                 managers[0].save(checkpoint_number=int(trainer.step.numpy()))
         step = training_loop(trainer, iterators, config, clock, validator, managers, run_dir,
                              start_step, summary, chief and progress)
+    except KeyboardInterrupt as err:
+        stopped = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
+        stopped.step = int(trainer.step.numpy())
+        stopped.checkpoint = managers[0].latest_checkpoint
+        raise stopped from None
     finally:
         if validator.writer is not None:
             validator.writer.flush()
