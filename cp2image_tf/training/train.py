@@ -601,6 +601,8 @@ def training_loop(trainer, iterators, config: FitConfig, clock: Clock, validator
     finally:
         bar.close()
         clock.sync()
+        # An interrupt between a step's update and `step += 1`: the counter is the truth.
+        step = int(trainer.step.numpy())
         if step > start_step and manager.latest_checkpoint != str(
                 Path(manager.directory) / f"ckpt-{step}"):
             manager.save(checkpoint_number=step)
