@@ -19,6 +19,8 @@ from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.reader import NORMALIZATIONS, SCALINGS
 
 MODELS = ("film", "published")
+# The smallest crop any model trains on (the film model's; the published one needs 47 px).
+MIN_CROP_SIZE = 32
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 STRATIFY = ("auto", "yes", "no")
 MODEL_DEFAULTS = {
