@@ -135,3 +135,39 @@ def free_ports(n):
     for s in sockets:
         s.close()
     return ports
+
+
+def test_fewer_steps_than_done_leave_the_run_as_it_was_and_unbalanced_batches_warn(
+        disc_dataset, disc_run, tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    run = tmp_path / "run"
+    shutil.copytree(disc_run, run)
+    before = {name: (run / name).read_bytes() for name in ("config.json", "manifest.json",
+                                                          "history.csv")}
+    # 2 treatments, batches of 1: they cannot hold both.
+    result = CliRunner().invoke(main, ["fit", str(disc_dataset), str(run), "--steps", "5",
+                                       "--batch-size", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "Warning: --batch-size 1 is smaller than the 2 treatments" in result.output
+    assert "already trained to step 12, so --steps 5 leaves nothing to do" in result.output
+    assert "nan" not in result.output
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_a_run_continues_on_new_data_only_when_told(disc_dataset, disc_run, tmp_path):
+    from tfrecords_tools.errors import UserInputError
+    from cp2image_tf.training.train import check_run_dir
+
+    run = tmp_path / "run"
+    shutil.copytree(disc_run, run)
+    manifest = json.loads((disc_dataset / "manifest.json").read_text())
+    config = FitConfig(**DISC_RUN)
+    check_run_dir(run, manifest, config)  # the same dataset: resumes
+    other = json.loads(json.dumps(manifest))
+    other["shards"][1]["sha256"] = "f" * 64  # same shape, another convert's shard
+    with pytest.raises(UserInputError, match="another dataset of the same shape.*--new-data"):
+        check_run_dir(run, other, config)
+    check_run_dir(run, other, config, new_data=True)
