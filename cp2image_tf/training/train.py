@@ -270,40 +270,51 @@ def warn_unbalanced(manifest: dict, config: FitConfig) -> None:
                       "balanced batches.", UserWarning, stacklevel=2)
 
 
-def batches_consumed(trainer) -> list[int]:
-    """Batches each training iterator has given so far (from the checkpointed counters): the
-    measurer's steps and the decoder's draw from the first, the published discriminator's
-    real batches from the second."""
-    step = int(trainer.step.numpy())
-    measurer = int(trainer.measurer_step.numpy()) if hasattr(trainer, "measurer_step") else 0
-    return [measurer + step, step][:2 if trainer.needs_real_batch else 1]
+class BatchStream:
+    """The training batches as a function of the step, so that a resumed run draws exactly the
+    batches the uninterrupted run would have drawn.
 
-
-def train_iterators(trainer, data_dir, manifest: dict, config: FitConfig) -> list:
-    """Distributed training iterators: (features, crops) batches, plus an independent real
-    batch for the published discriminator.
-
-    The batches are a fixed sequence of the seed (a deterministic pipeline), and a resumed run
-    skips the ones its checkpoint has used (reading, not decoding, them): it continues the
-    sequence where the interrupted run stopped, so both end with the same weights.
+    The decoder's batches come in segments of `checkpoint_every` steps: segment k is a fresh
+    deterministic pipeline seeded by (seed, k, stream). A run resumed from a periodic
+    checkpoint starts its segment afresh; one resumed from a checkpoint saved on an
+    interrupt or a time limit skips the segment's used batches (reading, not decoding, at
+    most checkpoint_every - 1 of them). The film measurer's phase is one segment of its own.
+    The published discriminator's real batches are a second stream.
     """
-    strategy = trainer.strategy
-    stratify = use_stratified(manifest, config)
-    per_replica = config.batch_size // strategy.num_replicas_in_sync
 
-    def dataset_fn(seed, skip):
+    def __init__(self, trainer, data_dir, manifest: dict, config: FitConfig):
+        self.trainer, self.data_dir, self.manifest, self.config = trainer, data_dir, manifest, config
+        self.stratify = use_stratified(manifest, config)
+        self.streams = 2 if trainer.needs_real_batch else 1
+
+    def seed(self, *key) -> int:
+        return int(np.random.SeedSequence([self.config.seed, *key]).generate_state(1)[0] >> 1)
+
+    def iterator(self, seed: int, skip: int):
         from tfrecords_tools.reader import make_dataset
 
-        def make(ctx):
-            return make_dataset(data_dir, "train", per_replica, stratify=stratify, shuffle=True,
-                                repeat=True, seed=seed, scaling=config.scaling,
-                                normalization=config.normalization, input_context=ctx,
-                                manifest=manifest, skip_batches=skip)
-        return make
+        strategy, config = self.trainer.strategy, self.config
+        per_replica = config.batch_size // strategy.num_replicas_in_sync
 
-    seeds = [config.seed, config.seed + 1] if trainer.needs_real_batch else [config.seed]
-    return [iter(strategy.distribute_datasets_from_function(dataset_fn(s, skip)))
-            for s, skip in zip(seeds, batches_consumed(trainer))]
+        def make(ctx):
+            return make_dataset(self.data_dir, "train", per_replica, stratify=self.stratify,
+                                shuffle=True, repeat=True, seed=seed, scaling=config.scaling,
+                                normalization=config.normalization, input_context=ctx,
+                                manifest=self.manifest, skip_batches=skip)
+        return iter(strategy.distribute_datasets_from_function(make))
+
+    def measurer(self):
+        """The measurer phase's iterator, past the batches its checkpoint has used."""
+        return self.iterator(self.seed(1, 0, 0), int(self.trainer.measurer_step.numpy()))
+
+    def segment_starts(self, step: int) -> bool:
+        return step % self.config.checkpoint_every == 0
+
+    def decoder(self, step: int) -> list:
+        """The iterators that give the batches of decoder steps step+1, step+2, ... to the end
+        of the segment holding `step`."""
+        segment, done = divmod(step, self.config.checkpoint_every)
+        return [self.iterator(self.seed(0, segment, i), done) for i in range(self.streams)]
 
 
 class Validator:
@@ -497,7 +508,7 @@ def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: b
                                            max_to_keep=config.keep_checkpoints),
                 tf.train.CheckpointManager(trainer.checkpoint, write_dir / "best", max_to_keep=1))
     start_step = restore_latest(trainer, run_dir, chief, progress, resume)
-    iterators = train_iterators(trainer, data_dir, manifest, config)
+    batches = BatchStream(trainer, data_dir, manifest, config)
     validator = Validator(trainer, data_dir, run_dir, manifest, config, chief)
     clock = Clock(trainer, config.time_limit)
     summary = {"start_step": start_step, "baseline_mse": validator.baseline_mse,
@@ -506,7 +517,7 @@ def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: b
         if hasattr(trainer, "measurer_step_fn"):
             measured = int(trainer.measurer_step.numpy())
             try:
-                report = train_measurer(trainer, iterators[0], config, clock, validator, run_dir,
+                report = train_measurer(trainer, batches.measurer(), config, clock, validator, run_dir,
                                         progress and chief)
             except KeyboardInterrupt:
                 if int(trainer.measurer_step.numpy()) > measured:
@@ -516,7 +527,7 @@ def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: b
             if report:
                 summary["measurer"] = report
                 managers[0].save(checkpoint_number=int(trainer.step.numpy()))
-        step = training_loop(trainer, iterators, config, clock, validator, managers, run_dir,
+        step = training_loop(trainer, batches, config, clock, validator, managers, run_dir,
                              start_step, summary, chief and progress)
     except KeyboardInterrupt as err:
         stopped = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
@@ -533,7 +544,7 @@ def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: b
     return summary
 
 
-def training_loop(trainer, iterators, config: FitConfig, clock: Clock, validator: Validator,
+def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock, validator: Validator,
                   managers, run_dir: Path, start_step: int, summary: dict, progress: bool) -> int:
     """Steps until --steps or --time-limit; logs, validates and checkpoints on the way."""
     from tqdm import tqdm
@@ -549,7 +560,7 @@ def training_loop(trainer, iterators, config: FitConfig, clock: Clock, validator
                 and hasattr(trainer, "total_steps"))
     bar = tqdm(total=config.steps, initial=min(start_step, config.steps), unit="step",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    step, rate = start_step, None
+    step, rate, iterators = start_step, None, None
     last_time, last_step = time.perf_counter(), step
     try:
         if step == 0:
@@ -557,6 +568,8 @@ def training_loop(trainer, iterators, config: FitConfig, clock: Clock, validator
             history.write({"step": 0, "val_mse": mse, "val_ssim": ssim,
                            "baseline_mse": validator.baseline_mse})
         while step < config.steps and clock.left() > 0:
+            if iterators is None or batches.segment_starts(step):
+                iterators = batches.decoder(step)
             losses = step_fn(*iterators)
             step += 1
             bar.update(1)
