@@ -278,7 +278,7 @@ class BatchStream:
     deterministic pipeline seeded by (seed, k, stream). A run resumed from a periodic
     checkpoint starts its segment afresh; one resumed from a checkpoint saved on an
     interrupt or a time limit skips the segment's used batches (reading, not decoding, at
-    most checkpoint_every - 1 of them). The film measurer's phase is one segment of its own.
+    most checkpoint_every - 1 of them). The film measurer's steps are segmented alike.
     The published discriminator's real batches are a second stream.
     """
 
@@ -303,9 +303,10 @@ class BatchStream:
                                 manifest=self.manifest, skip_batches=skip)
         return iter(strategy.distribute_datasets_from_function(make))
 
-    def measurer(self):
-        """The measurer phase's iterator, past the batches its checkpoint has used."""
-        return self.iterator(self.seed(1, 0, 0), int(self.trainer.measurer_step.numpy()))
+    def measurer(self, step: int):
+        """The measurer's batches from its step `step` to the end of that step's segment."""
+        segment, done = divmod(step, self.config.checkpoint_every)
+        return self.iterator(self.seed(1, segment, 0), done)
 
     def segment_starts(self, step: int) -> bool:
         return step % self.config.checkpoint_every == 0
@@ -370,8 +371,8 @@ class Validator:
                              max_outputs=len(grid))
 
 
-def train_measurer(trainer, iterator, config: FitConfig, clock: Clock, validator: Validator,
-                   run_dir: Path, progress: bool) -> dict | None:
+def train_measurer(trainer, batches: BatchStream, config: FitConfig, clock: Clock,
+                   validator: Validator, run_dir: Path, progress: bool) -> dict | None:
     """Phase 1 of the film model: the measurer learns crops -> features, then is frozen.
 
     `measurer_steps`, or `measurer_share` of the time limit when one is set. Writes
@@ -386,10 +387,12 @@ def train_measurer(trainer, iterator, config: FitConfig, clock: Clock, validator
     done = int(trainer.measurer_step.numpy())
     if done >= n_steps or (budget is not None and clock.seconds() >= budget and done):
         return None
-    step_fn = trainer.measurer_step_fn()
+    step_fn, iterator = trainer.measurer_step_fn(), None
     bar = tqdm(total=n_steps, initial=done, unit="step", desc="measurer", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     while done < n_steps and (budget is None or clock.seconds() < budget or not done):
+        if done % config.checkpoint_every == 0 or iterator is None:
+            iterator = batches.measurer(done)
         loss = float(step_fn(iterator)["measurer"])
         done += 1
         bar.update(1)
@@ -517,7 +520,7 @@ def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: b
         if hasattr(trainer, "measurer_step_fn"):
             measured = int(trainer.measurer_step.numpy())
             try:
-                report = train_measurer(trainer, batches.measurer(), config, clock, validator, run_dir,
+                report = train_measurer(trainer, batches, config, clock, validator, run_dir,
                                         progress and chief)
             except KeyboardInterrupt:
                 if int(trainer.measurer_step.numpy()) > measured:
