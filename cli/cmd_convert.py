@@ -83,7 +83,13 @@ def convert(input_path, out_dir, channels, objects, table, crop_column, crop_siz
     runs (one process, --workers, --scheduler, --part + --finalize), the same
     command gives the same shards and manifest.
     """
+    from cp2image_tf.training.config import MIN_CROP_SIZE
     from tfrecords_tools.convert import ConvertConfig, convert as run
+
+    if crop_size is not None and 0 < crop_size < MIN_CROP_SIZE:
+        click.echo(f"Warning: --crop-size {crop_size}: `cp2image-tf fit` trains on crops from "
+                   f"{MIN_CROP_SIZE} px (the film model; the published one from 48 px); convert "
+                   f"with --crop-size {MIN_CROP_SIZE} or more to train on this dataset.", err=True)
 
     config = ConvertConfig(
         input=input_path, out_dir=out_dir, channels=parse_list(channels),

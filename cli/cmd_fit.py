@@ -1,4 +1,6 @@
 """The fit command."""
+import sys
+
 import click
 
 from cli.common import call, start_tensorflow
@@ -35,9 +37,17 @@ from tfrecords_tools.reader import SCALINGS
 @click.option("--log-every", type=int, default=None, help="[default: 25 steps]")
 @click.option("--seed", type=int, default=None, help="[default: 0]")
 @click.option("--mixed-precision", is_flag=True, default=None, help="float16 compute (GPUs).")
+@click.option("--peer-timeout", type=float, default=None,
+              help="multiworker: seconds to wait for every worker of TF_CONFIG [default: 300].")
+@click.option("--verify-data", is_flag=True,
+              help="Check every shard's SHA-256 against the manifest before training (the "
+                   "default check is size and record count).")
+@click.option("--new-data", is_flag=True,
+              help="Continue a RUN_DIR on another dataset of the same features and crops.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def fit(data_dir, run_dir, model, steps, time_limit, batch_size, strategy, config_file, stratify, scaling, noise_dim,
-        checkpoint_every, validate_every, log_every, seed, mixed_precision, quiet):
+        checkpoint_every, validate_every, log_every, seed, mixed_precision, peer_timeout,
+        verify_data, new_data, quiet):
     """Train the conditional decoder on a converted dataset.
 
     Writes checkpoints, history.csv, TensorBoard logs (RUN_DIR/logs) and
@@ -45,15 +55,24 @@ def fit(data_dir, run_dir, model, steps, time_limit, batch_size, strategy, confi
     the same command again resumes from the latest checkpoint.
     """
     from cp2image_tf.training.config import FitConfig
-    from cp2image_tf.training.train import fit as run
+    from cp2image_tf.training.train import Interrupted, fit as run
 
     config = call(FitConfig.from_file, config_file, model=model, steps=steps,
                   time_limit=time_limit, batch_size=batch_size,
                   strategy=strategy, stratify=stratify, scaling=scaling, noise_dim=noise_dim,
                   checkpoint_every=checkpoint_every, validate_every=validate_every,
-                  log_every=log_every, seed=seed, mixed_precision=mixed_precision)
+                  log_every=log_every, seed=seed, mixed_precision=mixed_precision,
+                  peer_timeout=peer_timeout)
     start_tensorflow()
-    summary = call(run, data_dir, run_dir, config, progress=not quiet)
+    try:
+        summary = call(run, data_dir, run_dir, config, progress=not quiet,
+                       verify_data=verify_data, new_data=new_data)
+    except Interrupted as stopped:
+        saved = (f"at step {stopped.step}; checkpoint {stopped.checkpoint}"
+                 if stopped.checkpoint else "before its first checkpoint")
+        click.echo(f"Error: stopped by {stopped.signal} {saved}. Run the same command to resume.",
+                   err=True)
+        sys.exit(143 if stopped.signal == "SIGTERM" else 130)
     best = summary["best"]
     rate = summary.get("images_per_s")
     click.echo(f"Stopped by the {summary['stopped_by']} after {summary['seconds'] / 60:.1f} min"

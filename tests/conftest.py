@@ -141,3 +141,13 @@ def disc_run(disc_dataset, tmp_path_factory):
     fit(disc_dataset, run, FitConfig(steps=36, batch_size=8, validate_every=18, checkpoint_every=18,
                                      val_cells=32, grid_cells=0), progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def disc_model(disc_run):
+    """The disc run's best checkpoint exported as a SavedModel (version 1)."""
+    from pathlib import Path
+
+    from cp2image_tf.serving.export import export
+
+    return Path(export(disc_run, disc_run.parent / "models" / "discs")["path"])

@@ -25,9 +25,8 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def exported(disc_run):
-    summary = export(disc_run, disc_run.parent / "models" / "discs")
-    return Path(summary["path"])
+def exported(disc_model):
+    return disc_model
 
 
 def keras_images(run, raw):

@@ -169,7 +169,7 @@ def test_bad_input_is_one_clear_line(disc_dataset, tmp_path, monkeypatch):
         for needle in needles:
             assert needle in lines[0], lines[0]
 
-    one_line(["fit", tmp_path / "nothing", tmp_path / "run"], "manifest.json")
+    one_line(["fit", tmp_path / "nothing", tmp_path / "run"], "nothing", "does not exist")
     result = runner.invoke(main, ["fit", str(disc_dataset), str(tmp_path / "run"), "--strategy", "ring"])
     assert result.exit_code == 2 and "Invalid value for '--strategy': 'ring'" in result.output
     with pytest.raises(UserInputError, match="--strategy ring"):

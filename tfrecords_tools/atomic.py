@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import tempfile
 import uuid
 from pathlib import Path
@@ -19,6 +22,55 @@ def partial_path(path) -> Path:
     the two never write into one file; each renames a complete file into place."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+
+
+# A temporary folder's name: .<name>.partial-<pid>@<host>.<random>; the form before the pid
+# and host were in it, .<name>.partial-<random>, counts as stale after STALE_SECONDS.
+_PARTIAL_FOLDER = re.compile(r"^\.(?P<name>.+)\.partial-(?:(?P<pid>\d+)@(?P<host>.+)\.)?[^.@]+$")
+STALE_SECONDS = 3600
+
+
+def partial_folder(parent, name: str) -> Path:
+    """A new hidden temporary folder beside `parent`/`name`, named after this process and
+    host so that a later run can tell whether its writer still lives."""
+    prefix = f".{name}.partial-{os.getpid()}@{socket.gethostname()}."
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(parent, name: str | None = None) -> list[Path]:
+    """Remove the temporary folders in `parent` (of `name`, or all) that killed runs left:
+    their process is gone from this host (or, of the older unnamed form, an hour has passed).
+    Folders of live processes and of other hosts are left alone. Returns what was removed."""
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for path in parent.iterdir():
+        match = _PARTIAL_FOLDER.match(path.name)
+        if not match or not path.is_dir() or (name is not None and match["name"] != name):
+            continue
+        if match["pid"] is not None:
+            stale = match["host"] == host and not _alive(int(match["pid"]))
+        else:
+            try:
+                stale = time.time() - path.stat().st_mtime > STALE_SECONDS
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def write_json(path, data, sync: bool = True, **options) -> None:
@@ -55,13 +107,14 @@ class OutputFolder:
     def __init__(self, out_dir, overwrite: bool):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise UserInputError(f"{self.out_dir}: exists and is not a folder.")
+            raise UserInputError(f"{self.out_dir}: exists and is a file; OUT_DIR must be a "
+                                 "folder. Give a new OUT_DIR.")
         if self.out_dir.is_dir() and any(self.out_dir.iterdir()) and not overwrite:
             raise UserInputError(f"{self.out_dir}: exists and is not empty; use --overwrite to "
                                  "replace it or give a new OUT_DIR.")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-",
-                                          dir=self.out_dir.parent))
+        remove_stale_partials(self.out_dir.parent, self.out_dir.name)
+        self.path = partial_folder(self.out_dir.parent, self.out_dir.name)
 
     def commit(self) -> Path:
         return replace_folder(self.path, self.out_dir)

@@ -74,10 +74,36 @@ def read_table(path: Path, columns=None) -> pd.DataFrame:
         raise UserInputError(f"{path}: cannot be read as a table ({err}).") from None
 
 
+# What to do about an image file that does not read (truncated copy, damaged disk).
+DAMAGED_IMAGE = ("The file is damaged or cut short: copy it again from the microscope's output, "
+                 "or remove its image set's row from Image.csv.")
+
+
 def require_columns(df: pd.DataFrame, columns, path, what: str = "") -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise UserInputError(f"{path}: missing column(s) {', '.join(missing)}{what}.")
+
+
+def require_numeric(df: pd.DataFrame, columns, path) -> None:
+    """The key columns (numbers, positions) must hold numbers: the first other value is named
+    with its row (as a spreadsheet counts them, the header being row 1)."""
+    for column in columns:
+        values = pd.to_numeric(df[column], errors="coerce")
+        bad = values.isna() & df[column].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserInputError(f"{path}: column {column} holds the non-numeric value "
+                                 f"{df[column].iloc[row]!r} (row {row + 2}); fix or remove that "
+                                 "row, or export the table from CellProfiler again.")
+        if df[column].dtype == object:
+            df[column] = values
+
+
+def require_rows(df: pd.DataFrame, path, what: str) -> None:
+    if len(df) == 0:
+        raise UserInputError(f"{path}: has a header but no rows, so no {what}. Export it from "
+                             "CellProfiler again, or check that the pipeline found objects.")
 
 
 def image_channels(image_df: pd.DataFrame) -> list[str]:
@@ -118,7 +144,7 @@ def image_shape(path: str) -> tuple[int, int]:
     except FileNotFoundError:
         raise UserInputError(f"{path}: image file not found.") from None
     except Exception as err:
-        raise UserInputError(f"{path}: cannot be read as an image ({err}).") from None
+        raise UserInputError(f"{path}: cannot be read as an image ({err}). {DAMAGED_IMAGE}") from None
     shape = tuple(s for s in shape if s != 1) if len(shape) > 2 else tuple(shape)
     return shape
 
@@ -133,6 +159,8 @@ def load_cellprofiler_cells(folder, objects, channels):
     image_csv = find_table(folder, IMAGE_TABLE)
     image_df = read_table(image_csv)
     require_columns(image_df, ["ImageNumber"], image_csv)
+    require_rows(image_df, image_csv, "image sets")
+    require_numeric(image_df, ["ImageNumber"], image_csv)
     if image_df["ImageNumber"].duplicated().any():
         dup = image_df["ImageNumber"][image_df["ImageNumber"].duplicated()].iloc[0]
         raise UserInputError(f"{image_csv}: ImageNumber {dup} appears twice; merge batches "
@@ -151,6 +179,8 @@ def load_cellprofiler_cells(folder, objects, channels):
         need = ["ImageNumber", "ObjectNumber"] + (
             ["Location_Center_X", "Location_Center_Y"] if k == 0 else [])
         require_columns(table, need, path, " (needed to place crops)" if k == 0 else "")
+        require_rows(table, path, f"{obj} objects to convert")
+        require_numeric(table, need, path)
         table = table.drop(columns=[c for c in table.columns if c.startswith("Metadata_")])
         renamed = {c: f"{obj}_{c}" for c in table.columns if c not in ("ImageNumber", "ObjectNumber")}
         table = table.rename(columns=renamed).copy()  # consolidated: merges stay cheap

@@ -480,7 +480,7 @@ def read_array(path: str):
         import tifffile
         return tifffile.imread(io.BytesIO(data)), info
     except Exception as err:
-        raise UserInputError(f"{path}: cannot be read as an image ({err}).") from None
+        raise UserInputError(f"{path}: cannot be read as an image ({err}). {cp.DAMAGED_IMAGE}") from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -591,6 +591,8 @@ def _save_npy(path: Path, array) -> str:
 
 def prepare_output(out_dir: Path, overwrite: bool) -> bool:
     """Make out_dir ready; True when it holds unfinished work of an earlier run to resume."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"{out_dir}: exists and is a file; OUT_DIR must be a folder.")
     manifest = out_dir / MANIFEST
     if manifest.exists():
         if not overwrite:

@@ -56,6 +56,14 @@ def summarize(data_dir) -> str:
     return "\n".join(lines)
 
 
+def quick_check(data_dir) -> list[str]:
+    """The shards' problems found without reading records: missing, another size or another
+    record count than the manifest's (none: [])."""
+    from tfrecords_tools.shards import shard_problems
+
+    return shard_problems(data_dir, load_manifest(data_dir), level="count")
+
+
 def verify(data_dir) -> list[str]:
     """Read every record and check it against the manifest; returns the problems found (none: [])."""
     import tensorflow as tf

@@ -8,27 +8,24 @@ complete dataset.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.shards import check_shards, sha256_file  # noqa: F401 (sha256_file: re-exported)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_manifest(data_dir) -> dict:
     """The manifest of a converted dataset, checked for a schema this version reads."""
     path = Path(data_dir) / MANIFEST
+    if not Path(data_dir).exists():
+        raise UserInputError(f"{data_dir}: does not exist. Give the OUT_DIR of `cp2image-tf convert`.")
+    if not Path(data_dir).is_dir():
+        raise UserInputError(f"{data_dir}: is a file, not a dataset folder. Give the OUT_DIR of "
+                             "`cp2image-tf convert`.")
     if not path.is_file():
         hint = (" It holds unfinished conversion work: re-run the same convert command to finish it."
                 if (Path(data_dir) / ".parts").is_dir() else
@@ -47,9 +44,12 @@ def load_manifest(data_dir) -> dict:
 
 
 def shard_files(manifest: dict, data_dir, split: str, treatment: str | None = None) -> list[str]:
-    """Paths of the shards of one split (optionally one treatment), in manifest order."""
-    return [str(Path(data_dir) / s["file"]) for s in manifest["shards"]
-            if s["split"] == split and (treatment is None or s["treatment"] == treatment)]
+    """Paths of the shards of one split (optionally one treatment), in manifest order; a
+    missing shard or one of another size than the manifest's is a UserInputError naming it."""
+    shards = [s for s in manifest["shards"]
+              if s["split"] == split and (treatment is None or s["treatment"] == treatment)]
+    check_shards(data_dir, {**manifest, "shards": shards})
+    return [str(Path(data_dir) / s["file"]) for s in shards]
 
 
 def treatment_cells(manifest: dict, split: str) -> dict[str, int]:
@@ -64,6 +64,7 @@ def matching_manifest(data_dir, feature_names) -> dict:
         raise UserInputError(
             f"{data_dir}: its {manifest['features']['count']} features are not the model's "
             f"{len(feature_names)} (in order): use the dataset the model was trained on.")
+    check_shards(data_dir, manifest)
     return manifest
 
 

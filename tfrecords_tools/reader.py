@@ -29,6 +29,7 @@ import numpy as np
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest, shard_files
 from tfrecords_tools.records import decode_features, feature_spec, iterate_records
+from tfrecords_tools.shards import named_read_errors
 from tfrecords_tools.splits import SPLITS
 
 SCALINGS = ("dataset", "dtype", "crop_max", "none")
@@ -135,7 +136,8 @@ def parse_batch_fn(manifest: dict, scaling: str = "dataset", normalization: str 
     return parse
 
 
-def _records(files, compression, shuffle, seed, input_context, cycle_length=8):
+def _records(files, compression, shuffle, seed, input_context, cycle_length=8,
+             deterministic=None):
     import tensorflow as tf
 
     files = list(files)
@@ -152,7 +154,8 @@ def _records(files, compression, shuffle, seed, input_context, cycle_length=8):
     ds = ds.interleave(
         lambda f: tf.data.TFRecordDataset(f, compression_type=compression or None),
         cycle_length=min(cycle_length, len(files)), block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=(not shuffle) if deterministic is None else deterministic)
     if shard_records:
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     return ds
@@ -163,7 +166,7 @@ def make_dataset(data_dir, split: str = "train", batch_size: int = 104, *, shuff
                  normalization: str = "standard", stratify: bool = False,
                  drop_remainder: bool = False, with_metadata: bool = False,
                  raw_crops: bool = False, shuffle_buffer: int = 10_000, input_context=None,
-                 manifest: dict | None = None):
+                 manifest: dict | None = None, skip_batches: int = 0):
     """A tf.data.Dataset of batches from one split of a converted dataset.
 
     shuffle and repeat default to True for "train" and False otherwise.
@@ -174,6 +177,8 @@ def make_dataset(data_dir, split: str = "train", batch_size: int = 104, *, shuff
     input_context (from strategy.distribute_datasets_from_function) shards the
     input by file, or by record when there are fewer files than pipelines;
     batch_size is then the per-replica batch.
+    With a seed the batches are one fixed sequence of it (every stage deterministic);
+    skip_batches drops the first ones before decoding them (a resumed training run).
     """
     import tensorflow as tf
 
@@ -193,29 +198,35 @@ def make_dataset(data_dir, split: str = "train", batch_size: int = 104, *, shuff
             if not files:
                 continue
             n = manifest["counts"]["treatments"][split][treatment]
-            stream = _records(files, compression, True, seed, input_context)
+            stream = _records(files, compression, True, seed, input_context,
+                              deterministic=seed is not None)
             streams.append(stream.shuffle(max(1, min(n, shuffle_buffer)), seed=seed).repeat())
         turns = tf.data.Dataset.range(len(streams)).repeat()
         ds = tf.data.Dataset.choose_from_datasets(streams, turns)
     else:
         files = shard_files(manifest, data_dir, split)
-        ds = _records(files, compression, shuffle, seed, input_context)
+        ds = _records(files, compression, shuffle, seed, input_context,
+                      deterministic=(not shuffle) or seed is not None)
         if shuffle:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         if repeat:
             ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder or (repeat or stratify))
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+    if skip_batches:
+        ds = ds.skip(skip_batches)
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=(not shuffle) or seed is not None)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def iter_cells(data_dir, manifest: dict, splits=SPLITS, treatment: str | None = None):
     """(cell_id, raw features float32 [F]) of every cell of `splits` (or of one treatment's),
-    in shard order; the crops are not decoded."""
-    for split in splits:
-        for shard in shard_files(manifest, data_dir, split, treatment):
-            for record in iterate_records(shard, manifest.get("compression", "")):
-                yield decode_features(record)
+    in shard order; the crops are not decoded. A damaged shard is a UserInputError naming it."""
+    with named_read_errors(data_dir, manifest):
+        for split in splits:
+            for shard in shard_files(manifest, data_dir, split, treatment):
+                for record in iterate_records(shard, manifest.get("compression", "")):
+                    yield decode_features(record)
 
 
 def stratified_quota(counts: dict, max_cells: int | None) -> dict:
@@ -248,15 +259,16 @@ def sample_cells(data_dir, manifest: dict, split: str, quota: dict, scaling: str
     in the order the split streams."""
     pick = _first_cells if seed is None else _random_cells
     raw, crops, treatments, ids = [], [], [], []
-    for batch_crops, meta, chosen in pick(data_dir, manifest, split, quota, scaling, seed):
-        batch_crops = batch_crops.numpy()[chosen]
-        if uint8:
-            batch_crops = np.round(np.clip(batch_crops, 0, 1) * 255).astype(np.uint8)
-        batch_treatments, batch_ids = meta["treatment"].numpy(), meta["cell_id"].numpy()
-        raw.append(meta["raw_features"].numpy()[chosen])
-        crops.append(batch_crops)
-        treatments += [batch_treatments[i].decode() for i in chosen]
-        ids += [batch_ids[i].decode() for i in chosen]
+    with named_read_errors(data_dir, manifest):
+        for batch_crops, meta, chosen in pick(data_dir, manifest, split, quota, scaling, seed):
+            batch_crops = batch_crops.numpy()[chosen]
+            if uint8:
+                batch_crops = np.round(np.clip(batch_crops, 0, 1) * 255).astype(np.uint8)
+            batch_treatments, batch_ids = meta["treatment"].numpy(), meta["cell_id"].numpy()
+            raw.append(meta["raw_features"].numpy()[chosen])
+            crops.append(batch_crops)
+            treatments += [batch_treatments[i].decode() for i in chosen]
+            ids += [batch_ids[i].decode() for i in chosen]
     if not ids:
         return {"raw": np.zeros((0, manifest["features"]["count"]), np.float32),
                 "crops": np.zeros((0,), np.uint8 if uint8 else np.float32),

@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from tfrecords_tools._version import __version__
+from tfrecords_tools.atomic import partial_folder, remove_stale_partials
 from tfrecords_tools.errors import UserInputError
 
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -47,6 +47,11 @@ def load_run(run_dir, checkpoint: str = "best"):
     from cp2image_tf.training.networks import build_model_decoder
 
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise UserInputError(f"{run_dir}: does not exist. Give the RUN_DIR of `cp2image-tf fit`.")
+    if not run_dir.is_dir():
+        raise UserInputError(f"{run_dir}: is a file, not a run folder. Give the RUN_DIR of "
+                             "`cp2image-tf fit`.")
     if not (run_dir / "config.json").is_file() or not (run_dir / "manifest.json").is_file():
         raise UserInputError(f"{run_dir}: not a run folder of `cp2image-tf fit` "
                              "(no config.json and manifest.json).")
@@ -63,7 +68,14 @@ def load_run(run_dir, checkpoint: str = "best"):
         hint = (" Use --checkpoint latest, or let fit reach a validation step."
                 if checkpoint == "best" else " Train it with `cp2image-tf fit` first.")
         raise UserInputError(f"{run_dir}: no {checkpoint} checkpoint in {folder}.{hint}")
-    crop = manifest["crop"]
+    from cp2image_tf.training.checkpoints import unreadable
+
+    problem = unreadable(path)
+    if problem:
+        other = "latest" if checkpoint == "best" else "best"
+        raise UserInputError(f"{path}: this {checkpoint} checkpoint does not read ({problem}); "
+                             f"it is truncated or damaged. Try --checkpoint {other}, or resume "
+                             f"`cp2image-tf fit` to write a new one.")
     decoder = build_model_decoder(manifest, config)
     tf.train.Checkpoint(decoder=decoder).restore(path).expect_partial().assert_existing_objects_matched()
     step = int(path.rsplit("-", 1)[1])
@@ -190,7 +202,8 @@ def export(run_dir, model_base, version: int | None = None, checkpoint: str = "b
 
     module = serving_module(decoder, manifest, config.normalization, config.noise_dim, info,
                             config.scaling)
-    work = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_base))
+    remove_stale_partials(model_base)
+    work = partial_folder(model_base, str(version))
     try:
         staging = work / "assets-staging"
         staging.mkdir()

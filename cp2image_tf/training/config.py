@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.reader import NORMALIZATIONS, SCALINGS
 
 MODELS = ("film", "published")
+# The smallest crop any model trains on (the film model's; the published one needs 47 px).
+MIN_CROP_SIZE = 32
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 STRATIFY = ("auto", "yes", "no")
 MODEL_DEFAULTS = {
@@ -86,6 +89,8 @@ class FitConfig:
     adversarial_ramp: tuple = (0.05, 0.25)
     # Running.
     strategy: str = "auto"
+    # multiworker: seconds to wait for every worker of TF_CONFIG to start before giving up.
+    peer_timeout: float = 300.0
     seed: int = 0
     jit_compile: bool | None = None
     mixed_precision: bool = False
@@ -106,6 +111,7 @@ class FitConfig:
             self.measurer_steps = 4 * self.steps
 
     def validate(self) -> None:
+        check_types(dataclasses.asdict(self), "FitConfig")
         if self.model not in MODELS:
             raise UserInputError(f"--model {self.model}: choose one of {', '.join(MODELS)}.")
         if self.time_limit is not None and self.time_limit <= 0:
@@ -121,6 +127,8 @@ class FitConfig:
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one of "
                                      f"{', '.join(allowed)}.")
+        if self.peer_timeout <= 0:
+            raise UserInputError(f"--peer-timeout {self.peer_timeout}: must be positive.")
         if self.noise_dim < 0 or self.grid_cells < 0:
             raise UserInputError("--noise-dim and --grid-cells must not be negative.")
 
@@ -143,7 +151,35 @@ class FitConfig:
         if unknown:
             raise UserInputError(f"{path}: unknown setting(s) {', '.join(unknown)}; "
                                  f"known: {', '.join(sorted(known))}.")
+        check_types(data, path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         config = cls(**data)
         config.validate()
         return config
+
+
+_KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"),
+          "str": ((str,), "a string"), "bool": ((bool,), "true or false"),
+          "tuple": ((list, tuple), "a list")}
+
+
+def check_types(data: dict, source) -> None:
+    """Each setting of a FitConfig (from `source`, a file or the CLI) has its field's type:
+    a UserInputError naming the setting and the type it needs otherwise."""
+    hints = typing.get_type_hints(FitConfig)
+    for name, value in data.items():
+        if name not in hints:
+            continue
+        kinds = [k.__name__ for k in typing.get_args(hints[name]) if k is not type(None)] \
+            or [getattr(hints[name], "__name__", str(hints[name]))]
+        optional = type(None) in typing.get_args(hints[name])
+        if value is None and optional:
+            continue
+        if name == "time_limit" and isinstance(value, str):
+            continue  # "30m": parsed by parse_duration
+        ok = any(isinstance(value, _KINDS[k][0]) and not (isinstance(value, bool) and k != "bool")
+                 for k in kinds if k in _KINDS)
+        if not ok:
+            need = " or ".join(_KINDS[k][1] for k in kinds if k in _KINDS)
+            raise UserInputError(f"{source}: \"{name}\" is {json.dumps(value)}; it must be {need}"
+                                 + (" or null" if optional else "") + ".")

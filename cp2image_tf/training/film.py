@@ -34,10 +34,11 @@ import math
 import keras
 from keras import layers, ops
 
+from cp2image_tf.training.config import MIN_CROP_SIZE
 from cp2image_tf.training.model import condition_inputs
 
 LEAK = 0.2
-MIN_CROP = 32
+MIN_CROP = MIN_CROP_SIZE
 
 
 @keras.saving.register_keras_serializable(package="cp2image_tf")

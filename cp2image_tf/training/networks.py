@@ -15,3 +15,31 @@ def build_model_decoder(manifest: dict, config):
     from cp2image_tf.training.model import build_decoder
 
     return build_decoder(*args, noise_dim=config.noise_dim, filters=config.filters)
+
+
+def check_crop(manifest: dict, config, data_dir=None) -> None:
+    """A UserInputError, before any work, when the dataset's crops are too small for the model:
+    the film model draws crops from 32 px, the published one from 48 px."""
+    from tfrecords_tools.errors import UserInputError
+
+    size = manifest["crop"]["height"]
+    if config.model == "film":
+        from cp2image_tf.training.film import MIN_CROP
+
+        if size >= MIN_CROP:
+            return
+        advice = f"convert again with --crop-size {MIN_CROP} or more"
+        least = MIN_CROP
+    else:
+        from cp2image_tf.training.model import decoder_sizes
+
+        try:
+            decoder_sizes(size)
+            return
+        except ValueError:
+            pass
+        least = 48
+        advice = "train the film model (--model film, from 32 px) or convert with --crop-size 48 or more"
+    where = f"{data_dir}: its" if data_dir is not None else "The dataset's"
+    raise UserInputError(f"{where} crops are {size} px, too small for the {config.model} model "
+                         f"(at least {least} px): {advice}.")

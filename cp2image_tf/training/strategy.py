@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import time
 
 import tensorflow as tf
 
@@ -35,7 +38,74 @@ def local_devices():
     return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
 
 
-def choose_strategy(name: str = "auto"):
+def task_address(spec: dict) -> str:
+    """This task's host:port in TF_CONFIG."""
+    task = spec["task"]
+    try:
+        return spec["cluster"][task["type"]][int(task["index"])]
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise UserInputError(f"TF_CONFIG: task {task} is not in the cluster "
+                             f"{spec['cluster']}.") from None
+
+
+def wait_for_peers(spec: dict, timeout: float, poll: float = 0.5) -> None:
+    """Meet every other worker of TF_CONFIG on its own port before TensorFlow does.
+
+    TensorFlow's collective start-up waits for missing workers without end, deaf to SIGTERM.
+    Here each worker listens on its TF_CONFIG port and connects to every other's until all
+    have answered both ways (then frees the port for TensorFlow), or gives up after `timeout`
+    seconds with an error naming the workers that never answered. Python stays in control
+    meanwhile, so SIGTERM and Ctrl+C stop the process.
+    """
+    me = task_address(spec)
+    peers = [w for w in spec["workers"] if w != me]
+    if not peers:
+        return
+    port = int(me.rsplit(":", 1)[1])
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("", port))
+    except OSError as err:
+        listener.close()
+        raise UserInputError(f"TF_CONFIG: this worker's port {port} ({me}) is busy ({err.strerror}); "
+                             "free it or give the worker another port.") from None
+    listener.listen(len(peers) + 4)
+    listener.settimeout(poll)
+    print(f"Waiting up to {timeout:.0f} s (--peer-timeout) for the other worker(s) of "
+          f"TF_CONFIG: {', '.join(peers)}.", file=sys.stderr)
+    reached, heard, accepted = set(), 0, []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(reached) < len(peers) or heard < len(peers):
+            if time.monotonic() > deadline:
+                missing = [p for p in peers if p not in reached]
+                raise UserInputError(
+                    f"TF_CONFIG: worker(s) {', '.join(missing) or '(one connecting to us)'} did "
+                    f"not answer within {timeout:.0f} s (--peer-timeout). Start every worker "
+                    "named in TF_CONFIG, each with its own task index, or raise --peer-timeout.")
+            for peer in peers:
+                if peer in reached:
+                    continue
+                host, peer_port = peer.rsplit(":", 1)
+                try:
+                    with socket.create_connection((host, int(peer_port)), timeout=poll):
+                        reached.add(peer)
+                except OSError:
+                    pass
+            try:
+                conn, _ = listener.accept()
+                accepted.append(conn)
+                heard += 1
+            except (socket.timeout, BlockingIOError):
+                pass
+    finally:
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+def choose_strategy(name: str = "auto", peer_timeout: float = 300.0):
     """auto: MultiWorkerMirroredStrategy when TF_CONFIG names a cluster of several tasks,
     MirroredStrategy when more than one GPU is visible, else the default strategy."""
     if name not in STRATEGIES:
@@ -52,6 +122,7 @@ def choose_strategy(name: str = "auto"):
         if not spec:
             raise UserInputError("--strategy multiworker: set TF_CONFIG to describe the cluster "
                                  "and this worker's task.")
+        wait_for_peers(spec, peer_timeout)
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(local_devices())

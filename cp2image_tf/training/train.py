@@ -18,12 +18,16 @@ Run folder:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ import numpy as np
 from cp2image_tf.training.config import FitConfig
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest, treatment_cells
+from tfrecords_tools.shards import check_shards, named_read_errors
 
 MODEL_KEYS = ("model", "filters", "noise_dim", "pixel_noise")
 
@@ -42,11 +47,25 @@ def data_signature(manifest: dict) -> dict:
             "crop": [crop["height"], crop["width"], crop["channels"]]}
 
 
-def check_run_dir(run_dir: Path, manifest: dict, config: FitConfig) -> None:
-    """An existing run must have been trained on data of the same shape and the same model."""
+def shard_checksums(manifest: dict) -> list:
+    """The dataset's identity: its shards' names and SHA-256 checksums."""
+    return sorted((s["file"], s.get("sha256")) for s in manifest["shards"])
+
+
+def check_run_dir(run_dir: Path, manifest: dict, config: FitConfig, new_data: bool = False) -> None:
+    """An existing run must have been trained on data of the same shape and the same model,
+    and (unless new_data) on the same dataset: the same shard checksums."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserInputError(f"{run_dir}: exists and is a file; RUN_DIR is the folder fit writes "
+                             "its checkpoints to. Give a new RUN_DIR.")
     saved = run_dir / "manifest.json"
     if saved.is_file():
-        old = data_signature(json.loads(saved.read_text()))
+        try:
+            saved_manifest = json.loads(saved.read_text())
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{saved}: not valid JSON ({err}); the run folder is damaged. "
+                                 "Use a new RUN_DIR.") from None
+        old = data_signature(saved_manifest)
         new = data_signature(manifest)
         for key in ("features", "channels", "crop"):
             if old[key] != new[key]:
@@ -57,9 +76,18 @@ def check_run_dir(run_dir: Path, manifest: dict, config: FitConfig) -> None:
                 raise UserInputError(
                     f"{run_dir}: its checkpoints were trained on other data ({what}). "
                     "Use a new RUN_DIR for this dataset.")
+        if not new_data and shard_checksums(saved_manifest) != shard_checksums(manifest):
+            raise UserInputError(
+                f"{run_dir}: was trained on another dataset of the same shape (its manifest.json "
+                "names other shard checksums). Pass --new-data to continue training it on this "
+                "one, or use a new RUN_DIR.")
     saved_config = run_dir / "config.json"
     if saved_config.is_file():
-        old = json.loads(saved_config.read_text())
+        try:
+            old = json.loads(saved_config.read_text())
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{saved_config}: not valid JSON ({err}); the run folder is "
+                                 "damaged. Use a new RUN_DIR.") from None
         for key in MODEL_KEYS:
             if key in old and old[key] != getattr(config, key):
                 raise UserInputError(
@@ -198,40 +226,96 @@ class Clock:
         return math.inf if self.limit is None else self.limit - self.seconds()
 
 
-def restore_latest(trainer, run_dir: Path, chief: bool, progress: bool) -> int:
-    """Restore the newest checkpoint of RUN_DIR, if any; the step it resumes from."""
-    import tensorflow as tf
+def resume_point(run_dir: Path, chief: bool = True):
+    """The newest checkpoint of RUN_DIR that reads in full (None for a new run); says on stderr
+    which newer ones it skipped as unreadable (truncated, half copied)."""
+    from cp2image_tf.training.checkpoints import newest_readable
 
-    latest = tf.train.latest_checkpoint(run_dir / "checkpoints")
-    if not latest:
+    path, skipped = newest_readable(run_dir / "checkpoints")
+    if chief:
+        for bad, why in skipped:
+            print(f"Skipping checkpoint {bad}: it does not read ({why}).", file=sys.stderr)
+    if skipped and path is None:
+        raise UserInputError(f"{run_dir}: no checkpoint in {run_dir / 'checkpoints'} reads "
+                             f"({skipped[0][0]}: {skipped[0][1]}). Move the checkpoints folder "
+                             "aside to train from the start, or use a new RUN_DIR.")
+    return path
+
+
+def restore_latest(trainer, run_dir: Path, chief: bool, progress: bool, path=None) -> int:
+    """Restore the newest readable checkpoint of RUN_DIR (or `path`), if any; the step it
+    resumes from. "Resuming from step N" is said even without progress output."""
+    path = path or resume_point(run_dir, chief)
+    if not path:
         return 0
-    trainer.checkpoint.restore(latest).assert_existing_objects_matched()
+    trainer.checkpoint.restore(path).assert_existing_objects_matched()
     start_step = int(trainer.step.numpy())
-    if chief and progress:
-        print(f"Resuming from step {start_step} ({latest}).", file=sys.stderr)
+    if chief:
+        print(f"Resuming from step {start_step} ({path}).", file=sys.stderr)
     return start_step
 
 
-def train_iterators(trainer, data_dir, manifest: dict, config: FitConfig) -> list:
-    """Distributed training iterators: (features, crops) batches, plus an independent real
-    batch for the published discriminator."""
-    strategy = trainer.strategy
+def use_stratified(manifest: dict, config: FitConfig) -> bool:
     treatments = treatment_cells(manifest, "train")
-    stratify = {"yes": True, "no": False}.get(config.stratify, len(treatments) > 1)
-    per_replica = config.batch_size // strategy.num_replicas_in_sync
+    return {"yes": True, "no": False}.get(config.stratify, len(treatments) > 1)
 
-    def dataset_fn(seed):
+
+def warn_unbalanced(manifest: dict, config: FitConfig) -> None:
+    """Treatment-balanced batches need at least one cell of each treatment per batch."""
+    n = len(treatment_cells(manifest, "train"))
+    if use_stratified(manifest, config) and config.batch_size < n:
+        warnings.warn(f"--batch-size {config.batch_size} is smaller than the {n} treatments of "
+                      "the training split: batches cannot hold every treatment (each batch takes "
+                      f"the next {config.batch_size} in turn). Use --batch-size {n} or more for "
+                      "balanced batches.", UserWarning, stacklevel=2)
+
+
+class BatchStream:
+    """The training batches as a function of the step, so that a resumed run draws exactly the
+    batches the uninterrupted run would have drawn.
+
+    The decoder's batches come in segments of `checkpoint_every` steps: segment k is a fresh
+    deterministic pipeline seeded by (seed, k, stream). A run resumed from a periodic
+    checkpoint starts its segment afresh; one resumed from a checkpoint saved on an
+    interrupt or a time limit skips the segment's used batches (reading, not decoding, at
+    most checkpoint_every - 1 of them). The film measurer's steps are segmented alike.
+    The published discriminator's real batches are a second stream.
+    """
+
+    def __init__(self, trainer, data_dir, manifest: dict, config: FitConfig):
+        self.trainer, self.data_dir, self.manifest, self.config = trainer, data_dir, manifest, config
+        self.stratify = use_stratified(manifest, config)
+        self.streams = 2 if trainer.needs_real_batch else 1
+
+    def seed(self, *key) -> int:
+        return int(np.random.SeedSequence([self.config.seed, *key]).generate_state(1)[0] >> 1)
+
+    def iterator(self, seed: int, skip: int):
         from tfrecords_tools.reader import make_dataset
 
-        def make(ctx):
-            return make_dataset(data_dir, "train", per_replica, stratify=stratify, shuffle=True,
-                                repeat=True, seed=seed, scaling=config.scaling,
-                                normalization=config.normalization, input_context=ctx,
-                                manifest=manifest)
-        return make
+        strategy, config = self.trainer.strategy, self.config
+        per_replica = config.batch_size // strategy.num_replicas_in_sync
 
-    seeds = [config.seed, config.seed + 1] if trainer.needs_real_batch else [config.seed]
-    return [iter(strategy.distribute_datasets_from_function(dataset_fn(s))) for s in seeds]
+        def make(ctx):
+            return make_dataset(self.data_dir, "train", per_replica, stratify=self.stratify,
+                                shuffle=True, repeat=True, seed=seed, scaling=config.scaling,
+                                normalization=config.normalization, input_context=ctx,
+                                manifest=self.manifest, skip_batches=skip)
+        return iter(strategy.distribute_datasets_from_function(make))
+
+    def measurer(self, step: int):
+        """The measurer's batches from its step `step` to the end of that step's segment."""
+        segment, done = divmod(step, self.config.checkpoint_every)
+        return self.iterator(self.seed(1, segment, 0), done)
+
+    def segment_starts(self, step: int) -> bool:
+        return step % self.config.checkpoint_every == 0
+
+    def decoder(self, step: int) -> list:
+        """The iterators that give the batches of decoder steps step+1, step+2, ... to the end
+        of the segment holding `step`."""
+        segment, done = divmod(step, self.config.checkpoint_every)
+        return [self.iterator(self.seed(0, segment, i), done) for i in range(self.streams)]
 
 
 class Validator:
@@ -287,8 +371,8 @@ class Validator:
                              max_outputs=len(grid))
 
 
-def train_measurer(trainer, iterator, config: FitConfig, clock: Clock, validator: Validator,
-                   run_dir: Path, progress: bool) -> dict | None:
+def train_measurer(trainer, batches: BatchStream, config: FitConfig, clock: Clock,
+                   validator: Validator, run_dir: Path, progress: bool) -> dict | None:
     """Phase 1 of the film model: the measurer learns crops -> features, then is frozen.
 
     `measurer_steps`, or `measurer_share` of the time limit when one is set. Writes
@@ -303,10 +387,12 @@ def train_measurer(trainer, iterator, config: FitConfig, clock: Clock, validator
     done = int(trainer.measurer_step.numpy())
     if done >= n_steps or (budget is not None and clock.seconds() >= budget and done):
         return None
-    step_fn = trainer.measurer_step_fn()
+    step_fn, iterator = trainer.measurer_step_fn(), None
     bar = tqdm(total=n_steps, initial=done, unit="step", desc="measurer", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     while done < n_steps and (budget is None or clock.seconds() < budget or not done):
+        if done % config.checkpoint_every == 0 or iterator is None:
+            iterator = batches.measurer(done)
         loss = float(step_fn(iterator)["measurer"])
         done += 1
         bar.update(1)
@@ -331,27 +417,85 @@ def plan_total_steps(trainer, config: FitConfig, clock: Clock, seconds_per_step:
     return total
 
 
+class Interrupted(KeyboardInterrupt):
+    """fit stopped by SIGTERM or Ctrl+C after saving a checkpoint: `signal`, `step`, `checkpoint`."""
+
+    def __init__(self, signal_name: str = "SIGINT"):
+        super().__init__(signal_name)
+        self.signal, self.step, self.checkpoint = signal_name, None, None
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm():
+    """SIGTERM (timeout, Slurm preemption, Kubernetes) raises Interrupted, as Ctrl+C raises
+    KeyboardInterrupt: training saves a checkpoint on the way out instead of losing its work."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_steps_left(run_dir: Path, resume, config: FitConfig) -> None:
+    """A rerun asking for no more steps than the run has done is refused before anything is
+    written (config.json keeps the settings the run was trained with)."""
+    from cp2image_tf.training.checkpoints import checkpoint_step
+
+    if resume is None:
+        return
+    done = checkpoint_step(resume)
+    if done >= config.steps:
+        raise UserInputError(
+            f"{run_dir}: already trained to step {done}, so --steps {config.steps} leaves nothing "
+            f"to do. Give --steps above {done} to train further, or export it with "
+            f"`cp2image-tf export {run_dir} MODEL_BASE`.")
+
+
 def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = True,
-        strategy=None) -> dict:
+        strategy=None, verify_data: bool = False, new_data: bool = False) -> dict:
     """Train (or resume training) a decoder on a converted dataset; returns a summary.
 
-    Re-running with the same RUN_DIR resumes from its latest checkpoint. With
+    Re-running with the same RUN_DIR resumes from its latest checkpoint that reads. With
     config.time_limit the run stops cleanly when its training seconds (summed over
-    resumed runs) reach the limit, and checkpoints.
+    resumed runs) reach the limit, and checkpoints. Before any work the train and val shards
+    are checked against the manifest (size and record count; verify_data: also the SHA-256),
+    and a RUN_DIR trained on another dataset is refused unless new_data. SIGTERM and Ctrl+C
+    save a checkpoint and raise Interrupted.
     """
+    config = config or FitConfig()
+    config.validate()
+    manifest = load_manifest(data_dir)
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, manifest, config, new_data)
+    from cp2image_tf.training.networks import check_crop
+
+    check_crop(manifest, config, data_dir)
+    check_shards(data_dir, manifest, splits=("train", "val"),
+                 level="sha256" if verify_data else "count")
+    warn_unbalanced(manifest, config)
+    with interrupt_on_sigterm(), named_read_errors(data_dir, manifest):
+        return _fit(data_dir, run_dir, manifest, config, progress, strategy)
+
+
+def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: bool,
+         strategy) -> dict:
     import keras
     import tensorflow as tf
 
     from cp2image_tf.training.strategy import choose_strategy, is_chief
 
-    config = config or FitConfig()
-    config.validate()
-    manifest = load_manifest(data_dir)
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir, manifest, config)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    strategy = strategy or choose_strategy(config.strategy)
+    resume = resume_point(run_dir)
+    check_steps_left(run_dir, resume, config)
+    strategy = strategy or choose_strategy(config.strategy, config.peer_timeout)
     chief = is_chief(strategy)
     keras.utils.set_random_seed(config.seed)
 
@@ -366,21 +510,33 @@ def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = Tru
     managers = (tf.train.CheckpointManager(trainer.checkpoint, write_dir / "checkpoints",
                                            max_to_keep=config.keep_checkpoints),
                 tf.train.CheckpointManager(trainer.checkpoint, write_dir / "best", max_to_keep=1))
-    start_step = restore_latest(trainer, run_dir, chief, progress)
-    iterators = train_iterators(trainer, data_dir, manifest, config)
+    start_step = restore_latest(trainer, run_dir, chief, progress, resume)
+    batches = BatchStream(trainer, data_dir, manifest, config)
     validator = Validator(trainer, data_dir, run_dir, manifest, config, chief)
     clock = Clock(trainer, config.time_limit)
     summary = {"start_step": start_step, "baseline_mse": validator.baseline_mse,
                "baseline_ssim": validator.baseline_ssim}
     try:
         if hasattr(trainer, "measurer_step_fn"):
-            report = train_measurer(trainer, iterators[0], config, clock, validator, run_dir,
-                                    progress and chief)
+            measured = int(trainer.measurer_step.numpy())
+            try:
+                report = train_measurer(trainer, batches, config, clock, validator, run_dir,
+                                        progress and chief)
+            except KeyboardInterrupt:
+                if int(trainer.measurer_step.numpy()) > measured:
+                    clock.sync()
+                    managers[0].save(checkpoint_number=int(trainer.step.numpy()))
+                raise
             if report:
                 summary["measurer"] = report
                 managers[0].save(checkpoint_number=int(trainer.step.numpy()))
-        step = training_loop(trainer, iterators, config, clock, validator, managers, run_dir,
+        step = training_loop(trainer, batches, config, clock, validator, managers, run_dir,
                              start_step, summary, chief and progress)
+    except KeyboardInterrupt as err:
+        stopped = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
+        stopped.step = int(trainer.step.numpy())
+        stopped.checkpoint = managers[0].latest_checkpoint
+        raise stopped from None
     finally:
         if validator.writer is not None:
             validator.writer.flush()
@@ -391,7 +547,7 @@ def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = Tru
     return summary
 
 
-def training_loop(trainer, iterators, config: FitConfig, clock: Clock, validator: Validator,
+def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock, validator: Validator,
                   managers, run_dir: Path, start_step: int, summary: dict, progress: bool) -> int:
     """Steps until --steps or --time-limit; logs, validates and checkpoints on the way."""
     from tqdm import tqdm
@@ -407,7 +563,7 @@ def training_loop(trainer, iterators, config: FitConfig, clock: Clock, validator
                 and hasattr(trainer, "total_steps"))
     bar = tqdm(total=config.steps, initial=min(start_step, config.steps), unit="step",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    step, rate = start_step, None
+    step, rate, iterators = start_step, None, None
     last_time, last_step = time.perf_counter(), step
     try:
         if step == 0:
@@ -415,6 +571,8 @@ def training_loop(trainer, iterators, config: FitConfig, clock: Clock, validator
             history.write({"step": 0, "val_mse": mse, "val_ssim": ssim,
                            "baseline_mse": validator.baseline_mse})
         while step < config.steps and clock.left() > 0:
+            if iterators is None or batches.segment_starts(step):
+                iterators = batches.decoder(step)
             losses = step_fn(*iterators)
             step += 1
             bar.update(1)
@@ -459,6 +617,8 @@ def training_loop(trainer, iterators, config: FitConfig, clock: Clock, validator
     finally:
         bar.close()
         clock.sync()
+        # An interrupt between a step's update and `step += 1`: the counter is the truth.
+        step = int(trainer.step.numpy())
         if step > start_step and manager.latest_checkpoint != str(
                 Path(manager.directory) / f"ckpt-{step}"):
             manager.save(checkpoint_number=step)
