@@ -16,7 +16,7 @@ from cp2image_tf.training.train import fit
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 # The disc_run fixture's settings (tests/conftest.py).
-DISC_RUN = dict(steps=12, batch_size=8, validate_every=6, checkpoint_every=6, val_cells=32,
+DISC_RUN = dict(steps=36, batch_size=8, validate_every=18, checkpoint_every=18, val_cells=32,
                 grid_cells=0)
 
 
@@ -32,16 +32,16 @@ def test_resume_skips_an_unreadable_checkpoint_and_ends_as_the_uninterrupted_run
         disc_dataset, disc_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(disc_run, run)
-    # The run "was interrupted" while writing its last checkpoint: ckpt-12 is cut short.
-    data = run / "checkpoints" / "ckpt-12.data-00000-of-00001"
+    # The run "was interrupted" while writing its last checkpoint: ckpt-36 is cut short.
+    data = run / "checkpoints" / "ckpt-36.data-00000-of-00001"
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     summary = fit(disc_dataset, run, FitConfig(**DISC_RUN), progress=False)
     err = capsys.readouterr().err
-    assert f"Skipping checkpoint {run / 'checkpoints' / 'ckpt-12'}" in err
-    assert "Resuming from step 6" in err
-    assert summary["start_step"] == 6 and summary["steps"] == 12
-    resumed = checkpoint_values(run / "checkpoints" / "ckpt-12")
-    uninterrupted = checkpoint_values(disc_run / "checkpoints" / "ckpt-12")
+    assert f"Skipping checkpoint {run / 'checkpoints' / 'ckpt-36'}" in err
+    assert "Resuming from step 18" in err
+    assert summary["start_step"] == 18 and summary["steps"] == 36
+    resumed = checkpoint_values(run / "checkpoints" / "ckpt-36")
+    uninterrupted = checkpoint_values(disc_run / "checkpoints" / "ckpt-36")
     assert resumed.keys() == uninterrupted.keys()
     differ = [k for k in resumed if not np.array_equal(resumed[k], uninterrupted[k])]
     assert not differ, differ[:5]
@@ -152,7 +152,7 @@ def test_fewer_steps_than_done_leave_the_run_as_it_was_and_unbalanced_batches_wa
                                        "--batch-size", "1"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "Warning: --batch-size 1 is smaller than the 2 treatments" in result.output
-    assert "already trained to step 12, so --steps 5 leaves nothing to do" in result.output
+    assert "already trained to step 36, so --steps 5 leaves nothing to do" in result.output
     assert "nan" not in result.output
     assert {name: (run / name).read_bytes() for name in before} == before
 
