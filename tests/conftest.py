@@ -151,3 +151,16 @@ def disc_model(disc_run):
     from cp2image_tf.serving.export import export
 
     return Path(export(disc_run, disc_run.parent / "models" / "discs")["path"])
+
+
+def free_ports(n):
+    """n free TCP ports on 127.0.0.1 (for multiworker tests)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

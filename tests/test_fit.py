@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import free_ports
 from click.testing import CliRunner
 
 from cli.main import main
@@ -93,15 +93,6 @@ summary = fit(sys.argv[1], sys.argv[2], FitConfig(steps=4, strategy="multiworker
 print("DIGEST", summary["weights_sha256"], summary["steps"])
 """
 
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def test_multiworker_two_processes_end_with_identical_weights(disc_dataset, tmp_path):

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import free_ports
 
 from cp2image_tf.training.config import FitConfig
 from cp2image_tf.training.train import fit
@@ -123,18 +124,6 @@ def test_fit_waiting_for_a_missing_peer_stops_on_sigterm(disc_dataset, tmp_path)
             proc.kill()
     assert proc.returncode == 143, err
     assert "Traceback" not in err and "stopped by SIGTERM before its first checkpoint" in err
-
-
-def free_ports(n):
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def test_fewer_steps_than_done_leave_the_run_as_it_was_and_unbalanced_batches_warn(
