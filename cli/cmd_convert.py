@@ -48,9 +48,9 @@ from cli.common import call, parse_list
 @click.option("--measured-as", default=None, metavar="CHANNEL=IMAGE,...",
               help="The image each channel's features were measured on, when the features "
                    "are named after another image than the one cropped (e.g. "
-                   "rawGFP=CorrGreen,rawDNA=CorrBlue) [default: the channel itself, or the "
-                   "unique name that differs by an Orig/Raw/Corr/Illum prefix, as OrigDNA/"
-                   "CorrDNA].")
+                   "rawGFP=CorrGreen,rawDNA=CorrBlue; CHANNEL=none for a channel without "
+                   "features) [default: the channel itself, or the unique name that differs by "
+                   "an Orig/Raw/Corr/Illum prefix, as OrigDNA/CorrDNA].")
 @click.option("--illum", default=None, metavar="CHANNEL=ILLUM,...",
               help="Crop the illumination-corrected image, as CellProfiler's "
                    "CorrectIlluminationApply (Divide) made it: the channel divided by the "

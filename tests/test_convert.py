@@ -366,6 +366,11 @@ def test_features_measured_on_other_images_pair_by_name_or_by_option(cp_folder, 
         {"rawGFP": "CorrGreen", "rawDNA": "CorrBlue"}
     with pytest.raises(UserInputError, match="--measured-as: no feature of x is measured on Blue"):
         pair_channels(["rawDNA"], ["CorrBlue"], {"rawDNA": "Blue"}, "x")
+    # A channel without features (brightfield) is said so with =none.
+    assert pair_channels(["OrigDNA", "Brightfield"], ["CorrDNA", "CorrMito"],
+                         {"Brightfield": "none"}, "x") == {"OrigDNA": "CorrDNA"}
+    with pytest.raises(UserInputError, match="or none for a channel without features"):
+        pair_channels(["OrigDNA", "Brightfield"], ["CorrDNA", "CorrMito"], None, "x")
     # In convert: the features of Nuclei.csv named after CorrDNA, the files DNA.
     nuclei = pd.read_csv(cp_folder / "Nuclei.csv")
     nuclei.columns = [c.replace("_DNA", "_CorrDNA") for c in nuclei.columns]

@@ -190,7 +190,7 @@ def plan_dataset(config: ConvertConfig):
 def image_settings(image_csv, config: ConvertConfig) -> pd.DataFrame:
     """The Image table's columns that say how CellProfiler saw each image set: ImageNumber,
     Scaling_<channel>, Threshold_FinalThreshold_<object> and, with --illum, each illumination
-    function's path as `illum_<channel>`."""
+    function's path as `_illum_<channel>`."""
     header = cp.read_table(image_csv).columns if str(image_csv).endswith(".parquet") else \
         pd.read_csv(image_csv, nrows=0).columns
     wanted = ["ImageNumber"] + [c for c in header if c in

@@ -73,7 +73,10 @@ def pair_channels(channels, measured, explicit: dict | None, source) -> dict[str
     has it. Measured images left without a channel are an error naming --measured-as.
     """
     explicit = dict(explicit or {})
-    unknown = [k for k in explicit if k not in channels]
+    # CHANNEL=none: no feature is measured on this channel (e.g. a brightfield image).
+    unmeasured = {k for k, v in explicit.items() if v.lower() == "none"}
+    explicit = {k: v for k, v in explicit.items() if k not in unmeasured}
+    unknown = [k for k in list(explicit) + sorted(unmeasured) if k not in channels]
     if unknown:
         raise UserInputError(f"--measured-as: {', '.join(unknown)} is not one of --channels "
                              f"({', '.join(channels)}).")
@@ -84,7 +87,7 @@ def pair_channels(channels, measured, explicit: dict | None, source) -> dict[str
             f"features name these images: {', '.join(measured) or 'none'}.")
     pairs = dict(explicit)
     for ch in channels:
-        if ch in pairs:
+        if ch in pairs or ch in unmeasured:
             continue
         if ch in measured:
             pairs[ch] = ch
@@ -94,14 +97,14 @@ def pair_channels(channels, measured, explicit: dict | None, source) -> dict[str
         if len(same) == 1:
             pairs[ch] = same[0]
     left = [m for m in measured if m not in pairs.values()]
-    unpaired = [ch for ch in channels if ch not in pairs]
+    unpaired = [ch for ch in channels if ch not in pairs and ch not in unmeasured]
     if left and unpaired:
         example = ",".join(f"{c}=NAME" for c in unpaired)
         raise UserInputError(
             f"{source}: the features are measured on {', '.join(left)}, which do not pair "
             f"with channel(s) {', '.join(unpaired)} by name. Say which image each channel's "
             f"features were measured on: --measured-as {example}, NAME one of "
-            f"{', '.join(left)}.")
+            f"{', '.join(left)}, or none for a channel without features.")
     return {ch: pairs[ch] for ch in channels if ch in pairs}
 
 
