@@ -38,6 +38,7 @@ import pandas as pd
 
 from tfrecords_tools import cellprofiler as cp
 from tfrecords_tools import measured as ms
+from tfrecords_tools.measured import dtype_max
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.features import (as_float_matrix, drop_uninformative,
                                       part_moments, select_features, sorted_part_values,
@@ -738,13 +739,6 @@ def intensity_ranges(summaries, out_dir: Path, channels, dtype: str, percentile:
                       "mean": float(counts @ np.arange(counts.size, dtype=np.float64)) * unit
                       / max(int(total), 1)}
     return ranges
-
-
-def dtype_max(dtype: str) -> float:
-    np_dtype = np.dtype(dtype)
-    if np_dtype.kind in "ui":
-        return float(np.iinfo(np_dtype).max)
-    return 1.0
 
 
 def convert(config: ConvertConfig, progress: bool = True, command: list[str] | None = None,

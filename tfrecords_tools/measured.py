@@ -118,12 +118,15 @@ def scaling_of(image_df: pd.DataFrame, channel: str) -> float | None:
     return float(values.median()) if len(values) and values.median() > 0 else None
 
 
-def full_scale(dtype, scaling: float | None) -> float:
-    """`scaling` when known, else the bit depth's maximum (1 for float images)."""
-    if scaling:
-        return float(scaling)
+def dtype_max(dtype) -> float:
+    """The bit depth's maximum (65535 for uint16), 1 for float images."""
     dtype = np.dtype(dtype)
     return float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
+
+
+def full_scale(dtype, scaling: float | None) -> float:
+    """`scaling` when known, else the bit depth's maximum (`dtype_max`)."""
+    return float(scaling) if scaling else dtype_max(dtype)
 
 
 def load_illumination(path: str) -> np.ndarray:
