@@ -304,11 +304,10 @@ def choose_declumping(settings: Segmentation, crops: np.ndarray, areas: np.ndarr
     those cells (`areas`, the `name` feature): the pipeline's own objects decide how touching
     nuclei are to be split, not a setting tuned to one screen."""
     ok = np.flatnonzero(np.isfinite(areas))
-    picked = ok[np.linspace(0, len(ok) - 1, min(limit, len(ok))).astype(int)] if len(ok) else ok
+    picked = ok[_evenly(len(ok), limit)]
     if len(picked) < 10:
         return settings, f"the default (seam {settings.seam}): too few training cells with {name}"
-    smooth = [_smooth(np.clip(np.asarray(crops[i], np.float64)[:, :, settings.dna], 0, 1))
-              for i in picked]
+    smooth = _smoothed(crops, picked, lambda crop: crop[:, :, settings.dna])
     scores = {}
     for diameter, seam in DECLUMPING:
         size = settings.nucleus_diameter if diameter else None
@@ -340,23 +339,29 @@ def _typical_diameter(manifest: dict, nucleus_object: str | None) -> float | Non
 def _measured_diameter(crops: np.ndarray, dna: int, threshold: float,
                        limit: int = 200) -> float | None:
     """The median equivalent diameter of the central nucleus of (up to `limit`) crops."""
-    picked = np.linspace(0, len(crops) - 1, min(limit, len(crops))).astype(int)
     areas = []
-    for i in picked:
-        nucleus, _ = _nucleus(_smooth(np.clip(np.asarray(crops[i], np.float64)[:, :, dna], 0, 1)),
-                              threshold)
+    for smooth in _smoothed(crops, _evenly(len(crops), limit), lambda crop: crop[:, :, dna]):
+        nucleus, _ = _nucleus(smooth, threshold)
         if nucleus.any():
             areas.append(nucleus.sum())
     return float(np.sqrt(4 * np.median(areas) / np.pi)) if areas else None
+
+
+def _evenly(n: int, limit: int) -> np.ndarray:
+    """Up to `limit` indices spread evenly over range(n)."""
+    return np.linspace(0, n - 1, min(limit, n)).astype(int) if n else np.zeros(0, int)
+
+
+def _smoothed(crops, picked, signal) -> list[np.ndarray]:
+    """`signal` of each picked crop (clipped to [0, 1], float64), smoothed as segment smooths."""
+    return [_smooth(signal(np.clip(np.asarray(crops[i], np.float64), 0, 1))) for i in picked]
 
 
 def _pooled_threshold(crops, channels, limit, signal, li: bool = False) -> float:
     crops = np.asarray(crops)
     if crops.ndim != 4 or crops.shape[3] != len(channels) or not len(crops):
         raise ValueError(f"crops must be [N > 0, H, W, {len(channels)}], got {crops.shape}")
-    picked = np.linspace(0, len(crops) - 1, min(limit, len(crops))).astype(int)
-    pooled = np.stack([_smooth(signal(np.clip(crops[i].astype(np.float64), 0, 1)))
-                       for i in picked])
+    pooled = np.stack(_smoothed(crops, _evenly(len(crops), limit), signal))
     if li:  # minimum cross-entropy, IdentifyPrimaryObjects' default: keeps dim nuclei
         return float(threshold_li(pooled))
     otsu = threshold_otsu(pooled)
