@@ -18,7 +18,7 @@ from tfrecords_tools.errors import UserInputError
 
 from tfrecords_tools.reader import NORMALIZATIONS, SCALINGS
 
-MODELS = ("film", "published")
+MODELS = ("exemplar", "film", "published")
 # The smallest crop any model trains on (the film model's; the published one needs 47 px).
 MIN_CROP_SIZE = 32
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
@@ -28,7 +28,10 @@ MODEL_DEFAULTS = {
                   "jit_compile": True},
     # XLA was slower than plain graphs for the film step on a 2-core CPU (bench_train.py).
     "film": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
-             "jit_compile": False},
+             "jit_compile": False, "pixel_weight": 100.0, "anchor_weight": 0.0},
+    # The exemplar model edits a real cell: no pixel loss to the paired crop (exemplar.py).
+    "exemplar": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
+                 "jit_compile": False, "pixel_weight": 0.0, "anchor_weight": 0.1},
 }
 
 
@@ -73,7 +76,17 @@ class FitConfig:
     measurer_steps: int | None = None
     measurer_share: float = 0.2
     measurer_lr: float = 1e-3
-    pixel_weight: float = 100.0
+    pixel_weight: float | None = None
+    # The exemplar model: training cells kept in the model (fewer for large crops, see
+    # exemplar.BANK_BYTES), how many nearest ones training picks from, the L1 weight that
+    # keeps an edit close to its exemplar, and whether the measurer's reading must move from
+    # the exemplar's by the profile's difference (relative) or equal the profile.
+    exemplars: int = 2048
+    exemplar_top_k: int = 4
+    anchor_weight: float | None = None
+    relative_consistency: bool = True
+    # Measurer and critic also see log intensities (film.LogView); None: the exemplar model's.
+    log_view: bool | None = None
     # The pixel loss compares pixel_pool x pixel_pool averages: layout, size and brightness,
     # not the detail that the features leave open (see film_trainer.py).
     pixel_pool: int = 1

@@ -175,11 +175,32 @@ def _strided_features(image, widths, prefix: str, spectral: bool):
     return activations
 
 
+@keras.saving.register_keras_serializable(package="cp2image_tf")
+class LogView(layers.Layer):
+    """x -> [x, (log(x + eps) - log(eps)) / -log(eps)]: the image and its log, both about [0, 1].
+
+    CellProfiler measures dim levels too (a cell's minimum, median and MAD intensity, its
+    edge's): a lift of the background from 0.001 to 0.003 is several standard deviations
+    of such features, and invisible on a linear scale. The log view shows it to the
+    measurer and the critic.
+    """
+
+    EPS = 1e-3
+
+    def call(self, x):
+        log = (ops.log(ops.maximum(x, 0.0) + self.EPS) - math.log(self.EPS)) / -math.log(self.EPS)
+        return ops.concatenate([x, log], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 2 * input_shape[-1])
+
+
 def build_measurer(n_features: int, crop_size: int = 68, channels: int = 3, width: int = 32,
-                   name: str = "measurer") -> keras.Model:
+                   log_view: bool = False, name: str = "measurer") -> keras.Model:
     """Crop [B, H, W, C] in [0, 1] -> the standardised CellProfiler features [B, F]."""
     image = keras.Input((crop_size, crop_size, channels), name="image")
-    activations = _strided_features(image, (width, 2 * width, 4 * width, 4 * width), "conv",
+    seen = LogView(name="log_view")(image) if log_view else image
+    activations = _strided_features(seen, (width, 2 * width, 4 * width, 4 * width), "conv",
                                     spectral=False)
     x = layers.Flatten(name="flatten")(activations[-1])
     x = layers.Dense(512, name="dense")(x)
@@ -189,11 +210,12 @@ def build_measurer(n_features: int, crop_size: int = 68, channels: int = 3, widt
 
 
 def build_critic(n_features: int, crop_size: int = 68, channels: int = 3, width: int = 32,
-                 name: str = "critic") -> keras.Model:
+                 log_view: bool = False, name: str = "critic") -> keras.Model:
     """(image, features) -> [logit [B, 1], block activations x 3]: a projection discriminator."""
     image = keras.Input((crop_size, crop_size, channels), name="image")
     features = keras.Input((n_features,), name="features")
-    activations = _strided_features(image, (width, 2 * width, 4 * width, 8 * width), "block",
+    seen = LogView(name="log_view")(image) if log_view else image
+    activations = _strided_features(seen, (width, 2 * width, 4 * width, 8 * width), "block",
                                     spectral=True)
     h = layers.GlobalAveragePooling2D(name="pool")(activations[-1])
     unconditional = layers.SpectralNormalization(layers.Dense(1, name="linear"),

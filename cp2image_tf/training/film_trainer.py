@@ -38,7 +38,7 @@ from cp2image_tf.training.state import counter
 from tfrecords_tools.errors import UserInputError
 
 FEATURE_CLIP = 5.0
-LOSS_NAMES = ("pixel", "consistency", "adversarial", "matching", "decoder", "critic")
+LOSS_NAMES = ("pixel", "consistency", "adversarial", "matching", "anchor", "decoder", "critic")
 WEIGHT_NAMES = ("w_consistency", "w_adversarial", "w_matching")
 
 
@@ -62,6 +62,20 @@ def jitter(images, pixels: int):
         return images
     padded = tf.pad(images, [[0, 0], [pixels, pixels], [pixels, pixels], [0, 0]], mode="REFLECT")
     return tf.image.random_crop(padded, tf.shape(images))
+
+
+def edit_size(delta):
+    """Per example: mean |delta| + mean |delta's x and y differences| of a logit correction.
+
+    In logits, a relative change: a dim pixel counts as a bright one. The differences
+    (total variation) keep the edit a field that moves structures, not pixel noise: an
+    edit that roughened the background lifted CellProfiler's minimum and MAD intensities
+    by several standard deviations while the critic saw nothing.
+    """
+    dy = tf.abs(delta[:, 1:] - delta[:, :-1])
+    dx = tf.abs(delta[:, :, 1:] - delta[:, :, :-1])
+    return (tf.reduce_mean(tf.abs(delta), [1, 2, 3]) + tf.reduce_mean(dy, [1, 2, 3])
+            + tf.reduce_mean(dx, [1, 2, 3]))
 
 
 def film_schedule(step, total_steps, config: FitConfig) -> dict:
@@ -96,9 +110,15 @@ class FilmTrainer:
                                  f"{strategy.num_replicas_in_sync} replicas.")
         size, channels = crop["height"], crop["channels"]
         with strategy.scope():
-            self.decoder = build_model_decoder(manifest, config)
-            self.measurer = build_measurer(self.n_features, size, channels)
-            self.critic = build_critic(self.n_features, size, channels)
+            if config.model == "exemplar":
+                from cp2image_tf.training.networks import build_exemplar
+
+                self.decoder, self.editor = build_exemplar(manifest, config)
+            else:
+                self.decoder, self.editor = build_model_decoder(manifest, config), None
+            log_view = config.log_view if config.log_view is not None else config.model == "exemplar"
+            self.measurer = build_measurer(self.n_features, size, channels, log_view=log_view)
+            self.critic = build_critic(self.n_features, size, channels, log_view=log_view)
             self.decoder_optimizer = keras.optimizers.Adam(config.decoder_lr, beta_1=0.5,
                                                            name="decoder_adam")
             self.critic_optimizer = keras.optimizers.Adam(config.discriminator_lr, beta_1=0.5,
@@ -153,8 +173,12 @@ class FilmTrainer:
         n = tf.shape(target)[0]
         weights = film_schedule(self.step, self.total_steps, cfg)
         with tf.GradientTape(persistent=True) as tape:
-            generated = tf.cast(self.decoder(self.decoder_inputs(features), training=True),
-                                tf.float32)
+            if self.editor is not None:
+                generated, exemplar, exemplar_features, delta = self.editor(
+                    self.decoder_inputs(features), training=True)
+            else:
+                generated = self.decoder(self.decoder_inputs(features), training=True)
+            generated = tf.cast(generated, tf.float32)
             both = tf.concat([target, generated], 0)
             logit, *activations = self.critic([both, tf.concat([features, features], 0)],
                                               training=True)
@@ -164,7 +188,14 @@ class FilmTrainer:
                 pooled(generated, cfg.pixel_pool) - pooled(target, cfg.pixel_pool)), [1, 2, 3])) / batch
             measured = self.measurer(jitter(generated, cfg.measurer_jitter), training=False)
             clipped = tf.clip_by_value(features, -FEATURE_CLIP, FEATURE_CLIP)
+            if self.editor is not None and cfg.relative_consistency:
+                # The reading must move from the exemplar's by the profile's difference: the
+                # measurer's own error on the exemplar is not the edit's business.
+                start = self.measurer(exemplar, training=False)
+                measured = measured - start + exemplar_features
             consistency = tf.reduce_sum(tf.reduce_mean(tf.square(measured - clipped), 1)) / batch
+            anchor = (tf.reduce_sum(edit_size(tf.cast(delta, tf.float32))) / batch
+                      if self.editor is not None else tf.zeros(()))
             adversarial = -tf.reduce_sum(fake_logit) / batch
             matching = tf.add_n([
                 tf.reduce_sum(tf.reduce_mean(tf.abs(a[n:] - tf.stop_gradient(a[:n])),
@@ -172,14 +203,14 @@ class FilmTrainer:
                 for a in activations])
             decoder_loss = (cfg.pixel_weight * pixel + weights["w_consistency"] * consistency
                             + weights["w_adversarial"] * adversarial
-                            + weights["w_matching"] * matching)
+                            + weights["w_matching"] * matching + cfg.anchor_weight * anchor)
             critic_loss = (tf.reduce_sum(tf.nn.relu(1.0 - real_logit))
                            + tf.reduce_sum(tf.nn.relu(1.0 + fake_logit))) / batch
         decoder_grads = tape.gradient(decoder_loss, self.decoder.trainable_variables)
         critic_grads = tape.gradient(critic_loss, self.critic.trainable_variables)
         del tape
         losses = {"pixel": pixel, "consistency": consistency, "adversarial": adversarial,
-                  "matching": matching, "decoder": decoder_loss, "critic": critic_loss}
+                  "matching": matching, "anchor": anchor, "decoder": decoder_loss, "critic": critic_loss}
         return losses, decoder_grads, critic_grads
 
     def replica_step(self, features, target):

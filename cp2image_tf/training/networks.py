@@ -7,6 +7,8 @@ def build_model_decoder(manifest: dict, config):
     """The decoder of a FitConfig's model for a dataset's manifest (features, crop, channels)."""
     crop = manifest["crop"]
     args = (manifest["features"]["count"], crop["height"], crop["channels"])
+    if config.model == "exemplar":
+        return build_exemplar(manifest, config)[0]
     if config.model == "film":
         from cp2image_tf.training.film import build_film_decoder
 
@@ -17,13 +19,25 @@ def build_model_decoder(manifest: dict, config):
     return build_decoder(*args, noise_dim=config.noise_dim, filters=config.filters)
 
 
+def build_exemplar(manifest: dict, config):
+    """(decoder, editor) of the exemplar model (exemplar.py) for a dataset's manifest."""
+    from cp2image_tf.training.exemplar import build_exemplar_networks
+
+    crop = manifest["crop"]
+    return build_exemplar_networks(manifest["features"]["count"], crop["height"], crop["channels"],
+                                   noise_dim=config.noise_dim, width=config.filters,
+                                   bank=config.exemplars, top_k=config.exemplar_top_k,
+                                   seed=config.seed,
+                                   training_cells=manifest["counts"]["splits"]["train"])
+
+
 def check_crop(manifest: dict, config, data_dir=None) -> None:
     """A UserInputError, before any work, when the dataset's crops are too small for the model:
     the film model draws crops from 32 px, the published one from 48 px."""
     from tfrecords_tools.errors import UserInputError
 
     size = manifest["crop"]["height"]
-    if config.model == "film":
+    if config.model in ("film", "exemplar"):
         from cp2image_tf.training.film import MIN_CROP
 
         if size >= MIN_CROP:

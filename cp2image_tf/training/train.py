@@ -194,7 +194,7 @@ def _fmt(value):
 
 def make_trainer(manifest: dict, config: FitConfig, strategy):
     """The trainer of the configured model: FilmTrainer (default) or the published Trainer."""
-    if config.model == "film":
+    if config.model in ("film", "exemplar"):
         from cp2image_tf.training.film_trainer import FilmTrainer
 
         return FilmTrainer(manifest, config, strategy)
@@ -517,6 +517,14 @@ def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: b
     summary = {"start_step": start_step, "baseline_mse": validator.baseline_mse,
                "baseline_ssim": validator.baseline_ssim}
     try:
+        if getattr(trainer, "editor", None) is not None:
+            from cp2image_tf.training.exemplar import bank_layer, fill_bank
+
+            bank = bank_layer(trainer.decoder)
+            if not float(bank.filled.numpy()):
+                summary["exemplars"] = fill_bank(trainer.decoder, data_dir, manifest, config)
+            else:
+                summary["exemplars"] = bank.size
         if hasattr(trainer, "measurer_step_fn"):
             measured = int(trainer.measurer_step.numpy())
             try:

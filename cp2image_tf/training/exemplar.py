@@ -1,0 +1,199 @@
+"""The exemplar model: the nearest real training cell, edited towards the asked profile.
+
+A decoder that draws a cell from nothing must invent everything the features leave open
+(where the cell sits, its outline's wiggles, chromatin and filament texture); trained
+against one paired crop per profile, it draws the average of those possibilities: a blur.
+The nearest training cell by profile, the lookup `evaluate` compares models with, has none
+of that problem but cannot move with the features.
+
+This model does both (retrieval-conditioned generation, as instance-conditioned GANs and
+IMPA's image-to-image transfer of a cell to a condition):
+
+ExemplarBank: a layer holding `bank` training cells (their clipped standardised features
+    and their crops in float16), filled once from the training split before training
+    starts and saved with the weights, so the SavedModel serves it as it is. It returns
+    the bank cell nearest the asked profile (Euclidean, clipped standardised features).
+    In training it excludes the cell itself (a distance of zero) and picks one of the
+    `top_k` nearest, so the editor learns to move a neighbour to a profile.
+
+build_exemplar_decoder: features [B, F] -> image [B, H, W, C] in (0, 1). An MLP embeds
+    the asked profile and its difference to the exemplar's. A small U-Net reads the
+    exemplar crop (H, H/2, H/4); every convolution is followed by batch norm without its
+    own scale and shift and a FiLM layer of the embedding. The head adds a correction
+    to the exemplar's logits: image = sigmoid(logit(exemplar) + delta). The head starts
+    at zero, so a new model draws the exemplar exactly; every pixel is bounded and seen
+    by the losses.
+
+Training (film_trainer.py) needs no pixel loss to the paired crop, which would pull the
+edit towards the blurred average: the measurer's reading of the edit must move from its
+reading of the exemplar by the asked profile's difference (relative feature consistency),
+the projection critic keeps the picture a real cell of that profile, and an L1 anchor to
+the exemplar keeps the edit to what the profile asks for.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from cp2image_tf.training.film import LEAK, FiLM, check_crop_size
+from cp2image_tf.training.model import condition_inputs
+
+FEATURE_CLIP = 5.0
+# The bank's crops are at most this many bytes (float16): 2,048 cells of 68 x 68 x 3 are 57 MB.
+BANK_BYTES = 128 * 2**20
+LOGIT_EPS = 1e-3
+
+
+def bank_size(wanted: int, crop_size: int, channels: int, training_cells: int | None = None) -> int:
+    """The number of exemplars kept: `wanted`, or fewer to stay within BANK_BYTES and the
+    training split."""
+    size = min(wanted, BANK_BYTES // (crop_size * crop_size * channels * 2))
+    if training_cells:
+        size = min(size, training_cells)
+    return int(max(1, size))
+
+
+@keras.saving.register_keras_serializable(package="cp2image_tf")
+class ExemplarBank(layers.Layer):
+    """features [B, F] -> (the nearest bank cell's crop [B, H, W, C], its features [B, F],
+    the asked features clipped as the bank's [B, F])."""
+
+    def __init__(self, size: int, n_features: int, crop_size: int, channels: int,
+                 top_k: int = 4, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.size, self.n_features = int(size), int(n_features)
+        self.crop_size, self.channels = int(crop_size), int(channels)
+        self.top_k, self.seed = int(max(1, min(top_k, size))), int(seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
+
+    def build(self, input_shape):
+        self.features = self.add_weight(shape=(self.size, self.n_features), initializer="zeros",
+                                        trainable=False, name="features")
+        self.crops = self.add_weight(shape=(self.size, self.crop_size, self.crop_size, self.channels),
+                                     initializer="zeros", trainable=False, dtype="float16",
+                                     name="crops")
+        self.filled = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                      name="filled")
+
+    def fill(self, features: np.ndarray, crops: np.ndarray) -> None:
+        """Store `size` training cells (standardised features, crops in [0, 1])."""
+        if len(features) < self.size:
+            raise ValueError(f"the bank holds {self.size} cells; {len(features)} given")
+        self.features.assign(np.clip(features[:self.size], -FEATURE_CLIP, FEATURE_CLIP)
+                             .astype(np.float32))
+        self.crops.assign(np.asarray(crops[:self.size], np.float16))
+        self.filled.assign(1.0)
+
+    def call(self, features, training=None):
+        f = ops.clip(ops.cast(features, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
+        bank = ops.cast(self.features, "float32")
+        distance = (ops.sum(f * f, axis=1, keepdims=True) - 2.0 * ops.matmul(f, ops.transpose(bank))
+                    + ops.sum(bank * bank, axis=1)[None, :])
+        if training:
+            # Not the cell itself, and one of the top_k nearest: a neighbour to edit.
+            distance = ops.where(distance < 1e-4, ops.full_like(distance, 1e9), distance)
+            _, nearest = ops.top_k(-distance, k=self.top_k)
+            pick = keras.random.randint((ops.shape(f)[0], 1), 0, self.top_k,
+                                        seed=self.seed_generator)
+            index = ops.take_along_axis(nearest, pick, axis=1)[:, 0]
+        else:
+            index = ops.argmin(distance, axis=1)
+        crops = ops.cast(ops.take(self.crops, index, axis=0), "float32")
+        return crops, ops.take(bank, index, axis=0), f
+
+    def compute_output_shape(self, input_shape):
+        return ((input_shape[0], self.crop_size, self.crop_size, self.channels),
+                (input_shape[0], self.n_features), (input_shape[0], self.n_features))
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size, "n_features": self.n_features,
+                "crop_size": self.crop_size, "channels": self.channels, "top_k": self.top_k,
+                "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="cp2image_tf")
+class Logit(layers.Layer):
+    """log(x / (1 - x)) of x clipped to [eps, 1 - eps]."""
+
+    def call(self, x):
+        x = ops.clip(x, LOGIT_EPS, 1.0 - LOGIT_EPS)
+        return ops.log(x) - ops.log(1.0 - x)
+
+
+def _conv_film(x, e, filters: int, name: str, strides: int = 1):
+    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(x)
+    x = layers.BatchNormalization(center=False, scale=False, momentum=0.9, synchronized=True,
+                                  name=f"{name}_bn")(x)
+    x = FiLM(filters, name=f"{name}_film")([x, e])
+    return layers.LeakyReLU(LEAK, name=f"{name}_lrelu")(x)
+
+
+def _up_to(x, skip, name: str):
+    """x upsampled x2 and cropped to the skip connection's size."""
+    x = layers.UpSampling2D(2, interpolation="nearest", name=f"{name}_up")(x)
+    excess = x.shape[1] - skip.shape[1]
+    if excess:
+        x = layers.Cropping2D(((0, excess), (0, excess)), name=f"{name}_crop")(x)
+    return layers.Concatenate(name=f"{name}_skip")([x, skip])
+
+
+def build_exemplar_networks(n_features: int, crop_size: int = 68, channels: int = 3,
+                            noise_dim: int = 0, width: int = 16, embed: int = 256,
+                            bank: int = 2048, top_k: int = 4, seed: int = 0,
+                            training_cells: int | None = None, name: str = "decoder"):
+    """(decoder: features -> image, editor: features -> [image, exemplar crop, exemplar
+    features, the logit correction]); the two share every layer (training reads the editor)."""
+    check_crop_size(crop_size)
+    inputs, condition = condition_inputs(n_features, noise_dim)
+    features = inputs[0] if isinstance(inputs, list) else inputs
+    size = bank_size(bank, crop_size, channels, training_cells)
+    exemplar, exemplar_features, clipped = ExemplarBank(
+        size, n_features, crop_size, channels, top_k=top_k, seed=seed, name="exemplars")(features)
+    difference = layers.Subtract(name="difference")([clipped, exemplar_features])
+    e = layers.Concatenate(name="asked")([condition, difference])
+    e = layers.Dense(embed, name="embed1")(e)
+    e = layers.LeakyReLU(LEAK, name="embed1_lrelu")(e)
+    e = layers.Dense(embed, name="embed2")(e)
+    e = layers.LeakyReLU(LEAK, name="embedding")(e)
+
+    w = width
+    s1 = _conv_film(exemplar, e, w, "enc1")
+    s2 = _conv_film(s1, e, 2 * w, "enc2", strides=2)
+    x = _conv_film(s2, e, 4 * w, "enc3", strides=2)
+    x = _conv_film(x, e, 4 * w, "mid1")
+    x = _conv_film(x, e, 4 * w, "mid2")
+    x = _conv_film(_up_to(x, s2, "dec2"), e, 2 * w, "dec2")
+    x = _conv_film(_up_to(x, s1, "dec1"), e, w, "dec1")
+    delta = layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros",
+                          bias_initializer="zeros", name="delta")(x)
+    logits = layers.Add(name="edited")([Logit(name="exemplar_logit")(exemplar), delta])
+    image = layers.Activation("sigmoid", dtype="float32", name="image")(logits)
+    decoder = keras.Model(inputs, image, name=name)
+    editor = keras.Model(inputs, [image, exemplar, exemplar_features, delta], name=f"{name}_editor")
+    assert tuple(decoder.output_shape[1:]) == (crop_size, crop_size, channels)
+    return decoder, editor
+
+
+def bank_layer(decoder) -> ExemplarBank:
+    return decoder.get_layer("exemplars")
+
+
+def fill_bank(decoder, data_dir, manifest: dict, config) -> int:
+    """Fill the decoder's exemplar bank with training cells (a shuffled pass of the training
+    split with the run's seed; every cell once). Returns the number of cells stored."""
+    from tfrecords_tools.reader import make_dataset
+
+    layer = bank_layer(decoder)
+    ds = make_dataset(data_dir, "train", 256, shuffle=True, repeat=False, seed=config.seed,
+                      scaling=config.scaling, normalization=config.normalization,
+                      manifest=manifest)
+    feats, crops, total = [], [], 0
+    for f, c in ds:
+        feats.append(f.numpy())
+        crops.append(c.numpy().astype(np.float16))
+        total += len(f)
+        if total >= layer.size:
+            break
+    layer.fill(np.concatenate(feats), np.concatenate(crops))
+    return layer.size

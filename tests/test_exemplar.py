@@ -1,0 +1,86 @@
+"""The exemplar model: the nearest training cell, edited; its bank filled from training cells,
+saved with the weights and served."""
+import numpy as np
+import pytest
+
+from cp2image_tf.training.config import FitConfig
+from cp2image_tf.training.exemplar import bank_layer, bank_size, build_exemplar_networks
+from cp2image_tf.training.train import fit
+
+
+def _filled(size=40, channels=2, bank=6, n_features=5, seed=0):
+    decoder, editor = build_exemplar_networks(n_features, size, channels, width=4, embed=16,
+                                              bank=bank, top_k=2)
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(bank, n_features)).astype("float32")
+    crops = rng.uniform(0.05, 0.95, size=(bank, size, size, channels)).astype("float32")
+    bank_layer(decoder).fill(feats, crops)
+    return decoder, editor, feats, crops
+
+
+@pytest.mark.parametrize("size", [32, 40, 49, 68])
+def test_draws_any_crop_from_32_px_and_starts_as_the_nearest_cell(size):
+    decoder, _, feats, crops = _filled(size)
+    # Asked for a profile near bank cell 3, a new model draws cell 3 (its head starts at zero).
+    asked = feats[[3, 1]] + 0.01
+    images = decoder(asked, training=False).numpy()
+    assert images.shape == (2, size, size, 2)
+    np.testing.assert_allclose(images, crops[[3, 1]].astype(np.float16).astype(np.float32),
+                               atol=2e-3)
+    # Extreme profiles stay inside (0, 1): a sigmoid head, nothing clipped afterwards.
+    extreme = decoder(np.full((1, 5), 1e3, "float32"), training=False).numpy()
+    assert extreme.min() > 0.0 and extreme.max() < 1.0
+    with pytest.raises(ValueError, match="at least 32"):
+        build_exemplar_networks(5, 28, 2)
+
+
+def test_training_never_edits_the_cell_itself():
+    _, editor, feats, crops = _filled(bank=6)
+    for _ in range(5):
+        _, exemplar, exemplar_features, _ = editor(feats, training=True)
+        exemplar_features = np.asarray(exemplar_features)
+        # Each cell's exemplar is another bank cell, one of its top_k (2) nearest.
+        distances = ((feats[:, None] - feats[None]) ** 2).sum(-1)
+        np.fill_diagonal(distances, np.inf)
+        nearest2 = np.argsort(distances, 1)[:, :2]
+        chosen = [int(np.argmin(((feats - e) ** 2).sum(-1))) for e in exemplar_features]
+        assert all(c != i and c in nearest2[i] for i, c in enumerate(chosen)), chosen
+
+
+def test_every_block_is_conditioned_and_the_bank_fits_its_budget():
+    decoder, _ = build_exemplar_networks(5, 40, 3, width=4, embed=16, bank=10)
+    films = [layer.name for layer in decoder.layers if layer.__class__.__name__ == "FiLM"]
+    assert len(films) == 7
+    assert bank_size(2048, 68, 3) == 2048 and bank_size(2048, 68, 3, training_cells=500) == 500
+    # 128 x 128 x 5 float16 crops: 819 at 128 MiB.
+    assert bank_size(2048, 128, 5) == 128 * 2**20 // (128 * 128 * 5 * 2)
+
+
+def test_fit_fills_the_bank_from_training_cells_and_export_serves_it(disc_dataset, tmp_path):
+    import tensorflow as tf
+
+    from cp2image_tf.serving.export import export, load_run
+    from tfrecords_tools.manifest import load_manifest
+    from tfrecords_tools.reader import make_dataset
+
+    run = tmp_path / "run"
+    summary = fit(disc_dataset, run, FitConfig(model="exemplar", steps=4, batch_size=8,
+                                               val_cells=16, grid_cells=0, measurer_steps=2),
+                  progress=False)
+    manifest = load_manifest(disc_dataset)
+    assert summary["exemplars"] == manifest["counts"]["splits"]["train"]
+    decoder, _, config, _ = load_run(run, "latest")
+    assert config.model == "exemplar"
+    bank = bank_layer(decoder)
+    # The bank holds exactly the training split's cells, restored from the checkpoint.
+    train = np.concatenate([f.numpy() for f, _ in make_dataset(disc_dataset, "train", 64,
+                                                              repeat=False, shuffle=False)])
+    stored = np.asarray(bank.features)
+    key = lambda rows: sorted(map(tuple, np.round(np.clip(rows, -5, 5), 4)))
+    assert key(stored) == key(train)
+    served = tf.saved_model.load(export(run, tmp_path / "models", checkpoint="latest")["path"])
+    stats = manifest["features"]["stats"]
+    raw = np.asarray([stats["median"]], np.float32)
+    images = served.signatures["serving_default"](features=tf.constant(raw))["images"].numpy()
+    z = (raw - np.asarray(stats["mean"], np.float32)) / np.asarray(stats["std"], np.float32)
+    np.testing.assert_allclose(images, decoder(z, training=False).numpy(), atol=1e-5)
