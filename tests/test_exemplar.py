@@ -56,17 +56,24 @@ def test_every_block_is_conditioned_and_the_bank_fits_its_budget():
     assert bank_size(2048, 128, 5) == 128 * 2**20 // (128 * 128 * 5 * 2)
 
 
-def test_fit_fills_the_bank_from_training_cells_and_export_serves_it(disc_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def disc_run_exemplar(disc_dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("exemplar") / "run"
+    summary = fit(disc_dataset, run, FitConfig(model="exemplar", steps=4, batch_size=8,
+                                               val_cells=16, grid_cells=0, measurer_steps=2),
+                  progress=False)
+    return run, summary
+
+
+def test_fit_fills_the_bank_from_training_cells_and_export_serves_it(disc_run_exemplar,
+                                                                    disc_dataset, tmp_path):
     import tensorflow as tf
 
     from cp2image_tf.serving.export import export, load_run
     from tfrecords_tools.manifest import load_manifest
     from tfrecords_tools.reader import make_dataset
 
-    run = tmp_path / "run"
-    summary = fit(disc_dataset, run, FitConfig(model="exemplar", steps=4, batch_size=8,
-                                               val_cells=16, grid_cells=0, measurer_steps=2),
-                  progress=False)
+    run, summary = disc_run_exemplar
     manifest = load_manifest(disc_dataset)
     assert summary["exemplars"] == manifest["counts"]["splits"]["train"]
     decoder, _, config, _ = load_run(run, "latest")
@@ -84,3 +91,34 @@ def test_fit_fills_the_bank_from_training_cells_and_export_serves_it(disc_datase
     images = served.signatures["serving_default"](features=tf.constant(raw))["images"].numpy()
     z = (raw - np.asarray(stats["mean"], np.float32)) / np.asarray(stats["std"], np.float32)
     np.testing.assert_allclose(images, decoder(z, training=False).numpy(), atol=1e-5)
+
+
+def test_a_pinned_exemplar_edits_one_cell_and_the_served_model_has_it(disc_run_exemplar, tmp_path):
+    run = disc_run_exemplar[0]
+    import tensorflow as tf
+
+    from cp2image_tf.serving.export import export
+    from cp2image_tf.serving.local import load_model
+    from cp2image_tf.training.exemplar import pinned_decoder
+    from cp2image_tf.serving.export import load_run
+
+    decoder, manifest, _, _ = load_run(run, "latest")
+    bank = bank_layer(decoder)
+    feats, crops = np.asarray(bank.features), np.asarray(bank.crops, np.float32)
+    pinned = pinned_decoder(decoder)
+    # Asked for cell 0's own profile, pinned to cell 0: the decoder's own drawing of it.
+    same = pinned([feats[:1], feats[:1]], training=False).numpy()
+    np.testing.assert_allclose(same, decoder(feats[:1], training=False).numpy(), atol=1e-5)
+    # Asked for another cell's profile but pinned to cell 0: an edit of cell 0, not cell j.
+    far = int(np.argmax(((feats - feats[0]) ** 2).sum(1)))
+    edited = pinned([feats[[far]], feats[:1]], training=False).numpy()
+    looked_up = decoder(feats[[far]], training=False).numpy()
+    assert np.abs(edited - crops[:1]).mean() < np.abs(edited - looked_up).mean()
+    # The served model carries the same signature, in raw CellProfiler units.
+    served = load_model(export(run, tmp_path / "models", checkpoint="latest")["path"])
+    assert served.can_pin
+    stats = manifest["features"]["stats"]
+    raw = feats * np.asarray(stats["std"], np.float32) + np.asarray(stats["mean"], np.float32)
+    np.testing.assert_allclose(served.edits(raw[[far]], raw[0]), edited, atol=1e-4)
+    local = load_model(run, "latest")
+    np.testing.assert_allclose(local.edits(raw[[far]], raw[0]), edited, atol=1e-4)

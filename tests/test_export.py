@@ -219,9 +219,16 @@ def test_treatment_means_and_traverse(disc_dataset, exported, tmp_path):
     np.testing.assert_allclose(area, model.median[0] + np.array([-1, 0, 1]) * model.sd[0], rtol=1e-5)
     np.testing.assert_allclose(values["Nuclei_Intensity_MeanIntensity_DNA"][:3], model.median[1])
     images = result["images"]
-    np.testing.assert_allclose(images[0, 1], model.images(model.median[None])[0], atol=1e-6)
-    np.testing.assert_allclose(images[1, 0], summary["images"][1], atol=1e-5)  # small's mean
-    np.testing.assert_allclose(images[1, 2], summary["images"][0], atol=1e-5)  # large's mean
+    # The middle tile is the median profile, drawn as the model draws it.
+    np.testing.assert_allclose(images[0, 1], model.images(model.median[None])[0], atol=1e-5)
+    # The exemplar model edits one training cell per row: the one nearest the row's middle.
+    assert model.can_pin
+    ends = profiles[["Nuclei_AreaShape_Area", "Nuclei_Intensity_MeanIntensity_DNA"]].to_numpy()
+    middle = values.iloc[4][["Nuclei_AreaShape_Area", "Nuclei_Intensity_MeanIntensity_DNA"]]
+    pinned = model.edits(ends[::-1], middle.to_numpy(np.float32))
+    np.testing.assert_allclose(images[1, 0], pinned[0], atol=1e-5)  # small's mean
+    np.testing.assert_allclose(images[1, 2], pinned[1], atol=1e-5)  # large's mean
+    np.testing.assert_allclose(model.edits(ends, ends), model.images(ends), atol=1e-5)
     with tifffile.TiffFile(tmp_path / "trav" / "traverse_Nuclei_AreaShape_Area.tif") as tif:
         assert tif.series[0].axes == "TCYX" and tif.series[0].shape == (3, 2, 48, 48)
     assert (tmp_path / "trav" / "traverse.png").stat().st_size > 5000

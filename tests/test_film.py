@@ -41,14 +41,18 @@ def test_measurer_and_critic_shapes():
 
 
 def test_model_option_builds_the_published_network():
-    manifest = {"features": {"count": 9}, "crop": {"height": 68, "channels": 3}}
+    manifest = {"features": {"count": 9}, "crop": {"height": 68, "channels": 3},
+                "counts": {"splits": {"train": 50}}}
     published = build_model_decoder(manifest, FitConfig(model="published"))
     names = [layer.name for layer in published.layers]
     assert [n for n in names if n.endswith("_conv")] == [
         "block1_conv", "block2_conv", "block3_conv", "block4_conv", "reconstructor_conv"]
     assert published.get_layer("block1_conv").kernel.shape == (5, 5, 9, 32)
-    film = build_model_decoder(manifest, FitConfig())
-    assert FitConfig().model == "film" and "level1_conv1_film" in [l.name for l in film.layers]
+    film = build_model_decoder(manifest, FitConfig(model="film"))
+    assert "level1_conv1_film" in [l.name for l in film.layers]
+    # The default is the exemplar model: a bank of (here all 50) training cells and an editor.
+    default = build_model_decoder(manifest, FitConfig())
+    assert FitConfig().model == "exemplar" and default.get_layer("exemplars").size == 50
     # Each model brings its own defaults; given values win.
     assert (FitConfig(model="published").batch_size, FitConfig().batch_size) == (104, 32)
     assert FitConfig(model="published", decoder_lr=0.5).decoder_lr == 0.5
@@ -118,7 +122,7 @@ def test_time_limit_stops_cleanly_and_resume_continues_the_budget(disc_dataset, 
 
 def test_film_learns_discs(disc_dataset, tmp_path):
     run = tmp_path / "run"
-    summary = fit(disc_dataset, run, FitConfig(steps=120, batch_size=16, log_every=10,
+    summary = fit(disc_dataset, run, FitConfig(model="film", steps=120, batch_size=16, log_every=10,
                                                validate_every=60, checkpoint_every=60,
                                                val_cells=64, grid_cells=4), progress=False)
     # Well below the mean training image: the decoder draws each cell's own disc.
@@ -127,14 +131,14 @@ def test_film_learns_discs(disc_dataset, tmp_path):
     assert {"pixel", "consistency", "adversarial", "critic", "w_consistency"} <= set(history.columns)
     # Every loss is in use within the run: the ramps are fractions of --steps.
     last = history.dropna(subset=["w_adversarial"]).iloc[-1]
-    assert last["w_consistency"] == FitConfig().consistency_weight
-    assert last["w_adversarial"] == FitConfig().adversarial_weight
+    assert last["w_consistency"] == FitConfig(model="film").consistency_weight
+    assert last["w_adversarial"] == FitConfig(model="film").adversarial_weight
     assert json.loads((run / "config.json").read_text())["model"] == "film"
     # best/ follows the latest validation, not the lowest pixel MSE.
     assert json.loads((run / "best" / "best.json").read_text())["step"] == 120
 
 
-@pytest.mark.parametrize("model", ["film", "published"])
+@pytest.mark.parametrize("model", ["exemplar", "film", "published"])
 def test_both_models_export_and_serve(disc_dataset, tmp_path, model):
     import tensorflow as tf
 

@@ -147,7 +147,15 @@ def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0
               else "; values not limited to the training range" if extrapolate
               else "; no training range in the manifest (convert again): values not limited")
     profiles = np.concatenate([row[1] for row in rows]).astype(np.float32)
-    images = model.images(profiles).reshape(len(rows), steps, *model.crop_shape)
+    if getattr(model, "can_pin", False):
+        # The exemplar model: each row edits one training cell (the one nearest the row's
+        # middle profile), so the row shows a cell changing, not the lookup jumping.
+        like = np.concatenate([np.repeat(row[1][[steps // 2]], steps, 0) for row in rows])
+        images = model.edits(profiles, like.astype(np.float32))
+        title += "; each row edits one training cell"
+    else:
+        images = model.images(profiles)
+    images = images.reshape(len(rows), steps, *model.crop_shape)
     with OutputFolder(out_dir, overwrite) as folder:
         stacks = _write_traversal(folder.path, model, rows, profiles, images, title)
     return {"out_dir": str(folder.out_dir), "montage": "traverse.png", "stacks": stacks, "images": images,

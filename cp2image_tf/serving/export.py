@@ -131,9 +131,12 @@ def serving_module(decoder, manifest: dict, normalization: str, noise_dim: int =
     module.colours = tf.Variable(colours, trainable=False, name="colours")
     features_spec = tf.TensorSpec([None, n_features], tf.float32, name="features")
 
-    def images(features):
+    def normalise(features):
         filled = tf.where(tf.math.is_finite(features), features, module.median)
-        z = (filled - module.center) / module.scale
+        return (filled - module.center) / module.scale
+
+    def images(features):
+        z = normalise(features)
         if noise_dim:
             # Served images are the noise's mean (zero): one deterministic cell per profile.
             z = [z, tf.zeros([tf.shape(z)[0], noise_dim])]
@@ -160,11 +163,30 @@ def serving_module(decoder, manifest: dict, normalization: str, noise_dim: int =
         return {"value": tf.where(found, value, tf.fill(tf.shape(key), ""))}
 
     module.serve, module.generate_png, module.describe = serve, generate_png, describe
+    functions = [serve, generate_png]
+    module.edit = None
+    if any(layer.name == "exemplars" for layer in decoder.layers):
+        from cp2image_tf.training.exemplar import pinned_decoder
+
+        pinned = pinned_decoder(decoder)
+
+        @tf.function(input_signature=[features_spec, tf.TensorSpec([None, n_features], tf.float32,
+                                                                   name="like")])
+        def edit(features, like):
+            """The features drawn as an edit of the training cell nearest `like` (a pinned
+            exemplar: one cell changing along a traversal)."""
+            inputs = [normalise(features), normalise(like)]
+            if noise_dim:
+                inputs.insert(1, tf.zeros([tf.shape(features)[0], noise_dim]))
+            return {"images": pinned(inputs, training=False)}
+
+        module.edit = edit
+        functions.append(edit)
     # Track the tf.Variables the traced functions read, not the Keras objects that wrap
     # them: TF1-style loaders (TensorFlow Serving, saved_model_cli run) restore only
     # variables that the object graph holds as tf.Variables.
     used = {}
-    for fn in (serve, generate_png):
+    for fn in functions:
         for variable in fn.get_concrete_function().variables:
             used.setdefault(id(variable), variable)
     module.used_variables = list(used.values())
@@ -216,13 +238,17 @@ def export(run_dir, model_base, version: int | None = None, checkpoint: str = "b
                        "signatures": {"serving_default": "features -> images",
                                       "generate_png": "features -> png_bytes",
                                       "describe": "key -> value"}}
+        if module.edit is not None:
+            export_info["signatures"]["edit"] = "features, like -> images"
         (staging / "export.json").write_text(json.dumps(export_info, indent=1) + "\n")
         module.assets = [tf.saved_model.Asset(str(staging / name))
                          for name in ("manifest.json", "feature_names.txt", "export.json")]
         saved = work / "model"
-        tf.saved_model.save(module, str(saved), signatures={
-            "serving_default": module.serve, "generate_png": module.generate_png,
-            "describe": module.describe})
+        signatures = {"serving_default": module.serve, "generate_png": module.generate_png,
+                      "describe": module.describe}
+        if module.edit is not None:
+            signatures["edit"] = module.edit
+        tf.saved_model.save(module, str(saved), signatures=signatures)
         if warmup:
             write_warmup(saved / "assets.extra" / WARMUP_FILE, manifest)
         os.rename(saved, target)

@@ -22,6 +22,7 @@ class LocalModel:
                  keep=None):
         self._images = signatures["serving_default"]
         self._pngs = signatures["generate_png"]
+        self._edit = signatures.get("edit")  # the exemplar model's pinned-exemplar signature
         self._keep = keep  # the object that owns the functions' variables
         self.description = description
         self.manifest = manifest
@@ -45,6 +46,25 @@ class LocalModel:
     def images(self, raw) -> np.ndarray:
         """Raw CellProfiler values [N, F] -> images float32 [N, H, W, C] in [0, 1]."""
         parts = self._batched(self._images, "images", raw)
+        return np.concatenate(parts) if parts else np.zeros((0, *self.crop_shape), np.float32)
+
+    @property
+    def can_pin(self) -> bool:
+        """Whether the model draws profiles as edits of a chosen training cell (exemplar model)."""
+        return self._edit is not None
+
+    def edits(self, raw, like) -> np.ndarray:
+        """Raw values [N, F], each drawn as an edit of the training cell nearest `like` ([F] or
+        [N, F]): images [N, H, W, C]. Models without an exemplar bank draw `raw` as images()."""
+        import tensorflow as tf
+
+        if self._edit is None:
+            return self.images(raw)
+        raw = check_matrix(raw, len(self.feature_names))
+        like = np.broadcast_to(check_matrix(like, len(self.feature_names)), raw.shape)
+        parts = [self._edit(features=tf.constant(raw[i:i + BATCH]),
+                            like=tf.constant(np.ascontiguousarray(like[i:i + BATCH])))["images"].numpy()
+                 for i in range(0, len(raw), BATCH)]
         return np.concatenate(parts) if parts else np.zeros((0, *self.crop_shape), np.float32)
 
     def pngs(self, raw) -> list[bytes]:
@@ -84,6 +104,8 @@ def load_model(path, checkpoint: str = "best"):
         module = serving_module(decoder, manifest, config.normalization, config.noise_dim, info,
                                 config.scaling)
         signatures = {"serving_default": module.serve, "generate_png": module.generate_png}
+        if module.edit is not None:
+            signatures["edit"] = module.edit
         description = model_description(manifest, config.normalization, config.scaling, info)
         return LocalModel(signatures, description, manifest,
                           f"run {path} ({checkpoint} checkpoint, step {info['step']})", module)

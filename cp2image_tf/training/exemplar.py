@@ -65,7 +65,8 @@ class ExemplarBank(layers.Layer):
         self.size, self.n_features = int(size), int(n_features)
         self.crop_size, self.channels = int(crop_size), int(channels)
         self.top_k, self.seed = int(max(1, min(top_k, size))), int(seed)
-        self.seed_generator = keras.random.SeedGenerator(self.seed)
+        # Named: the same checkpoint entry in every process (an automatic name is uniquified).
+        self.seed_generator = keras.random.SeedGenerator(self.seed, name="exemplar_picks")
 
     def build(self, input_shape):
         self.features = self.add_weight(shape=(self.size, self.n_features), initializer="zeros",
@@ -85,8 +86,12 @@ class ExemplarBank(layers.Layer):
         self.crops.assign(np.asarray(crops[:self.size], np.float16))
         self.filled.assign(1.0)
 
-    def call(self, features, training=None):
-        f = ops.clip(ops.cast(features, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
+    def call(self, inputs, training=None):
+        """inputs: the asked features, or [asked features, the profile whose nearest cell to
+        edit] (a pinned exemplar)."""
+        features, like = (inputs if isinstance(inputs, (list, tuple)) else (inputs, inputs))
+        asked = ops.clip(ops.cast(features, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
+        f = ops.clip(ops.cast(like, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
         bank = ops.cast(self.features, "float32")
         distance = (ops.sum(f * f, axis=1, keepdims=True) - 2.0 * ops.matmul(f, ops.transpose(bank))
                     + ops.sum(bank * bank, axis=1)[None, :])
@@ -100,9 +105,11 @@ class ExemplarBank(layers.Layer):
         else:
             index = ops.argmin(distance, axis=1)
         crops = ops.cast(ops.take(self.crops, index, axis=0), "float32")
-        return crops, ops.take(bank, index, axis=0), f
+        return crops, ops.take(bank, index, axis=0), asked
 
     def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
+            input_shape = input_shape[0]
         return ((input_shape[0], self.crop_size, self.crop_size, self.channels),
                 (input_shape[0], self.n_features), (input_shape[0], self.n_features))
 
@@ -121,21 +128,55 @@ class Logit(layers.Layer):
         return ops.log(x) - ops.log(1.0 - x)
 
 
-def _conv_film(x, e, filters: int, name: str, strides: int = 1):
-    x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(x)
-    x = layers.BatchNormalization(center=False, scale=False, momentum=0.9, synchronized=True,
-                                  name=f"{name}_bn")(x)
-    x = FiLM(filters, name=f"{name}_film")([x, e])
-    return layers.LeakyReLU(LEAK, name=f"{name}_lrelu")(x)
+def _conv_film(make, x, e, filters: int, name: str, strides: int = 1):
+    x = make(name, lambda: layers.Conv2D(filters, 3, strides=strides, padding="same",
+                                         use_bias=False, name=name))(x)
+    x = make(f"{name}_bn", lambda: layers.BatchNormalization(
+        center=False, scale=False, momentum=0.9, synchronized=True, name=f"{name}_bn"))(x)
+    x = make(f"{name}_film", lambda: FiLM(filters, name=f"{name}_film"))([x, e])
+    return make(f"{name}_lrelu", lambda: layers.LeakyReLU(LEAK, name=f"{name}_lrelu"))(x)
 
 
-def _up_to(x, skip, name: str):
+def _up_to(make, x, skip, name: str):
     """x upsampled x2 and cropped to the skip connection's size."""
-    x = layers.UpSampling2D(2, interpolation="nearest", name=f"{name}_up")(x)
+    x = make(f"{name}_up", lambda: layers.UpSampling2D(2, interpolation="nearest",
+                                                       name=f"{name}_up"))(x)
     excess = x.shape[1] - skip.shape[1]
     if excess:
-        x = layers.Cropping2D(((0, excess), (0, excess)), name=f"{name}_crop")(x)
-    return layers.Concatenate(name=f"{name}_skip")([x, skip])
+        x = make(f"{name}_crop", lambda: layers.Cropping2D(((0, excess), (0, excess)),
+                                                           name=f"{name}_crop"))(x)
+    return make(f"{name}_skip", lambda: layers.Concatenate(name=f"{name}_skip"))([x, skip])
+
+
+def _edit_graph(make, inputs, condition, like, channels: int, width: int, embed: int):
+    """The editor's graph on Keras inputs; `make(name, constructor)` gives each layer (new, or
+    an existing model's). The exemplar is the bank cell nearest `like` (None: the features)."""
+    features = inputs[0] if isinstance(inputs, list) else inputs
+    bank = make("exemplars", None)
+    exemplar, exemplar_features, clipped = bank(features if like is None else [features, like])
+    difference = make("difference", lambda: layers.Subtract(name="difference"))(
+        [clipped, exemplar_features])
+    e = make("asked", lambda: layers.Concatenate(name="asked"))([condition, difference])
+    e = make("embed1", lambda: layers.Dense(embed, name="embed1"))(e)
+    e = make("embed1_lrelu", lambda: layers.LeakyReLU(LEAK, name="embed1_lrelu"))(e)
+    e = make("embed2", lambda: layers.Dense(embed, name="embed2"))(e)
+    e = make("embedding", lambda: layers.LeakyReLU(LEAK, name="embedding"))(e)
+
+    w = width
+    s1 = _conv_film(make, exemplar, e, w, "enc1")
+    s2 = _conv_film(make, s1, e, 2 * w, "enc2", strides=2)
+    x = _conv_film(make, s2, e, 4 * w, "enc3", strides=2)
+    x = _conv_film(make, x, e, 4 * w, "mid1")
+    x = _conv_film(make, x, e, 4 * w, "mid2")
+    x = _conv_film(make, _up_to(make, x, s2, "dec2"), e, 2 * w, "dec2")
+    x = _conv_film(make, _up_to(make, x, s1, "dec1"), e, w, "dec1")
+    delta = make("delta", lambda: layers.Conv2D(channels, 3, padding="same",
+                                                kernel_initializer="zeros",
+                                                bias_initializer="zeros", name="delta"))(x)
+    exemplar_logit = make("exemplar_logit", lambda: Logit(name="exemplar_logit"))(exemplar)
+    logits = make("edited", lambda: layers.Add(name="edited"))([exemplar_logit, delta])
+    image = make("image", lambda: layers.Activation("sigmoid", dtype="float32", name="image"))(logits)
+    return image, exemplar, exemplar_features, delta
 
 
 def build_exemplar_networks(n_features: int, crop_size: int = 68, channels: int = 3,
@@ -145,34 +186,41 @@ def build_exemplar_networks(n_features: int, crop_size: int = 68, channels: int 
     """(decoder: features -> image, editor: features -> [image, exemplar crop, exemplar
     features, the logit correction]); the two share every layer (training reads the editor)."""
     check_crop_size(crop_size)
-    inputs, condition = condition_inputs(n_features, noise_dim)
-    features = inputs[0] if isinstance(inputs, list) else inputs
-    size = bank_size(bank, crop_size, channels, training_cells)
-    exemplar, exemplar_features, clipped = ExemplarBank(
-        size, n_features, crop_size, channels, top_k=top_k, seed=seed, name="exemplars")(features)
-    difference = layers.Subtract(name="difference")([clipped, exemplar_features])
-    e = layers.Concatenate(name="asked")([condition, difference])
-    e = layers.Dense(embed, name="embed1")(e)
-    e = layers.LeakyReLU(LEAK, name="embed1_lrelu")(e)
-    e = layers.Dense(embed, name="embed2")(e)
-    e = layers.LeakyReLU(LEAK, name="embedding")(e)
+    made = {"exemplars": ExemplarBank(bank_size(bank, crop_size, channels, training_cells),
+                                      n_features, crop_size, channels, top_k=top_k, seed=seed,
+                                      name="exemplars")}
 
-    w = width
-    s1 = _conv_film(exemplar, e, w, "enc1")
-    s2 = _conv_film(s1, e, 2 * w, "enc2", strides=2)
-    x = _conv_film(s2, e, 4 * w, "enc3", strides=2)
-    x = _conv_film(x, e, 4 * w, "mid1")
-    x = _conv_film(x, e, 4 * w, "mid2")
-    x = _conv_film(_up_to(x, s2, "dec2"), e, 2 * w, "dec2")
-    x = _conv_film(_up_to(x, s1, "dec1"), e, w, "dec1")
-    delta = layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros",
-                          bias_initializer="zeros", name="delta")(x)
-    logits = layers.Add(name="edited")([Logit(name="exemplar_logit")(exemplar), delta])
-    image = layers.Activation("sigmoid", dtype="float32", name="image")(logits)
+    def make(layer_name, constructor):
+        if layer_name not in made:
+            made[layer_name] = constructor()
+        return made[layer_name]
+
+    inputs, condition = condition_inputs(n_features, noise_dim)
+    image, exemplar, exemplar_features, delta = _edit_graph(make, inputs, condition, None,
+                                                            channels, width, embed)
     decoder = keras.Model(inputs, image, name=name)
     editor = keras.Model(inputs, [image, exemplar, exemplar_features, delta], name=f"{name}_editor")
     assert tuple(decoder.output_shape[1:]) == (crop_size, crop_size, channels)
     return decoder, editor
+
+
+def pinned_decoder(decoder) -> keras.Model:
+    """(features [B, F], like [B, F]) -> image: the features drawn as an edit of the bank cell
+    nearest `like` (standardised features both), with the decoder's own layers and weights.
+
+    A traversal pins its start profile's exemplar this way, so the strip shows one cell
+    changing with the feature rather than the lookup jumping between cells."""
+    n_features = decoder.get_layer("exemplars").n_features
+    noise = [i for i in decoder.inputs if i.name.startswith("noise")]
+    channels = decoder.output_shape[-1]
+    inputs, condition = condition_inputs(n_features, noise[0].shape[-1] if noise else 0)
+    like = keras.Input((n_features,), name="like")
+    width = decoder.get_layer("enc1").filters
+    embed = decoder.get_layer("embed1").units
+    image, *_ = _edit_graph(lambda name, _: decoder.get_layer(name), inputs, condition, like,
+                            channels, width, embed)
+    return keras.Model([*(inputs if isinstance(inputs, list) else [inputs]), like], image,
+                       name=f"{decoder.name}_pinned")
 
 
 def bank_layer(decoder) -> ExemplarBank:

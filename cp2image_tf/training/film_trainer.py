@@ -140,7 +140,11 @@ class FilmTrainer:
             decoder_optimizer=self.decoder_optimizer, critic_optimizer=self.critic_optimizer,
             measurer_optimizer=self.measurer_optimizer, step=self.step,
             measurer_step=self.measurer_step, total_steps=self.total_steps,
-            elapsed=self.elapsed)
+            elapsed=self.elapsed,
+            # The exemplar picks' random state: a resumed run picks what the uninterrupted
+            # one would have.
+            **({"exemplar_picks": self.decoder.get_layer("exemplars").seed_generator.state}
+               if self.editor is not None else {}))
         self._steps = {}
 
     # -- inputs ---------------------------------------------------------------------------
