@@ -4,8 +4,9 @@ and the input pipeline can do, in one run.
 Prints:
   - training images/s of one full step, with XLA and without: the published model
     (decoder + discriminator) at batch 104, the film model (decoder + critic + the frozen
-    measurer's reading of the generated crops) at batch 32, and the film measurer's own
-    step (phase 1)
+    measurer's reading of the generated crops) and the exemplar model (the nearest-cell
+    lookup, the editor, the critic, the measurer's reading of edit and exemplar) at batch
+    32, and each one's measurer step (phase 1)
   - analytic FLOPs per trained image (2 FLOPs per multiply-add; backward = 2x forward)
   - a large float32 matmul's FLOP/s, and the training step's achieved share of it
   - the input pipeline's crops/s at the same batch, and its share of step time
@@ -40,6 +41,8 @@ def conv_macs(model) -> int:
             total += int(inner.kernel.shape[0] * inner.kernel.shape[1])
         elif inner.__class__.__name__ == "FiLM":
             total += 2 * int(inner.gamma.kernel.shape[0] * inner.gamma.kernel.shape[1])
+        elif inner.__class__.__name__ == "ExemplarBank":  # distances to every bank cell
+            total += inner.size * inner.n_features
     return total
 
 
@@ -47,9 +50,11 @@ def step_flops(trainer) -> float:
     """FLOPs per trained cell (2 per multiply-add; backward = 2x forward)."""
     if hasattr(trainer, "critic"):
         # Decoder forward + backward; critic over target and generated forward + backward;
-        # the measurer over the generated crop, forward + backward to the image.
+        # the measurer over the generated crop, forward + backward to the image (and, for the
+        # exemplar model, forward over the exemplar).
+        exemplar = getattr(trainer, "editor", None) is not None
         return (3 * 2 * conv_macs(trainer.decoder) + 2 * 3 * 2 * conv_macs(trainer.critic)
-                + 3 * 2 * conv_macs(trainer.measurer))
+                + (3 + exemplar) * 2 * conv_macs(trainer.measurer))
     # Discriminator over 3 images (real, generated, target) forward + backward.
     return 3 * 2 * conv_macs(trainer.decoder) + 3 * 3 * 2 * conv_macs(trainer.discriminator)
 
@@ -82,7 +87,7 @@ def main():
     parser.add_argument("--data", type=Path, default=None, help="a converted dataset (else sample data)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=None,
-                        help="[default: each model's own, published 104 and film 32]")
+                        help="[default: each model's own, published 104, film and exemplar 32]")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -111,7 +116,7 @@ def main():
             return make_dataset(data, "train", batch, stratify=False, manifest=manifest)
 
         results, flops = {}, {}
-        for model in ("published", "film"):
+        for model in ("published", "film", "exemplar"):
             for jit in (True, False):
                 config = FitConfig(model=model, batch_size=args.batch, jit_compile=jit)
                 trainer = make_trainer(manifest, config, strategy)
@@ -121,7 +126,9 @@ def main():
                 results[name] = images_per_s(trainer.train_step_fn(), iterators, batch,
                                              args.steps, "pixel")
                 flops[name] = step_flops(trainer)
-            name = f"film measurer step (batch {batch})"
+            if model == "published":
+                continue
+            name = f"{model} measurer step (batch {batch})"
             results[name] = images_per_s(trainer.measurer_step_fn(), iterators[:1], batch,
                                          args.steps * 4, "measurer")
             flops[name] = 3 * 2 * conv_macs(trainer.measurer)

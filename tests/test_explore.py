@@ -246,11 +246,17 @@ def test_traverse_draws_what_generate_traverse_draws(client, model, disc_dataset
     assert plain["frames"][1]["strip"] == middle  # the 0 SD step is the profile itself
 
 
-def test_interpolation_runs_from_one_treatment_mean_to_the_other(client):
+def test_interpolation_runs_from_one_treatment_mean_to_the_other(client, model, stats):
     answer = client.get("/api/interpolate?a=small&b=large&steps=4").json()
     assert [f["label"] for f in answer["frames"]] == ["small", "0.33", "0.67", "large"]
-    assert answer["frames"][0]["strip"] == client.get("/api/render?base=small").json()["strip"]
-    assert answer["frames"][-1]["strip"] == client.get("/api/render?base=large").json()["strip"]
+    small, large = (np.asarray([client.get(f"/api/profile?base={t}").json()["raw"][n]
+                                for n in stats["names"]], np.float32) for t in ("small", "large"))
+    # The exemplar model edits one training cell along the strip: the one nearest its middle.
+    assert model.can_pin
+    middle = small + (large - small) * 2 / 3
+    want = as_uint8(model.edits(np.stack([small, large]), middle))
+    got = [strip_channels(answer["frames"][k]["strip"], 2) for k in (0, -1)]
+    assert all(np.abs(g.astype(int) - w.astype(int)).max() <= 1 for g, w in zip(got, want))
 
 
 def test_without_data_the_median_works_and_the_rest_says_what_it_needs(model):

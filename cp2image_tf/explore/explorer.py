@@ -310,8 +310,15 @@ class Explorer:
             raise ApiError(503, f"TensorFlow Serving did not answer: {type(err).__name__}: "
                                 f"{err}") from None
 
-    def images(self, raw) -> np.ndarray:
-        return self._call(self.model.images, np.asarray(raw, np.float32).reshape(-1, len(self.names)))
+    def images(self, raw, like=None) -> np.ndarray:
+        """The model's pictures of raw profiles (as its serving_default draws them); with `like`
+        (one raw profile) and a model that edits training cells (the exemplar model), every
+        picture edits the cell nearest `like`: a traversal strip shows that cell changing
+        instead of the lookup swapping it for another."""
+        raw = np.asarray(raw, np.float32).reshape(-1, len(self.names))
+        if like is not None and getattr(self.model, "can_pin", False):
+            return self._call(lambda r: self.model.edits(r, np.asarray(like, np.float32)), raw)
+        return self._call(self.model.images, raw)
 
     def png(self, raw) -> bytes:
         return self._call(self.model.pngs, np.asarray(raw, np.float32).reshape(1, -1))[0]
@@ -404,8 +411,8 @@ class Explorer:
             raise ApiError(400, f"{key} {params.get(key)!r}: not a finite number.")
         return value
 
-    def _frames(self, profiles, labels, values=None) -> list:
-        images = self.images(np.asarray(profiles, np.float32))
+    def _frames(self, profiles, labels, values=None, like=None) -> list:
+        images = self.images(np.asarray(profiles, np.float32), like)
         return [{"label": label, "strip": data_url(channel_strip(image)),
                  **({"value": float(values[k])} if values is not None else {})}
                 for k, (image, label) in enumerate(zip(images, labels))]
@@ -445,7 +452,7 @@ class Explorer:
         labels = [f"{z:+.1f} SD" + (f" ({'min' if z < 0 else 'max'})" if c else "")
                   for z, c in zip(zs, clamped[:, j])]
         return {"feature": name, "correlated": correlated, "label": profile.label,
-                "frames": self._frames(profiles, labels, profiles[:, j]),
+                "frames": self._frames(profiles, labels, profiles[:, j], like=profile.raw),
                 "range": self._range_note(clamped)}
 
     def interpolate(self, params) -> dict:
@@ -463,7 +470,8 @@ class Explorer:
             a, self.base(a).raw.astype(np.float64), b, self.base(b).raw.astype(np.float64),
             self._steps(params))
         profiles, clamped = self._within_range(profiles)
-        return {"a": a, "b": b, "frames": self._frames(profiles, labels),
+        return {"a": a, "b": b,
+                "frames": self._frames(profiles, labels, like=profiles[len(profiles) // 2]),
                 "range": self._range_note(clamped)}
 
     def _within_range(self, profiles, origin=None):
