@@ -88,8 +88,9 @@ def convert(input_path, out_dir, channels, objects, table, crop_column, crop_siz
 
     if crop_size is not None and 0 < crop_size < MIN_CROP_SIZE:
         click.echo(f"Warning: --crop-size {crop_size}: `cp2image-tf fit` trains on crops from "
-                   f"{MIN_CROP_SIZE} px (the film model; the published one from 48 px); convert "
-                   f"with --crop-size {MIN_CROP_SIZE} or more to train on this dataset.", err=True)
+                   f"{MIN_CROP_SIZE} px (the exemplar and film models; the published one from "
+                   f"48 px); convert with --crop-size {MIN_CROP_SIZE} or more to train on this "
+                   "dataset.", err=True)
 
     config = ConvertConfig(
         input=input_path, out_dir=out_dir, channels=parse_list(channels),

@@ -12,15 +12,16 @@ from tfrecords_tools.reader import SCALINGS
 @click.argument("data_dir", type=click.Path())
 @click.argument("run_dir", type=click.Path())
 @click.option("--model", type=click.Choice(MODELS), default=None,
-              help="film: conditioned in every block, with a measurer's feature-consistency "
-                   "loss and a projection critic [default]; published: the paper's network, "
+              help="exemplar: the nearest training cell, edited towards the profile by a "
+                   "network conditioned in every block [default]; film: a decoder conditioned "
+                   "in every block, drawing from nothing; published: the paper's network, "
                    "losses and schedule.")
 @click.option("--steps", type=int, default=None, help="Train until this step [default: 20000].")
 @click.option("--time-limit", default=None,
               help="Stop cleanly after this much training time, e.g. 30m, 90s, 1.5h (summed "
                    "over resumed runs); checkpoints and reports steps and images/s.")
 @click.option("--batch-size", type=int, default=None,
-              help="Global batch, split over replicas [default: film 32; published 104].")
+              help="Global batch, split over replicas [default: exemplar and film 32; published 104].")
 @click.option("--strategy", type=click.Choice(STRATEGIES),
               default=None, help="tf.distribute strategy [default: auto: multiworker when "
                                  "TF_CONFIG names a cluster, mirrored with several GPUs].")

@@ -218,7 +218,7 @@ CASES = [
     ("fit crop 40 with the published model",
      lambda c: (["fit", c.manifest_edit(lambda m: m["crop"].update(height=40, width=40)),
                  c.tmp / "run", "--model", "published", *FIT],
-                ["40 px", "published", "--model film"])),
+                ["40 px", "published", "--model exemplar"])),
     ("fit no checkpoint reads",
      lambda c: (["fit", c.data, c.run_copy("truncate_all"), "--steps", "14", "--batch-size", "8"],
                 ["ckpt-", "reads"])),

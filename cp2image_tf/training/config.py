@@ -19,7 +19,7 @@ from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.reader import NORMALIZATIONS, SCALINGS
 
 MODELS = ("exemplar", "film", "published")
-# The smallest crop any model trains on (the film model's; the published one needs 47 px).
+# The smallest crop any model trains on (the exemplar and film models'; the published one needs 48 px).
 MIN_CROP_SIZE = 32
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 STRATIFY = ("auto", "yes", "no")

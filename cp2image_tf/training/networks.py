@@ -53,7 +53,8 @@ def check_crop(manifest: dict, config, data_dir=None) -> None:
         except ValueError:
             pass
         least = 48
-        advice = "train the film model (--model film, from 32 px) or convert with --crop-size 48 or more"
+        advice = ("train the default exemplar model (--model exemplar, from 32 px) or convert "
+                  "with --crop-size 48 or more")
     where = f"{data_dir}: its" if data_dir is not None else "The dataset's"
     raise UserInputError(f"{where} crops are {size} px, too small for the {config.model} model "
                          f"(at least {least} px): {advice}.")
