@@ -81,7 +81,7 @@ class FitConfig:
     # exemplar.BANK_BYTES), how many nearest ones training picks from, the L1 weight that
     # keeps an edit close to its exemplar, and whether the measurer's reading must move from
     # the exemplar's by the profile's difference (relative) or equal the profile.
-    exemplars: int = 2048
+    exemplars: int = 8192
     exemplar_top_k: int = 4
     anchor_weight: float | None = None
     relative_consistency: bool = True
