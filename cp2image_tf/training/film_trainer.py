@@ -1,4 +1,4 @@
-"""Training the default (film) model: the measurer first, then decoder and critic together.
+"""Training the exemplar and film models: the measurer first, then decoder and critic together.
 
 Phase 1, the measurer: a small CNN learns real training crops -> standardised
 features (training split only: it reads the same training iterator as the
@@ -12,6 +12,11 @@ Phase 2, decoder and critic update from the same forward pass every step:
                  + matching_weight(t) x mean |critic activations(generated) - (target)|
     critic loss  = hinge loss, the target crop with its own profile real, the generated
                    crop with the same profile fake.
+The exemplar model (exemplar.py) trains the same way with pixel_weight 0 and two changes:
+the consistency term compares the change of the measurer's reading from the exemplar to
+the edit with the change of profile (relative_consistency), and
+    + anchor_weight x edit_size(the logit correction)
+keeps the edit small and smooth. Its measurer and critic also see log intensities.
 pixel_pool and measurer_jitter are options, off by default. Compared as 4 x 4 averages,
 pixels fix layout, size and brightness and leave the detail to the measurer and critic:
 over five minutes that re-measured better (treatment accuracy 0.72 against 0.45), but the
