@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from conftest import CHANNELS, make_cellprofiler_folder
 from tfrecords_tools import parts as distributed
-from tfrecords_tools.convert import (ConvertConfig, build_tasks, convert, plan_dataset,
-                                     write_part)
+from tfrecords_tools.convert import (ConvertConfig, adopt_plan, build_tasks, convert,
+                                     load_or_plan, write_part)
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.features import (feature_statistics, part_moments, sorted_part_values,
                                       statistics_from_parts)
@@ -356,9 +356,9 @@ def test_input_a_worker_cannot_read_is_a_one_line_error_naming_it(cp_folder, clu
     image.write_bytes(data)
     config = ConvertConfig(input=str(cp_folder), out_dir=str(tmp_path / "o2"),
                            channels=list(CHANNELS), crop_size=32, shard_size=5)
-    plan = plan_dataset(config)
+    plan, plan_dir = load_or_plan(config, tmp_path / "o2", False)
     (tmp_path / "o2" / ".parts").mkdir(parents=True)
-    tasks = build_tasks(plan, config, tmp_path / "o2")
+    tasks = build_tasks(plan, adopt_plan(plan_dir, tmp_path / "o2"), config, tmp_path / "o2")
     missing = tasks[0]["fields"][0]["paths"][1]
     os.rename(missing, missing + ".away")
     with pytest.raises(UserInputError, match=f"{missing}: cannot be read here .*shared file"):
