@@ -217,6 +217,20 @@ class _FollowingTable:
         self.last = int(image[-1])
 
 
+def _match(image, obj_numbers, right: pd.DataFrame, path) -> np.ndarray:
+    """For each (ImageNumber, ObjectNumber), its row in `right`, or -1 (the left join)."""
+    if not len(right):
+        return np.full(len(image), -1)
+    index = pd.MultiIndex.from_arrays([right["ImageNumber"].to_numpy(),
+                                       right["ObjectNumber"].to_numpy()])
+    if not index.is_unique:
+        number, obj = index[index.duplicated()][0]
+        raise UserInputError(f"{path}: ImageNumber {number}, ObjectNumber {obj} is listed twice; "
+                             "each object must have one row. Remove the duplicate rows (e.g. "
+                             "an image set exported twice) and convert again.")
+    return index.get_indexer(pd.MultiIndex.from_arrays([image, obj_numbers]))
+
+
 def _unsorted(path, row: int, number: int, before: int) -> UserInputError:
     return UserInputError(f"{path}: row {row + 2}: ImageNumber {number} comes after {before}; "
                           "convert reads the object tables in ImageNumber order, as CellProfiler "
@@ -343,22 +357,30 @@ def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) 
     images = {}  # ImageNumber -> [kept cells, first kept index, group code, treatment code]
     per_group_treatment = {}
     shapes, illum_checked = {}, set()
-    name_column = set(names)
+    name_index = {n: j for j, n in enumerate(names)}
+
+    def measured(obj):  # (the table's candidate feature columns, their places in `names`)
+        pairs = [(c, name_index[n]) for n, c in renamed[obj].items() if n in name_index]
+        return [c for c, _ in pairs], np.array([j for _, j in pairs], dtype=np.int64)
+
     first_obj, first_path = tables[0]
-    first_columns = ["ImageNumber", "ObjectNumber", "Location_Center_X", "Location_Center_Y"] + \
-        [c for n, c in renamed[first_obj].items() if n in name_column]
-    following = [(obj, _FollowingTable(path, KEYS + [c for n, c in renamed[obj].items()
-                                                     if n in name_column],
-                                       config.chunk_rows, watermark))
-                 for obj, path in tables[1:]]
+    first_features, first_places = measured(first_obj)
+    following = []
+    for obj, path in tables[1:]:
+        features, places = measured(obj)
+        following.append((_FollowingTable(path, KEYS + features, config.chunk_rows, watermark),
+                          features, places))
+    reading = list(dict.fromkeys(KEYS + ["Location_Center_X", "Location_Center_Y"]
+                                 + first_features))
     last_image, first_rows = None, 0
-    for start, chunk in streaming.iter_chunks(first_path, list(dict.fromkeys(first_columns)), [],
-                                              config.chunk_rows):
+    for start, chunk in streaming.iter_chunks(first_path, reading, [], config.chunk_rows):
         if not len(chunk):
             continue
-        first_rows += len(chunk)
+        n = len(chunk)
+        first_rows += n
         chunk = _keys(chunk, first_path, start)
         image = chunk["ImageNumber"].to_numpy()
+        obj_numbers = chunk["ObjectNumber"].to_numpy()
         previous = np.concatenate([[last_image if last_image is not None else image[0]],
                                    image[:-1]])
         down = np.flatnonzero(image < previous)
@@ -366,19 +388,12 @@ def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) 
             raise _unsorted(first_path, start + int(down[0]), int(image[down[0]]),
                             int(previous[down[0]]))
         last_image = int(image[-1])
-        cells = chunk.rename(columns={c: f"{first_obj}_{c}" for c in chunk.columns
-                                      if c not in KEYS})
-        cells = cells.rename(columns=centre)
-        held = len(chunk)
-        for obj, table in following:
+        held, joined = n, []
+        for table, features, places in following:
             right = table.rows_through(int(image.min()), int(image.max()))
-            held += len(table.buffer) if table.buffer is not None else 0
-            right = right.rename(columns={c: f"{obj}_{c}" for c in right.columns if c not in KEYS})
-            cells = cells.merge(right, on=KEYS, how="left", indicator=f"_has_{obj}")
-        watermark.hold(held + len(cells))
-        n = len(cells)
-        image = cells["ImageNumber"].to_numpy()
-        obj_numbers = cells["ObjectNumber"].to_numpy()
+            held += len(right) + (len(table.buffer) if table.buffer is not None else 0)
+            joined.append((_match(image, obj_numbers, right, table.path), right, features, places))
+        watermark.hold(held)
         at = index_of_image.get_indexer(image)
         known = at >= 0
         safe = np.where(known, at, 0)
@@ -388,13 +403,13 @@ def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) 
             step[(step < 0) & mask] = k
 
         s = 0
-        for obj in config.objects[1:]:
-            fail(s, cells[f"_has_{obj}"].to_numpy() != "both")
+        for match, *_ in joined:
+            fail(s, match < 0)
             s += 1
         fail(s, ~known)
         s += 1
-        x = cells["_x"].to_numpy(dtype=np.float64)
-        y = cells["_y"].to_numpy(dtype=np.float64)
+        x = chunk["Location_Center_X"].to_numpy(dtype=np.float64)
+        y = chunk["Location_Center_Y"].to_numpy(dtype=np.float64)
         fail(s, ~np.isfinite(x) | ~np.isfinite(y))
         s += 1
         for missing in no_path + no_illum:
@@ -436,13 +451,14 @@ def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) 
             entry[0] += count
             key = (entry[2], entry[3])
             per_group_treatment[key] = per_group_treatment.get(key, 0) + count
-        values = cells[names].to_numpy(dtype=np.float32)[keep]
+        values = np.full((len(keep), len(names)), np.nan, dtype=np.float32)
+        values[:, first_places] = chunk[first_features].to_numpy(dtype=np.float32)[keep]
+        for match, right, features, places in joined:
+            values[:, places] = right[features].to_numpy(dtype=np.float32)[match[keep]]
         segments.add(values, rec)
     if not first_rows:
         cp.require_rows(pd.DataFrame(), first_path, f"{first_obj} objects to convert")
-    for obj, table in following:
-        if not table.rows and not table.done:
-            table.rows_through(np.iinfo(np.int64).max, np.iinfo(np.int64).max)
+    for (table, _, _), (obj, _) in zip(following, tables[1:]):
         if not table.rows:
             cp.require_rows(pd.DataFrame(), table.path, f"{obj} objects to convert")
     return {"segments": segments, "names": names, "dropped": selection.dropped,
