@@ -137,18 +137,20 @@ def test_local_cluster_convert_equals_single_process(sample, cluster, tmp_path):
 
     single = tmp_path / "single"
     convert(sample_config(sample, single), progress=False)
-    # The CLI's own LocalCluster of two worker processes ...
+    # The CLI's own LocalCluster of two worker processes (planned 7 rows at a time: chunks that
+    # split image sets) ...
     local = tmp_path / "local"
     args = ["convert", str(sample / "cellprofiler"), str(local), "--channels", ",".join(CHANNELS),
             "--objects", "Nuclei,Cells", "--crop-size", "32", "--shard-size", "12",
-            "--scheduler", "local", "--workers", "2"]
+            "--scheduler", "local", "--workers", "2", "--chunk-rows", "7"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "dashboard http://127.0.0.1:" in result.output
     assert_same_dataset(single, local)
     # ... and a running scheduler, by address.
     remote = tmp_path / "remote"
-    convert(sample_config(sample, remote, scheduler=cluster[0].scheduler_address), progress=False)
+    convert(sample_config(sample, remote, scheduler=cluster[0].scheduler_address, chunk_rows=5),
+            progress=False)
     assert_same_dataset(single, remote)
     assert len(load_manifest(single)["shards"]) > 4
 
