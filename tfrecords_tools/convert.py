@@ -216,6 +216,9 @@ def pixel_histogram(crops: np.ndarray, bins: int) -> np.ndarray:
     exact = crops.dtype.kind in "ui" and crops.dtype.itemsize <= 2
     for c in range(channels):
         values = crops[..., c].ravel()
+        if exact and crops.dtype.kind == "u":  # every value is a bin already
+            hist[c] = np.bincount(values, minlength=bins)
+            continue
         if exact:
             index = np.clip(values.astype(np.int64), 0, bins - 1)
         else:
@@ -288,10 +291,11 @@ def shard_cells(task: dict):
     work = Path(task["plan_dir"])
     keep = np.asarray(task["keep"], dtype=np.int64)
     sizes = planning.segment_sizes(str(work))
+    opened = {}
     if task["table"]:
         groups = planning.group_names(str(work))
         values, cells, text = planning.rows_of(work, sizes,
-                                               planning.order_ranges(work, task["order"]))
+                                               planning.order_ranges(work, task["order"]), opened)
         # Cells of a shard go in ImageNumber order (stable), as fields of one image each.
         order = np.argsort(cells["image"], kind="stable")
         for number in np.unique(cells["image"]):
@@ -303,7 +307,7 @@ def shard_cells(task: dict):
                        for r in rows]
         return
     for fld in task["fields"]:
-        values, cells, _ = planning.rows_of(work, sizes, [fld["rows"]])
+        values, cells, _ = planning.rows_of(work, sizes, [fld["rows"]], opened)
         values = values[:, keep]
         yield fld, [{"cell_id": f"{cells['image'][r]}-{cells['object'][r]}",
                      "image_number": int(cells["image"][r]),
@@ -317,10 +321,9 @@ def write_part(task: dict) -> dict:
     out_dir = Path(task["out_dir"])
     final = out_dir / task["file"]
     tmp = partial_path(final)
-    hist, crop_dtype, files, records, features = None, None, {}, 0, []
+    hist, crop_dtype, files, records, features, crops = None, None, {}, 0, [], []
     with TFRecordWriter(tmp, task["compression"]) as writer:
         for fld, cells in shard_cells(task):
-            crops = []
             if not task["table"]:
                 stack, fld_files = read_field(fld["paths"], fld.get("illum"), task.get("scaling"))
                 files.update(fld_files)
@@ -345,10 +348,13 @@ def write_part(task: dict) -> dict:
                                             task["treatment"], task["treatment_index"],
                                             cell["group"]))
                 records += 1
-            if crops:  # one histogram per field, not per crop: bincount's bins cost more than a crop
-                if hist is None:
-                    hist = np.zeros((crops[0].shape[-1], histogram_bins(crop_dtype)), dtype=np.int64)
-                hist += pixel_histogram(np.stack(crops), hist.shape[1])
+            # One histogram per HISTOGRAM_CROPS crops, not per crop or per field: bincount's
+            # 65,536 bins cost more than a field of 24 crops.
+            if len(crops) >= HISTOGRAM_CROPS:
+                hist = _add_histogram(hist, crops, crop_dtype)
+                crops = []
+        if crops:
+            hist = _add_histogram(hist, crops, crop_dtype)
     os.replace(tmp, final)
     summary = {
         "file": task["file"], "split": task["split"], "treatment": task["treatment"],
@@ -364,6 +370,15 @@ def write_part(task: dict) -> dict:
                                              sorted_part_values(values))
     write_json(parts / f"{task['file']}.json", summary)
     return summary
+
+
+HISTOGRAM_CROPS = 512
+
+
+def _add_histogram(hist, crops: list, dtype):
+    if hist is None:
+        hist = np.zeros((crops[0].shape[-1], histogram_bins(dtype)), dtype=np.int64)
+    return hist + pixel_histogram(np.stack(crops), hist.shape[1])
 
 
 def _save_npy(path: Path, array) -> str:

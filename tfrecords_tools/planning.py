@@ -877,21 +877,28 @@ def per_treatment_columns(cells: pd.DataFrame, treatment_cols) -> dict:
     return found
 
 
-def rows_of(work: Path, sizes: list, ranges) -> tuple[np.ndarray, np.ndarray, dict]:
+def rows_of(work: Path, sizes: list, ranges, opened: dict | None = None
+            ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(values [n, F], cells [n], text {name: [n]}) of the kept cells at `ranges` (a list of
-    [start, stop) kept-cell indices, in order), read from the segments."""
+    [start, stop) kept-cell indices, in order), read from the segments; `opened` keeps the
+    segments memory-mapped between calls (a shard's fields are mostly in one segment)."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
+    opened = {} if opened is None else opened
     values, cells, text = [], [], {}
     for start, stop in ranges:
         k = int(np.searchsorted(offsets, start, side="right") - 1)
         while start < stop:
             lo, hi = start - offsets[k], min(stop, offsets[k + 1]) - offsets[k]
-            values.append(np.load(work / f"seg-{k:05d}.values.npy", mmap_mode="r")[lo:hi])
-            cells.append(np.load(work / f"seg-{k:05d}.cells.npy", mmap_mode="r")[lo:hi])
+            if k not in opened:
+                opened[k] = {name: np.load(path, mmap_mode="r") for name, path in
+                             ((n, work / f"seg-{k:05d}.{n}.npy")
+                              for n in ("values", "cells", "cell_id", "crop")) if path.exists()}
+            segment = opened[k]
+            values.append(segment["values"][lo:hi])
+            cells.append(segment["cells"][lo:hi])
             for name in ("cell_id", "crop"):
-                path = work / f"seg-{k:05d}.{name}.npy"
-                if path.exists():
-                    text.setdefault(name, []).extend(np.load(path, mmap_mode="r")[lo:hi].tolist())
+                if name in segment:
+                    text.setdefault(name, []).extend(segment[name][lo:hi].tolist())
             start = offsets[k] + hi
             k += 1
     return np.concatenate(values), np.concatenate(cells), text
