@@ -5,7 +5,8 @@ ImageNumbers, the same TIFFs, nothing re-drawn). Side by side in one run, every 
 fresh process (peak RSS is that process's, with its workers'):
   - the floor: read and decode every channel TIFF of every field once (what any converter must
     do), in one process; measured at the smallest size (per cell, it is the same at every size:
-    the copies read the same files)
+    the copies read the same files); and the floor plus writing as many bytes as the shards'
+    crops hold (68 x 68 x 3 16-bit pixels a cell), what a converter cannot avoid either
   - planning alone (the streaming planner: tables read, joined, checked, split, shards laid
     out) at every size
   - convert end to end with 1 and 2 workers (reading the tables, planning, worker start-up,
@@ -42,12 +43,18 @@ import pandas as pd, tifffile
 from tfrecords_tools.convert import ConvertConfig, convert, plan_dataset
 kind, cp_dir, out, workers = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 start = time.perf_counter()  # imports done: the same for every measurement
-if kind == "floor":
+if kind.startswith("floor"):
     image = pd.read_csv(Path(cp_dir) / "Image.csv")
     for ch in %(channels)r:
         for folder, name in zip(image[f"PathName_{ch}"], image[f"FileName_{ch}"]):
             tifffile.imread(Path(folder) / name)
     cells = None
+    if kind == "floor+write":  # and write as many bytes as the shards hold (68x68x3 uint16)
+        total = int(sys.argv[5]) * 68 * 68 * 3 * 2
+        block = bytes(1 << 22)
+        with open(out, "wb") as handle:
+            for at in range(0, total, len(block)):
+                handle.write(block[:min(len(block), total - at)])
 else:
     config = ConvertConfig(input=cp_dir, out_dir=str(out), channels=%(channels)r,
                            objects=["Nuclei", "Cells"], split_by=%(split_by)r, workers=workers)
@@ -65,9 +72,9 @@ print(json.dumps({"seconds": seconds, "cells": cells, "peak_gb": peak / 1e6}))
 """ % {"channels": CHANNELS, "split_by": SPLIT_BY}
 
 
-def measure(kind: str, cp_dir: Path, out: Path, workers: int = 1) -> dict:
+def measure(kind: str, cp_dir: Path, out: Path, workers: int = 1, cells: int = 0) -> dict:
     result = subprocess.run([sys.executable, "-c", CHILD, kind, str(cp_dir), str(out),
-                             str(workers)], capture_output=True, text=True,
+                             str(workers), str(cells)], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     if result.returncode:
         raise RuntimeError(result.stderr[-2000:])
@@ -101,12 +108,16 @@ def main():
                 floor = measure("floor", cp_dir, root / "none")
                 floor_rate = size / floor["seconds"]
                 rows.append((size, "read every TIFF once (I/O floor)", floor))
+                rows.append((size, "  the same + write the crops' bytes",
+                             measure("floor+write", cp_dir, root / "bytes", cells=size)))
+                (root / "bytes").unlink()
             rows.append((size, "plan (streaming)", measure("plan", cp_dir, root / f"plan{size}")))
             if size <= args.write_up_to:
                 for workers in (1, 2):
                     rows.append((size, f"convert, {workers} worker(s)",
                                  measure("convert", cp_dir, root / f"out{size}-{workers}",
                                          workers)))
+                    shutil.rmtree(root / f"out{size}-{workers}", ignore_errors=True)
             shutil.rmtree(root / f"plan{size}", ignore_errors=True)
             if size != sizes[0]:
                 shutil.rmtree(cp_dir, ignore_errors=True)

@@ -267,3 +267,35 @@ def test_overwrite_keeps_the_old_dataset_when_the_new_plan_fails(screen, tmp_pat
     assert result.exit_code == 1
     assert (out / "manifest.json").read_bytes() == before
     assert not list(tmp_path.glob(".out.plan-*"))
+
+
+def test_one_planner_per_job_others_wait_and_a_dead_ones_lock_is_taken_over(screen, tmp_path,
+                                                                          monkeypatch):
+    import os
+    import threading
+    import time
+
+    from tfrecords_tools.convert import PlanLock
+
+    out = tmp_path / "out"
+    config = config_for(screen, out, chunk_rows=4)
+    lock = PlanLock(config, out, progress=False).path
+    lock.write_text("")  # another run is planning this job, and alive (it touches the lock)
+    done = []
+    worker = threading.Thread(target=lambda: done.append(convert(config, progress=False,
+                                                                 part=(1, 2))))
+    worker.start()
+    time.sleep(1.5)
+    assert worker.is_alive() and not done and not out.exists()  # waiting, not planning
+    lock.unlink()  # that run stopped without a plan: this one plans
+    worker.join(60)
+    assert done and done[0]["part"] == [1, 2] and not lock.exists()
+    assert convert(config, progress=False, part=(2, 2))["part"] == [2, 2]  # the plan is there
+    # A lock its planner stopped touching minutes ago is stale: taken over at once.
+    other = config_for(screen, tmp_path / "other", chunk_rows=4)
+    stale = PlanLock(other, tmp_path / "other", progress=False).path
+    stale.write_text("")
+    old = time.time() - 10 * PlanLock.STALE
+    os.utime(stale, (old, old))
+    assert convert(other, progress=False)["counts"]["cells"] == 16 * 6 - 8
+    assert not stale.exists()

@@ -560,9 +560,10 @@ def _convert(config, progress, command, part, finalize, client, started):
         raise UserInputError(f"{out_dir}: no parts to finalize ({PARTS} not found); run the "
                              "parts first (--part I/N), with the same INPUT, OUT_DIR and options.")
     config.validate()
-    plan, plan_dir = load_or_plan(config, out_dir, progress)
-    resuming = prepare_output(out_dir, config.overwrite and not finalize)
-    plan_dir = adopt_plan(plan_dir, out_dir)
+    with PlanLock(config, out_dir, progress) as lock:
+        plan, plan_dir = load_or_plan(config, out_dir, progress, lock)
+        resuming = prepare_output(out_dir, config.overwrite and not finalize)
+        plan_dir = adopt_plan(plan_dir, out_dir)
     tasks = build_tasks(plan, plan_dir, config, out_dir)
     if finalize:
         return finish(config, plan, plan_dir, tasks, out_dir, command, started)
@@ -589,14 +590,82 @@ def _convert(config, progress, command, part, finalize, client, started):
     return finish(config, plan, plan_dir, tasks, out_dir, command, started)
 
 
-def load_or_plan(config, out_dir: Path, progress: bool = False) -> tuple[dict, Path]:
+class PlanLock:
+    """One planner per job: the parts of a Slurm array start together, and each would otherwise
+    plan the whole screen (its time, and its segments' disk space) at once. The first takes
+    OUT_DIR's plan lock (a file beside OUT_DIR, touched every HEARTBEAT seconds while it plans);
+    the others wait for its plan, or take over a lock not touched for STALE seconds (a planner
+    that died). Held until the plan is in OUT_DIR/.parts."""
+
+    HEARTBEAT, STALE, POLL = 10.0, 120.0, 2.0
+
+    def __init__(self, config, out_dir: Path, progress: bool):
+        self.key = planning.plan_key(config)
+        self.path = out_dir.resolve().parent / f".{out_dir.name}.plan-{self.key}.lock"
+        self.plan = out_dir / PARTS / f"plan-{self.key}" / planning.PLAN
+        self.progress, self.held, self._stop = progress, False, None
+
+    def acquire(self) -> bool:
+        """True once this run holds the lock; False when another run's plan is ready."""
+        said = False
+        while not self.plan.is_file():
+            try:
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                try:
+                    if time.time() - self.path.stat().st_mtime > self.STALE:
+                        self.path.unlink(missing_ok=True)  # its planner stopped touching it
+                        continue
+                except FileNotFoundError:
+                    continue
+                if self.progress and not said:
+                    print(f"Waiting for another run planning this job ({self.path}).",
+                          file=sys.stderr)
+                    said = True
+                time.sleep(self.POLL)
+                continue
+            self.held = True
+            self._beat()
+            return True
+        return False
+
+    def _beat(self):
+        import threading
+
+        self._stop = threading.Event()
+
+        def touch():
+            while not self._stop.wait(self.HEARTBEAT):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    return
+
+        threading.Thread(target=touch, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.held:
+            self._stop.set()
+            self.path.unlink(missing_ok=True)
+
+
+def load_or_plan(config, out_dir: Path, progress: bool = False,
+                 lock: PlanLock | None = None) -> tuple[dict, Path]:
     """The plan an earlier run or another --part left in OUT_DIR for these inputs and options,
     else a new one. A new plan is made beside OUT_DIR (a dataset being replaced with
-    --overwrite stays whole until the plan is made) and moved in by adopt_plan."""
+    --overwrite stays whole until the plan is made) and moved in by adopt_plan. With `lock`,
+    only one run of a job plans; the others wait for its plan."""
     config.validate()
     key = planning.plan_key(config)
     existing = out_dir / PARTS / f"plan-{key}"
-    if not config.overwrite and (existing / planning.PLAN).is_file():
+    if config.overwrite:
+        shutil.rmtree(existing, ignore_errors=True)
+    if lock is not None and not config.overwrite:
+        lock.acquire()
+    if (existing / planning.PLAN).is_file():
         return json.loads((existing / planning.PLAN).read_text()), existing
     work = out_dir.resolve().parent / f".{out_dir.name}.plan-{key}.{os.getpid()}.partial"
     shutil.rmtree(work, ignore_errors=True)
