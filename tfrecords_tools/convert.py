@@ -50,7 +50,7 @@ from tfrecords_tools.parts import (PARTS, check_options, client_for, parse_part,
                                    run_parts, select_part, verify_part, write_partition)
 from tfrecords_tools.records import encode_example
 from tfrecords_tools.tfrecord_io import TFRecordWriter
-from tfrecords_tools.splits import SPLITS, parse_fractions
+from tfrecords_tools.splits import parse_fractions
 from tfrecords_tools.streaming import CHUNK_ROWS
 
 REJECTS = "rejects.csv"

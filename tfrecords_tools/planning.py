@@ -252,8 +252,9 @@ def _keys(frame: pd.DataFrame, path, start: int) -> pd.DataFrame:
     return frame
 
 
-def _object_columns(path, obj: str, first: bool):
-    """(columns, {renamed: column}) of one object table: keys, centre and the measurements."""
+def _object_columns(path, obj: str, first: bool) -> dict:
+    """{<obj>_<column>: column} of one object table's measurements, its keys (and, for the first
+    table, its centre) checked."""
     header = streaming.table_columns(path)
     need = KEYS + (["Location_Center_X", "Location_Center_Y"] if first else [])
     missing = [c for c in need if c not in header]
@@ -261,7 +262,7 @@ def _object_columns(path, obj: str, first: bool):
         raise UserInputError(f"{path}: missing column(s) {', '.join(missing)}"
                              f"{' (needed to place crops)' if first else ''}.")
     measured = [c for c in header if c not in KEYS and not c.startswith("Metadata_")]
-    return header, {f"{obj}_{c}": c for c in measured}
+    return {f"{obj}_{c}": c for c in measured}
 
 
 def _candidates(columns, compartments, config, source) -> list[str]:
@@ -299,7 +300,7 @@ def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) 
     tables, renamed, columns = [], {}, ["ImageNumber", "ObjectNumber"]
     for k, obj in enumerate(config.objects):
         path = cp.find_table(Path(config.input), obj)
-        header, names = _object_columns(path, obj, k == 0)
+        names = _object_columns(path, obj, k == 0)
         tables.append((obj, path))
         renamed[obj] = names
         columns += list(names)
