@@ -198,8 +198,10 @@ def test_malformed_row_deep_in_a_table_is_named_and_a_rerun_after_the_fix_finish
     result = cli_convert(screen, out, "--chunk-rows", 4)
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"Error: {screen / 'Cells.csv'}: row 71, column AreaShape_Area holds the non-numeric "
-        "value '12.5x'; fix or remove that row, or export the table from CellProfiler again."]
+        f"Error: {screen / 'Cells.csv'}: row 71, column AreaShape_Area (feature "
+        "Cells_AreaShape_Area) holds '12.5x', which is not numeric; fix or remove that row, or "
+        "export the table from CellProfiler again, or leave the feature out with --exclude "
+        "'^Cells_AreaShape_Area$'."]
     assert not out.exists()  # no plan, no shard, no manifest
     # a row with a field too many, also deep in the table
     (screen / "Cells.csv").write_text("".join(lines[:80]) + lines[80].rstrip("\n") + ",7\n"

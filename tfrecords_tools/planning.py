@@ -172,10 +172,10 @@ class _FollowingTable:
     """A later object table read alongside the first: the rows of the image sets the first
     table's current chunk holds, each image set's rows kept until the first table moves on."""
 
-    def __init__(self, path, columns, chunk_rows, watermark):
+    def __init__(self, path, columns, chunk_rows, watermark, features=None):
         self.path = path
         self.columns = columns
-        self.chunks = streaming.iter_chunks(path, columns, [], chunk_rows)
+        self.chunks = streaming.iter_chunks(path, columns, [], chunk_rows, features=features)
         self.buffer = None
         self.done = False
         self.last = None
@@ -369,12 +369,17 @@ def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) 
     following = []
     for obj, path in tables[1:]:
         features, places = measured(obj)
-        following.append((_FollowingTable(path, KEYS + features, config.chunk_rows, watermark),
+        following.append((_FollowingTable(path, KEYS + features, config.chunk_rows, watermark,
+                                          {c: n for n, c in renamed[obj].items()
+                                           if n in name_index}),
                           features, places))
     reading = list(dict.fromkeys(KEYS + ["Location_Center_X", "Location_Center_Y"]
                                  + first_features))
     last_image, first_rows = None, 0
-    for start, chunk in streaming.iter_chunks(first_path, reading, [], config.chunk_rows):
+    for start, chunk in streaming.iter_chunks(first_path, reading, [], config.chunk_rows,
+                                              features={c: n for n, c in
+                                                        renamed[first_obj].items()
+                                                        if n in name_index}):
         if not len(chunk):
             continue
         n = len(chunk)
@@ -570,7 +575,8 @@ def plan_table(config, work: Path, watermark: Watermark) -> dict:
     group_names, group_code, treatment_names, treatment_code = [], {}, [], {}
     per_group_treatment = {}
     metadata = {c: {"missing": False, "values": {}} for c in meta_cols}
-    for start, chunk in streaming.iter_chunks(path, numeric, text, config.chunk_rows, kinds):
+    for start, chunk in streaming.iter_chunks(path, numeric, text, config.chunk_rows, kinds,
+                                              features={n: n for n in numeric}):
         watermark.hold(len(chunk))
         n = len(chunk)
         rows = np.arange(start, start + n)

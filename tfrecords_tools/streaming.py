@@ -49,13 +49,16 @@ def table_columns(path) -> list[str]:
 
 
 def iter_chunks(path, numeric: list[str], text: list[str] = (), chunk_rows: int = CHUNK_ROWS,
-                kinds: dict | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
+                kinds: dict | None = None, features: dict | None = None
+                ) -> Iterator[tuple[int, pd.DataFrame]]:
     """(first row's 0-based data-row index, DataFrame) per chunk of `path`, with the columns
-    `numeric` as float64 and `text` as strings (or as `kinds` says, see csv_text_kinds)."""
+    `numeric` as float64 and `text` as strings (or as `kinds` says, see csv_text_kinds).
+    `features`: {column: feature name}, for a message naming the feature a bad value is in."""
     path = Path(path)
     chunk_rows = max(1, int(chunk_rows))
-    batches = _parquet_batches(path, numeric, text, chunk_rows) if path.suffix == ".parquet" \
-        else _csv_batches(path, numeric, text, chunk_rows)
+    names = features or {}
+    batches = _parquet_batches(path, numeric, text, chunk_rows, names) \
+        if path.suffix == ".parquet" else _csv_batches(path, numeric, text, chunk_rows, names)
     for start, frame in batches:
         for lo in range(0, len(frame), chunk_rows):
             piece = frame.iloc[lo:lo + chunk_rows]
@@ -64,7 +67,7 @@ def iter_chunks(path, numeric: list[str], text: list[str] = (), chunk_rows: int 
             yield start + lo, piece
 
 
-def _csv_batches(path: Path, numeric, text, chunk_rows):
+def _csv_batches(path: Path, numeric, text, chunk_rows, features: dict):
     # Every column is read (the others as text, unconverted): with usecols pandas would let a
     # row with a field too many pass, where a whole-table read stops at it.
     dtype = {c: object for c in table_columns(path)}
@@ -76,12 +79,12 @@ def _csv_batches(path: Path, numeric, text, chunk_rows):
                 yield done, frame[list(numeric) + list(text)]
                 done += len(frame)
     except (ValueError, pd.errors.ParserError) as err:
-        raise _bad_row(path, done, set(numeric), err) from None
+        raise _bad_row(path, done, set(numeric), err, features) from None
     except OSError as err:
         raise UserInputError(f"{path}: cannot be read as a table ({err}).") from None
 
 
-def _bad_row(path: Path, done: int, numeric: set, err) -> UserInputError:
+def _bad_row(path: Path, done: int, numeric: set, err, features: dict) -> UserInputError:
     """The error naming the first row after `done` rows that pyarrow could not read."""
     with open(path, newline="", encoding="utf-8-sig") as handle:
         rows = csv.reader(handle)
@@ -96,9 +99,7 @@ def _bad_row(path: Path, done: int, numeric: set, err) -> UserInputError:
                                       "table again).")
             for name, value in zip(header, row):
                 if name in numeric and value.strip() and not _is_number(value):
-                    return UserInputError(f"{path}: row {line}, column {name} holds the "
-                                          f"non-numeric value {value!r}; fix or remove that row, "
-                                          "or export the table from CellProfiler again.")
+                    return _not_numeric(path, line, name, value, features.get(name))
     return UserInputError(f"{path}: cannot be read after row {done + 1} "
                           f"({str(err).splitlines()[0]}).")
 
@@ -114,7 +115,7 @@ def _is_number(value: str) -> bool:
     return True
 
 
-def _parquet_batches(path: Path, numeric, text, chunk_rows):
+def _parquet_batches(path: Path, numeric, text, chunk_rows, features: dict):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -139,7 +140,7 @@ def _parquet_batches(path: Path, numeric, text, chunk_rows):
                 frame[c] = frame[c].astype(np.float64)
             for c in numeric:
                 if not pd.api.types.is_numeric_dtype(frame[c]):
-                    frame[c] = _numbers(frame[c], path, c, done)
+                    frame[c] = _numbers(frame[c], path, c, done, features.get(c))
             yield done, frame
             done += batch.num_rows
     except (pa.ArrowException, OSError) as err:
@@ -161,15 +162,22 @@ def _null_count(handle, column: str) -> int:
     return total
 
 
-def _numbers(series: pd.Series, path, column: str, start: int) -> pd.Series:
+def _numbers(series: pd.Series, path, column: str, start: int, feature) -> pd.Series:
     values = pd.to_numeric(series, errors="coerce")
     bad = values.isna() & series.notna()
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise UserInputError(f"{path}: row {start + row + 2}, column {column} holds the "
-                             f"non-numeric value {series.iloc[row]!r}; fix or remove that row, "
-                             "or export the table again.")
+        raise _not_numeric(path, start + row + 2, column, series.iloc[row], feature)
     return values.astype(np.float64)
+
+
+def _not_numeric(path, line: int, column: str, value, feature) -> UserInputError:
+    leave = f", or leave the feature out with --exclude '^{re.escape(feature)}$'" \
+        if feature else ""
+    return UserInputError(f"{path}: row {line}, column {column}"
+                          f"{f' (feature {feature})' if feature else ''} holds {value!r}, which "
+                          f"is not numeric; fix or remove that row, or export the table from "
+                          f"CellProfiler again{leave}.")
 
 
 def csv_text_kinds(path, columns: list[str], chunk_rows: int = CHUNK_ROWS) -> dict:
