@@ -667,6 +667,9 @@ def load_or_plan(config, out_dir: Path, progress: bool = False,
         lock.acquire()
     if (existing / planning.PLAN).is_file():
         return json.loads((existing / planning.PLAN).read_text()), existing
+    if lock is not None and lock.held:  # a planner of this job killed before the end left these
+        for stale in out_dir.resolve().parent.glob(f".{out_dir.name}.plan-{key}.*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
     work = out_dir.resolve().parent / f".{out_dir.name}.plan-{key}.{os.getpid()}.partial"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -81,13 +81,16 @@ def pick_column(columns, requested, candidates, option, source):
 
 
 def plan_key(config) -> str:
-    """What the plan depends on: the options that decide the dataset and the input files'
-    sizes and modification times (a fixed table is a new plan)."""
+    """What the plan depends on: the options that decide the dataset and the sizes and
+    modification times of the tables and the --features-file (a fixed table is a new plan)."""
     options = {k: v for k, v in asdict(config).items() if k not in config.RUN_OPTIONS}
-    files = []
     root = Path(config.input)
-    for path in sorted(root.iterdir()) if root.is_dir() else [root]:
-        if path.is_file() and path.suffix in (".csv", ".parquet"):
+    paths = [p for p in (sorted(root.iterdir()) if root.is_dir() else [root])
+             if p.suffix in (".csv", ".parquet")]
+    paths += [Path(config.features_file)] if config.features_file else []
+    files = []
+    for path in paths:
+        if path.is_file():
             stat = path.stat()
             files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
     text = json.dumps({"options": options, "files": files, "format": 1}, sort_keys=True,
@@ -800,8 +803,9 @@ def make_plan(config, work: Path, image_settings, progress: bool = False,
     sources = [{"path": str(p), "bytes": Path(p).stat().st_size, "sha256": sha256_file(p)}
                for p in first["sources"]]
     options = {k: v for k, v in asdict(config).items() if k not in config.RUN_OPTIONS}
-    fingerprint = hashlib.sha256(json.dumps([options, [s["sha256"] for s in sources]],
-                                            sort_keys=True, default=str).encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps(
+        [options, [s["sha256"] for s in sources], [first["names"][j] for j in keep]],
+        sort_keys=True, default=str).encode()).hexdigest()
     plan = {
         "fingerprint": fingerprint, "chunk_rows": config.chunk_rows,
         "source": str(source), "compartments": first["compartments"],
