@@ -301,3 +301,13 @@ def test_one_planner_per_job_others_wait_and_a_dead_ones_lock_is_taken_over(scre
     os.utime(stale, (old, old))
     assert convert(other, progress=False)["counts"]["cells"] == 16 * 6 - 8
     assert not stale.exists()
+
+
+def test_features_file_naming_an_image_column_is_refused(screen, tmp_path):
+    names = tmp_path / "features.txt"
+    names.write_text("Nuclei_AreaShape_Area\nMetadata_Site\n")
+    result = cli_convert(screen, tmp_path / "out", "--features-file", names)
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: {names}: Metadata_Site is a column of {screen / 'Image.csv'} (one value per "
+        "image set), not a measurement of an object; leave it out of the features file.")

@@ -315,6 +315,11 @@ def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) 
     selection = _candidates([c for c in columns if not c.startswith("_")],
                             list(config.objects), config, source)
     names = selection.names
+    image_level = [n for n in names if n in meta_cols]
+    if image_level:
+        raise UserInputError(f"{config.features_file}: {', '.join(image_level)} is a column of "
+                             f"{source} (one value per image set), not a measurement of an "
+                             "object; leave it out of the features file.")
     image_info = image_settings(source, config)
     treatment_cols = pick_column(["ImageNumber"] + meta_cols, config.treatment_column,
                                  TREATMENT_CANDIDATES, "--treatment-column", source)
