@@ -34,6 +34,8 @@ setup(
         "scikit-image>=0.22",
         "scipy>=1.11",
         "pyarrow>=14",
+        # evaluate and re-measuring run numpy's BLAS in one thread (measuring.remeasure).
+        "threadpoolctl>=3",
         "tqdm>=4.66",
         "google-crc32c>=1.5",
         "matplotlib>=3.8",

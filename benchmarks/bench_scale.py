@@ -5,7 +5,8 @@ Side by side in one run, on one sample screen:
     one process, a LocalCluster with 1 worker process and with 2 (127.0.0.1); the cluster is
     started before the clock starts (its start-up is printed on its own line)
   - the scheduling overhead per part: a no-op part's round trip through the scheduler
-  - the driver's serial share of convert (reading the tables and planning)
+  - the driver's serial share of convert (the streaming planner: reading the tables,
+    planning, spilling the kept cells to the plan's segments)
 and from these an estimate of the wall time of 1 million cells on 100 workers.
 
 This machine gives about one core of throughput: two workers are not twice as fast here.
@@ -23,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pandas as pd
 
+from _replicate import replicate
 from _sample import sample_folder
 
 CHANNELS = ["DNA", "Tubulin", "Actin"]
@@ -40,6 +42,9 @@ def main():
     parser.add_argument("--shard-size", type=int, default=50)
     parser.add_argument("--part-size", type=int, default=2)
     parser.add_argument("--noop-parts", type=int, default=300)
+    parser.add_argument("--plan-cells", type=int, default=20000,
+                        help="the sample's tables repeated to this many cells, for the "
+                             "planner's cost per cell")
     args = parser.parse_args()
 
     from tfrecords_tools.parts import dask_client, run_parts
@@ -63,10 +68,23 @@ def main():
         overhead, startup, warmup = {}, {}, {}
         fz = dict(channels=CHANNELS, objects=["Nuclei", "Cells"], part_size=args.part_size,
                   progress=False)
-        plan_dataset(convert_config("plan"))  # once to import what planning needs
-        start = time.perf_counter()
-        plan_dataset(convert_config("plan"))
-        plan_seconds = time.perf_counter() - start
+
+        def plan_once(name, tables=cp_dir):
+            work = root / name
+            work.mkdir()
+            config = convert_config("plan")
+            config.input = str(tables)
+            start = time.perf_counter()
+            plan = plan_dataset(config, work)
+            return time.perf_counter() - start, plan["counts"]["cells"] + plan["rejects"]["count"]
+
+        plan_once("plan0")  # once to import what planning needs
+        plan_seconds, _ = plan_once("plan1")
+        # The planner's cost per cell on a larger screen (the sample's tables repeated, the same
+        # TIFFs): what 1M cells cost, without the sample's fixed costs spread over 1,000 cells.
+        big_seconds, big_cells = plan_once("plan2", replicate(cp_dir, root / "big",
+                                                              args.plan_cells))
+        plan_cell = big_seconds / big_cells
 
         one_set = sample / ".bench_scale_one_set.csv"
         pd.read_csv(sample / "load_data.csv").head(warm_sets).to_csv(one_set, index=False)
@@ -139,14 +157,15 @@ def main():
         fz_cell = rows[1][2] / n_cells
         conv_parts = cells / min(1000, args.shard_size * 20)
         fz_parts = cells / (n_cells / n_sets * args.part_size)
-        plan_1m = plan_seconds / n_cells * cells
+        plan_1m = plan_cell * cells
         conv_est = plan_1m + (cells * conv_cell + conv_parts * per_part) / workers
         fz_est = (cells * fz_cell + fz_parts * per_part) / workers
         print(f"Estimate, 1M cells on {workers} workers (per-cell cost from the one-process "
               f"run, {per_part * 1000:.1f} ms overhead per part, input I/O scaling with "
               "workers):")
         print(f"  convert:   {conv_est / 60:6.1f} min = driver plan {plan_1m / 60:.1f} min "
-              f"(serial; {plan_seconds / n_cells * 1e6:.0f} us/cell here) + "
+              f"(serial, streaming; {plan_cell * 1e6:.0f} us/cell on {big_cells:,} cells, "
+              f"{plan_seconds / n_cells * 1e6:.0f} on {n_cells:,}) + "
               f"{cells:,} x {conv_cell * 1000:.2f} ms + {conv_parts:,.0f} shards of 1000 x "
               f"{per_part * 1000:.1f} ms, / {workers}")
         print(f"  featurize: {fz_est / 60:6.1f} min = {cells:,} x {fz_cell * 1000:.1f} ms + "

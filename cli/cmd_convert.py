@@ -68,12 +68,15 @@ from cli.common import call, parse_list
 @click.option("--finalize", is_flag=True,
               help="Gather the parts written with --part into manifest.json (same INPUT, "
                    "OUT_DIR and options); names any part missing or corrupt.")
+@click.option("--chunk-rows", default=10000, show_default=True, type=int,
+              help="Table rows read at a time while planning: planning's memory follows it, "
+                   "not the size of the screen. The dataset does not depend on it.")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already in OUT_DIR.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert(input_path, out_dir, channels, objects, table, crop_column, crop_size, edge, include,
             exclude, features_file, split_by, split_fractions, seed, treatment_column, shard_size,
             compression, intensity_percentile, measured_as, illum, workers, scheduler, part,
-            finalize, overwrite, quiet):
+            finalize, chunk_rows, overwrite, quiet):
     """Cut single-cell crops and pair them with CellProfiler features as sharded TFRecords.
 
     INPUT is a CellProfiler ExportToSpreadsheet folder (Image.csv plus one CSV per
@@ -100,7 +103,7 @@ def convert(input_path, out_dir, channels, objects, table, crop_column, crop_siz
         treatment_column=parse_list(treatment_column), shard_size=shard_size,
         compression="" if compression == "none" else compression,
         intensity_percentile=intensity_percentile, workers=workers, overwrite=overwrite,
-        scheduler=scheduler, measured_as=measured_as, illum=illum)
+        scheduler=scheduler, measured_as=measured_as, illum=illum, chunk_rows=chunk_rows)
     manifest = call(run, config, progress=not quiet, command=["cp2image-tf"] + sys.argv[1:],
                     part=part, finalize=finalize)
     if part is not None:

@@ -180,3 +180,36 @@ def test_module_names_are_checked():
         measure.resolve_modules(["intensity", "hairiness"])
     with pytest.raises(UserInputError, match="no measurement modules"):
         measure.resolve_modules([])
+
+
+def test_pearson_r_is_scipys_bit_for_bit():
+    import scipy.stats
+
+    rng = np.random.default_rng(3)
+    for _ in range(2000):
+        n = int(rng.integers(2, 300))
+        x = rng.random(n) ** int(rng.integers(1, 4))
+        y = x * rng.normal() + rng.random(n) * rng.random()
+        assert measure.pearson_r(x, y) == float(scipy.stats.pearsonr(x, y)[0])
+
+
+def test_costes_equal_cp_measure_and_leave_it_as_it_was():
+    from cp_measure.core import measurecolocalization
+
+    rng = np.random.default_rng(4)
+    first = rng.random((90, 90))
+    images = {"A": first, "B": np.clip(0.6 * first + 0.3 * rng.random((90, 90)), 0, 1)}
+    labels = np.zeros((90, 90), np.int32)
+    for j in range(9):
+        row, col = divmod(j, 3)
+        labels[row * 30 + 3:row * 30 + 27, col * 30 + 3:col * 30 + 27] = j + 1
+    original = measurecolocalization._costes_background_correlation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = measure.measure_objects(images, {"o": labels}, ["costes"], scale_max=65535)["o"]
+        theirs = measurecolocalization.get_correlation_costes(images["A"], images["B"], labels,
+                                                              scale_max=65535)
+    assert measurecolocalization._costes_background_correlation is original
+    assert ours["Correlation_Costes_A_B"].tolist() == theirs["Correlation_Costes_1"]
+    assert ours["Correlation_Costes_B_A"].tolist() == theirs["Correlation_Costes_2"]
+    assert np.isfinite(ours["Correlation_Costes_A_B"]).sum() >= 5

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from conftest import CHANNELS, make_cellprofiler_folder
 from tfrecords_tools import parts as distributed
-from tfrecords_tools.convert import (ConvertConfig, build_tasks, convert, plan_dataset,
-                                     write_part)
+from tfrecords_tools.convert import (ConvertConfig, adopt_plan, build_tasks, convert,
+                                     load_or_plan, write_part)
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.features import (feature_statistics, part_moments, sorted_part_values,
                                       statistics_from_parts)
@@ -137,18 +137,20 @@ def test_local_cluster_convert_equals_single_process(sample, cluster, tmp_path):
 
     single = tmp_path / "single"
     convert(sample_config(sample, single), progress=False)
-    # The CLI's own LocalCluster of two worker processes ...
+    # The CLI's own LocalCluster of two worker processes (planned 7 rows at a time: chunks that
+    # split image sets) ...
     local = tmp_path / "local"
     args = ["convert", str(sample / "cellprofiler"), str(local), "--channels", ",".join(CHANNELS),
             "--objects", "Nuclei,Cells", "--crop-size", "32", "--shard-size", "12",
-            "--scheduler", "local", "--workers", "2"]
+            "--scheduler", "local", "--workers", "2", "--chunk-rows", "7"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "dashboard http://127.0.0.1:" in result.output
     assert_same_dataset(single, local)
     # ... and a running scheduler, by address.
     remote = tmp_path / "remote"
-    convert(sample_config(sample, remote, scheduler=cluster[0].scheduler_address), progress=False)
+    convert(sample_config(sample, remote, scheduler=cluster[0].scheduler_address, chunk_rows=5),
+            progress=False)
     assert_same_dataset(single, remote)
     assert len(load_manifest(single)["shards"]) > 4
 
@@ -356,9 +358,9 @@ def test_input_a_worker_cannot_read_is_a_one_line_error_naming_it(cp_folder, clu
     image.write_bytes(data)
     config = ConvertConfig(input=str(cp_folder), out_dir=str(tmp_path / "o2"),
                            channels=list(CHANNELS), crop_size=32, shard_size=5)
-    plan = plan_dataset(config)
+    plan, plan_dir = load_or_plan(config, tmp_path / "o2", False)
     (tmp_path / "o2" / ".parts").mkdir(parents=True)
-    tasks = build_tasks(plan, config, tmp_path / "o2")
+    tasks = build_tasks(plan, adopt_plan(plan_dir, tmp_path / "o2"), config, tmp_path / "o2")
     missing = tasks[0]["fields"][0]["paths"][1]
     os.rename(missing, missing + ".away")
     with pytest.raises(UserInputError, match=f"{missing}: cannot be read here .*shared file"):

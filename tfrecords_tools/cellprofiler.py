@@ -138,6 +138,9 @@ def image_shape(path: str) -> tuple[int, int]:
 
     if path.endswith(".npy"):
         return tuple(np.load(path, mmap_mode="r").shape[-2:])
+    shape = _plain_tiff_shape(path)
+    if shape is not None:
+        return shape
     try:
         with tifffile.TiffFile(path) as tif:
             shape = tif.series[0].shape
@@ -147,6 +150,41 @@ def image_shape(path: str) -> tuple[int, int]:
         raise UserInputError(f"{path}: cannot be read as an image ({err}). {DAMAGED_IMAGE}") from None
     shape = tuple(s for s in shape if s != 1) if len(shape) > 2 else tuple(shape)
     return shape
+
+
+def _plain_tiff_shape(path: str):
+    """(Y, X) of a classic TIFF holding one single-sample page, read from its one IFD (a few
+    hundred bytes; tifffile's full parse costs ten times more and convert reads a header per
+    channel of every field); None for anything else, which tifffile then reads."""
+    import struct
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8 or head[:2] not in (b"II", b"MM"):
+                return None
+            order = "<" if head[:2] == b"II" else ">"
+            if struct.unpack(order + "H", head[2:4])[0] != 42:
+                return None  # BigTIFF or not a TIFF
+            handle.seek(struct.unpack(order + "I", head[4:8])[0])
+            count_bytes = handle.read(2)
+            if len(count_bytes) < 2:
+                return None
+            count = struct.unpack(order + "H", count_bytes)[0]
+            entries = handle.read(12 * count + 4)
+    except OSError:
+        return None
+    if len(entries) < 12 * count + 4 or struct.unpack(order + "I", entries[-4:])[0] != 0:
+        return None  # cut short, or more than one page
+    tags = {}
+    for k in range(count):
+        tag, kind, n = struct.unpack(order + "HHI", entries[12 * k:12 * k + 8])
+        if n == 1 and kind in (3, 4):
+            value = entries[12 * k + 8:12 * k + 12]
+            tags[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), value[:2 if kind == 3 else 4])[0]
+    if 256 not in tags or 257 not in tags or tags.get(277, 1) != 1:
+        return None
+    return (tags[257], tags[256])
 
 
 def load_cellprofiler_cells(folder, objects, channels):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -38,11 +39,10 @@ import pandas as pd
 
 from tfrecords_tools import cellprofiler as cp
 from tfrecords_tools import measured as ms
+from tfrecords_tools import planning
 from tfrecords_tools.measured import dtype_max
 from tfrecords_tools.errors import UserInputError
-from tfrecords_tools.features import (as_float_matrix, drop_uninformative,
-                                      part_moments, select_features, sorted_part_values,
-                                      statistics_from_parts)
+from tfrecords_tools.features import part_moments, sorted_part_values, statistics_from_parts
 from tfrecords_tools._version import __version__
 from tfrecords_tools.atomic import partial_path, write_json
 from tfrecords_tools.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
@@ -50,11 +50,10 @@ from tfrecords_tools.parts import (PARTS, check_options, client_for, parse_part,
                                    run_parts, select_part, verify_part, write_partition)
 from tfrecords_tools.records import encode_example
 from tfrecords_tools.tfrecord_io import TFRecordWriter
-from tfrecords_tools.splits import SPLITS, assign_splits, group_keys, parse_fractions
+from tfrecords_tools.splits import parse_fractions
+from tfrecords_tools.streaming import CHUNK_ROWS
 
 REJECTS = "rejects.csv"
-TREATMENT_CANDIDATES = ("Metadata_Treatment", "Metadata_Compound", "Metadata_pert_iname",
-                        "Metadata_JCP2022", "Metadata_broad_sample", "Metadata_Perturbation")
 
 
 @dataclass
@@ -83,9 +82,10 @@ class ConvertConfig:
     scheduler: str | None = None  # None: this machine; "local": a LocalCluster; or an address
     measured_as: dict | None = None  # channel -> the image its features were measured on
     illum: dict | None = None  # channel -> Image.csv's name of its illumination function
+    chunk_rows: int = CHUNK_ROWS  # table rows read at a time while planning
 
     # How a run executes, not what it makes: left out of the manifest.
-    RUN_OPTIONS = ("workers", "overwrite", "scheduler")
+    RUN_OPTIONS = ("workers", "overwrite", "scheduler", "chunk_rows")
 
     def validate(self) -> None:
         if not self.channels:
@@ -117,75 +117,20 @@ class ConvertConfig:
                                      f"({', '.join(self.channels)}).")
         if self.workers < 1:
             raise UserInputError(f"--workers {self.workers}: must be at least 1.")
+        if self.chunk_rows < 1:
+            raise UserInputError(f"--chunk-rows {self.chunk_rows}: must be at least 1.")
 
 
 # ---------------------------------------------------------------------------
-# Planning
+# Planning (tfrecords_tools.planning streams the tables; this module writes)
 
 
-def pick_column(columns, requested, candidates, option, source):
-    if requested:
-        missing = [c for c in requested if c not in columns]
-        if missing:
-            raise UserInputError(f"{option} {','.join(requested)}: no column {', '.join(missing)} "
-                                 f"in {source}.")
-        return list(requested)
-    lower = {c.lower(): c for c in columns}
-    for cand in candidates:
-        for name in (cand, "Image_" + cand):
-            if name.lower() in lower:
-                return [lower[name.lower()]]
-    return []
-
-
-def plan_dataset(config: ConvertConfig):
-    """Everything decided before any pixel is read: cells, features, splits, shards, rejects."""
+def plan_dataset(config: ConvertConfig, work: Path, progress: bool = False,
+                 watermark=None) -> dict:
+    """Everything decided before any pixel is read (cells, features, splits, shards, rejects),
+    made from the tables a chunk at a time into the new folder `work`; see planning."""
     config.validate()
-    if config.table:
-        cells, sources, source = cp.load_table_cells(config.input, config.crop_column)
-        compartments = cp.table_compartments(cells.columns)
-    else:
-        cells, sources, source = cp.load_cellprofiler_cells(config.input, config.objects,
-                                                            config.channels)
-        compartments = list(config.objects)
-    measured_as = ms.pair_channels(config.channels, ms.measured_images(cells.columns),
-                                   config.measured_as, source)
-    image_info = None if config.table else image_settings(source, config)
-    if config.illum:
-        cells = cells.merge(image_info[["ImageNumber"] + [f"_illum_{ch}" for ch in config.illum]],
-                            on="ImageNumber", how="left")
-    kept = _KeptCells(cells.copy())  # one block per dtype: the columns added below stay cheap
-    _reject_incomplete(kept, config)
-    treatment_cols = _assign_treatments(kept, config, source)
-    split_by = _assign_groups(kept, config, source)
-    shape_of = _reject_border_cells(kept, config)
-    cells, rejects = kept.cells, kept.rejects
-    if len(cells) == 0:
-        raise UserInputError(f"{source}: no cell left to convert ({len(rejects)} rejected; "
-                             f"first reason: {rejects[0]['reason'] if rejects else 'no rows'}).")
-    cells["_split"] = assign_splits(pd.Series(cells["_group"]), config.split, config.seed,
-                                    strata=pd.Series(cells["_treatment"]))
-    names, values, dropped = _choose_features(cells, compartments, config, source)
-    treatments = sorted(set(cells["_treatment"]))
-    treatment_metadata = per_treatment_columns(cells, treatment_cols)
-    cells = cells.reset_index(drop=True)  # shard rows are positions into cells and values
-    shards = plan_shards(cells, config)
-    cellprofiler = {}
-    if image_info is not None:
-        train_images = set(cells.loc[cells["_split"] == "train", "ImageNumber"])
-        cellprofiler = {
-            "illumination": dict(config.illum or {}),
-            "illumination_functions": image_info.attrs["illumination_functions"],
-            "scaling": {ch: ms.scaling_of(image_info, ch) for ch in config.channels},
-            "thresholds": ms.object_thresholds(image_info, config.objects, train_images)}
-    return {
-        "measured_as": measured_as, "cellprofiler": cellprofiler,
-        "cells": cells, "values": values, "names": names, "dropped": dropped,
-        "rejects": rejects, "treatments": treatments, "treatment_columns": treatment_cols,
-        "treatment_metadata": treatment_metadata,
-        "split_by": split_by, "shards": shards, "sources": sources, "source": source,
-        "compartments": compartments, "shapes": shape_of,
-    }
+    return planning.make_plan(config, Path(work), image_settings, progress, watermark)
 
 
 def image_settings(image_csv, config: ConvertConfig) -> pd.DataFrame:
@@ -211,192 +156,6 @@ def image_settings(image_csv, config: ConvertConfig) -> pd.DataFrame:
     table.attrs["illumination_functions"] = [c[len("FileName_"):] for c in header
                                              if c.lower().startswith("filename_illum")]
     return table
-
-
-class _KeptCells:
-    """The cells still planned, and those rejected so far with why (rejects.csv's rows)."""
-
-    def __init__(self, cells: pd.DataFrame):
-        self.cells = cells
-        self.rejects = []
-
-    def reject(self, mask, reason: str) -> None:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.any():
-            rows = self.cells.loc[mask, ["_cell_id", "ImageNumber", "ObjectNumber"]]
-            for _, row in rows.iterrows():
-                self.rejects.append({"cell_id": row["_cell_id"], "ImageNumber": row["ImageNumber"],
-                                     "ObjectNumber": row["ObjectNumber"], "reason": reason})
-            self.cells = self.cells.loc[~mask].reset_index(drop=True)
-
-
-def _reject_incomplete(kept: _KeptCells, config: ConvertConfig) -> None:
-    """Cells without every object, their image set, a centre or an image of every channel (or,
-    from a table, a crop file)."""
-    if config.table:
-        kept.reject(kept.cells["_crop_path"].isna(), "no crop file")
-        return
-    for obj in config.objects[1:]:
-        flag = f"_has_{obj}"
-        kept.reject(kept.cells[flag] != "both", f"no {obj} object with this ObjectNumber")
-        kept.cells = kept.cells.drop(columns=[flag])
-    kept.reject(kept.cells["_has_image"] != "both", "ImageNumber not in Image.csv")
-    x, y = (kept.cells[c].astype(float) for c in ("_x", "_y"))
-    kept.reject(~np.isfinite(x) | ~np.isfinite(y), "no Location_Center_X/Y")
-    for ch in config.channels:
-        kept.reject(kept.cells[f"path_{ch}"].isna(), f"no {ch} image listed for this image set")
-    for ch, name in (config.illum or {}).items():
-        kept.reject(kept.cells[f"_illum_{ch}"].isna(), f"no {name} (--illum) listed for this "
-                    "image set")
-
-
-def _assign_treatments(kept: _KeptCells, config: ConvertConfig, source) -> list[str]:
-    """Each cell's treatment (the treatment columns' values, joined by "@"), as `_treatment`;
-    cells without one are rejected. Returns the treatment columns."""
-    treatment_cols = pick_column(kept.cells.columns, config.treatment_column,
-                                 TREATMENT_CANDIDATES, "--treatment-column", source)
-    if treatment_cols:
-        values = kept.cells[treatment_cols].astype("string")
-        kept.reject(values.isna().any(axis=1).to_numpy(), f"no value in {','.join(treatment_cols)}")
-        cells = kept.cells
-        treatment = cells[treatment_cols].astype(str).agg("@".join, axis=1) \
-            if len(treatment_cols) > 1 else cells[treatment_cols[0]].astype(str)
-    else:
-        treatment = pd.Series([""] * len(kept.cells))
-    kept.cells["_treatment"] = treatment.to_numpy()
-    return treatment_cols
-
-
-def _assign_groups(kept: _KeptCells, config: ConvertConfig, source) -> list[str]:
-    """Each cell's --split-by group, as `_group`; returns the columns grouped by."""
-    split_by = config.split_by
-    if not split_by:
-        if not config.table:
-            split_by = ["ImageNumber"]
-        elif "Metadata_ImageNumber" in kept.cells.columns:
-            split_by = ["Metadata_ImageNumber"]
-        else:
-            raise UserInputError(f"{source}: no Metadata_ImageNumber column to keep fields together "
-                                 "across splits; name the grouping column(s) with --split-by.")
-    kept.cells["_group"] = group_keys(kept.cells, split_by, source).to_numpy()
-    return split_by
-
-
-def _reject_border_cells(kept: _KeptCells, config: ConvertConfig) -> dict:
-    """Image sizes from the headers (checking that channels agree); with --edge skip, the cells
-    whose crop leaves the field are rejected. Returns {ImageNumber: shape}."""
-    if config.table:
-        return {}
-    shape_of = check_field_images(kept.cells, config)
-    if config.edge == "skip":
-        cells, size = kept.cells, config.crop_size
-        height = cells["ImageNumber"].map(lambda n: shape_of[n][0]).to_numpy()
-        width = cells["ImageNumber"].map(lambda n: shape_of[n][1]).to_numpy()
-        top = np.floor(cells["_y"].astype(float).to_numpy() + 0.5).astype(int) - size // 2
-        left = np.floor(cells["_x"].astype(float).to_numpy() + 0.5).astype(int) - size // 2
-        kept.reject((top < 0) | (left < 0) | (top + size > height) | (left + size > width),
-                    f"within {size // 2} px of the image border (--edge skip)")
-    return shape_of
-
-
-def _choose_features(cells: pd.DataFrame, compartments, config: ConvertConfig, source):
-    """(names, values [N, F], dropped): the selected features less those all-NaN or constant
-    in the training split."""
-    train = cells["_split"].to_numpy() == "train"
-    selection = select_features(cells.drop(columns=[c for c in cells.columns if c.startswith("_")
-                                                    or c.startswith("path_")]),
-                                compartments, config.include, config.exclude,
-                                config.features_file, source=str(source))
-    values = as_float_matrix(cells, selection.names)
-    keep, uninformative = drop_uninformative(values, selection.names, train)
-    if not keep:
-        raise UserInputError(f"{source}: every selected feature is all-NaN or constant in the "
-                             "training split; nothing to learn from.")
-    return ([selection.names[j] for j in keep], values[:, keep],
-            selection.dropped + uninformative)
-
-
-def per_treatment_columns(cells: pd.DataFrame, treatment_cols) -> dict:
-    """Metadata_* columns holding one value per treatment (e.g. Metadata_MoA), as
-    {column: {treatment: value}}: what evaluate's --moa-column reads."""
-    found = {}
-    for col in cells.columns:
-        if not col.startswith("Metadata_") or col in (treatment_cols or []):
-            continue
-        values = cells[col].astype("string")
-        if values.isna().any():
-            continue
-        per = values.groupby(cells["_treatment"].to_numpy()).agg(["nunique", "first"])
-        if (per["nunique"] == 1).all():
-            found[col] = {str(t): str(v) for t, v in per["first"].items()}
-    return found
-
-
-def check_field_images(cells: pd.DataFrame, config: ConvertConfig) -> dict:
-    """(Y, X) per ImageNumber from TIFF headers; every channel must agree and exist."""
-    shapes = {}
-    firsts = cells.drop_duplicates("ImageNumber")
-    columns = {ch: firsts[f"path_{ch}"].to_numpy() for ch in config.channels}
-    for i, number in enumerate(firsts["ImageNumber"].to_numpy()):
-        field_shapes = {}
-        for ch in config.channels:
-            path = columns[ch][i]
-            if not os.path.exists(path):
-                raise UserInputError(f"{path}: image file not found (channel {ch}, ImageNumber "
-                                     f"{number}). Check PathName_{ch} in Image.csv, "
-                                     "or run from the folder its relative paths start from.")
-            field_shapes[ch] = cp.image_shape(path)
-        distinct = set(field_shapes.values())
-        if len(distinct) > 1:
-            listed = "; ".join(f"{ch} {s[1]}x{s[0]} ({columns[ch][i]})" for ch, s in field_shapes.items())
-            raise UserInputError(f"ImageNumber {number}: channel images differ in size: "
-                                 f"{listed}. Every channel of a field must have the same size.")
-        shape = distinct.pop()
-        first = columns[config.channels[0]][i]
-        if len(shape) != 2:
-            raise UserInputError(f"{first}: expected a 2-D image, found shape {shape}.")
-        if config.crop_size > min(shape):
-            raise UserInputError(f"--crop-size {config.crop_size}: larger than the images "
-                                 f"({shape[1]}x{shape[0]} px, {first}). Choose a smaller crop.")
-        shapes[number] = shape
-    for ch in config.illum or {}:  # every function read once now: a wrong one fails before work
-        for path, number in firsts.drop_duplicates(f"_illum_{ch}")[
-                [f"_illum_{ch}", "ImageNumber"]].itertuples(index=False):
-            function = ms.load_illumination(path)
-            if function.shape != tuple(shapes[number]):
-                raise UserInputError(
-                    f"{path}: the illumination function is {function.shape[1]}x"
-                    f"{function.shape[0]} px but the {ch} images are {shapes[number][1]}x"
-                    f"{shapes[number][0]} (ImageNumber {number}); --illum must name the "
-                    "function made for them.")
-    return shapes
-
-
-def plan_shards(cells: pd.DataFrame, config: ConvertConfig) -> list[dict]:
-    """Shards per split: treatment-pure, whole fields, at most shard_size cells (unless one field has more)."""
-    shards = []
-    for split in SPLITS:
-        in_split = cells[cells["_split"] == split]
-        split_shards = []
-        for treatment in sorted(set(in_split["_treatment"])):
-            block = in_split[in_split["_treatment"] == treatment]
-            # A table's crops are files of their own: pack them one cell at a time.
-            key = block.index if config.table else "ImageNumber"
-            current, count = [], 0
-            for _, rows in block.groupby(key, sort=True):
-                n = len(rows)
-                if current and count + n > config.shard_size:
-                    split_shards.append({"treatment": treatment, "rows": current})
-                    current, count = [], 0
-                current.extend(rows.index.tolist())
-                count += n
-            if current:
-                split_shards.append({"treatment": treatment, "rows": current})
-        for i, shard in enumerate(split_shards):
-            shard["split"] = split
-            shard["file"] = f"{split}-{i:05d}-of-{len(split_shards):05d}.tfrecord"
-            shards.append(shard)
-    return shards
 
 
 # ---------------------------------------------------------------------------
@@ -457,6 +216,9 @@ def pixel_histogram(crops: np.ndarray, bins: int) -> np.ndarray:
     exact = crops.dtype.kind in "ui" and crops.dtype.itemsize <= 2
     for c in range(channels):
         values = crops[..., c].ravel()
+        if exact and crops.dtype.kind == "u":  # every value is a bin already
+            hist[c] = np.bincount(values, minlength=bins)
+            continue
         if exact:
             index = np.clip(values.astype(np.int64), 0, bins - 1)
         else:
@@ -523,22 +285,52 @@ def read_field(paths: list[str], illum: list | None = None, scaling: list | None
     return np.stack([p.astype(dtype, copy=False) for p in planes], axis=-1), files
 
 
+def shard_cells(task: dict):
+    """The fields of one shard, each with its cells (feature values [n, F], numbers, centres,
+    ids, crop files), read from the plan's segments."""
+    work = Path(task["plan_dir"])
+    keep = np.asarray(task["keep"], dtype=np.int64)
+    sizes = planning.segment_sizes(str(work))
+    opened = {}
+    if task["table"]:
+        groups = planning.group_names(str(work))
+        values, cells, text = planning.rows_of(work, sizes,
+                                               planning.order_ranges(work, task["order"]), opened)
+        # Cells of a shard go in ImageNumber order (stable), as fields of one image each.
+        order = np.argsort(cells["image"], kind="stable")
+        for number in np.unique(cells["image"]):
+            rows = order[cells["image"][order] == number]
+            yield {}, [{"cell_id": text["cell_id"][r], "image_number": int(cells["image"][r]),
+                        "object_number": int(cells["object"][r]),
+                        "group": groups[cells["group"][r]],
+                        "crop_path": text["crop"][r], "features": values[r, keep]}
+                       for r in rows]
+        return
+    for fld in task["fields"]:
+        values, cells, _ = planning.rows_of(work, sizes, [fld["rows"]], opened)
+        values = values[:, keep]
+        yield fld, [{"cell_id": f"{cells['image'][r]}-{cells['object'][r]}",
+                     "image_number": int(cells["image"][r]),
+                     "object_number": int(cells["object"][r]), "group": fld["group"],
+                     "x": float(cells["x"][r]), "y": float(cells["y"][r]),
+                     "features": values[r]} for r in range(len(cells))]
+
+
 def write_part(task: dict) -> dict:
     """Write one shard and its summary. Pure and idempotent: the same task gives the same bytes."""
     out_dir = Path(task["out_dir"])
     final = out_dir / task["file"]
     tmp = partial_path(final)
-    hist, crop_dtype, files, records, features = None, None, {}, 0, []
+    hist, crop_dtype, files, records, features, crops = None, None, {}, 0, [], []
     with TFRecordWriter(tmp, task["compression"]) as writer:
-        for fld in task["fields"]:
-            crops = []
+        for fld, cells in shard_cells(task):
             if not task["table"]:
                 stack, fld_files = read_field(fld["paths"], fld.get("illum"), task.get("scaling"))
                 files.update(fld_files)
                 if stack.shape[:2] != tuple(fld["shape"]):
                     raise UserInputError(f"{fld['paths'][0]}: image is {stack.shape[1]}x{stack.shape[0]} px "
                                          "but its header said otherwise; the file may be corrupt.")
-            for cell in fld["cells"]:
+            for cell in cells:
                 if task["table"]:
                     raw, files[cell["crop_path"]] = read_array(cell["crop_path"])
                     crop = fit_table_crop(np.asarray(raw), len(task["channels"]), task["crop_size"],
@@ -556,10 +348,13 @@ def write_part(task: dict) -> dict:
                                             task["treatment"], task["treatment_index"],
                                             cell["group"]))
                 records += 1
-            if crops:  # one histogram per field, not per crop: bincount's bins cost more than a crop
-                if hist is None:
-                    hist = np.zeros((crops[0].shape[-1], histogram_bins(crop_dtype)), dtype=np.int64)
-                hist += pixel_histogram(np.stack(crops), hist.shape[1])
+            # One histogram per HISTOGRAM_CROPS crops, not per crop or per field: bincount's
+            # 65,536 bins cost more than a field of 24 crops.
+            if len(crops) >= HISTOGRAM_CROPS:
+                hist = _add_histogram(hist, crops, crop_dtype)
+                crops = []
+        if crops:
+            hist = _add_histogram(hist, crops, crop_dtype)
     os.replace(tmp, final)
     summary = {
         "file": task["file"], "split": task["split"], "treatment": task["treatment"],
@@ -575,6 +370,15 @@ def write_part(task: dict) -> dict:
                                              sorted_part_values(values))
     write_json(parts / f"{task['file']}.json", summary)
     return summary
+
+
+HISTOGRAM_CROPS = 512
+
+
+def _add_histogram(hist, crops: list, dtype):
+    if hist is None:
+        hist = np.zeros((crops[0].shape[-1], histogram_bins(dtype)), dtype=np.int64)
+    return hist + pixel_histogram(np.stack(crops), hist.shape[1])
 
 
 def _save_npy(path: Path, array) -> str:
@@ -617,70 +421,49 @@ def prepare_output(out_dir: Path, overwrite: bool) -> bool:
     return resuming
 
 
-def build_tasks(plan: dict, config: ConvertConfig, out_dir: Path) -> list[dict]:
-    cells, values = plan["cells"], plan["values"]
+def build_tasks(plan: dict, plan_dir: Path, config: ConvertConfig, out_dir: Path) -> list[dict]:
+    """One small task per shard: which rows of the plan's segments it holds (never the rows)."""
     treatment_index = {t: i for i, t in enumerate(plan["treatments"])}
-    # Plain arrays: row-wise pandas access costs more than writing the shards.
-    cell_id = cells["_cell_id"].astype(str).to_numpy()
-    image = cells["ImageNumber"].to_numpy()
-    obj = cells["ObjectNumber"].to_numpy()
-    group = cells["_group"].astype(str).to_numpy()
-    if config.table:
-        crop_path = cells["_crop_path"].to_numpy()
-    else:
-        x, y = cells["_x"].to_numpy(dtype=float), cells["_y"].to_numpy(dtype=float)
-        firsts = cells.drop_duplicates("ImageNumber")
-        paths = {n: [firsts[f"path_{ch}"].iloc[i] for ch in config.channels]
-                 for i, n in enumerate(firsts["ImageNumber"])}
-        illum = {n: [firsts[f"_illum_{ch}"].iloc[i] if ch in (config.illum or {}) else None
-                     for ch in config.channels]
-                 for i, n in enumerate(firsts["ImageNumber"])} if config.illum else {}
     scaling = plan["cellprofiler"].get("scaling", {})
     tasks = []
     for shard in plan["shards"]:
-        by_field = {}
-        for r in shard["rows"]:
-            by_field.setdefault(image[r], []).append(r)
-        fields = []
-        for image_number in sorted(by_field):
-            entry = {"cells": []}
-            if not config.table:
-                entry["paths"] = paths[image_number]
-                entry["shape"] = tuple(plan["shapes"][image_number])
-                if illum:
-                    entry["illum"] = illum[image_number]
-            for r in by_field[image_number]:
-                cell = {"cell_id": cell_id[r], "image_number": int(image[r]),
-                        "object_number": int(obj[r]), "group": group[r], "features": values[r]}
-                if config.table:
-                    cell["crop_path"] = crop_path[r]
-                else:
-                    cell["x"], cell["y"] = float(x[r]), float(y[r])
-                entry["cells"].append(cell)
-            fields.append(entry)
         task = {"file": shard["file"], "split": shard["split"], "treatment": shard["treatment"],
-                "treatment_index": treatment_index[shard["treatment"]], "fields": fields,
-                "out_dir": str(out_dir), "compression": config.compression,
+                "treatment_index": treatment_index[shard["treatment"]],
+                "out_dir": str(out_dir), "plan_dir": str(plan_dir), "keep": plan["keep"],
+                "fingerprint": plan["fingerprint"], "compression": config.compression,
                 "crop_size": config.crop_size, "edge": config.edge, "table": config.table,
                 "channels": list(config.channels),
                 # With --illum every channel is cropped as CellProfiler saw it: pixels / scaling
                 # (/ the illumination function where one is named), float32.
                 "scaling": [scaling.get(ch) for ch in config.channels] if config.illum else None}
+        if config.table:
+            task["order"] = shard["order"]
+            task["cells"] = shard["order"][2] - shard["order"][1]
+        else:
+            task["fields"] = []
+            for number, start, stop in shard["fields"]:
+                fld = plan["fields"][str(number)]
+                entry = {"image_number": number, "rows": [start, stop], "paths": fld["paths"],
+                         "shape": tuple(fld["shape"]), "group": fld["group"]}
+                if fld["illum"]:
+                    entry["illum"] = fld["illum"]
+                task["fields"].append(entry)
+            task["cells"] = sum(stop - start for _, start, stop in shard["fields"])
         task["plan_hash"] = task_hash(task)
         tasks.append(task)
     return tasks
 
 
 def task_hash(task: dict) -> str:
+    """What the shard's bytes depend on: the plan (its inputs' checksums and options), the
+    shard's rows and fields, the features kept and how crops are cut."""
     digest = hashlib.sha256()
-    for key in ("file", "split", "treatment", "treatment_index", "compression", "crop_size",
-                "edge", "table", "channels", "scaling"):
-        digest.update(repr(task[key]).encode())
-    for fld in task["fields"]:
-        digest.update(repr((fld.get("paths"), fld.get("illum"))).encode())
-        for cell in fld["cells"]:
-            digest.update(repr({k: v for k, v in cell.items() if k != "features"}).encode())
-            digest.update(np.asarray(cell["features"], dtype="<f4").tobytes())
+    for key in ("fingerprint", "file", "split", "treatment", "treatment_index", "compression",
+                "crop_size", "edge", "table", "channels", "scaling", "keep", "order"):
+        digest.update(repr(task.get(key)).encode())
+    for fld in task.get("fields", []):
+        digest.update(repr((fld["image_number"], fld["rows"], fld["paths"], fld.get("illum"),
+                            fld["shape"], fld["group"])).encode())
     return digest.hexdigest()
 
 
@@ -705,7 +488,7 @@ def check_part(out_dir: Path, task: dict) -> tuple[dict | None, str | None]:
 def write_parts(tasks: list[dict], workers: int, progress: bool, scheduler: str | None = None,
                 client=None):
     """Write the shards (one process, a process pool or Dask) with a progress bar over parts."""
-    total_cells = sum(len(f["cells"]) for t in tasks for f in t["fields"])
+    total_cells = sum(t["cells"] for t in tasks)
     keys = [f"convert-{t['file']}-{t['plan_hash'][:16]}" for t in tasks]
     results = [None] * len(tasks)
     for k, summary in run_parts(write_part, tasks, keys, cells=lambda s: s["records"],
@@ -776,11 +559,14 @@ def _convert(config, progress, command, part, finalize, client, started):
     if finalize and not (out_dir / PARTS).is_dir():
         raise UserInputError(f"{out_dir}: no parts to finalize ({PARTS} not found); run the "
                              "parts first (--part I/N), with the same INPUT, OUT_DIR and options.")
-    plan = plan_dataset(config)
-    resuming = prepare_output(out_dir, config.overwrite and not finalize)
-    tasks = build_tasks(plan, config, out_dir)
+    config.validate()
+    with PlanLock(config, out_dir, progress) as lock:
+        plan, plan_dir = load_or_plan(config, out_dir, progress, lock)
+        resuming = prepare_output(out_dir, config.overwrite and not finalize)
+        plan_dir = adopt_plan(plan_dir, out_dir)
+    tasks = build_tasks(plan, plan_dir, config, out_dir)
     if finalize:
-        return finish(config, plan, tasks, out_dir, command, started)
+        return finish(config, plan, plan_dir, tasks, out_dir, command, started)
     if part is None:
         planned = {t["file"] for t in tasks}
         for stale in out_dir.glob("*.tfrecord"):
@@ -801,10 +587,122 @@ def _convert(config, progress, command, part, finalize, client, started):
                 "written": len(written), "already_complete": len(done),
                 "cells": sum(s["records"] for s in done + written),
                 "total_shards": len(tasks), "seconds": round(time.time() - started, 2)}
-    return finish(config, plan, tasks, out_dir, command, started)
+    return finish(config, plan, plan_dir, tasks, out_dir, command, started)
 
 
-def finish(config, plan, tasks, out_dir: Path, command, started) -> dict:
+class PlanLock:
+    """One planner per job: the parts of a Slurm array start together, and each would otherwise
+    plan the whole screen (its time, and its segments' disk space) at once. The first takes
+    OUT_DIR's plan lock (a file beside OUT_DIR, touched every HEARTBEAT seconds while it plans);
+    the others wait for its plan, or take over a lock not touched for STALE seconds (a planner
+    that died). Held until the plan is in OUT_DIR/.parts."""
+
+    HEARTBEAT, STALE, POLL = 10.0, 120.0, 2.0
+
+    def __init__(self, config, out_dir: Path, progress: bool):
+        self.key = planning.plan_key(config)
+        self.path = out_dir.resolve().parent / f".{out_dir.name}.plan-{self.key}.lock"
+        self.plan = out_dir / PARTS / f"plan-{self.key}" / planning.PLAN
+        self.progress, self.held, self._stop = progress, False, None
+
+    def acquire(self) -> bool:
+        """True once this run holds the lock; False when another run's plan is ready."""
+        said = False
+        while not self.plan.is_file():
+            try:
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                try:
+                    if time.time() - self.path.stat().st_mtime > self.STALE:
+                        self.path.unlink(missing_ok=True)  # its planner stopped touching it
+                        continue
+                except FileNotFoundError:
+                    continue
+                if self.progress and not said:
+                    print(f"Waiting for another run planning this job ({self.path}).",
+                          file=sys.stderr)
+                    said = True
+                time.sleep(self.POLL)
+                continue
+            self.held = True
+            self._beat()
+            return True
+        return False
+
+    def _beat(self):
+        import threading
+
+        self._stop = threading.Event()
+
+        def touch():
+            while not self._stop.wait(self.HEARTBEAT):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    return
+
+        threading.Thread(target=touch, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.held:
+            self._stop.set()
+            self.path.unlink(missing_ok=True)
+
+
+def load_or_plan(config, out_dir: Path, progress: bool = False,
+                 lock: PlanLock | None = None) -> tuple[dict, Path]:
+    """The plan an earlier run or another --part left in OUT_DIR for these inputs and options,
+    else a new one. A new plan is made beside OUT_DIR (a dataset being replaced with
+    --overwrite stays whole until the plan is made) and moved in by adopt_plan. With `lock`,
+    only one run of a job plans; the others wait for its plan."""
+    config.validate()
+    key = planning.plan_key(config)
+    existing = out_dir / PARTS / f"plan-{key}"
+    if config.overwrite:
+        shutil.rmtree(existing, ignore_errors=True)
+    if lock is not None and not config.overwrite:
+        lock.acquire()
+    if (existing / planning.PLAN).is_file():
+        return json.loads((existing / planning.PLAN).read_text()), existing
+    if lock is not None and lock.held:  # a planner of this job killed before the end left these
+        for stale in out_dir.resolve().parent.glob(f".{out_dir.name}.plan-{key}.*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+    work = out_dir.resolve().parent / f".{out_dir.name}.plan-{key}.{os.getpid()}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        plan = plan_dataset(config, work, progress)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return plan, work
+
+
+def adopt_plan(plan_dir: Path, out_dir: Path) -> Path:
+    """The plan's folder inside OUT_DIR/.parts (where every part finds it), moved there when it
+    was just made; another run's plan of the same key is the same plan, so the first one stays.
+    Plans of other inputs or options are removed."""
+    parts = out_dir / PARTS
+    if plan_dir.parent == parts:
+        return plan_dir
+    key = plan_dir.name.split(".plan-", 1)[1].split(".", 1)[0]
+    final = parts / f"plan-{key}"
+    try:
+        os.rename(plan_dir, final)
+    except OSError:
+        shutil.rmtree(plan_dir, ignore_errors=True)
+        if not (final / planning.PLAN).is_file():
+            raise
+    for stale in parts.glob("plan-*"):
+        if stale != final and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def finish(config, plan, plan_dir: Path, tasks, out_dir: Path, command, started) -> dict:
     """Gather every part's summary (verified) into rejects.csv and the manifest."""
     summaries, problems = [], []
     for position, task in enumerate(tasks):
@@ -829,9 +727,8 @@ def finish(config, plan, tasks, out_dir: Path, command, started) -> dict:
         [s["moments"] for s in train],
         [out_dir / PARTS / f"{s['file']}.values.npy" for s in train], len(plan["names"])))
     manifest = build_manifest(config, plan, summaries, out_dir, dtype, command, started)
-    rejects = pd.DataFrame(plan["rejects"], columns=["cell_id", "ImageNumber", "ObjectNumber", "reason"])
     tmp = partial_path(out_dir / REJECTS)
-    rejects.to_csv(tmp, index=False)
+    shutil.copyfile(plan_dir / REJECTS, tmp)
     os.replace(tmp, out_dir / REJECTS)
     write_json(out_dir / MANIFEST, manifest)
     shutil.rmtree(out_dir / PARTS, ignore_errors=True)
@@ -841,26 +738,21 @@ def finish(config, plan, tasks, out_dir: Path, command, started) -> dict:
 
 
 def build_manifest(config, plan, summaries, out_dir, dtype, command, started) -> dict:
-    cells = plan["cells"]
-    counts = {split: int((cells["_split"] == split).sum()) for split in SPLITS}
-    per_treatment = {split: {t: int(((cells["_split"] == split) & (cells["_treatment"] == t)).sum())
-                             for t in plan["treatments"]} for split in SPLITS}
-    groups = {split: int(cells.loc[cells["_split"] == split, "_group"].nunique()) for split in SPLITS}
+    counts = plan["counts"]
     written = sum(s["records"] for s in summaries)
-    if written != len(cells):
-        raise RuntimeError(f"wrote {written} records for {len(cells)} planned cells")
+    if written != counts["cells"]:
+        raise RuntimeError(f"wrote {written} records for {counts['cells']} planned cells")
     source_files = []
     base = Path(config.input).resolve()
     base = base if base.is_dir() else base.parent
-    for path in plan["sources"]:
-        source_files.append({"path": _relative(path, base), "bytes": Path(path).stat().st_size,
-                             "sha256": sha256_file(path)})
+    for source in plan["sources"]:
+        source_files.append({"path": _relative(source["path"], base), "bytes": source["bytes"],
+                             "sha256": source["sha256"]})
     images = {}
     for s in summaries:
         images.update(s["source_files"])
     for path in sorted(images):
         source_files.append({"path": _relative(path, base), **images[path]})
-    rejects_by_reason = pd.Series([r["reason"] for r in plan["rejects"]], dtype=object).value_counts()
     size = config.crop_size
     channels = list(config.channels)
     return {
@@ -894,11 +786,11 @@ def build_manifest(config, plan, summaries, out_dir, dtype, command, started) ->
         "treatments": {"columns": plan["treatment_columns"], "names": plan["treatments"],
                        "metadata": plan["treatment_metadata"]},
         "split": {"by": plan["split_by"], "fractions": list(config.split), "seed": config.seed,
-                  "groups": groups},
-        "counts": {"cells": int(len(cells)), "rejected": len(plan["rejects"]), "splits": counts,
-                   "treatments": per_treatment},
-        "rejects": {"file": REJECTS, "count": len(plan["rejects"]),
-                    "by_reason": {str(k): int(v) for k, v in rejects_by_reason.items()}},
+                  "groups": plan["groups"]},
+        "counts": {"cells": counts["cells"], "rejected": plan["rejects"]["count"],
+                   "splits": counts["splits"], "treatments": counts["treatments"]},
+        "rejects": {"file": REJECTS, "count": plan["rejects"]["count"],
+                    "by_reason": plan["rejects"]["by_reason"]},
         "compression": config.compression,
         "shards": [{k: s[k] for k in ("file", "split", "treatment", "records", "bytes", "sha256")}
                    for s in summaries],

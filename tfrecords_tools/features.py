@@ -204,10 +204,12 @@ def feature_statistics(values: np.ndarray) -> dict:
 # al.'s pairwise formula in the fixed order of the parts, so every way of running a job (one
 # process, a process pool, Dask, --part/--finalize) gives bit-identical values; they equal
 # numpy's nanmean/nanstd over all values to rounding (about 1e-15 relative).
-# Median, MAD, min and max: exact. Each part keeps its training values sorted per feature; the final step
-# reads one block of features of every part at a time (memory: 4 bytes x training cells x
-# block; at least one feature) and takes the median of the finite values, then the median of
-# their absolute deviation from it: the very numbers feature_statistics gives.
+# Median, MAD, min and max: exact. Each part keeps its training values sorted per feature,
+# feature-major ([features, cells]: a block of features is one contiguous run of the file); the
+# final step reads one block of features of every part at a time, those bytes only (memory: 8
+# bytes x training cells x block; at least one feature), and takes the median of the finite
+# values, then the median of their absolute deviation from it: the very numbers
+# feature_statistics gives.
 
 
 def part_moments(values: np.ndarray) -> dict:
@@ -248,25 +250,39 @@ def merge_moments(parts: list[dict]) -> dict:
 
 
 def sorted_part_values(values: np.ndarray) -> np.ndarray:
-    """A part's values [cells, features] as float32, each column sorted (non-finite last)."""
+    """A part's values [cells, features] as float32 [features, cells], each feature's values
+    sorted (non-finite last)."""
     values = np.asarray(values, dtype=np.float32).reshape(len(values), -1)
     values = np.where(np.isfinite(values), values, np.float32(np.nan))
-    return np.sort(values, axis=0)
+    return np.ascontiguousarray(np.sort(values, axis=0).T)
+
+
+def _feature_rows(part, lo: int, hi: int) -> np.ndarray:
+    """Features lo:hi of a part's sorted_part_values (an array or a .npy path), [hi - lo,
+    cells]; from a file, only those bytes are read (the mapping closes on return)."""
+    if isinstance(part, np.ndarray):
+        return part[lo:hi]
+    return np.array(np.load(part, mmap_mode="r")[lo:hi])
 
 
 def merged_quantiles(arrays: list, n_features: int, memory_bytes: int = 1 << 28) -> dict:
     """Exact median, MAD, min and max per feature from parts' sorted_part_values (arrays or .npy
-    paths, read memory-mapped, one block of features at a time)."""
-    loaded = [np.load(a, mmap_mode="r") if not isinstance(a, np.ndarray) else a for a in arrays]
-    rows = sum(len(a) for a in loaded)
+    paths), one block of features at a time."""
+    rows = sum((a.shape[1] if isinstance(a, np.ndarray) else np.load(a, mmap_mode="r").shape[1])
+               for a in arrays)
     block = max(1, int(memory_bytes // max(1, rows * 8)))
     median = np.full(n_features, np.nan)
     mad = np.full(n_features, np.nan)
     low, high = np.full(n_features, np.nan), np.full(n_features, np.nan)
+    buffer = np.empty((rows, min(block, n_features)))  # one block's values, reused
     for lo in range(0, n_features, block):
         hi = min(n_features, lo + block)
-        columns = np.concatenate([np.asarray(a[:, lo:hi], dtype=np.float64) for a in loaded]) \
-            if loaded else np.zeros((0, hi - lo))
+        columns = buffer[:, :hi - lo]
+        at = 0
+        for part in arrays:
+            piece = _feature_rows(part, lo, hi)
+            columns[at:at + piece.shape[1]] = piece.T
+            at += piece.shape[1]
         for j in range(hi - lo):
             column = columns[:, j]
             finite = column[np.isfinite(column)]

@@ -9,12 +9,17 @@ parses it to the very message tf.train.Example builds.
 """
 from __future__ import annotations
 
+import functools
 import struct
 
 import google_crc32c
 
+_SMALL = [bytes([v]) for v in range(128)]  # one-byte varints, the most common by far
+
 
 def _varint(value: int) -> bytes:
+    if 0 <= value < 128:
+        return _SMALL[value]
     value &= (1 << 64) - 1  # negative int64 as two's complement, 10 bytes
     out = bytearray()
     while True:
@@ -41,10 +46,16 @@ def encode_feature(value) -> bytes:
     raise TypeError(f"unsupported feature value {type(value).__name__}")
 
 
+@functools.lru_cache(maxsize=256)
+def _key_field(key: str) -> bytes:
+    """A map entry's key field: the same bytes for every record."""
+    return _field(1, key.encode())
+
+
 def serialize_example(features: dict) -> bytes:
     """A tf.train.Example from {name: bytes | int}, keys in sorted order."""
     entries = b"".join(
-        _field(1, _field(1, key.encode()) + _field(2, encode_feature(features[key])))
+        _field(1, _key_field(key) + _field(2, encode_feature(features[key])))
         for key in sorted(features))
     return _field(1, entries)
 

@@ -53,7 +53,8 @@ from cp2image_tf.evaluation.compare import (MIN_CEILING, THRESHOLD, distribution
 from cp2image_tf.evaluation.retrieval import add_to_headline, retrieval_report
 from cp2image_tf.evaluation.report import (module_report, pixel_report, report_markdown,
                                            write_json, write_remeasured)
-from cp2image_tf.measuring.remeasure import dataset_segmentation, plan_measurement, remeasure
+from cp2image_tf.measuring.remeasure import (dataset_segmentation, one_blas_thread,
+                                             plan_measurement, remeasure)
 from tfrecords_tools.atomic import OutputFolder
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import matching_manifest, measured_names, treatment_cells
@@ -89,7 +90,7 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
     with folder:
         if scheduler is not None:  # connect first: a wrong address fails before any work
             check_options(scheduler, workers)
-        with client_for(scheduler, workers, quiet=not progress) as client:
+        with client_for(scheduler, workers, quiet=not progress) as client, one_blas_thread():
             quota, cells, reference = _sample(model, data, manifest, split, counts, max_cells,
                                               reference_cells, seed)
             _say(progress, f"Evaluating {len(cells['raw'])} {split} cells of {len(quota)} "

@@ -1,0 +1,928 @@
+"""convert's plan, made from the tables a chunk at a time: memory does not grow with the screen.
+
+The plan says which cells are converted (and why others are not), their split, the features
+kept and which shard each cell goes to. It is made in two streaming passes and written to a
+plan folder (`OUT_DIR/.parts/plan-<key>/`) that the shard writers read:
+
+1. The object tables are read a chunk at a time (`tfrecords_tools.streaming`) and joined on
+   ImageNumber and ObjectNumber image set by image set: the tables are in ImageNumber order, as
+   CellProfiler writes them, so the first table's chunk is joined with the rows of the same image
+   sets of the others, held only until the first table moves past them. Each cell is checked
+   (the same checks, in the same order, as ever), a field's image headers are read the first
+   time one of its cells survives, and the cells kept are appended to segments on disk:
+   `seg-<k>.values.npy` (the candidate features, float32) and `seg-<k>.cells.npy` (numbers,
+   position, group and treatment codes). Rejected cells go to one file per reason, in row order.
+   What stays in memory is per image set and per group (counts, treatment), never per cell.
+2. With every group's cell count known, groups are split (`assign_group_splits`); one pass over
+   the segments finds the features that are all-NaN or constant in the training split; shards
+   are laid out from the per-image-set counts (a table's cells: from per-row codes, to order
+   files). A shard is a list of row ranges into the segments.
+
+Results equal those of reading every table whole: the same cells, rejects (same order), splits,
+features and shard contents, so the same shards and manifest, byte for byte.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tfrecords_tools import cellprofiler as cp
+from tfrecords_tools import measured as ms
+from tfrecords_tools import streaming
+from tfrecords_tools.atomic import write_json
+from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.features import select_features
+from tfrecords_tools.manifest import sha256_file
+from tfrecords_tools.splits import SPLITS, assign_group_splits, group_keys
+
+PLAN = "plan.json"
+GROUPS = "groups.json"
+SEGMENTS = "segments.json"
+KEYS = ["ImageNumber", "ObjectNumber"]
+TREATMENT_CANDIDATES = ("Metadata_Treatment", "Metadata_Compound", "Metadata_pert_iname",
+                        "Metadata_JCP2022", "Metadata_broad_sample", "Metadata_Perturbation")
+CELL_DTYPE = np.dtype([("image", "<i8"), ("object", "<i8"), ("x", "<f8"), ("y", "<f8"),
+                       ("group", "<i4"), ("treatment", "<i4")])
+
+
+class Watermark:
+    """The most table rows the planner held at once (the memory bound, tested by value)."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def hold(self, rows: int) -> None:
+        self.peak = max(self.peak, int(rows))
+
+
+def pick_column(columns, requested, candidates, option, source):
+    if requested:
+        missing = [c for c in requested if c not in columns]
+        if missing:
+            raise UserInputError(f"{option} {','.join(requested)}: no column {', '.join(missing)} "
+                                 f"in {source}.")
+        return list(requested)
+    lower = {c.lower(): c for c in columns}
+    for cand in candidates:
+        for name in (cand, "Image_" + cand):
+            if name.lower() in lower:
+                return [lower[name.lower()]]
+    return []
+
+
+def plan_key(config) -> str:
+    """What the plan depends on: the options that decide the dataset and the sizes and
+    modification times of the tables and the --features-file (a fixed table is a new plan)."""
+    options = {k: v for k, v in asdict(config).items() if k not in config.RUN_OPTIONS}
+    root = Path(config.input)
+    paths = [p for p in (sorted(root.iterdir()) if root.is_dir() else [root])
+             if p.suffix in (".csv", ".parquet")]
+    paths += [Path(config.features_file)] if config.features_file else []
+    files = []
+    for path in paths:
+        if path.is_file():
+            stat = path.stat()
+            files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    text = json.dumps({"options": options, "files": files, "format": 1}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------
+# Pass 1: the tables, a chunk at a time
+
+
+class _Segments:
+    """Kept cells appended to numbered segment files, and rejected ones to per-reason files."""
+
+    def __init__(self, folder: Path, reasons: list[str]):
+        self.folder = folder
+        self.sizes = []
+        self.kept = 0
+        self.reasons = reasons
+        self.reject_counts = [0] * len(reasons)
+        self._handles = {}
+
+    def add(self, values: np.ndarray, cells: np.ndarray, text: dict | None = None) -> None:
+        if not len(cells):
+            return
+        k = len(self.sizes)
+        np.save(self.folder / f"seg-{k:05d}.values.npy", np.ascontiguousarray(values, np.float32))
+        np.save(self.folder / f"seg-{k:05d}.cells.npy", cells)
+        for name, array in (text or {}).items():
+            np.save(self.folder / f"seg-{k:05d}.{name}.npy", np.asarray(array, dtype=str))
+        self.sizes.append(len(cells))
+        self.kept += len(cells)
+
+    def reject(self, step: int, cell_ids, images, objects) -> None:
+        if not len(cell_ids):
+            return
+        handle = self._handles.get(step)
+        if handle is None:
+            handle = self._handles[step] = open(self.folder / f"rejects-{step:03d}.csv", "w",
+                                                newline="")
+        writer = csv.writer(handle, lineterminator="\n")
+        reason = self.reasons[step]
+        for cell_id, image, obj in zip(cell_ids, images, objects):
+            writer.writerow([cell_id, _csv_value(image), _csv_value(obj), reason])
+        self.reject_counts[step] += len(cell_ids)
+
+    def close_rejects(self) -> None:
+        """rejects.csv: the reasons in the order the checks run, each in row order."""
+        for handle in self._handles.values():
+            handle.close()
+        with open(self.folder / "rejects.csv", "w", newline="") as out:
+            out.write("cell_id,ImageNumber,ObjectNumber,reason\n")
+            for step in range(len(self.reasons)):
+                part = self.folder / f"rejects-{step:03d}.csv"
+                if part.exists():
+                    with open(part) as handle:
+                        shutil.copyfileobj(handle, out)
+                    part.unlink()
+
+    def first_reason(self) -> str:
+        return next((r for r, n in zip(self.reasons, self.reject_counts) if n), "no rows")
+
+    def by_reason(self) -> dict:
+        """rejects.csv's reasons counted as pandas' value_counts orders them."""
+        firsts = [(r, n) for r, n in zip(self.reasons, self.reject_counts) if n]
+        if not firsts:
+            return {}
+        merged = {}
+        for r, n in firsts:
+            merged[r] = merged.get(r, 0) + n
+        counts = pd.Series(list(merged.values()), index=list(merged), dtype="int64")
+        return {str(k): int(v) for k, v in counts.sort_values(ascending=False).items()}
+
+
+def _csv_value(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    return str(value)
+
+
+class _FollowingTable:
+    """A later object table read alongside the first: the rows of the image sets the first
+    table's current chunk holds, each image set's rows kept until the first table moves on."""
+
+    def __init__(self, path, columns, chunk_rows, watermark, features=None):
+        self.path = path
+        self.columns = columns
+        self.chunks = streaming.iter_chunks(path, columns, [], chunk_rows, features=features)
+        self.buffer = None
+        self.done = False
+        self.last = None
+        self.rows = 0
+        self.watermark = watermark
+
+    def rows_through(self, low: int, high: int) -> pd.DataFrame:
+        """Its rows with low <= ImageNumber <= high; rows below `low` are dropped."""
+        while not self.done and (self.buffer is None or len(self.buffer) == 0
+                                 or self.buffer["ImageNumber"].iloc[-1] <= high):
+            try:
+                start, frame = next(self.chunks)
+            except StopIteration:
+                self.done = True
+                break
+            if not len(frame):
+                continue
+            frame = _keys(frame, self.path, start)
+            self._check_order(frame, start)
+            self.rows += len(frame)
+            self.buffer = frame if self.buffer is None else pd.concat([self.buffer, frame],
+                                                                      ignore_index=True)
+            self.watermark.hold(len(self.buffer))
+        if self.buffer is None:
+            return pd.DataFrame({c: np.zeros(0, np.int64 if c in KEYS else np.float64)
+                                 for c in self.columns})
+        image = self.buffer["ImageNumber"].to_numpy()
+        selected = self.buffer[(image >= low) & (image <= high)]
+        self.buffer = self.buffer[image >= high].reset_index(drop=True)
+        return selected
+
+    def _check_order(self, frame, start):
+        image = frame["ImageNumber"].to_numpy()
+        previous = np.concatenate([[self.last if self.last is not None else image[0]], image[:-1]])
+        down = np.flatnonzero(image < previous)
+        if len(down):
+            raise _unsorted(self.path, start + int(down[0]), int(image[down[0]]),
+                            int(previous[down[0]]))
+        self.last = int(image[-1])
+
+
+def _match(image, obj_numbers, right: pd.DataFrame, path) -> np.ndarray:
+    """For each (ImageNumber, ObjectNumber), its row in `right`, or -1 (the left join)."""
+    if not len(right):
+        return np.full(len(image), -1)
+    index = pd.MultiIndex.from_arrays([right["ImageNumber"].to_numpy(),
+                                       right["ObjectNumber"].to_numpy()])
+    if not index.is_unique:
+        number, obj = index[index.duplicated()][0]
+        raise UserInputError(f"{path}: ImageNumber {number}, ObjectNumber {obj} is listed twice; "
+                             "each object must have one row. Remove the duplicate rows (e.g. "
+                             "an image set exported twice) and convert again.")
+    return index.get_indexer(pd.MultiIndex.from_arrays([image, obj_numbers]))
+
+
+def _unsorted(path, row: int, number: int, before: int) -> UserInputError:
+    return UserInputError(f"{path}: row {row + 2}: ImageNumber {number} comes after {before}; "
+                          "convert reads the object tables in ImageNumber order, as CellProfiler "
+                          "writes them. Sort the table by ImageNumber (e.g. in pandas: "
+                          "sort_values('ImageNumber', kind='stable')) and convert again.")
+
+
+def _keys(frame: pd.DataFrame, path, start: int) -> pd.DataFrame:
+    """ImageNumber and ObjectNumber as int64; a row without one is an error naming it."""
+    for column in KEYS:
+        values = frame[column].to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values) | (values != np.round(values))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise UserInputError(f"{path}: row {start + row + 2}, column {column} holds "
+                                 f"{frame[column].iloc[row]!r}, not a whole number; fix or "
+                                 "remove that row, or export the table from CellProfiler again.")
+        frame[column] = values.astype(np.int64)
+    return frame
+
+
+def _object_columns(path, obj: str, first: bool) -> dict:
+    """{<obj>_<column>: column} of one object table's measurements, its keys (and, for the first
+    table, its centre) checked."""
+    header = streaming.table_columns(path)
+    need = KEYS + (["Location_Center_X", "Location_Center_Y"] if first else [])
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise UserInputError(f"{path}: missing column(s) {', '.join(missing)}"
+                             f"{' (needed to place crops)' if first else ''}.")
+    measured = [c for c in header if c not in KEYS and not c.startswith("Metadata_")]
+    return {f"{obj}_{c}": c for c in measured}
+
+
+def _candidates(columns, compartments, config, source) -> list[str]:
+    """The candidate feature names (select_features on the column names alone: every column
+    read is read as numbers, and a value that is not one stops the read naming its row)."""
+    frame = pd.DataFrame({c: pd.Series(dtype=np.float64) for c in columns})
+    return select_features(frame, compartments, config.include, config.exclude,
+                           config.features_file, source=str(source))
+
+
+def _image_table(config):
+    """Image.csv's columns convert uses, whole (one row per image set)."""
+    folder = Path(config.input)
+    image_csv = cp.find_table(folder, cp.IMAGE_TABLE)
+    header = streaming.table_columns(image_csv)
+    wanted = [c for c in header if c == "ImageNumber" or c.startswith(("Metadata_", "FileName_",
+                                                                        "PathName_"))]
+    image_df = cp.read_table(image_csv, columns=wanted)
+    cp.require_columns(image_df, ["ImageNumber"], image_csv)
+    cp.require_rows(image_df, image_csv, "image sets")
+    cp.require_numeric(image_df, ["ImageNumber"], image_csv)
+    if image_df["ImageNumber"].duplicated().any():
+        dup = image_df["ImageNumber"][image_df["ImageNumber"].duplicated()].iloc[0]
+        raise UserInputError(f"{image_csv}: ImageNumber {dup} appears twice; merge batches "
+                             "with distinct ImageNumbers.")
+    return image_csv, image_df
+
+
+def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) -> dict:
+    """Pass 1 for an ExportToSpreadsheet folder; returns the plan's per-image-set summary."""
+    image_csv, image_df = _image_table(config)
+    source = image_csv
+    paths = {ch: cp.channel_paths(image_df, ch, image_csv) for ch in config.channels}
+    meta_cols = [c for c in image_df.columns if c.startswith("Metadata_")]
+    tables, renamed, columns = [], {}, ["ImageNumber", "ObjectNumber"]
+    for k, obj in enumerate(config.objects):
+        path = cp.find_table(Path(config.input), obj)
+        names = _object_columns(path, obj, k == 0)
+        tables.append((obj, path))
+        renamed[obj] = names
+        columns += list(names)
+    first = config.objects[0]
+    centre = {f"{first}_Location_Center_X": "_x", f"{first}_Location_Center_Y": "_y"}
+    columns = [centre.get(c, c) for c in columns] + meta_cols
+    measured_as = ms.pair_channels(config.channels, ms.measured_images(columns),
+                                   config.measured_as, source)
+    selection = _candidates([c for c in columns if not c.startswith("_")],
+                            list(config.objects), config, source)
+    names = selection.names
+    image_level = [n for n in names if n in meta_cols]
+    if image_level:
+        raise UserInputError(f"{config.features_file}: {', '.join(image_level)} is a column of "
+                             f"{source} (one value per image set), not a measurement of an "
+                             "object; leave it out of the features file.")
+    image_info = image_settings(source, config)
+    treatment_cols = pick_column(["ImageNumber"] + meta_cols, config.treatment_column,
+                                 TREATMENT_CANDIDATES, "--treatment-column", source)
+    split_by = config.split_by or ["ImageNumber"]
+    image_keys = list(image_df["ImageNumber"].to_numpy())
+    groups_of_image = group_keys(image_df, split_by, source).to_numpy()
+    if treatment_cols:
+        values = image_df[treatment_cols].astype("string")
+        no_treatment = values.isna().any(axis=1).to_numpy()
+        treatment = image_df[treatment_cols].astype(str).agg("@".join, axis=1) \
+            if len(treatment_cols) > 1 else image_df[treatment_cols[0]].astype(str)
+        treatment = treatment.to_numpy()
+    else:
+        no_treatment = np.zeros(len(image_df), dtype=bool)
+        treatment = np.full(len(image_df), "", dtype=object)
+    illum_paths = {}
+    if config.illum:
+        position = pd.Index(image_info["ImageNumber"].to_numpy())
+        at = position.get_indexer(image_df["ImageNumber"].to_numpy())
+        for ch in config.illum:
+            column = image_info[f"_illum_{ch}"].to_numpy(dtype=object)
+            illum_paths[ch] = [column[i] if i >= 0 else None for i in at]
+
+    reasons = [f"no {obj} object with this ObjectNumber" for obj in config.objects[1:]]
+    reasons += ["ImageNumber not in Image.csv", "no Location_Center_X/Y"]
+    reasons += [f"no {ch} image listed for this image set" for ch in config.channels]
+    reasons += [f"no {name} (--illum) listed for this image set"
+                for name in (config.illum or {}).values()]
+    treatment_step = len(reasons)
+    reasons.append(f"no value in {','.join(treatment_cols)}")
+    border_step = len(reasons)
+    size = config.crop_size
+    reasons.append(f"within {size // 2} px of the image border (--edge skip)")
+    segments = _Segments(work, reasons)
+
+    # Per image set (Image.csv row): what each of its cells gets, looked up by position.
+    index_of_image = pd.Index(image_keys)
+    no_path = [np.array([p is None for p in paths[ch]]) for ch in config.channels]
+    no_illum = [np.array([p is None for p in illum_paths[ch]]) for ch in config.illum or {}]
+    group_codes, group_names = pd.factorize(pd.Series(groups_of_image, dtype=object))
+    treatment_codes, treatment_names = pd.factorize(pd.Series(treatment, dtype=object))
+    group_names = [str(g) for g in group_names]
+    treatment_names = [str(t) for t in treatment_names]
+    images = {}  # ImageNumber -> [kept cells, first kept index, group code, treatment code]
+    per_group_treatment = {}
+    shapes, illum_checked = {}, set()
+    name_index = {n: j for j, n in enumerate(names)}
+
+    def measured(obj):  # (the table's candidate feature columns, their places in `names`)
+        pairs = [(c, name_index[n]) for n, c in renamed[obj].items() if n in name_index]
+        return [c for c, _ in pairs], np.array([j for _, j in pairs], dtype=np.int64)
+
+    first_obj, first_path = tables[0]
+    first_features, first_places = measured(first_obj)
+    following = []
+    for obj, path in tables[1:]:
+        features, places = measured(obj)
+        following.append((_FollowingTable(path, KEYS + features, config.chunk_rows, watermark,
+                                          {c: n for n, c in renamed[obj].items()
+                                           if n in name_index}),
+                          features, places))
+    reading = list(dict.fromkeys(KEYS + ["Location_Center_X", "Location_Center_Y"]
+                                 + first_features))
+    last_image, first_rows = None, 0
+    for start, chunk in streaming.iter_chunks(first_path, reading, [], config.chunk_rows,
+                                              features={c: n for n, c in
+                                                        renamed[first_obj].items()
+                                                        if n in name_index}):
+        if not len(chunk):
+            continue
+        n = len(chunk)
+        first_rows += n
+        chunk = _keys(chunk, first_path, start)
+        image = chunk["ImageNumber"].to_numpy()
+        obj_numbers = chunk["ObjectNumber"].to_numpy()
+        previous = np.concatenate([[last_image if last_image is not None else image[0]],
+                                   image[:-1]])
+        down = np.flatnonzero(image < previous)
+        if len(down):
+            raise _unsorted(first_path, start + int(down[0]), int(image[down[0]]),
+                            int(previous[down[0]]))
+        last_image = int(image[-1])
+        held, joined = n, []
+        for table, features, places in following:
+            right = table.rows_through(int(image.min()), int(image.max()))
+            held += len(right) + (len(table.buffer) if table.buffer is not None else 0)
+            joined.append((_match(image, obj_numbers, right, table.path), right, features, places))
+        watermark.hold(held)
+        at = index_of_image.get_indexer(image)
+        known = at >= 0
+        safe = np.where(known, at, 0)
+        step = np.full(n, -1)
+
+        def fail(k, mask):
+            step[(step < 0) & mask] = k
+
+        s = 0
+        for match, *_ in joined:
+            fail(s, match < 0)
+            s += 1
+        fail(s, ~known)
+        s += 1
+        x = chunk["Location_Center_X"].to_numpy(dtype=np.float64)
+        y = chunk["Location_Center_Y"].to_numpy(dtype=np.float64)
+        fail(s, ~np.isfinite(x) | ~np.isfinite(y))
+        s += 1
+        for missing in no_path + no_illum:
+            fail(s, missing[safe])
+            s += 1
+        fail(treatment_step, no_treatment[safe])
+        alive = step < 0
+        # Image headers, in the order the image sets' first surviving cells come.
+        for i in np.flatnonzero(alive)[np.unique(image[alive], return_index=True)[1]]:
+            number = int(image[i])
+            if number not in shapes:
+                shapes[number] = _field_shape(number, [paths[ch][at[i]] for ch in config.channels],
+                                              config)
+                _check_illum(number, at[i], illum_paths, shapes, illum_checked, config)
+        if config.edge == "skip" and alive.any():
+            unique, inverse = np.unique(image, return_inverse=True)
+            sizes = np.array([shapes.get(int(v), (0, 0)) for v in unique]).reshape(-1, 2)
+            top = np.floor(np.where(alive, y, 0) + 0.5).astype(int) - size // 2
+            left = np.floor(np.where(alive, x, 0) + 0.5).astype(int) - size // 2
+            fail(border_step, alive & ((top < 0) | (left < 0) | (top + size > sizes[inverse, 0])
+                                       | (left + size > sizes[inverse, 1])))
+        for k in range(len(reasons)):
+            rows = np.flatnonzero(step == k)
+            if len(rows):
+                segments.reject(k, [f"{a}-{b}" for a, b in zip(image[rows], obj_numbers[rows])],
+                                image[rows].tolist(), obj_numbers[rows].tolist())
+        keep = np.flatnonzero(step < 0)
+        if not len(keep):
+            continue
+        kept_at = at[keep]
+        rec = np.zeros(len(keep), dtype=CELL_DTYPE)
+        rec["image"], rec["object"] = image[keep], obj_numbers[keep]
+        rec["x"], rec["y"] = x[keep], y[keep]
+        rec["group"], rec["treatment"] = group_codes[kept_at], treatment_codes[kept_at]
+        numbers, firsts, counts = np.unique(image[keep], return_index=True, return_counts=True)
+        for number, i, count in zip(numbers.tolist(), firsts.tolist(), counts.tolist()):
+            entry = images.setdefault(number, [0, segments.kept + i, int(rec["group"][i]),
+                                               int(rec["treatment"][i])])
+            entry[0] += count
+            key = (entry[2], entry[3])
+            per_group_treatment[key] = per_group_treatment.get(key, 0) + count
+        values = np.full((len(keep), len(names)), np.nan, dtype=np.float32)
+        values[:, first_places] = chunk[first_features].to_numpy(dtype=np.float32)[keep]
+        for match, right, features, places in joined:
+            values[:, places] = right[features].to_numpy(dtype=np.float32)[match[keep]]
+        segments.add(values, rec)
+    if not first_rows:
+        cp.require_rows(pd.DataFrame(), first_path, f"{first_obj} objects to convert")
+    for (table, _, _), (obj, _) in zip(following, tables[1:]):
+        if not table.rows:
+            cp.require_rows(pd.DataFrame(), table.path, f"{obj} objects to convert")
+    return {"segments": segments, "names": names, "dropped": selection.dropped,
+            "compartments": list(config.objects), "measured_as": measured_as,
+            "treatment_columns": treatment_cols, "split_by": split_by,
+            "group_names": group_names, "treatment_names": treatment_names, "images": images,
+            "per_group_treatment": per_group_treatment,
+            "shapes": shapes, "paths": paths, "illum_paths": illum_paths,
+            "image_keys": image_keys, "image_df": image_df, "image_info": image_info,
+            "meta_cols": meta_cols, "source": source,
+            "sources": [image_csv] + [path for _, path in tables]}
+
+
+def _codes(values, names: list, codes: dict) -> np.ndarray:
+    """Codes of `values` in `names` (new values appended), vectorised over a chunk."""
+    local, uniques = pd.factorize(pd.Series(values, dtype=object))
+    mapping = np.empty(len(uniques), dtype=np.int32)
+    for i, value in enumerate(uniques):
+        value = str(value)
+        if value not in codes:
+            codes[value] = len(names)
+            names.append(value)
+        mapping[i] = codes[value]
+    return mapping[local]
+
+
+def _field_shape(number: int, field_paths: list, config) -> tuple:
+    """(Y, X) of one field from its TIFF headers; every channel must agree and exist."""
+    field_shapes = {}
+    for ch, path in zip(config.channels, field_paths):
+        if not os.path.exists(path):
+            raise UserInputError(f"{path}: image file not found (channel {ch}, ImageNumber "
+                                 f"{number}). Check PathName_{ch} in Image.csv, "
+                                 "or run from the folder its relative paths start from.")
+        field_shapes[ch] = cp.image_shape(path)
+    distinct = set(field_shapes.values())
+    if len(distinct) > 1:
+        listed = "; ".join(f"{ch} {s[1]}x{s[0]} ({p})" for (ch, s), p in
+                           zip(field_shapes.items(), field_paths))
+        raise UserInputError(f"ImageNumber {number}: channel images differ in size: "
+                             f"{listed}. Every channel of a field must have the same size.")
+    shape = distinct.pop()
+    if len(shape) != 2:
+        raise UserInputError(f"{field_paths[0]}: expected a 2-D image, found shape {shape}.")
+    if config.crop_size > min(shape):
+        raise UserInputError(f"--crop-size {config.crop_size}: larger than the images "
+                             f"({shape[1]}x{shape[0]} px, {field_paths[0]}). Choose a smaller crop.")
+    return tuple(int(v) for v in shape)
+
+
+def _check_illum(number, at, illum_paths, shapes, checked, config) -> None:
+    """Each illumination function read once, when first named: a wrong one fails before work."""
+    for ch in config.illum or {}:
+        path = illum_paths[ch][at]
+        if path in checked:
+            continue
+        checked.add(path)
+        function = ms.load_illumination(path)
+        if function.shape != tuple(shapes[number]):
+            raise UserInputError(
+                f"{path}: the illumination function is {function.shape[1]}x"
+                f"{function.shape[0]} px but the {ch} images are {shapes[number][1]}x"
+                f"{shapes[number][0]} (ImageNumber {number}); --illum must name the "
+                "function made for them.")
+
+
+def plan_table(config, work: Path, watermark: Watermark) -> dict:
+    """Pass 1 for a single-cell table (CytoTable/pycytominer) with a crop file per cell."""
+    path = Path(config.input)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such file. With --table, INPUT is a single-cell "
+                             "CSV or Parquet file.")
+    header = streaming.table_columns(path)
+    column = config.crop_column or next((c for c in cp.CROP_COLUMN_CANDIDATES if c in header),
+                                        None)
+    if column is None or column not in header:
+        raise UserInputError(
+            f"{path}: no crop file column {column or '(tried ' + ', '.join(cp.CROP_COLUMN_CANDIDATES) + ')'}; "
+            "name the column of crop files with --crop-column.")
+    columns = [c for c in header if c != column] + ["ImageNumber", "ObjectNumber"]
+    compartments = cp.table_compartments(columns + ["_crop_path", "_cell_id"])
+    measured_as = ms.pair_channels(config.channels, ms.measured_images(
+        columns + ["_crop_path", "_cell_id"]), config.measured_as, path)
+    selection = _candidates([c for c in columns if not c.startswith("_")], compartments, config,
+                            path)
+    names = selection.names
+    treatment_cols = pick_column(columns, config.treatment_column, TREATMENT_CANDIDATES,
+                                 "--treatment-column", path)
+    split_by = config.split_by
+    if not split_by:
+        if "Metadata_ImageNumber" not in header:
+            raise UserInputError(f"{path}: no Metadata_ImageNumber column to keep fields together "
+                                 "across splits; name the grouping column(s) with --split-by.")
+        split_by = ["Metadata_ImageNumber"]
+    missing = [c for c in split_by if c not in columns]
+    if missing:
+        group_keys(pd.DataFrame(columns=columns), split_by, path)  # raises the clear error
+    meta_cols = [c for c in header if c.startswith("Metadata_") and c not in treatment_cols]
+    text = [c for c in dict.fromkeys([column] + treatment_cols + split_by + meta_cols
+                                     + [c for c in ("Metadata_ImageNumber",
+                                                    "Metadata_ObjectNumber") if c in header])
+            if c not in names and c in header]
+    numeric = [c for c in names if c in header]
+    kinds = streaming.csv_text_kinds(path, [c for c in text if c != column], config.chunk_rows)
+    reasons = ["no crop file", f"no value in {','.join(treatment_cols)}"]
+    segments = _Segments(work, reasons)
+    base = path.resolve().parent
+    group_names, group_code, treatment_names, treatment_code = [], {}, [], {}
+    per_group_treatment = {}
+    metadata = {c: {"missing": False, "values": {}} for c in meta_cols}
+    for start, chunk in streaming.iter_chunks(path, numeric, text, config.chunk_rows, kinds,
+                                              features={n: n for n in numeric}):
+        watermark.hold(len(chunk))
+        n = len(chunk)
+        rows = np.arange(start, start + n)
+        image = chunk["Metadata_ImageNumber"].to_numpy() if "Metadata_ImageNumber" in chunk \
+            else np.zeros(n, dtype=np.int64)
+        obj = chunk["Metadata_ObjectNumber"].to_numpy() if "Metadata_ObjectNumber" in chunk \
+            else rows + 1
+        cell_ids = ([f"{a}-{b}" for a, b in zip(pd.Series(image).astype(str),
+                                                 pd.Series(obj).astype(str))]
+                    if "Metadata_ObjectNumber" in chunk else rows.astype(str).tolist())
+        crop = chunk[column].to_numpy(dtype=object)
+        no_crop = pd.isna(crop)
+        step = np.where(no_crop, 0, -1)
+        if treatment_cols:
+            no_value = chunk[treatment_cols].astype("string").isna().any(axis=1).to_numpy()
+            step[(step < 0) & no_value] = 1
+        for k in range(len(reasons)):
+            at = np.flatnonzero(step == k)
+            segments.reject(k, [cell_ids[i] for i in at], image[at].tolist(), obj[at].tolist())
+        keep = np.flatnonzero(step < 0)
+        if not len(keep):
+            continue
+        kept = chunk.iloc[keep]
+        if treatment_cols:
+            treatment = kept[treatment_cols].astype(str).agg("@".join, axis=1) \
+                if len(treatment_cols) > 1 else kept[treatment_cols[0]].astype(str)
+        else:
+            treatment = pd.Series([""] * len(kept))
+        groups = group_keys(kept, split_by, path).to_numpy()
+        treatment = treatment.to_numpy()
+        for c in meta_cols:
+            values = kept[c].astype("string")
+            state = metadata[c]
+            if values.isna().any():
+                state["missing"] = True
+                continue
+            for t, v in zip(treatment, values):
+                seen = state["values"].setdefault(str(t), [])
+                if v not in seen and len(seen) < 2:
+                    seen.append(v)
+        rec = np.zeros(len(keep), dtype=CELL_DTYPE)
+        rec["image"] = pd.to_numeric(pd.Series(image[keep])).to_numpy(dtype=np.float64)
+        rec["object"] = pd.to_numeric(pd.Series(obj[keep])).to_numpy(dtype=np.float64)
+        rec["group"] = _codes(groups, group_names, group_code)
+        rec["treatment"] = _codes(treatment, treatment_names, treatment_code)
+        pairs, counts = np.unique(np.stack([rec["group"], rec["treatment"]]), axis=1,
+                                  return_counts=True)
+        for key, count in zip(map(tuple, pairs.T.tolist()), counts.tolist()):
+            per_group_treatment[key] = per_group_treatment.get(key, 0) + count
+        crops = [os.path.normpath(str(p) if os.path.isabs(str(p)) else str(base / str(p)))
+                 for p in crop[keep]]
+        values = kept[names].to_numpy(dtype=np.float32) if names else np.zeros((len(keep), 0))
+        segments.add(values, rec, {"cell_id": [cell_ids[i] for i in keep], "crop": crops})
+    treatment_metadata = {}
+    for c in meta_cols:
+        state = metadata[c]
+        if state["missing"] or not state["values"]:
+            continue
+        if all(len(v) == 1 for v in state["values"].values()):
+            treatment_metadata[c] = {t: str(state["values"][t][0])
+                                     for t in sorted(state["values"])}
+    return {"segments": segments, "names": names, "dropped": selection.dropped,
+            "compartments": compartments, "measured_as": measured_as,
+            "treatment_columns": treatment_cols, "split_by": split_by,
+            "group_names": group_names, "treatment_names": treatment_names,
+            "per_group_treatment": per_group_treatment,
+            "treatment_metadata": treatment_metadata, "source": path, "sources": [path]}
+
+
+# ---------------------------------------------------------------------------
+# Pass 2: splits, features, shards
+
+
+def segment_cells(work: Path, k: int) -> np.ndarray:
+    return np.load(work / f"seg-{k:05d}.cells.npy")
+
+
+def training_ranges(work: Path, sizes: list, train_groups: np.ndarray) -> dict:
+    """Per candidate feature over the training split's cells: any finite value, min, max and
+    the first finite value (in row order): what decides "all-NaN" and "constant"."""
+    found = first = low = high = None
+    for k in range(len(sizes)):
+        cells = segment_cells(work, k)
+        train = train_groups[cells["group"]]
+        if not train.any():
+            continue
+        values = np.load(work / f"seg-{k:05d}.values.npy", mmap_mode="r")[np.flatnonzero(train)]
+        finite = np.isfinite(values)
+        if found is None:
+            n = values.shape[1]
+            found = np.zeros(n, dtype=bool)
+            first = np.full(n, np.nan, dtype=np.float32)
+            low = np.full(n, np.inf, dtype=np.float32)
+            high = np.full(n, -np.inf, dtype=np.float32)
+        present = finite.any(axis=0)
+        new = present & ~found
+        if new.any():
+            rows = np.argmax(finite[:, new], axis=0)
+            first[new] = values[rows, np.flatnonzero(new)]
+        found |= present
+        masked = np.where(finite, values, np.nan)
+        with np.errstate(all="ignore"):
+            low = np.fmin(low, np.nanmin(np.where(finite, values, np.inf), axis=0))
+            high = np.fmax(high, np.nanmax(np.where(finite, values, -np.inf), axis=0))
+        del masked
+    return {"found": found, "first": first, "low": low, "high": high}
+
+
+def uninformative(names, ranges) -> tuple[list[int], list[dict]]:
+    """drop_uninformative's answer from training_ranges."""
+    keep, dropped = [], []
+    for j, name in enumerate(names):
+        if ranges["found"] is None or not ranges["found"][j]:
+            dropped.append({"name": name, "reason": "no finite value in the training split"})
+        elif ranges["low"][j] == ranges["high"][j]:
+            dropped.append({"name": name,
+                            "reason": f"constant ({ranges['first'][j]:g}) in the training split"})
+        else:
+            keep.append(j)
+    return keep, dropped
+
+
+def cellprofiler_shards(images: dict, split_of_image, treatment_of_image, shard_size: int):
+    """Shards of whole fields, per split and treatment, in ImageNumber order (as many cells as
+    shard_size allows, unless one field has more)."""
+    shards = []
+    for split in SPLITS:
+        split_shards = []
+        per_treatment = {}
+        for number in sorted(images):
+            if split_of_image(number) == split:
+                per_treatment.setdefault(treatment_of_image(number), []).append(number)
+        for treatment in sorted(per_treatment):
+            current, count = [], 0
+            for number in per_treatment[treatment]:
+                n, start = images[number][:2]
+                if current and count + n > shard_size:
+                    split_shards.append({"treatment": treatment, "fields": current})
+                    current, count = [], 0
+                current.append([int(number), int(start), int(start + n)])
+                count += n
+            if current:
+                split_shards.append({"treatment": treatment, "fields": current})
+        for i, shard in enumerate(split_shards):
+            shard["split"] = split
+            shard["file"] = f"{split}-{i:05d}-of-{len(split_shards):05d}.tfrecord"
+            shards.append(shard)
+    return shards
+
+
+def table_shards(work: Path, sizes: list, split_codes: np.ndarray, treatment_names: list,
+                 shard_size: int):
+    """A table's shards: per split and treatment, its cells in row order, shard_size at a time.
+    The kept-cell indices of each (split, treatment) go to an order file the shard slices."""
+    handles, counts = {}, {}
+    offset = 0
+    try:
+        for k in range(len(sizes)):
+            cells = segment_cells(work, k)
+            split = split_codes[cells["group"]]
+            for key in sorted(set(zip(split.tolist(), cells["treatment"].tolist()))):
+                rows = np.flatnonzero((split == key[0]) & (cells["treatment"] == key[1])) + offset
+                if key not in handles:
+                    handles[key] = open(work / f"order-{key[0]}-{key[1]}.i64", "wb")
+                handles[key].write(rows.astype("<i8").tobytes())
+                counts[key] = counts.get(key, 0) + len(rows)
+            offset += len(cells)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    shards = []
+    for s, split in enumerate(SPLITS):
+        split_shards = []
+        for code in sorted(range(len(treatment_names)), key=lambda c: treatment_names[c]):
+            total = counts.get((s, code), 0)
+            for lo in range(0, total, shard_size):
+                split_shards.append({"treatment": treatment_names[code],
+                                     "order": [f"order-{s}-{code}.i64", lo,
+                                               min(total, lo + shard_size)]})
+        for i, shard in enumerate(split_shards):
+            shard["split"] = split
+            shard["file"] = f"{split}-{i:05d}-of-{len(split_shards):05d}.tfrecord"
+            shards.append(shard)
+    return shards
+
+
+def make_plan(config, work: Path, image_settings, progress: bool = False,
+              watermark: Watermark | None = None) -> dict:
+    """Both passes into `work` (a new folder); returns the plan (also written as plan.json)."""
+    started = time.perf_counter()
+    watermark = watermark or Watermark()
+    first = plan_table(config, work, watermark) if config.table else \
+        plan_cellprofiler(config, work, image_settings, watermark)
+    segments = first["segments"]
+    segments.close_rejects()
+    source = first["source"]
+    if segments.kept == 0:
+        rejected = sum(segments.reject_counts)
+        raise UserInputError(f"{source}: no cell left to convert ({rejected} rejected; "
+                             f"first reason: {segments.first_reason()}).")
+    group_names, treatment_names = first["group_names"], first["treatment_names"]
+    counts, strata = {}, {}
+    for (g, t), c in first["per_group_treatment"].items():
+        counts[group_names[g]] = counts.get(group_names[g], 0) + c
+        strata.setdefault(group_names[g], set()).add(treatment_names[t])
+    split_of = assign_group_splits(counts, config.split, config.seed, strata)
+    split_codes = np.asarray([SPLITS.index(split_of.get(g, "train")) for g in group_names],
+                             dtype=np.int64)
+    ranges = training_ranges(work, segments.sizes, split_codes == 0)
+    keep, dropped = uninformative(first["names"], ranges)
+    if not keep:
+        raise UserInputError(f"{source}: every selected feature is all-NaN or constant in the "
+                             "training split; nothing to learn from.")
+    treatments = sorted({treatment_names[t] for _, t in first["per_group_treatment"]})
+    per_treatment = {split: {t: 0 for t in treatments} for split in SPLITS}
+    groups_in = {split: set() for split in SPLITS}
+    for (g, t), c in first["per_group_treatment"].items():
+        split = split_of[group_names[g]]
+        per_treatment[split][treatment_names[t]] += c
+        groups_in[split].add(g)
+    sources = [{"path": str(p), "bytes": Path(p).stat().st_size, "sha256": sha256_file(p)}
+               for p in first["sources"]]
+    options = {k: v for k, v in asdict(config).items() if k not in config.RUN_OPTIONS}
+    fingerprint = hashlib.sha256(json.dumps(
+        [options, [s["sha256"] for s in sources], [first["names"][j] for j in keep]],
+        sort_keys=True, default=str).encode()).hexdigest()
+    plan = {
+        "fingerprint": fingerprint, "chunk_rows": config.chunk_rows,
+        "source": str(source), "compartments": first["compartments"],
+        "measured_as": first["measured_as"], "names": [first["names"][j] for j in keep],
+        "keep": keep, "candidates": len(first["names"]),
+        "dropped": first["dropped"] + dropped,
+        "treatments": treatments, "treatment_columns": first["treatment_columns"],
+        "split_by": first["split_by"], "segments": segments.sizes,
+        "counts": {"cells": int(segments.kept),
+                   "splits": {s: sum(per_treatment[s].values()) for s in SPLITS},
+                   "treatments": per_treatment},
+        "groups": {s: len(groups_in[s]) for s in SPLITS},
+        "rejects": {"count": int(sum(segments.reject_counts)),
+                    "by_reason": segments.by_reason()},
+        "sources": sources,
+        "peak_rows": watermark.peak,
+    }
+    if config.table:
+        plan["treatment_metadata"] = first["treatment_metadata"]
+        plan["cellprofiler"] = {}
+        plan["shards"] = table_shards(work, segments.sizes, split_codes, treatment_names,
+                                      config.shard_size)
+    else:
+        images = first["images"]
+        image_row = {n: i for i, n in enumerate(first["image_keys"])}
+        split_of_image = {n: SPLITS[split_codes[e[2]]] for n, e in images.items()}
+        plan["shards"] = cellprofiler_shards(
+            images, split_of_image.get, lambda n: treatment_names[images[n][3]],
+            config.shard_size)
+        train_images = {n for n, s in split_of_image.items() if s == "train"}
+        image_info = first["image_info"]
+        plan["cellprofiler"] = {
+            "illumination": dict(config.illum or {}),
+            "illumination_functions": image_info.attrs["illumination_functions"],
+            "scaling": {ch: ms.scaling_of(image_info, ch) for ch in config.channels},
+            "thresholds": ms.object_thresholds(image_info, config.objects, train_images)}
+        in_order = sorted(images, key=lambda n: images[n][1])
+        with_cells = first["image_df"].iloc[[image_row[n] for n in in_order]].assign(
+            _treatment=[treatment_names[images[n][3]] for n in in_order])
+        plan["treatment_metadata"] = per_treatment_columns(with_cells, first["treatment_columns"])
+        plan["fields"] = {str(n): {"paths": [first["paths"][ch][image_row[n]]
+                                             for ch in config.channels],
+                                   "shape": list(first["shapes"][n]),
+                                   "group": group_names[images[n][2]],
+                                   "illum": [first["illum_paths"][ch][image_row[n]]
+                                             if ch in (config.illum or {}) else None
+                                             for ch in config.channels] if config.illum else None}
+                          for n in images}
+    plan["seconds"] = round(time.perf_counter() - started, 3)
+    write_json(work / GROUPS, group_names)
+    write_json(work / SEGMENTS, segments.sizes)
+    write_json(work / PLAN, plan)
+    return plan
+
+
+@functools.lru_cache(maxsize=4)
+def group_names(work) -> list:
+    """The --split-by group names that segments' group codes index (read once per process)."""
+    return json.loads((Path(work) / GROUPS).read_text())
+
+
+@functools.lru_cache(maxsize=4)
+def segment_sizes(work) -> list:
+    return json.loads((Path(work) / SEGMENTS).read_text())
+
+
+def per_treatment_columns(cells: pd.DataFrame, treatment_cols) -> dict:
+    """Metadata_* columns holding one value per treatment (e.g. Metadata_MoA), as
+    {column: {treatment: value}}: what evaluate's --moa-column reads."""
+    found = {}
+    for col in cells.columns:
+        if not col.startswith("Metadata_") or col in (treatment_cols or []):
+            continue
+        values = cells[col].astype("string")
+        if values.isna().any():
+            continue
+        per = values.groupby(cells["_treatment"].to_numpy()).agg(["nunique", "first"])
+        if (per["nunique"] == 1).all():
+            found[col] = {str(t): str(v) for t, v in per["first"].items()}
+    return found
+
+
+def rows_of(work: Path, sizes: list, ranges, opened: dict | None = None
+            ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(values [n, F], cells [n], text {name: [n]}) of the kept cells at `ranges` (a list of
+    [start, stop) kept-cell indices, in order), read from the segments; `opened` keeps the
+    segments memory-mapped between calls (a shard's fields are mostly in one segment)."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    opened = {} if opened is None else opened
+    values, cells, text = [], [], {}
+    for start, stop in ranges:
+        k = int(np.searchsorted(offsets, start, side="right") - 1)
+        while start < stop:
+            lo, hi = start - offsets[k], min(stop, offsets[k + 1]) - offsets[k]
+            if k not in opened:
+                opened[k] = {name: np.load(path, mmap_mode="r") for name, path in
+                             ((n, work / f"seg-{k:05d}.{n}.npy")
+                              for n in ("values", "cells", "cell_id", "crop")) if path.exists()}
+            segment = opened[k]
+            values.append(segment["values"][lo:hi])
+            cells.append(segment["cells"][lo:hi])
+            for name in ("cell_id", "crop"):
+                if name in segment:
+                    text.setdefault(name, []).extend(segment[name][lo:hi].tolist())
+            start = offsets[k] + hi
+            k += 1
+    return np.concatenate(values), np.concatenate(cells), text
+
+
+def order_ranges(work: Path, order) -> list:
+    """[start, stop) runs of the kept-cell indices a table shard's order slice lists."""
+    name, lo, hi = order
+    rows = np.fromfile(work / name, dtype="<i8", count=hi - lo, offset=8 * lo)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return [[int(run[0]), int(run[-1]) + 1] for run in np.split(rows, breaks)]
