@@ -122,3 +122,17 @@ def test_a_pinned_exemplar_edits_one_cell_and_the_served_model_has_it(disc_run_e
     np.testing.assert_allclose(served.edits(raw[[far]], raw[0]), edited, atol=1e-4)
     local = load_model(run, "latest")
     np.testing.assert_allclose(local.edits(raw[[far]], raw[0]), edited, atol=1e-4)
+
+
+def test_training_excludes_the_cell_itself_at_600_features():
+    """The expanded distance of a 600-feature cell to itself is float32 rounding, not zero."""
+    from cp2image_tf.training.exemplar import ExemplarBank
+
+    rng = np.random.default_rng(3)
+    feats = np.clip(rng.normal(scale=2.0, size=(64, 600)), -5, 5).astype("float32")
+    bank = ExemplarBank(64, 600, 32, 1, top_k=1)
+    bank.build((None, 600))
+    bank.fill(feats, np.zeros((64, 32, 32, 1), "float32"))
+    _, chosen, _ = bank(feats, training=True)
+    same = np.all(np.asarray(chosen) == feats, axis=1)
+    assert not same.any(), f"{same.sum()} of 64 cells picked themselves"

@@ -95,11 +95,14 @@ class ExemplarBank(layers.Layer):
         asked = ops.clip(ops.cast(features, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
         f = ops.clip(ops.cast(like, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
         bank = ops.cast(self.features, "float32")
-        distance = (ops.sum(f * f, axis=1, keepdims=True) - 2.0 * ops.matmul(f, ops.transpose(bank))
-                    + ops.sum(bank * bank, axis=1)[None, :])
+        norms = ops.sum(f * f, axis=1, keepdims=True) + ops.sum(bank * bank, axis=1)[None, :]
+        distance = norms - 2.0 * ops.matmul(f, ops.transpose(bank))
         if training:
-            # Not the cell itself, and one of the top_k nearest: a neighbour to edit.
-            distance = ops.where(distance < 1e-4, ops.full_like(distance, 1e9), distance)
+            # Not the cell itself, and one of the top_k nearest: a neighbour to edit. The
+            # expanded distance of a cell to itself is float32 rounding of the norms (up to
+            # ~1e-3 for 600 features), so "itself" is relative to them.
+            itself = distance < 1e-5 * norms + 1e-6
+            distance = ops.where(itself, ops.full_like(distance, 1e9), distance)
             _, nearest = ops.top_k(-distance, k=self.top_k)
             pick = keras.random.randint((ops.shape(f)[0], 1), 0, self.top_k,
                                         seed=self.seed_generator)
