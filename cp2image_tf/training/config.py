@@ -28,10 +28,11 @@ MODEL_DEFAULTS = {
                   "jit_compile": True},
     # XLA was slower than plain graphs for the film step on a 2-core CPU (bench_train.py).
     "film": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
-             "jit_compile": False, "pixel_weight": 100.0, "anchor_weight": 0.0},
+             "jit_compile": False, "pixel_weight": 100.0, "anchor_weight": 0.0, "log_view": False},
     # The exemplar model edits a real cell: no pixel loss to the paired crop (exemplar.py).
     "exemplar": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
-                 "jit_compile": False, "pixel_weight": 0.0, "anchor_weight": 0.1},
+                 "jit_compile": False, "pixel_weight": 0.0, "anchor_weight": 0.1,
+                 "log_view": True},
 }
 
 
@@ -85,7 +86,7 @@ class FitConfig:
     exemplar_top_k: int = 4
     anchor_weight: float | None = None
     relative_consistency: bool = True
-    # Measurer and critic also see log intensities (film.LogView); None: the exemplar model's.
+    # Measurer and critic also see log intensities (film.LogView); None: the model's default.
     log_view: bool | None = None
     # The pixel loss compares pixel_pool x pixel_pool averages: layout, size and brightness,
     # not the detail that the features leave open (see film_trainer.py).

@@ -121,9 +121,9 @@ class FilmTrainer:
                 self.decoder, self.editor = build_exemplar(manifest, config)
             else:
                 self.decoder, self.editor = build_model_decoder(manifest, config), None
-            log_view = config.log_view if config.log_view is not None else config.model == "exemplar"
-            self.measurer = build_measurer(self.n_features, size, channels, log_view=log_view)
-            self.critic = build_critic(self.n_features, size, channels, log_view=log_view)
+            self.measurer = build_measurer(self.n_features, size, channels,
+                                           log_view=config.log_view)
+            self.critic = build_critic(self.n_features, size, channels, log_view=config.log_view)
             self.decoder_optimizer = keras.optimizers.Adam(config.decoder_lr, beta_1=0.5,
                                                            name="decoder_adam")
             self.critic_optimizer = keras.optimizers.Adam(config.discriminator_lr, beta_1=0.5,
