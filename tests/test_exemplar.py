@@ -34,10 +34,10 @@ def test_draws_any_crop_from_32_px_and_starts_as_the_nearest_cell(size):
         build_exemplar_networks(5, 28, 2)
 
 
-def test_training_never_edits_the_cell_itself():
-    _, editor, feats, crops = _filled(bank=6)
+def test_training_never_picks_the_cell_itself():
+    decoder, _, feats, crops = _filled(bank=6)
     for _ in range(5):
-        _, exemplar, exemplar_features, _ = editor(feats, training=True)
+        _, exemplar_features, _ = bank_layer(decoder)(feats, training=True)
         exemplar_features = np.asarray(exemplar_features)
         # Each cell's exemplar is another bank cell, one of its top_k (2) nearest.
         distances = ((feats[:, None] - feats[None]) ** 2).sum(-1)
@@ -136,3 +136,48 @@ def test_training_excludes_the_cell_itself_at_600_features():
     _, chosen, _ = bank(feats, training=True)
     same = np.all(np.asarray(chosen) == feats, axis=1)
     assert not same.any(), f"{same.sum()} of 64 cells picked themselves"
+
+
+def test_identity_share_edits_the_cell_itself_and_is_no_fake(disc_dataset):
+    """The first identity_share of a batch get the cell itself as exemplar: their loss is the
+    mean |logit correction|, and the critic counts only the other rows as fakes."""
+    import keras
+    import tensorflow as tf
+
+    from cp2image_tf.training.train import make_trainer
+    from tfrecords_tools.manifest import load_manifest
+    from tfrecords_tools.reader import make_dataset
+
+    manifest = load_manifest(disc_dataset)
+    config = FitConfig(model="exemplar", steps=10, batch_size=8, identity_share=0.5,
+                       identity_weight=3.0, anchor_weight=0.0)
+    trainer = make_trainer(manifest, config, tf.distribute.get_strategy())
+    features, crops = next(iter(make_dataset(disc_dataset, "train", 8, shuffle=False,
+                                             repeat=False, manifest=manifest)))
+    bank = bank_layer(trainer.decoder)
+    bank.fill(np.resize(features.numpy(), (bank.size, features.shape[1])),
+              np.resize(crops.numpy(), (bank.size, *crops.shape[1:])))
+    # The identity rows' edit starts from the crop itself: a correction of +1 logit draws
+    # sigmoid(logit(crop) + 1).
+    delta_bias = trainer.decoder.get_layer("delta").bias
+    delta_bias.assign(np.ones(2, "float32"))
+    edited, _ = trainer.editor([features, crops, tf.clip_by_value(features, -5.0, 5.0)],
+                               training=False)
+    c = np.clip(crops.numpy(), 1e-3, 1 - 1e-3)
+    np.testing.assert_allclose(edited.numpy(), 1 / (1 + (1 - c) / c / np.e), atol=1e-5)
+
+    # A critic whose logit is the sum over channels of the mean pixel; a correction of +20
+    # logits draws every generated pixel at 1, so each fake's logit is 2.
+    image = keras.Input(crops.shape[1:])
+    pooled = keras.layers.GlobalAveragePooling2D()(image)
+    logit = keras.layers.Dense(1, kernel_initializer="ones", bias_initializer="zeros")(pooled)
+    trainer.critic = keras.Model([image, keras.Input((features.shape[1],))], [logit, pooled])
+    delta_bias.assign(np.full(2, 20.0, "float32"))
+    losses, _, _ = trainer.losses_and_gradients(features, crops)
+    # The 4 identity rows: mean |delta| = 20 each, over the global batch of 8.
+    np.testing.assert_allclose(float(losses["identity"]), 4 * 20 / 8, rtol=1e-5)
+    real = crops.numpy().mean((1, 2)).sum(-1)
+    # Only the 4 other rows are fakes: hinge 1 + 2 each; the generator's loss -2 each.
+    np.testing.assert_allclose(float(losses["critic"]),
+                               (np.maximum(1 - real, 0).sum() + 4 * 3.0) / 8, rtol=1e-4)
+    np.testing.assert_allclose(float(losses["adversarial"]), -4 * 2.0 / 8, rtol=1e-4)

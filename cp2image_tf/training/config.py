@@ -86,6 +86,11 @@ class FitConfig:
     exemplar_top_k: int = 4
     anchor_weight: float | None = None
     relative_consistency: bool = True
+    # The identity share: this fraction of each batch edits the cell itself towards its own
+    # profile, and identity_weight x mean |logit correction| asks for no edit there (an
+    # edit with nothing to change should change nothing; film_trainer.py).
+    identity_share: float = 0.25
+    identity_weight: float = 1.0
     # Measurer and critic also see log intensities (film.LogView); None: the model's default.
     log_view: bool | None = None
     # The pixel loss compares pixel_pool x pixel_pool averages: layout, size and brightness,
@@ -143,6 +148,9 @@ class FitConfig:
                                      f"{', '.join(allowed)}.")
         if self.peer_timeout <= 0:
             raise UserInputError(f"--peer-timeout {self.peer_timeout}: must be positive.")
+        if not 0.0 <= self.identity_share < 1.0:
+            raise UserInputError(f"identity_share {self.identity_share}: must be at least 0 and "
+                                 f"below 1 (the share of each batch that edits the cell itself).")
         if self.noise_dim < 0 or self.grid_cells < 0:
             raise UserInputError("--noise-dim and --grid-cells must not be negative.")
 

@@ -153,12 +153,26 @@ def _up_to(make, x, skip, name: str):
     return make(f"{name}_skip", lambda: layers.Concatenate(name=f"{name}_skip"))([x, skip])
 
 
-def _edit_graph(make, inputs, condition, like, channels: int, width: int, embed: int):
-    """The editor's graph on Keras inputs; `make(name, constructor)` gives each layer (new, or
-    an existing model's). The exemplar is the bank cell nearest `like` (None: the features)."""
+@keras.saving.register_keras_serializable(package="cp2image_tf")
+class ClipFeatures(layers.Layer):
+    """Standardised features clipped to +-FEATURE_CLIP, as the bank stores them."""
+
+    def call(self, x):
+        return ops.clip(ops.cast(x, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
+
+
+def _pick(make, inputs, like):
+    """The bank cell nearest `like` (None: the features): (its crop, its features, the
+    asked features clipped)."""
     features = inputs[0] if isinstance(inputs, list) else inputs
-    bank = make("exemplars", None)
-    exemplar, exemplar_features, clipped = bank(features if like is None else [features, like])
+    return make("exemplars", None)(features if like is None else [features, like])
+
+
+def _edit_graph(make, condition, picked, channels: int, width: int, embed: int):
+    """The editor's graph on Keras tensors; `make(name, constructor)` gives each layer (new, or
+    an existing model's). `picked`: (exemplar crop, its features, the asked features clipped).
+    Returns (image, the logit correction)."""
+    exemplar, exemplar_features, clipped = picked
     difference = make("difference", lambda: layers.Subtract(name="difference"))(
         [clipped, exemplar_features])
     e = make("asked", lambda: layers.Concatenate(name="asked"))([condition, difference])
@@ -181,15 +195,16 @@ def _edit_graph(make, inputs, condition, like, channels: int, width: int, embed:
     exemplar_logit = make("exemplar_logit", lambda: Logit(name="exemplar_logit"))(exemplar)
     logits = make("edited", lambda: layers.Add(name="edited"))([exemplar_logit, delta])
     image = make("image", lambda: layers.Activation("sigmoid", dtype="float32", name="image"))(logits)
-    return image, exemplar, exemplar_features, delta
+    return image, delta
 
 
 def build_exemplar_networks(n_features: int, crop_size: int = 68, channels: int = 3,
                             noise_dim: int = 0, width: int = 16, embed: int = 256,
                             bank: int = 8192, top_k: int = 4, seed: int = 0,
                             training_cells: int | None = None, name: str = "decoder"):
-    """(decoder: features -> image, editor: features -> [image, exemplar crop, exemplar
-    features, the logit correction]); the two share every layer (training reads the editor)."""
+    """(decoder: features -> image, editor: [features, (noise,) exemplar crop, exemplar
+    features] -> [image, the logit correction]); the two share every layer but the bank
+    (training picks exemplars with the bank and runs the editor)."""
     check_crop_size(crop_size)
     made = {"exemplars": ExemplarBank(bank_size(bank, crop_size, channels, training_cells),
                                       n_features, crop_size, channels, top_k=top_k, seed=seed,
@@ -201,10 +216,19 @@ def build_exemplar_networks(n_features: int, crop_size: int = 68, channels: int 
         return made[layer_name]
 
     inputs, condition = condition_inputs(n_features, noise_dim)
-    image, exemplar, exemplar_features, delta = _edit_graph(make, inputs, condition, None,
-                                                            channels, width, embed)
+    image, _ = _edit_graph(make, condition, _pick(make, inputs, None), channels, width, embed)
     decoder = keras.Model(inputs, image, name=name)
-    editor = keras.Model(inputs, [image, exemplar, exemplar_features, delta], name=f"{name}_editor")
+    # The editor takes its exemplar as inputs: training picks it with the bank, or, for the
+    # identity share of a batch, gives the cell itself.
+    e_inputs, e_condition = condition_inputs(n_features, noise_dim)
+    e_features = e_inputs[0] if isinstance(e_inputs, list) else e_inputs
+    exemplar = keras.Input((crop_size, crop_size, channels), name="exemplar")
+    exemplar_features = keras.Input((n_features,), name="exemplar_features")
+    clipped = make("clip_features", lambda: ClipFeatures(name="clip_features"))(e_features)
+    e_image, delta = _edit_graph(make, e_condition, (exemplar, exemplar_features, clipped),
+                                 channels, width, embed)
+    editor = keras.Model([*(e_inputs if isinstance(e_inputs, list) else [e_inputs]), exemplar,
+                          exemplar_features], [e_image, delta], name=f"{name}_editor")
     assert tuple(decoder.output_shape[1:]) == (crop_size, crop_size, channels)
     return decoder, editor
 
@@ -222,8 +246,8 @@ def pinned_decoder(decoder) -> keras.Model:
     like = keras.Input((n_features,), name="like")
     width = decoder.get_layer("enc1").filters
     embed = decoder.get_layer("embed1").units
-    image, *_ = _edit_graph(lambda name, _: decoder.get_layer(name), inputs, condition, like,
-                            channels, width, embed)
+    make = lambda name, _: decoder.get_layer(name)  # noqa: E731
+    image, _ = _edit_graph(make, condition, _pick(make, inputs, like), channels, width, embed)
     return keras.Model([*(inputs if isinstance(inputs, list) else [inputs]), like], image,
                        name=f"{decoder.name}_pinned")
 

@@ -43,7 +43,8 @@ from cp2image_tf.training.state import counter
 from tfrecords_tools.errors import UserInputError
 
 FEATURE_CLIP = 5.0
-LOSS_NAMES = ("pixel", "consistency", "adversarial", "matching", "anchor", "decoder", "critic")
+LOSS_NAMES = ("pixel", "consistency", "adversarial", "matching", "anchor", "identity", "decoder",
+              "critic")
 WEIGHT_NAMES = ("w_consistency", "w_adversarial", "w_matching")
 
 
@@ -181,10 +182,21 @@ class FilmTrainer:
         cfg = self.config
         n = tf.shape(target)[0]
         weights = film_schedule(self.step, self.total_steps, cfg)
+        # The exemplar model's identity share: rows whose exemplar is the cell itself, with its
+        # own profile. Their edit should be none; the critic does not see them as fakes.
+        share = cfg.identity_share if self.editor is not None else 0.0
+        identity = tf.range(n) < tf.cast(tf.round(share * tf.cast(n, tf.float32)), tf.int32)
+        fake = 1.0 - tf.cast(identity, tf.float32)
         with tf.GradientTape(persistent=True) as tape:
             if self.editor is not None:
-                generated, exemplar, exemplar_features, delta = self.editor(
-                    self.decoder_inputs(features), training=True)
+                exemplar, exemplar_features, asked = self.decoder.get_layer("exemplars")(
+                    features, training=True)
+                exemplar = tf.where(identity[:, None, None, None], target, exemplar)
+                exemplar_features = tf.where(identity[:, None], asked, exemplar_features)
+                inputs = self.decoder_inputs(features)
+                generated, delta = self.editor(
+                    [*(inputs if isinstance(inputs, list) else [inputs]), exemplar,
+                     exemplar_features], training=True)
             else:
                 generated = self.decoder(self.decoder_inputs(features), training=True)
             generated = tf.cast(generated, tf.float32)
@@ -203,23 +215,29 @@ class FilmTrainer:
                 start = self.measurer(exemplar, training=False)
                 measured = measured - start + exemplar_features
             consistency = tf.reduce_sum(tf.reduce_mean(tf.square(measured - clipped), 1)) / batch
-            anchor = (tf.reduce_sum(edit_size(tf.cast(delta, tf.float32))) / batch
-                      if self.editor is not None else tf.zeros(()))
-            adversarial = -tf.reduce_sum(fake_logit) / batch
+            if self.editor is not None:
+                delta = tf.cast(delta, tf.float32)
+                anchor = tf.reduce_sum(edit_size(delta)) / batch
+                unchanged = tf.reduce_sum((1.0 - fake) * tf.reduce_mean(tf.abs(delta), [1, 2, 3])) / batch
+            else:
+                anchor = unchanged = tf.zeros(())
+            adversarial = -tf.reduce_sum(fake * fake_logit[:, 0]) / batch
             matching = tf.add_n([
-                tf.reduce_sum(tf.reduce_mean(tf.abs(a[n:] - tf.stop_gradient(a[:n])),
-                                             axis=list(range(1, a.shape.rank)))) / batch
+                tf.reduce_sum(fake * tf.reduce_mean(tf.abs(a[n:] - tf.stop_gradient(a[:n])),
+                                                    axis=list(range(1, a.shape.rank)))) / batch
                 for a in activations])
             decoder_loss = (cfg.pixel_weight * pixel + weights["w_consistency"] * consistency
                             + weights["w_adversarial"] * adversarial
-                            + weights["w_matching"] * matching + cfg.anchor_weight * anchor)
+                            + weights["w_matching"] * matching + cfg.anchor_weight * anchor
+                            + cfg.identity_weight * unchanged)
             critic_loss = (tf.reduce_sum(tf.nn.relu(1.0 - real_logit))
-                           + tf.reduce_sum(tf.nn.relu(1.0 + fake_logit))) / batch
+                           + tf.reduce_sum(fake * tf.nn.relu(1.0 + fake_logit[:, 0]))) / batch
         decoder_grads = tape.gradient(decoder_loss, self.decoder.trainable_variables)
         critic_grads = tape.gradient(critic_loss, self.critic.trainable_variables)
         del tape
         losses = {"pixel": pixel, "consistency": consistency, "adversarial": adversarial,
-                  "matching": matching, "anchor": anchor, "decoder": decoder_loss, "critic": critic_loss}
+                  "matching": matching, "anchor": anchor, "identity": unchanged, "decoder": decoder_loss,
+                  "critic": critic_loss}
         return losses, decoder_grads, critic_grads
 
     def replica_step(self, features, target):
