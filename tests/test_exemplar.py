@@ -82,7 +82,7 @@ def test_fit_fills_the_bank_from_training_cells_and_export_serves_it(disc_run_ex
     # The bank holds exactly the training split's cells, restored from the checkpoint.
     train = np.concatenate([f.numpy() for f, _ in make_dataset(disc_dataset, "train", 64,
                                                               repeat=False, shuffle=False)])
-    stored = np.asarray(bank.features)
+    stored = np.asarray(bank.bank_features())
     key = lambda rows: sorted(map(tuple, np.round(np.clip(rows, -5, 5), 4)))
     assert key(stored) == key(train)
     served = tf.saved_model.load(export(run, tmp_path / "models", checkpoint="latest")["path"])
@@ -104,7 +104,7 @@ def test_a_pinned_exemplar_edits_one_cell_and_the_served_model_has_it(disc_run_e
 
     decoder, manifest, _, _ = load_run(run, "latest")
     bank = bank_layer(decoder)
-    feats, crops = np.asarray(bank.features), np.asarray(bank.crops, np.float32)
+    feats, crops = np.asarray(bank.bank_features()), np.asarray(bank.crops, np.float32)
     pinned = pinned_decoder(decoder)
     # Asked for cell 0's own profile, pinned to cell 0: the decoder's own drawing of it.
     same = pinned([feats[:1], feats[:1]], training=False).numpy()
@@ -136,6 +136,14 @@ def test_training_excludes_the_cell_itself_at_600_features():
     _, chosen, _ = bank(feats, training=True)
     same = np.all(np.asarray(chosen) == feats, axis=1)
     assert not same.any(), f"{same.sum()} of 64 cells picked themselves"
+    # In inference, the nearest cell by brute force: itself for a bank cell, and for a
+    # profile off the bank the cell at the least Euclidean distance.
+    _, found, _ = bank(feats, training=False)
+    np.testing.assert_array_equal(np.asarray(found), feats)
+    asked = rng.normal(size=(16, 600)).astype("float32")
+    _, found, _ = bank(asked, training=False)
+    brute = ((asked[:, None].astype(np.float64) - feats[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(np.asarray(found), feats[brute])
 
 
 def test_identity_share_edits_the_cell_itself_and_is_no_fake(disc_dataset):

@@ -71,8 +71,12 @@ class ExemplarBank(layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(self.seed, name="exemplar_picks")
 
     def build(self, input_shape):
-        self.features = self.add_weight(shape=(self.size, self.n_features), initializer="zeros",
+        # Stored feature-major with each cell's squared norm: the lookup of one profile is
+        # then one matrix-vector product over the bank, the cost of serving one cell.
+        self.features = self.add_weight(shape=(self.n_features, self.size), initializer="zeros",
                                         trainable=False, name="features")
+        self.norms = self.add_weight(shape=(self.size,), initializer="zeros", trainable=False,
+                                     name="norms")
         self.crops = self.add_weight(shape=(self.size, self.crop_size, self.crop_size, self.channels),
                                      initializer="zeros", trainable=False, dtype="float16",
                                      name="crops")
@@ -83,10 +87,16 @@ class ExemplarBank(layers.Layer):
         """Store `size` training cells (standardised features, crops in [0, 1])."""
         if len(features) < self.size:
             raise ValueError(f"the bank holds {self.size} cells; {len(features)} given")
-        self.features.assign(np.clip(features[:self.size], -FEATURE_CLIP, FEATURE_CLIP)
-                             .astype(np.float32))
+        kept = np.clip(features[:self.size], -FEATURE_CLIP, FEATURE_CLIP).astype(np.float32)
+        self.features.assign(np.ascontiguousarray(kept.T))
+        self.norms.assign((kept * kept).sum(axis=1))
         self.crops.assign(np.asarray(crops[:self.size], np.float16))
         self.filled.assign(1.0)
+
+    def bank_features(self, index=None):
+        """The bank's features, cell-major [size, F] (or of the cells `index` [B, F])."""
+        features = self.features if index is None else ops.take(self.features, index, axis=1)
+        return ops.transpose(ops.cast(features, "float32"))
 
     def call(self, inputs, training=None):
         """inputs: the asked features, or [asked features, the profile whose nearest cell to
@@ -94,14 +104,14 @@ class ExemplarBank(layers.Layer):
         features, like = (inputs if isinstance(inputs, (list, tuple)) else (inputs, inputs))
         asked = ops.clip(ops.cast(features, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
         f = ops.clip(ops.cast(like, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
-        bank = ops.cast(self.features, "float32")
-        norms = ops.sum(f * f, axis=1, keepdims=True) + ops.sum(bank * bank, axis=1)[None, :]
-        distance = norms - 2.0 * ops.matmul(f, ops.transpose(bank))
+        # |f - b|^2 less |f|^2, which is the same for every bank cell b.
+        distance = self.norms[None, :] - 2.0 * ops.matmul(f, self.features)
         if training:
             # Not the cell itself, and one of the top_k nearest: a neighbour to edit. The
             # expanded distance of a cell to itself is float32 rounding of the norms (up to
             # ~1e-3 for 600 features), so "itself" is relative to them.
-            itself = distance < 1e-5 * norms + 1e-6
+            own = ops.sum(f * f, axis=1, keepdims=True)
+            itself = distance + own < 1e-5 * (own + self.norms[None, :]) + 1e-6
             distance = ops.where(itself, ops.full_like(distance, 1e9), distance)
             _, nearest = ops.top_k(-distance, k=self.top_k)
             pick = keras.random.randint((ops.shape(f)[0], 1), 0, self.top_k,
@@ -110,7 +120,7 @@ class ExemplarBank(layers.Layer):
         else:
             index = ops.argmin(distance, axis=1)
         crops = ops.cast(ops.take(self.crops, index, axis=0), "float32")
-        return crops, ops.take(bank, index, axis=0), asked
+        return crops, self.bank_features(index), asked
 
     def compute_output_shape(self, input_shape):
         if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
