@@ -90,7 +90,7 @@ class FitConfig:
     # profile, and identity_weight x mean |logit correction| asks for no edit there (an
     # edit with nothing to change should change nothing; film_trainer.py).
     identity_share: float = 0.25
-    identity_weight: float = 1.0
+    identity_weight: float = 3.0
     # Measurer and critic also see log intensities (film.LogView); None: the model's default.
     log_view: bool | None = None
     # The pixel loss compares pixel_pool x pixel_pool averages: layout, size and brightness,
