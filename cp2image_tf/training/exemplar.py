@@ -16,7 +16,7 @@ ExemplarBank: a layer holding `bank` training cells (their clipped standardised 
     In training it excludes the cell itself (a distance of zero) and picks one of the
     `top_k` nearest, so the editor learns to move a neighbour to a profile.
 
-build_exemplar_decoder: features [B, F] -> image [B, H, W, C] in (0, 1). An MLP embeds
+build_exemplar_networks: features [B, F] -> image [B, H, W, C] in (0, 1). An MLP embeds
     the asked profile and its difference to the exemplar's. A small U-Net reads the
     exemplar crop (H, H/2, H/4); every convolution is followed by batch norm without its
     own scale and shift and a FiLM layer of the embedding. The head adds a correction
@@ -27,8 +27,9 @@ build_exemplar_decoder: features [B, F] -> image [B, H, W, C] in (0, 1). An MLP 
 Training (film_trainer.py) needs no pixel loss to the paired crop, which would pull the
 edit towards the blurred average: the measurer's reading of the edit must move from its
 reading of the exemplar by the asked profile's difference (relative feature consistency),
-the projection critic keeps the picture a real cell of that profile, and an L1 anchor to
-the exemplar keeps the edit to what the profile asks for.
+the projection critic keeps the picture a real cell of that profile, an L1 anchor on the
+correction keeps the edit to what the profile asks for, and a share of each batch edits the
+cell itself towards its own profile, where the correction should be none.
 """
 from __future__ import annotations
 

@@ -12,11 +12,18 @@ Phase 2, decoder and critic update from the same forward pass every step:
                  + matching_weight(t) x mean |critic activations(generated) - (target)|
     critic loss  = hinge loss, the target crop with its own profile real, the generated
                    crop with the same profile fake.
-The exemplar model (exemplar.py) trains the same way with pixel_weight 0 and two changes:
+The exemplar model (exemplar.py) trains the same way with pixel_weight 0 and three changes:
 the consistency term compares the change of the measurer's reading from the exemplar to
-the edit with the change of profile (relative_consistency), and
+the edit with the change of profile (relative_consistency),
     + anchor_weight x edit_size(the logit correction)
-keeps the edit small and smooth. Its measurer and critic also see log intensities.
+keeps the edit small and smooth, and in the identity share of each batch (the first
+identity_share of its rows) the exemplar is the cell itself with its own profile:
+    + identity_weight x mean |logit correction| there
+asks for no edit when there is nothing to change, and the critic does not count those
+rows as fakes. Without it, whatever the edits add regardless of the profile (a lifted
+background, grain) goes unpunished: on the sample data five-minute runs with it kept the
+features' share and moved the treatment means' r from 0.58 to 0.88 and KID from 2.9 to
+0.1. Its measurer and critic also see log intensities.
 pixel_pool and measurer_jitter are options, off by default. Compared as 4 x 4 averages,
 pixels fix layout, size and brightness and leave the detail to the measurer and critic:
 over five minutes that re-measured better (treatment accuracy 0.72 against 0.45), but the
