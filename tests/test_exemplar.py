@@ -189,3 +189,39 @@ def test_identity_share_edits_the_cell_itself_and_is_no_fake(disc_dataset):
     np.testing.assert_allclose(float(losses["critic"]),
                                (np.maximum(1 - real, 0).sum() + 4 * 3.0) / 8, rtol=1e-4)
     np.testing.assert_allclose(float(losses["adversarial"]), -4 * 2.0 / 8, rtol=1e-4)
+
+
+def test_consistency_trusts_each_feature_as_far_as_the_measurer_reads_it(disc_run_exemplar):
+    """The trainer's per-feature weights are the measurer's validation r^2 (0 where r <= 0 or
+    undefined), scaled to a mean of 1, and are in the checkpoint."""
+    import json
+
+    import tensorflow as tf
+
+    run = disc_run_exemplar[0]
+    r = np.array([np.nan if v is None else v
+                  for v in json.loads((run / "measurer.json").read_text())["r"]])
+    assert len(r) and np.isfinite(r).any()
+    squared = np.clip(np.nan_to_num(r), 0.0, 1.0) ** 2
+    stored = tf.train.load_variable(str(tf.train.latest_checkpoint(str(run / "checkpoints"))),
+                                    "reliability/.ATTRIBUTES/VARIABLE_VALUE")
+    np.testing.assert_allclose(stored, squared / squared.mean(), rtol=1e-5)
+
+
+def test_reliability_weights_by_r_squared():
+    import tensorflow as tf
+
+    from cp2image_tf.training.film_trainer import FilmTrainer
+
+    class Stub:
+        n_features = 4
+        config = FitConfig(model="exemplar")
+        reliability = tf.Variable(tf.ones([4]))
+
+    stub = Stub()
+    FilmTrainer.set_reliability(stub, [0.5, np.nan, -0.2, 1.0])
+    # r^2 = 0.25, 0, 0, 1; mean 0.3125.
+    np.testing.assert_allclose(stub.reliability.numpy(), [0.8, 0.0, 0.0, 3.2], rtol=1e-6)
+    stub.config = FitConfig(model="film")
+    FilmTrainer.set_reliability(stub, [0.5, np.nan, -0.2, 1.0])
+    np.testing.assert_allclose(stub.reliability.numpy(), np.ones(4))

@@ -28,11 +28,12 @@ MODEL_DEFAULTS = {
                   "jit_compile": True},
     # XLA was slower than plain graphs for the film step on a 2-core CPU (bench_train.py).
     "film": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
-             "jit_compile": False, "pixel_weight": 100.0, "anchor_weight": 0.0, "log_view": False},
+             "jit_compile": False, "pixel_weight": 100.0, "anchor_weight": 0.0, "log_view": False,
+             "reliability_weighted": False},
     # The exemplar model edits a real cell: no pixel loss to the paired crop (exemplar.py).
     "exemplar": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
                  "jit_compile": False, "pixel_weight": 0.0, "anchor_weight": 0.1,
-                 "log_view": True},
+                 "log_view": True, "reliability_weighted": True},
 }
 
 
@@ -91,6 +92,10 @@ class FitConfig:
     # edit with nothing to change should change nothing; film_trainer.py).
     identity_share: float = 0.25
     identity_weight: float = 3.0
+    # The consistency term weights each feature by the measurer's validation r^2 (mean 1):
+    # what it cannot read, it cannot teach (film_trainer.FilmTrainer.set_reliability).
+    # None: the model's default.
+    reliability_weighted: bool | None = None
     # Measurer and critic also see log intensities (film.LogView); None: the model's default.
     log_view: bool | None = None
     # The pixel loss compares pixel_pool x pixel_pool averages: layout, size and brightness,
