@@ -222,6 +222,9 @@ def test_reliability_weights_by_r_squared():
     FilmTrainer.set_reliability(stub, [0.5, np.nan, -0.2, 1.0])
     # r^2 = 0.25, 0, 0, 1; mean 0.3125.
     np.testing.assert_allclose(stub.reliability.numpy(), [0.8, 0.0, 0.0, 3.2], rtol=1e-6)
+    # measurer_report's list, where an undefined r is None.
+    FilmTrainer.set_reliability(stub, [0.5, None, -0.2, 1.0])
+    np.testing.assert_allclose(stub.reliability.numpy(), [0.8, 0.0, 0.0, 3.2], rtol=1e-6)
     stub.config = FitConfig(model="film")
     FilmTrainer.set_reliability(stub, [0.5, np.nan, -0.2, 1.0])
     np.testing.assert_allclose(stub.reliability.numpy(), np.ones(4))

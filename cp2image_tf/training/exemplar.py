@@ -48,6 +48,11 @@ BANK_BYTES = 128 * 2**20
 LOGIT_EPS = 1e-3
 
 
+def clip_features(x):
+    """Standardised features as float32 clipped to +-FEATURE_CLIP, as the bank stores them."""
+    return ops.clip(ops.cast(x, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
+
+
 def bank_size(wanted: int, crop_size: int, channels: int, training_cells: int | None = None) -> int:
     """The number of exemplars kept: `wanted`, or fewer to stay within BANK_BYTES and the
     training split."""
@@ -103,8 +108,7 @@ class ExemplarBank(layers.Layer):
         """inputs: the asked features, or [asked features, the profile whose nearest cell to
         edit] (a pinned exemplar)."""
         features, like = (inputs if isinstance(inputs, (list, tuple)) else (inputs, inputs))
-        asked = ops.clip(ops.cast(features, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
-        f = ops.clip(ops.cast(like, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
+        asked, f = clip_features(features), clip_features(like)
         # |f - b|^2 less |f|^2, which is the same for every bank cell b.
         distance = self.norms[None, :] - 2.0 * ops.matmul(f, self.features)
         if training:
@@ -166,10 +170,10 @@ def _up_to(make, x, skip, name: str):
 
 @keras.saving.register_keras_serializable(package="cp2image_tf")
 class ClipFeatures(layers.Layer):
-    """Standardised features clipped to +-FEATURE_CLIP, as the bank stores them."""
+    """clip_features as a layer (the editor's graph clips the asked profile with it)."""
 
     def call(self, x):
-        return ops.clip(ops.cast(x, "float32"), -FEATURE_CLIP, FEATURE_CLIP)
+        return clip_features(x)
 
 
 def _pick(make, inputs, like):

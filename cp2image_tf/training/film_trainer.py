@@ -44,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from cp2image_tf.training.exemplar import bank_layer
 from cp2image_tf.training.film import build_critic, build_measurer
 from cp2image_tf.training.config import FitConfig
 from cp2image_tf.training.state import counter
@@ -160,7 +161,7 @@ class FilmTrainer:
             elapsed=self.elapsed, reliability=self.reliability,
             # The exemplar picks' random state: a resumed run picks what the uninterrupted
             # one would have.
-            **({"exemplar_picks": self.decoder.get_layer("exemplars").seed_generator.state}
+            **({"exemplar_picks": bank_layer(self.decoder).seed_generator.state}
                if self.editor is not None else {}))
         self._steps = {}
 
@@ -190,7 +191,8 @@ class FilmTrainer:
 
     def set_reliability(self, r) -> None:
         """Weight each feature's consistency error by the measurer's validation r^2 (0 for
-        r <= 0 or undefined), scaled to a mean of 1; all ones when the config says not to.
+        r <= 0 or undefined: None or NaN, as measurer_report gives it), scaled to a mean of
+        1; all ones when the config says not to.
 
         A feature the measurer cannot read is one its reading of an edit answers to
         anything but the feature: on the sample data the features a 30-minute run pushed
@@ -198,7 +200,7 @@ class FilmTrainer:
         were ones it read at r 0.01-0.04."""
         weights = np.ones(self.n_features, np.float32)
         if self.config.reliability_weighted:
-            r = np.nan_to_num(np.asarray(r, np.float64), nan=0.0)
+            r = np.nan_to_num(np.array([np.nan if v is None else v for v in r], np.float64))
             squared = np.clip(r, 0.0, 1.0) ** 2
             if squared.sum() > 0:
                 weights = (squared / squared.mean()).astype(np.float32)
@@ -216,8 +218,8 @@ class FilmTrainer:
         fake = 1.0 - tf.cast(identity, tf.float32)
         with tf.GradientTape(persistent=True) as tape:
             if self.editor is not None:
-                exemplar, exemplar_features, asked = self.decoder.get_layer("exemplars")(
-                    features, training=True)
+                exemplar, exemplar_features, asked = bank_layer(self.decoder)(features,
+                                                                              training=True)
                 exemplar = tf.where(identity[:, None, None, None], target, exemplar)
                 exemplar_features = tf.where(identity[:, None], asked, exemplar_features)
                 inputs = self.decoder_inputs(features)

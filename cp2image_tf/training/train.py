@@ -403,7 +403,7 @@ def train_measurer(trainer, batches: BatchStream, config: FitConfig, clock: Cloc
     report = measurer_report(trainer.measurer, validator.crops, validator.feats,
                              trainer.manifest["features"]["names"])
     report.update(steps=done, split=validator.split)
-    trainer.set_reliability([math.nan if v is None else v for v in report["r"]])
+    trainer.set_reliability(report["r"])
     if validator.chief:
         (run_dir / "measurer.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
