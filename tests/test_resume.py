@@ -160,3 +160,20 @@ def test_a_run_continues_on_new_data_only_when_told(disc_dataset, disc_run, tmp_
     with pytest.raises(UserInputError, match="another dataset of the same shape.*--new-data"):
         check_run_dir(run, other, config)
     check_run_dir(run, other, config, new_data=True)
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_with_one_message(tmp_path):
+    """A run folder written by another version (a variable of another shape) names the
+    checkpoint and what to do, instead of TensorFlow's shape traceback."""
+    import tensorflow as tf
+
+    from cp2image_tf.training.checkpoints import restore_matching
+    from tfrecords_tools.errors import UserInputError
+
+    old = tf.train.Checkpoint(bank=tf.Variable(tf.ones([5, 3])))
+    path = old.save(str(tmp_path / "ckpt"))
+    same = tf.train.Checkpoint(bank=tf.Variable(tf.zeros([5, 3])))
+    restore_matching(same, path)
+    np.testing.assert_array_equal(same.bank.numpy(), np.ones([5, 3]))
+    with pytest.raises(UserInputError, match=r"ckpt-1: this checkpoint does not fit .*another version"):
+        restore_matching(tf.train.Checkpoint(bank=tf.Variable(tf.zeros([3, 5]))), path)

@@ -68,7 +68,7 @@ def load_run(run_dir, checkpoint: str = "best"):
         hint = (" Use --checkpoint latest, or let fit reach a validation step."
                 if checkpoint == "best" else " Train it with `cp2image-tf fit` first.")
         raise UserInputError(f"{run_dir}: no {checkpoint} checkpoint in {folder}.{hint}")
-    from cp2image_tf.training.checkpoints import unreadable
+    from cp2image_tf.training.checkpoints import restore_matching, unreadable
 
     problem = unreadable(path)
     if problem:
@@ -77,7 +77,7 @@ def load_run(run_dir, checkpoint: str = "best"):
                              f"it is truncated or damaged. Try --checkpoint {other}, or resume "
                              f"`cp2image-tf fit` to write a new one.")
     decoder = build_model_decoder(manifest, config)
-    tf.train.Checkpoint(decoder=decoder).restore(path).expect_partial().assert_existing_objects_matched()
+    restore_matching(tf.train.Checkpoint(decoder=decoder), path, partial=True)
     step = int(path.rsplit("-", 1)[1])
     info = {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint, "step": step}
     best = run_dir / "best" / "best.json"

@@ -51,3 +51,22 @@ def newest_readable(folder) -> tuple[str | None, list[tuple[str, str]]]:
             return path, skipped
         skipped.append((path, problem))
     return None, skipped
+
+
+def restore_matching(checkpoint, path, partial: bool = False) -> None:
+    """Restore `path` into a tf.train.Checkpoint whose objects must all be in it with the shapes
+    this version builds. A checkpoint written by another version of cp2image-tf (or for
+    another model) raises UserInputError naming it, instead of TensorFlow's shape traceback."""
+    from tfrecords_tools.errors import UserInputError
+
+    try:
+        status = checkpoint.restore(str(path))
+        if partial:
+            status = status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (ValueError, AssertionError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(
+            f"{path}: this checkpoint does not fit the network this version of cp2image-tf "
+            f"builds for the run's config.json ({text[:300]}). It was written by another "
+            "version; export it with that version, or train a new RUN_DIR.") from None

@@ -44,13 +44,12 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from cp2image_tf.training.exemplar import bank_layer
+from cp2image_tf.training.exemplar import FEATURE_CLIP, bank_layer
 from cp2image_tf.training.film import build_critic, build_measurer
 from cp2image_tf.training.config import FitConfig
 from cp2image_tf.training.state import counter
 from tfrecords_tools.errors import UserInputError
 
-FEATURE_CLIP = 5.0
 LOSS_NAMES = ("pixel", "consistency", "adversarial", "matching", "anchor", "identity", "decoder",
               "critic")
 WEIGHT_NAMES = ("w_consistency", "w_adversarial", "w_matching")

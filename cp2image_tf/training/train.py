@@ -248,7 +248,9 @@ def restore_latest(trainer, run_dir: Path, chief: bool, progress: bool, path=Non
     path = path or resume_point(run_dir, chief)
     if not path:
         return 0
-    trainer.checkpoint.restore(path).assert_existing_objects_matched()
+    from cp2image_tf.training.checkpoints import restore_matching
+
+    restore_matching(trainer.checkpoint, path)
     start_step = int(trainer.step.numpy())
     if chief:
         print(f"Resuming from step {start_step} ({path}).", file=sys.stderr)
