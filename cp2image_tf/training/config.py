@@ -29,11 +29,11 @@ MODEL_DEFAULTS = {
     # XLA was slower than plain graphs for the film step on a 2-core CPU (bench_train.py).
     "film": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
              "jit_compile": False, "pixel_weight": 100.0, "anchor_weight": 0.0, "log_view": False,
-             "reliability_weighted": False},
+             "reliability_weighted": False, "measurer_views": False},
     # The exemplar model edits a real cell: no pixel loss to the paired crop (exemplar.py).
     "exemplar": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
                  "jit_compile": False, "pixel_weight": 0.0, "anchor_weight": 0.1,
-                 "log_view": True, "reliability_weighted": True},
+                 "log_view": True, "reliability_weighted": True, "measurer_views": True},
 }
 
 
@@ -78,6 +78,13 @@ class FitConfig:
     measurer_steps: int | None = None
     measurer_share: float = 0.2
     measurer_lr: float = 1e-3
+    # The measurer learns from the eight turns and mirror images of each crop (symmetry.py);
+    # None: the model's default.
+    measurer_views: bool | None = None
+    # Every measurer_check_every steps its validation r is taken; the best weights are kept
+    # and the phase ends after measurer_patience checks without a better one (0: never early).
+    measurer_check_every: int = 500
+    measurer_patience: int = 4
     pixel_weight: float | None = None
     # The exemplar model: training cells kept in the model (fewer for large crops, see
     # exemplar.BANK_BYTES), how many nearest ones training picks from, the L1 weight that
@@ -141,6 +148,7 @@ class FitConfig:
         if self.time_limit is not None and self.time_limit <= 0:
             raise UserInputError(f"--time-limit {self.time_limit}: must be positive.")
         positive = ("steps", "batch_size", "filters", "checkpoint_every", "validate_every",
+                    "measurer_check_every",
                     "log_every", "val_cells", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:

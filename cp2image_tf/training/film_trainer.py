@@ -2,7 +2,9 @@
 
 Phase 1, the measurer: a small CNN learns real training crops -> standardised
 features (training split only: it reads the same training iterator as the
-decoder), each batch shifted by up to measurer_jitter px. It is then frozen.
+decoder), each batch shifted by up to measurer_jitter px. With measurer_views (the
+exemplar model's default) each crop is seen as a random one of its eight turns and mirror
+images, with the profile that view has (symmetry.py). It is then frozen.
 
 Phase 2, decoder and critic update from the same forward pass every step:
     decoder loss = pixel_weight x mean squared error of pixel_pool x pixel_pool averages
@@ -48,6 +50,7 @@ from cp2image_tf.training.exemplar import FEATURE_CLIP, bank_layer
 from cp2image_tf.training.film import build_critic, build_measurer
 from cp2image_tf.training.config import FitConfig
 from cp2image_tf.training.state import counter
+from cp2image_tf.training.symmetry import random_views, view_maps
 from tfrecords_tools.errors import UserInputError
 
 LOSS_NAMES = ("pixel", "consistency", "adversarial", "matching", "anchor", "identity", "decoder",
@@ -143,6 +146,7 @@ class FilmTrainer:
             self.measurer_optimizer.build(self.measurer.trainable_variables)
             self.step = counter("step")
             self.measurer_step = counter("measurer_step")
+            self.measurer_done = counter("measurer_done")  # 1 once phase 1 has ended
             # The decoder steps the schedule is a fraction of (--steps, or the time budget's
             # expected length); in the checkpoint, so a resumed run keeps its schedule.
             self.total_steps = counter("total_steps", value=config.steps)
@@ -151,12 +155,18 @@ class FilmTrainer:
             # validation r once it is trained; see set_reliability). In the checkpoint.
             self.reliability = tf.Variable(tf.ones([self.n_features]), trainable=False,
                                            name="reliability")
+        self.views = None
+        if config.measurer_views:
+            sources, weights = view_maps(manifest["features"]["names"],
+                                         square=crop["height"] == crop["width"])
+            self.views = (tf.constant(sources, tf.int32), tf.constant(weights, tf.float32))
         self.models = (self.decoder, self.critic, self.measurer)
         self.checkpoint = tf.train.Checkpoint(
             decoder=self.decoder, critic=self.critic, measurer=self.measurer,
             decoder_optimizer=self.decoder_optimizer, critic_optimizer=self.critic_optimizer,
             measurer_optimizer=self.measurer_optimizer, step=self.step,
-            measurer_step=self.measurer_step, total_steps=self.total_steps,
+            measurer_step=self.measurer_step, measurer_done=self.measurer_done,
+            total_steps=self.total_steps,
             elapsed=self.elapsed, reliability=self.reliability,
             # The exemplar picks' random state: a resumed run picks what the uninterrupted
             # one would have.
@@ -180,9 +190,16 @@ class FilmTrainer:
     # -- phase 1: the measurer --------------------------------------------------------------
     def measurer_replica_step(self, features, crops):
         target = tf.clip_by_value(features, -FEATURE_CLIP, FEATURE_CLIP)
+        weights = tf.ones_like(target)
+        if self.views is not None:
+            # A fresh view of each crop every step, the same ones on a resumed run.
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            seed = tf.stack([tf.cast(self.config.seed, tf.int64),
+                             tf.cast(self.measurer_step, tf.int64) * 1024 + tf.cast(replica, tf.int64)])
+            crops, target, weights = random_views(crops, target, *self.views, seed)
         with tf.GradientTape() as tape:
             predicted = self.measurer(jitter(crops, self.config.measurer_jitter), training=True)
-            per_example = tf.reduce_mean(tf.square(predicted - target), axis=1)
+            per_example = tf.reduce_mean(weights * tf.square(predicted - target), axis=1)
             loss = tf.reduce_sum(per_example) / self.global_batch
         grads = tape.gradient(loss, self.measurer.trainable_variables)
         self.measurer_optimizer.apply_gradients(zip(grads, self.measurer.trainable_variables))
