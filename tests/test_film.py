@@ -90,6 +90,38 @@ def test_measurer_learns_from_training_cells_only(disc_dataset, tmp_path, monkey
     assert report["median_r"] > 0.5, report
 
 
+def test_measurer_keeps_its_best_check_and_stops_when_it_no_longer_improves(disc_dataset, tmp_path,
+                                                                            monkeypatch):
+    import cp2image_tf.training.film_trainer as film_trainer
+
+    scores = iter([0.1, 0.3, 0.2, 0.25, 0.3])   # checks at steps 3, 6, 9, 12, 15
+    seen = []
+
+    def scripted(measurer, crops, features, names):
+        seen.append(measurer.get_weights())
+        fraction = next(scores, 0.0)
+        return {"fraction_r_0.7": fraction, "median_r": 0.5, "modules": {},
+                "r": [0.5] * len(names), "cells": len(crops)}
+
+    monkeypatch.setattr(film_trainer, "measurer_report", scripted)
+    run = tmp_path / "run"
+    config = FitConfig(steps=1, measurer_steps=100, measurer_check_every=3, measurer_patience=3,
+                       batch_size=8, val_cells=16, grid_cells=0)
+    summary = fit(disc_dataset, run, config, progress=False)
+    report = json.loads((run / "measurer.json").read_text())
+    # Three checks without a better one after step 6 (a tie is not better): stopped at 15.
+    assert report["steps"] == 15 and report["kept_step"] == 6
+    assert [c["step"] for c in report["checks"]] == [3, 6, 9, 12, 15]
+    # The measurer it ends with (the last report's) is the one of step 6, not of step 15.
+    for kept, final, last in zip(seen[1], seen[-1], seen[4]):
+        np.testing.assert_array_equal(final, kept)
+    assert any(not np.array_equal(a, b) for a, b in zip(seen[-1], seen[4]))
+    assert summary["measurer"]["kept_step"] == 6
+    # Resumed, phase 1 is over: the measurer does not train again.
+    again = fit(disc_dataset, run, FitConfig(**{**config.__dict__, "steps": 2}), progress=False)
+    assert "measurer" not in again and len(seen) == 6
+
+
 def test_time_limit_stops_cleanly_and_resume_continues_the_budget(disc_dataset, tmp_path):
     run = tmp_path / "run"
     config = dict(batch_size=8, log_every=1, validate_every=1000, checkpoint_every=1000,
