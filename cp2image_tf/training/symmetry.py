@@ -48,46 +48,46 @@ def _moved(name: str, position: int, direction: int) -> str:
     return "_".join(parts)
 
 
+def view_order(square: bool = True) -> list[tuple[int, int]]:
+    """The views as (k quarter turns, then a left-right mirror if m): k = 0..3, m = 0, 1;
+    k odd only for square crops."""
+    return [(k, mirror) for k in range(4) if square or not k % 2 for mirror in (0, 1)]
+
+
 def view_maps(names, square: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """For the views (k quarter turns, then a left-right mirror if m) in the order
-    k = 0..3, m = 0, 1 (k odd only for square crops): (sources [V, F] int, weights [V, F]).
+    """For the views of view_order(square): (sources [V, F] int, weights [V, F]).
 
     The profile of view v is features[sources[v]]; weights[v] is 0 where it is unknown."""
     names = list(names)
     index = {n: i for i, n in enumerate(names)}
     sources, weights = [], []
-    for k in range(4):
-        if k % 2 and not square:
+    for k, mirror in view_order(square):
+        source = np.arange(len(names))
+        weight = np.ones(len(names), np.float32)
+        sources.append(source)
+        weights.append(weight)
+        if k == 0 and not mirror:
             continue
-        for mirror in (0, 1):
-            source = np.arange(len(names))
-            weight = np.ones(len(names), np.float32)
-            if k == 0 and not mirror:
-                sources.append(source)
-                weights.append(weight)
-                continue
-            for i, name in enumerate(names):
-                if any(c in name for c in CHANGING):
-                    if not (k == 2 and not mirror and any(c in name for c in HALF_TURN_SAFE)):
-                        weight[i] = 0.0
-                    continue
-                found = texture_direction(name)
-                if found is None:
-                    continue
-                position, direction = found
-                # The view's direction d was the original's direction before the transform.
-                original = direction
-                if mirror:
-                    original = MIRROR[original]
-                for _ in range(k):
-                    original = {v: key for key, v in QUARTER_TURN.items()}[original]
-                partner = index.get(_moved(name, position, original))
-                if partner is None:
+        for i, name in enumerate(names):
+            if any(c in name for c in CHANGING):
+                if not (k == 2 and not mirror and any(c in name for c in HALF_TURN_SAFE)):
                     weight[i] = 0.0
-                else:
-                    source[i] = partner
-            sources.append(source)
-            weights.append(weight)
+                continue
+            found = texture_direction(name)
+            if found is None:
+                continue
+            position, original = found
+            # The view's direction was the original's before the transform (both maps are
+            # their own inverses): undo the mirror, then the k quarter turns.
+            if mirror:
+                original = MIRROR[original]
+            for _ in range(k):
+                original = QUARTER_TURN[original]
+            partner = index.get(_moved(name, position, original))
+            if partner is None:
+                weight[i] = 0.0
+            else:
+                source[i] = partner
     return np.stack(sources), np.stack(weights)
 
 
@@ -99,13 +99,10 @@ def random_views(images, features, sources, weights, seed):
     n = tf.shape(images)[0]
     count = sources.shape[0]
     pick = tf.random.stateless_uniform([n], seed, 0, count, tf.int32)
-    square = count == 8
     views = []
-    for k in range(4):
-        if k % 2 and not square:
-            continue
+    for k, mirror in view_order(square=count == 8):
         turned = tf.image.rot90(images, k)
-        views += [turned, tf.image.flip_left_right(turned)]
+        views.append(tf.image.flip_left_right(turned) if mirror else turned)
     images = tf.gather_nd(tf.stack(views, 1), tf.stack([tf.range(n), pick], 1))
     features = tf.gather(features, tf.gather(sources, pick), batch_dims=1)
     return images, features, tf.gather(weights, pick)

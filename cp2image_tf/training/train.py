@@ -397,13 +397,20 @@ def train_measurer(trainer, batches: BatchStream, config: FitConfig, clock: Cloc
         return None
     names = trainer.manifest["features"]["names"]
 
-    def check() -> dict:
-        report = measurer_report(trainer.measurer, validator.crops, validator.feats, names)
-        return {"step": done, "fraction_r_0.7": report["fraction_r_0.7"],
-                "median_r": report["median_r"]}
+    checks, best = [], {"score": None, "weights": None, "step": None}
 
-    step_fn, iterator = trainer.measurer_step_fn(), None
-    checks, best, best_weights, stale = [], None, None, 0
+    def check() -> bool:
+        """Take the validation r at `done`; keep the weights if they read more. True if so."""
+        report = measurer_report(trainer.measurer, validator.crops, validator.feats, names)
+        checks.append({"step": done, "fraction_r_0.7": report["fraction_r_0.7"],
+                       "median_r": report["median_r"]})
+        score = (round(report["fraction_r_0.7"], 4), report["median_r"])
+        if best["score"] is not None and score <= best["score"]:
+            return False
+        best.update(score=score, weights=trainer.measurer.get_weights(), step=done)
+        return True
+
+    step_fn, iterator, stale = trainer.measurer_step_fn(), None, 0
     bar = tqdm(total=n_steps, initial=done, unit="step", desc="measurer", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     while done < n_steps and (budget is None or clock.seconds() < budget or not done):
@@ -415,28 +422,17 @@ def train_measurer(trainer, batches: BatchStream, config: FitConfig, clock: Cloc
         if done % config.log_every == 0:
             bar.set_postfix_str(f"loss {loss:.3f}")
         if done % config.measurer_check_every == 0:
-            checks.append(check())
-            score = (round(checks[-1]["fraction_r_0.7"], 4), checks[-1]["median_r"])
-            if best is None or score > best:
-                best, best_weights, stale = score, trainer.measurer.get_weights(), 0
-            else:
-                stale += 1
-                if config.measurer_patience and stale >= config.measurer_patience:
-                    break
+            stale = 0 if check() else stale + 1
+            if config.measurer_patience and stale >= config.measurer_patience:
+                break
     bar.close()
     if not checks or checks[-1]["step"] != done:
-        checks.append(check())
-        score = (round(checks[-1]["fraction_r_0.7"], 4), checks[-1]["median_r"])
-        if best is None or score > best:
-            best, best_weights = score, None
-    if best_weights is not None:
-        trainer.measurer.set_weights(best_weights)
-    kept = next(c["step"] for c in checks
-                if (round(c["fraction_r_0.7"], 4), c["median_r"]) == best)
+        check()
+    trainer.measurer.set_weights(best["weights"])
     trainer.measurer_done.assign(1)
     clock.sync()
     report = measurer_report(trainer.measurer, validator.crops, validator.feats, names)
-    report.update(steps=done, kept_step=kept, checks=checks, split=validator.split)
+    report.update(steps=done, kept_step=best["step"], checks=checks, split=validator.split)
     trainer.set_reliability(report["r"])
     if validator.chief:
         (run_dir / "measurer.json").write_text(json.dumps(report, indent=1) + "\n")
