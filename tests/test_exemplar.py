@@ -228,3 +228,59 @@ def test_reliability_weights_by_r_squared():
     stub.config = FitConfig(model="film")
     FilmTrainer.set_reliability(stub, [0.5, np.nan, -0.2, 1.0])
     np.testing.assert_allclose(stub.reliability.numpy(), np.ones(4))
+
+
+@pytest.mark.parametrize("pair_weight", [0.0, 2.0])
+def test_the_measurer_learns_differences_to_its_cells_nearest_bank_cell(disc_dataset, pair_weight):
+    """measurer loss per cell = its error + half its partner's + pair_weight x the error of
+    the difference of the two readings, the partner being its nearest other bank cell."""
+    import keras
+    import tensorflow as tf
+
+    from cp2image_tf.training.train import make_trainer
+    from tfrecords_tools.manifest import load_manifest
+    from tfrecords_tools.reader import make_dataset
+
+    manifest = load_manifest(disc_dataset)
+    config = FitConfig(model="exemplar", steps=10, batch_size=8, exemplar_top_k=1,
+                       measurer_pair_weight=pair_weight)
+    trainer = make_trainer(manifest, config, tf.distribute.get_strategy())
+    cells = list(make_dataset(disc_dataset, "train", 256, shuffle=False, repeat=False,
+                              manifest=manifest))
+    feats = np.concatenate([f.numpy() for f, _ in cells])
+    crops = np.concatenate([c.numpy() for _, c in cells])
+    bank = bank_layer(trainer.decoder)
+    bank.fill(feats, crops)
+    # A measurer that reads each channel's mean pixel (the same in every turn and mirror
+    # image, as the discs' area and mean intensity are): its error is known in closed form.
+    image = keras.Input(crops.shape[1:])
+    kernel = np.array([[3.0, -1.0], [0.5, 2.0]], "float32")[:, :feats.shape[1]]
+    read = keras.layers.Dense(feats.shape[1], kernel_initializer=keras.initializers.Constant(kernel),
+                              bias_initializer="zeros")(keras.layers.GlobalAveragePooling2D()(image))
+    trainer.measurer = keras.Model(image, read)
+    trainer.measurer_optimizer = keras.optimizers.SGD(0.0)
+    loss = float(trainer.measurer_replica_step(tf.constant(feats[:8]), tf.constant(crops[:8]))["measurer"])
+
+    def reading(c):
+        return c.mean((1, 2)) @ kernel
+
+    y = np.clip(feats[:8], -5, 5)
+    error = ((reading(crops[:8]) - y) ** 2).mean(1)
+    if pair_weight:
+        distance = ((y[:, None] - np.clip(feats[None, :bank.size], -5, 5)) ** 2).sum(-1)
+        distance[distance < 1e-6] = np.inf  # not the cell itself
+        partner = distance.argmin(1)
+        y2 = np.clip(feats[partner], -5, 5)
+        error = error + 0.5 * ((reading(crops[partner]) - y2) ** 2).mean(1) + pair_weight * (
+            ((reading(crops[:8]) - reading(crops[partner])) - (y - y2)) ** 2).mean(1)
+    # float16 bank crops: the partner's reading to ~1e-3.
+    np.testing.assert_allclose(loss, error.mean(), rtol=2e-3)
+
+
+def test_measurer_pairs_need_the_exemplar_bank():
+    from tfrecords_tools.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="measurer_pair_weight 1.0: .* --model film"):
+        FitConfig(model="film", measurer_pair_weight=1.0).validate()
+    assert FitConfig(model="exemplar").measurer_pair_weight == 1.0
+    assert FitConfig(model="film").measurer_pair_weight == 0.0
