@@ -58,6 +58,8 @@ def test_model_option_builds_the_published_network():
     assert FitConfig(model="published", decoder_lr=0.5).decoder_lr == 0.5
     with pytest.raises(UserInputError, match="--model"):
         FitConfig(model="gan").validate()
+    with pytest.raises(UserInputError, match="measurer_patience -1: must not be negative"):
+        FitConfig(measurer_patience=-1).validate()
 
 
 def test_durations():

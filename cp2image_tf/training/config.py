@@ -29,13 +29,11 @@ MODEL_DEFAULTS = {
     # XLA was slower than plain graphs for the film step on a 2-core CPU (bench_train.py).
     "film": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
              "jit_compile": False, "pixel_weight": 100.0, "anchor_weight": 0.0, "log_view": False,
-             "reliability_weighted": False, "measurer_views": False,
-             "measurer_pair_weight": 0.0},
+             "reliability_weighted": False, "measurer_views": False},
     # The exemplar model edits a real cell: no pixel loss to the paired crop (exemplar.py).
     "exemplar": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
                  "jit_compile": False, "pixel_weight": 0.0, "anchor_weight": 0.1,
-                 "log_view": True, "reliability_weighted": True, "measurer_views": True,
-                 "measurer_pair_weight": 1.0},
+                 "log_view": True, "reliability_weighted": True, "measurer_views": True},
 }
 
 
@@ -83,10 +81,6 @@ class FitConfig:
     # The measurer learns from the eight turns and mirror images of each crop (symmetry.py);
     # None: the model's default.
     measurer_views: bool | None = None
-    # The exemplar model's measurer also learns the difference between a cell and one of its
-    # nearest bank cells (the exemplars the decoder edits), with this weight; 0: off. The film
-    # and published models have no bank. None: the model's default.
-    measurer_pair_weight: float | None = None
     # Every measurer_check_every steps its validation r is taken; the best weights are kept
     # and the phase ends after measurer_patience checks without a better one (0: never early).
     measurer_check_every: int = 500
@@ -170,12 +164,9 @@ class FitConfig:
         if not 0.0 <= self.identity_share < 1.0:
             raise UserInputError(f"identity_share {self.identity_share}: must be at least 0 and "
                                  f"below 1 (the share of each batch that edits the cell itself).")
-        if (self.measurer_pair_weight or 0) < 0 or self.measurer_patience < 0:
-            raise UserInputError("measurer_pair_weight and measurer_patience must not be negative.")
-        if self.model != "exemplar" and (self.measurer_pair_weight or 0) > 0:
-            raise UserInputError(f"measurer_pair_weight {self.measurer_pair_weight}: the measurer's "
-                                 f"pairs come from the exemplar model's bank; --model "
-                                 f"{self.model} has none (set it to 0).")
+        if self.measurer_patience < 0:
+            raise UserInputError(f"measurer_patience {self.measurer_patience}: must not be negative "
+                                 "(0: the measurer trains its full steps).")
         if self.noise_dim < 0 or self.grid_cells < 0:
             raise UserInputError("--noise-dim and --grid-cells must not be negative.")
 

@@ -4,11 +4,7 @@ Phase 1, the measurer: a small CNN learns real training crops -> standardised
 features (training split only: it reads the same training iterator as the
 decoder), each batch shifted by up to measurer_jitter px. With measurer_views (the
 exemplar model's default) each crop is seen as a random one of its eight turns and mirror
-images, with the profile that view has (symmetry.py). With measurer_pair_weight (the exemplar
-model's), each cell is read beside one of its nearest bank cells, picked as the decoder's
-exemplars are, and the difference of the two readings must match the difference of the two
-profiles: relative consistency reads the measurer's differences, not its absolute readings.
-It is then frozen.
+images, with the profile that view has (symmetry.py). It is then frozen.
 
 Phase 2, decoder and critic update from the same forward pass every step:
     decoder loss = pixel_weight x mean squared error of pixel_pool x pixel_pool averages
@@ -195,34 +191,15 @@ class FilmTrainer:
     def measurer_replica_step(self, features, crops):
         target = tf.clip_by_value(features, -FEATURE_CLIP, FEATURE_CLIP)
         weights = tf.ones_like(target)
-        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
-        # A fresh view of each crop every step, the same ones on a resumed run.
-        base = tf.cast(self.measurer_step, tf.int64) * 1024 + replica
-        seed = tf.stack([tf.cast(self.config.seed, tf.int64), base])
         if self.views is not None:
+            # A fresh view of each crop every step, the same ones on a resumed run.
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            seed = tf.stack([tf.cast(self.config.seed, tf.int64),
+                             tf.cast(self.measurer_step, tf.int64) * 1024 + tf.cast(replica, tf.int64)])
             crops, target, weights = random_views(crops, target, *self.views, seed)
-        pairs = self.editor is not None and self.config.measurer_pair_weight > 0
-        if pairs:
-            # Each cell's partner: one of its nearest bank cells, picked as the decoder's
-            # exemplars are (not the cell itself), in a view of its own.
-            other, other_target, _ = bank_layer(self.decoder)(features, training=True)
-            other_weights = tf.ones_like(other_target)
-            if self.views is not None:
-                other, other_target, other_weights = random_views(
-                    other, other_target, *self.views, seed + tf.constant([0, 512], tf.int64))
         with tf.GradientTape() as tape:
             predicted = self.measurer(jitter(crops, self.config.measurer_jitter), training=True)
             per_example = tf.reduce_mean(weights * tf.square(predicted - target), axis=1)
-            if pairs:
-                # The reading of a difference between neighbours is what relative consistency
-                # asks of the measurer: (reading - partner's reading) vs (profile - partner's).
-                read_other = self.measurer(jitter(other, self.config.measurer_jitter),
-                                           training=True)
-                per_example += 0.5 * tf.reduce_mean(
-                    other_weights * tf.square(read_other - other_target), axis=1)
-                per_example += self.config.measurer_pair_weight * tf.reduce_mean(
-                    weights * other_weights
-                    * tf.square((predicted - read_other) - (target - other_target)), axis=1)
             loss = tf.reduce_sum(per_example) / self.global_batch
         grads = tape.gradient(loss, self.measurer.trainable_variables)
         self.measurer_optimizer.apply_gradients(zip(grads, self.measurer.trainable_variables))
