@@ -177,3 +177,20 @@ def test_a_checkpoint_of_other_shapes_is_refused_with_one_message(tmp_path):
     np.testing.assert_array_equal(same.bank.numpy(), np.ones([5, 3]))
     with pytest.raises(UserInputError, match=r"ckpt-1: this checkpoint does not fit .*another version"):
         restore_matching(tf.train.Checkpoint(bank=tf.Variable(tf.zeros([3, 5]))), path)
+
+
+def test_a_run_dir_given_relative_to_the_working_folder_resumes(tmp_path, monkeypatch):
+    """`cp2image-tf fit DATA run` twice in one folder: the second finds the first's checkpoints
+    (TensorFlow joins the state file's entries with the folder; it must not be joined twice)."""
+    import tensorflow as tf
+
+    from cp2image_tf.training.checkpoints import checkpoint_paths, newest_readable
+
+    folder = tmp_path / "run" / "checkpoints"
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), str(folder), 3)
+    for step in (18, 36):
+        manager.save(checkpoint_number=step)
+    monkeypatch.chdir(tmp_path)
+    expected = [str(folder / "ckpt-36"), str(folder / "ckpt-18")]
+    assert checkpoint_paths("run/checkpoints") == expected
+    assert newest_readable("run/checkpoints") == (expected[0], [])

@@ -15,7 +15,9 @@ def checkpoint_paths(folder) -> list[str]:
     """The checkpoint prefixes a CheckpointManager keeps in `folder`, newest first."""
     import tensorflow as tf
 
-    folder = Path(folder)
+    # Absolute: TensorFlow joins the state file's relative entries with the folder as given,
+    # so a relative RUN_DIR must not be joined again.
+    folder = Path(folder).absolute()
     if not folder.is_dir():
         return []
     state = tf.train.get_checkpoint_state(str(folder))
