@@ -85,6 +85,14 @@ class FitConfig:
     # and the phase ends after measurer_patience checks without a better one (0: never early).
     measurer_check_every: int = 500
     measurer_patience: int = 4
+    # Judge rounds (judge.py): judge_rounds times in the decoder's run, judge_cells training
+    # profiles are drawn as training draws them, measured with cp-measure, and the measurer
+    # trains judge_steps steps (learning rate judge_lr) on what cp-measure saw them change.
+    # 0 rounds: off. Exemplar model only.
+    judge_rounds: int = 0
+    judge_cells: int = 768
+    judge_steps: int = 500
+    judge_lr: float = 3e-4
     pixel_weight: float | None = None
     # The exemplar model: training cells kept in the model (fewer for large crops, see
     # exemplar.BANK_BYTES), how many nearest ones training picks from, the L1 weight that
@@ -164,6 +172,14 @@ class FitConfig:
         if not 0.0 <= self.identity_share < 1.0:
             raise UserInputError(f"identity_share {self.identity_share}: must be at least 0 and "
                                  f"below 1 (the share of each batch that edits the cell itself).")
+        if self.judge_rounds < 0 or self.judge_cells < 8 or self.judge_steps < 0:
+            raise UserInputError(f"judge_rounds {self.judge_rounds}, judge_cells {self.judge_cells}, "
+                                 f"judge_steps {self.judge_steps}: rounds and steps must not be "
+                                 "negative and a round needs at least 8 cells.")
+        if self.judge_rounds and self.model != "exemplar":
+            raise UserInputError(f"judge_rounds {self.judge_rounds}: judge rounds measure the "
+                                 f"exemplar model's edits; --model {self.model} makes none (set "
+                                 "judge_rounds to 0).")
         if self.measurer_patience < 0:
             raise UserInputError(f"measurer_patience {self.measurer_patience}: must not be negative "
                                  "(0: the measurer trains its full steps).")

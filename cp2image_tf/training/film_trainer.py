@@ -147,6 +147,7 @@ class FilmTrainer:
             self.step = counter("step")
             self.measurer_step = counter("measurer_step")
             self.measurer_done = counter("measurer_done")  # 1 once phase 1 has ended
+            self.judge_done = counter("judge_done")  # judge rounds done (judge.py)
             # The decoder steps the schedule is a fraction of (--steps, or the time budget's
             # expected length); in the checkpoint, so a resumed run keeps its schedule.
             self.total_steps = counter("total_steps", value=config.steps)
@@ -171,7 +172,10 @@ class FilmTrainer:
             # The exemplar picks' random state: a resumed run picks what the uninterrupted
             # one would have.
             **({"exemplar_picks": bank_layer(self.decoder).seed_generator.state}
-               if self.editor is not None else {}))
+               if self.editor is not None else {}),
+            # Only with judge rounds: run folders without them resume as before.
+            **({"judge_done": self.judge_done} if config.judge_rounds else {}))
+        self.judge_optimizer = None
         self._steps = {}
 
     # -- inputs ---------------------------------------------------------------------------
@@ -204,6 +208,66 @@ class FilmTrainer:
         grads = tape.gradient(loss, self.measurer.trainable_variables)
         self.measurer_optimizer.apply_gradients(zip(grads, self.measurer.trainable_variables))
         return {"measurer": loss}
+
+    # -- judge rounds (judge.py) ----------------------------------------------------------
+    def judge_edits(self, features):
+        """(edits, their exemplar crops, the exemplars' features) of clipped standardised
+        training features, drawn as training draws them: each an edit of one of its nearest
+        bank cells, not itself."""
+        exemplar, exemplar_features, _ = bank_layer(self.decoder)(features, training=True)
+        inputs = self.decoder_inputs(features, training=False)
+        edits, _ = self.editor([*(inputs if isinstance(inputs, list) else [inputs]), exemplar,
+                                exemplar_features], training=False)
+        return edits, exemplar, exemplar_features
+
+    def judge_replica_step(self, features, crops, edits, labels, weights, seed):
+        """One measurer step on real crops (their profiles) and judge-labelled edits, each in a
+        random view; the two halves' losses are summed over the global batch."""
+        target = tf.clip_by_value(features, -FEATURE_CLIP, FEATURE_CLIP)
+        view_weights = tf.ones_like(target)
+        edit_views = tf.ones_like(labels)
+        if self.views is not None:
+            replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
+            seed = seed + tf.stack([tf.constant(0, tf.int64), 2048 * replica])
+            crops, target, view_weights = random_views(crops, target, *self.views, seed)
+            # The same view of an edit for its labels and for its weights.
+            other = seed + tf.constant([0, 1], tf.int64)
+            edits_seen, labels, edit_views = random_views(edits, labels, *self.views, other)
+            _, weights, _ = random_views(edits, weights, *self.views, other)
+            edits = edits_seen
+        with tf.GradientTape() as tape:
+            real = tf.reduce_mean(view_weights * tf.square(self.measurer(crops, training=True)
+                                                           - target), axis=1)
+            judged = tf.reduce_mean(edit_views * weights * tf.square(
+                self.measurer(edits, training=True) - labels), axis=1)
+            loss = (tf.reduce_sum(real) + tf.reduce_sum(judged)) / self.global_batch
+        grads = tape.gradient(loss, self.measurer.trainable_variables)
+        self.judge_optimizer.apply_gradients(zip(grads, self.measurer.trainable_variables))
+        return {"judge": loss}
+
+    def judge_step_fn(self):
+        """A tf.function: (real batches' iterator, labelled edits' iterator, seed [2]) ->
+        {"judge": loss}."""
+        if "judge" in self._steps:
+            return self._steps["judge"]
+        import keras
+
+        strategy = self.strategy
+        with strategy.scope():
+            self.judge_optimizer = keras.optimizers.Adam(self.config.judge_lr, name="judge_adam")
+            self.judge_optimizer.build(self.measurer.trainable_variables)
+
+        @tf.function
+        def step(real_iterator, edit_iterator, seed):
+            features, crops = next(real_iterator)
+            edits, labels, weights = next(edit_iterator)
+            per_replica = strategy.run(self.judge_replica_step,
+                                       args=(features, crops, edits, labels, weights, seed))
+            return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                    for k, v in per_replica.items()}
+
+        self._steps["judge"] = step
+        return step
 
     def set_reliability(self, r) -> None:
         """Weight each feature's consistency error by the measurer's validation r^2 (0 for

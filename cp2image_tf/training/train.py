@@ -569,8 +569,14 @@ def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: b
             if report:
                 summary["measurer"] = report
                 managers[0].save(checkpoint_number=int(trainer.step.numpy()))
+        judge = None
+        if config.judge_rounds and getattr(trainer, "editor", None) is not None:
+            from cp2image_tf.training.judge import JudgeRounds
+
+            judge = JudgeRounds(trainer, batches, data_dir, manifest, config, run_dir, chief,
+                                chief and progress)
         step = training_loop(trainer, batches, config, clock, validator, managers, run_dir,
-                             start_step, summary, chief and progress)
+                             start_step, summary, chief and progress, judge)
     except KeyboardInterrupt as err:
         stopped = err if isinstance(err, Interrupted) else Interrupted("SIGINT")
         stopped.step = int(trainer.step.numpy())
@@ -587,8 +593,10 @@ def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: b
 
 
 def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock, validator: Validator,
-                  managers, run_dir: Path, start_step: int, summary: dict, progress: bool) -> int:
-    """Steps until --steps or --time-limit; logs, validates and checkpoints on the way."""
+                  managers, run_dir: Path, start_step: int, summary: dict, progress: bool,
+                  judge=None) -> int:
+    """Steps until --steps or --time-limit; logs, validates and checkpoints on the way; the
+    judge rounds (judge.JudgeRounds) when they are due."""
     from tqdm import tqdm
 
     manager, best_manager = managers
@@ -610,6 +618,10 @@ def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock
             history.write({"step": 0, "val_mse": mse, "val_ssim": ssim,
                            "baseline_mse": validator.baseline_mse})
         while step < config.steps and clock.left() > 0:
+            if judge is not None and judge.due(step):
+                summary.setdefault("judge", []).append(judge.run(step))
+                if clock.left() <= 0:
+                    break
             if iterators is None or batches.segment_starts(step):
                 iterators = batches.decoder(step)
             losses = step_fn(*iterators)

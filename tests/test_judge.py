@@ -1,0 +1,76 @@
+"""Judge rounds: the measurer learns what cp-measure reads in the decoder's own edits."""
+import json
+
+import numpy as np
+import pytest
+
+from cp2image_tf.training.config import FitConfig
+from cp2image_tf.training.judge import calibration_slopes, change_agreement, judge_labels
+from cp2image_tf.training.train import fit
+from tfrecords_tools.errors import UserInputError
+
+
+def test_labels_are_the_exemplars_profile_moved_by_the_calibrated_change():
+    rng = np.random.default_rng(0)
+    n = 40
+    measured_ex = rng.normal(size=(n, 3)) * [1.0, 10.0, 1.0]
+    measured_ex[:, 2] = 4.0  # cp-measure gives a constant: no slope to learn from
+    exemplar = rng.normal(size=(n, 4)).astype(np.float32)
+    columns = [0, 2, 3]  # feature 1 cannot be measured again
+    # CellProfiler's standardised values are 2 x and 0.1 x cp-measure's, plus offsets.
+    exemplar[:, 0] = 2.0 * measured_ex[:, 0] + 1.0
+    exemplar[:, 2] = 0.1 * measured_ex[:, 1] - 3.0
+    slopes, usable = calibration_slopes(exemplar[:, columns], measured_ex)
+    np.testing.assert_allclose(slopes[:2], [2.0, 0.1], rtol=1e-5)
+    assert usable.tolist() == [True, True, False]
+    change = rng.normal(size=(n, 3))
+    measured_edit = measured_ex + change
+    measured_edit[5, 0] = np.nan  # no nucleus found in edit 5
+    labels, weights = judge_labels(exemplar, measured_ex, measured_edit, columns)
+    expected0 = np.clip(exemplar[:, 0] + 2.0 * change[:, 0], -5, 5)
+    expected0[5] = exemplar[5, 0]
+    np.testing.assert_allclose(labels[:, 0], expected0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(labels[:, 2], np.clip(exemplar[:, 2] + 0.1 * change[:, 1], -5, 5),
+                               rtol=1e-5, atol=1e-5)
+    # Unmeasurable and constant features keep the exemplar's value, with weight 0.
+    np.testing.assert_array_equal(labels[:, [1, 3]], exemplar[:, [1, 3]])
+    assert weights[:, 0].sum() == n - 1 and weights[5, 0] == 0
+    assert weights[:, 2].all() and not weights[:, [1, 3]].any()
+
+
+def test_change_agreement_counts_features_the_measurer_follows():
+    rng = np.random.default_rng(1)
+    judged = rng.normal(size=(50, 3))
+    read = np.stack([judged[:, 0], -judged[:, 1], rng.normal(size=50)], 1)
+    weights = np.ones_like(judged)
+    weights[:, 2] = 0  # nothing known about feature 2
+    out = change_agreement(read, judged, weights)
+    assert out["features"] == 2 and out["fraction_r_0.7"] == 0.5
+    np.testing.assert_allclose(out["median_r"], 0.0, atol=1e-9)
+
+
+def test_judge_rounds_are_for_the_exemplar_model():
+    with pytest.raises(UserInputError, match="judge_rounds 2: .* --model film"):
+        FitConfig(model="film", judge_rounds=2).validate()
+    with pytest.raises(UserInputError, match="at least 8 cells"):
+        FitConfig(judge_rounds=1, judge_cells=4).validate()
+    assert FitConfig().judge_rounds == 0
+
+
+def test_a_judge_round_measures_edits_and_trains_the_measurer_once(disc_dataset, tmp_path):
+    run = tmp_path / "run"
+    config = FitConfig(model="exemplar", steps=6, batch_size=8, measurer_steps=4, val_cells=16,
+                       grid_cells=0, judge_rounds=1, judge_cells=32, judge_steps=3,
+                       checkpoint_every=3, validate_every=3)
+    summary = fit(disc_dataset, run, config, progress=False)
+    rounds = json.loads((run / "judge.json").read_text())
+    # One round, half way through the 6 decoder steps, on 32 edits of training cells.
+    assert len(rounds) == 1 and rounds == summary["judge"]
+    record = rounds[0]
+    assert record["round"] == 1 and record["decoder_step"] == 3 and record["cells"] == 32
+    # Both disc features (area, mean DNA) are measured again; most edits hold a nucleus.
+    assert record["measured_features"] == 2 and record["labelled_share"] > 0.5
+    assert np.isfinite(record["loss"]) and record["steps"] == 3
+    # Resumed to more steps, the round is not done again.
+    again = fit(disc_dataset, run, FitConfig(**{**config.__dict__, "steps": 9}), progress=False)
+    assert "judge" not in again and len(json.loads((run / "judge.json").read_text())) == 1
