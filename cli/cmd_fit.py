@@ -83,6 +83,13 @@ def fit(data_dir, run_dir, model, steps, time_limit, batch_size, strategy, confi
         click.echo(f"Measurer ({m['steps']} steps): {m['split']} median r {m['median_r']:.2f}, "
                    f"{m['fraction_r_0.7']:.0%} of features at r >= 0.7 "
                    f"(per module: {run_dir}/measurer.json).")
+    for r in summary.get("judge") or []:
+        before, after = (r[k]["median_r"] for k in ("held_out_before", "held_out_after"))
+        follows = ("" if before is None or after is None else
+                   f"; the measurer's reading of held-out edits' changes follows cp-measure's "
+                   f"at median r {before:.2f} -> {after:.2f}")
+        click.echo(f"Judge round {r['round']} at step {r['decoder_step']}: {r['cells']} edits "
+                   f"measured with cp-measure{follows} ({r['seconds']:.0f} s; {run_dir}/judge.json).")
     click.echo(f"Trained to step {summary['steps']} in {run_dir}. Validation pixel MSE "
                f"{summary.get('val_mse', float('nan')):.4f} (mean training image: "
                f"{summary['baseline_mse']:.4f}), SSIM {summary.get('val_ssim', float('nan')):.3f}; "

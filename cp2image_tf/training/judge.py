@@ -31,7 +31,6 @@ checkpoint), with the decoder it has then.
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 
@@ -168,7 +167,8 @@ class JudgeRounds:
                                                for k in range(3))
         n = len(edits)
         measured = remeasure(np.concatenate([exemplars, edits]), self.plan, self.channels,
-                             workers=min(2, os.cpu_count() or 1), segmentation=self.segmentation)
+                             workers=min(2, os.cpu_count() or 1), segmentation=self.segmentation,
+                             progress=self.progress)
         columns = [self.names.index(c) for c in measured.columns]
         values = measured.to_numpy(np.float64)
         labels, weights = judge_labels(exemplar_features, values[:n], values[n:], columns)
@@ -212,11 +212,4 @@ class JudgeRounds:
             rounds = json.loads(path.read_text()) if path.is_file() else []
             rounds = [r for r in rounds if r["round"] < record["round"]] + [record]
             path.write_text(json.dumps(rounds, indent=1) + "\n")
-        if self.progress:
-            def fmt(a):
-                return "-" if a["median_r"] is None else f"{a['median_r']:.2f}"
-            print(f"Judge round {record['round']} at step {step}: {n} edits measured with "
-                  f"cp-measure; the measurer's reading of held-out edits' changes follows "
-                  f"cp-measure's at median r {fmt(before)} -> {fmt(after)} "
-                  f"({record['seconds']:.0f} s).", file=sys.stderr)
         return record
