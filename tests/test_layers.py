@@ -3,7 +3,8 @@ also the imports inside functions).
 
     cli -> cp2image_tf -> tfrecords_tools
     within cp2image_tf: training <- serving <- drawing <- evaluation / explore;
-                        measuring beside them (evaluation uses it); viz and metrics below all.
+                        measuring beside them (evaluation and training's judge rounds use
+                        it; it uses no other stage); viz and metrics below all.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ PACKAGES = ("cli", "cp2image_tf", "tfrecords_tools")
 
 # The cp2image_tf stages each stage may import besides itself.
 STAGE_MAY_IMPORT = {
-    "training": set(),
+    # Judge rounds (training/judge.py) measure the decoder's edits with cp-measure.
+    "training": {"measuring"},
     "measuring": set(),
     "serving": {"training"},
     "drawing": {"training", "serving"},
