@@ -219,6 +219,23 @@ def make_dataset(data_dir, split: str = "train", batch_size: int = 104, *, shuff
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def take_cells(data_dir, manifest: dict, split: str, limit: int, *, seed: int | None = None,
+               scaling: str = "dataset", normalization: str = "standard", crop_dtype=np.float32):
+    """(features [n, F], crops [n, H, W, C] as crop_dtype) of the first `limit` cells of one
+    shuffled pass of `split` with `seed` (all of them if fewer): decoded in batches of 256,
+    each batch's crops cast as it comes, so a float16 store never holds float32 copies."""
+    ds = make_dataset(data_dir, split, 256, shuffle=True, repeat=False, seed=seed,
+                      scaling=scaling, normalization=normalization, manifest=manifest)
+    feats, crops, total = [], [], 0
+    for f, c in ds:
+        feats.append(f.numpy())
+        crops.append(c.numpy().astype(crop_dtype))
+        total += len(f)
+        if total >= limit:
+            break
+    return np.concatenate(feats)[:limit], np.concatenate(crops)[:limit]
+
+
 def iter_cells(data_dir, manifest: dict, splits=SPLITS, treatment: str | None = None):
     """(cell_id, raw features float32 [F]) of every cell of `splits` (or of one treatment's),
     in shard order; the crops are not decoded. A damaged shard is a UserInputError naming it."""

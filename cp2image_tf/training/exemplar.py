@@ -274,18 +274,10 @@ def bank_layer(decoder) -> ExemplarBank:
 def fill_bank(decoder, data_dir, manifest: dict, config) -> int:
     """Fill the decoder's exemplar bank with training cells (a shuffled pass of the training
     split with the run's seed; every cell once). Returns the number of cells stored."""
-    from tfrecords_tools.reader import make_dataset
+    from tfrecords_tools.reader import take_cells
 
     layer = bank_layer(decoder)
-    ds = make_dataset(data_dir, "train", 256, shuffle=True, repeat=False, seed=config.seed,
-                      scaling=config.scaling, normalization=config.normalization,
-                      manifest=manifest)
-    feats, crops, total = [], [], 0
-    for f, c in ds:
-        feats.append(f.numpy())
-        crops.append(c.numpy().astype(np.float16))
-        total += len(f)
-        if total >= layer.size:
-            break
-    layer.fill(np.concatenate(feats), np.concatenate(crops))
+    layer.fill(*take_cells(data_dir, manifest, "train", layer.size, seed=config.seed,
+                           scaling=config.scaling, normalization=config.normalization,
+                           crop_dtype=np.float16))
     return layer.size

@@ -230,11 +230,10 @@ class FilmTrainer:
             replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
             seed = seed + tf.stack([tf.constant(0, tf.int64), 2048 * replica])
             crops, target, view_weights = random_views(crops, target, *self.views, seed)
-            # The same view of an edit for its labels and for its weights.
-            other = seed + tf.constant([0, 1], tf.int64)
-            edits_seen, labels, edit_views = random_views(edits, labels, *self.views, other)
-            _, weights, _ = random_views(edits, weights, *self.views, other)
-            edits = edits_seen
+            # Labels and their weights move together: the view's sources gather both.
+            edits, both, edit_views = random_views(edits, tf.stack([labels, weights], -1),
+                                                   *self.views, seed + tf.constant([0, 1], tf.int64))
+            labels, weights = both[..., 0], both[..., 1]
         with tf.GradientTape() as tape:
             real = tf.reduce_mean(view_weights * tf.square(self.measurer(crops, training=True)
                                                            - target), axis=1)
@@ -396,6 +395,12 @@ class FilmTrainer:
                 film_schedule(step, int(self.total_steps.numpy()), self.config).items()}
 
 
+def read_features(measurer, crops: np.ndarray) -> np.ndarray:
+    """The measurer's reading [N, F] of crops [N, H, W, C], 256 at a time."""
+    return np.concatenate([measurer(crops[i:i + 256], training=False).numpy()
+                           for i in range(0, len(crops), 256)])
+
+
 def measurer_report(measurer, crops: np.ndarray, features: np.ndarray, names) -> dict:
     """The measurer's validation r per feature, summarised per module (it cannot teach what it
     cannot read): {"median_r", "fraction_r_0.7", "modules": {module: {...}}}, as evaluate
@@ -404,8 +409,7 @@ def measurer_report(measurer, crops: np.ndarray, features: np.ndarray, names) ->
 
     from cp2image_tf.metrics import feature_correlations, module_summary
 
-    predicted = np.concatenate([measurer(crops[i:i + 256], training=False).numpy()
-                                for i in range(0, len(crops), 256)])
+    predicted = read_features(measurer, crops)
     target = np.clip(features, -FEATURE_CLIP, FEATURE_CLIP)
     r = feature_correlations(pd.DataFrame(target, columns=names),
                              pd.DataFrame(predicted, columns=names), min_cells=2)

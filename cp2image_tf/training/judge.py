@@ -121,29 +121,15 @@ class JudgeRounds:
     def _cells(self, round_index: int):
         """judge_cells training cells (clipped standardised features, crops, raw features) in
         a shuffled order of their own."""
-        from tfrecords_tools.reader import feature_normalizer, make_dataset
+        from tfrecords_tools.reader import feature_normalizer, take_cells
 
         config = self.config
-        ds = make_dataset(self.data_dir, "train", 256, shuffle=True, repeat=False,
-                          seed=self.batches.seed(2, round_index), scaling=config.scaling,
-                          normalization=config.normalization, manifest=self.manifest)
-        feats, crops, total = [], [], 0
-        for f, c in ds:
-            feats.append(f.numpy())
-            crops.append(c.numpy())
-            total += len(f)
-            if total >= config.judge_cells:
-                break
-        feats = np.concatenate(feats)[:config.judge_cells]
-        crops = np.concatenate(crops)[:config.judge_cells]
+        feats, crops = take_cells(self.data_dir, self.manifest, "train", config.judge_cells,
+                                  seed=self.batches.seed(2, round_index), scaling=config.scaling,
+                                  normalization=config.normalization)
         _, center, scale = feature_normalizer(self.manifest, config.normalization)
         raw = feats * scale + center
         return np.clip(feats, -FEATURE_CLIP, FEATURE_CLIP).astype(np.float32), crops, raw
-
-    def _read(self, images: np.ndarray) -> np.ndarray:
-        measurer = self.trainer.measurer
-        return np.concatenate([np.asarray(measurer(images[i:i + 256], training=False))
-                               for i in range(0, len(images), 256)])
 
     def run(self, step: int) -> dict:
         import os
@@ -152,6 +138,7 @@ class JudgeRounds:
         import tensorflow as tf
 
         from cp2image_tf.measuring.remeasure import dataset_segmentation, remeasure
+        from cp2image_tf.training.film_trainer import read_features
 
         trainer, config = self.trainer, self.config
         start = time.perf_counter()
@@ -178,7 +165,8 @@ class JudgeRounds:
         learn = np.arange(0, held[0])
 
         def agreement():
-            read = self._read(edits[held]) - self._read(exemplars[held])
+            read = (read_features(trainer.measurer, edits[held])
+                    - read_features(trainer.measurer, exemplars[held]))
             return change_agreement(read, labels[held] - exemplar_features[held], weights[held])
 
         before = agreement()
