@@ -127,7 +127,7 @@ def test_measurer_keeps_its_best_check_and_stops_when_it_no_longer_improves(disc
 def test_time_limit_stops_cleanly_and_resume_continues_the_budget(disc_dataset, tmp_path):
     run = tmp_path / "run"
     config = dict(batch_size=8, log_every=1, validate_every=1000, checkpoint_every=1000,
-                  val_cells=32, grid_cells=0, steps=100000)
+                  val_cells=32, grid_cells=0, steps=100000, judge_rounds=0)
     first = fit(disc_dataset, run, FitConfig(time_limit=20, **config), progress=False)
     assert first["stopped_by"] == "time limit" and 0 < first["steps"] < 100000
     assert 20 <= first["seconds"] < 60 and first["images_per_s"] > 0

@@ -1,5 +1,6 @@
 """Judge rounds: the measurer learns what cp-measure reads in the decoder's own edits."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -54,13 +55,40 @@ def test_judge_rounds_are_for_the_exemplar_model():
         FitConfig(model="film", judge_rounds=2).validate()
     with pytest.raises(UserInputError, match="at least 8 cells"):
         FitConfig(judge_rounds=1, judge_cells=4).validate()
-    assert FitConfig().judge_rounds == 0
+    with pytest.raises(UserInputError, match="judge_every at least 1"):
+        FitConfig(judge_every=0).validate()
+    # On by default for the exemplar model, off for the others.
+    assert FitConfig().judge_rounds == 6 and FitConfig(model="film").judge_rounds == 0
+    FitConfig(model="published").validate()
+
+
+@pytest.mark.parametrize("planned_steps, rounds, first_at", [
+    (300, 0, None),      # shorter than judge_every: no round
+    (760, 1, 380),       # about five minutes on the sample data: one, half way
+    (2000, 5, 2000 / 6),
+    (5150, 6, 5150 / 7),  # about 30 minutes: at most judge_rounds
+])
+def test_a_run_does_one_round_per_judge_every_planned_steps_at_most_judge_rounds(
+        planned_steps, rounds, first_at):
+    from types import SimpleNamespace
+
+    import tensorflow as tf
+
+    from cp2image_tf.training.judge import JudgeRounds
+
+    judge = object.__new__(JudgeRounds)
+    judge.config = FitConfig()  # the exemplar model's defaults: every 400 steps, at most 6
+    judge.trainer = SimpleNamespace(total_steps=tf.Variable(planned_steps),
+                                    judge_done=tf.Variable(0), judge_total=tf.Variable(0))
+    assert judge.planned() == rounds
+    due = [step for step in range(planned_steps) if judge.due(step)]
+    assert (due[0] if due else None) == (None if first_at is None else math.ceil(first_at))
 
 
 def test_a_judge_round_measures_edits_and_trains_the_measurer_once(disc_dataset, tmp_path):
     run = tmp_path / "run"
     config = FitConfig(model="exemplar", steps=6, batch_size=8, measurer_steps=4, val_cells=16,
-                       grid_cells=0, judge_rounds=1, judge_cells=32, judge_steps=3,
+                       grid_cells=0, judge_rounds=1, judge_every=3, judge_cells=32, judge_steps=3,
                        checkpoint_every=3, validate_every=3)
     summary = fit(disc_dataset, run, config, progress=False)
     rounds = json.loads((run / "judge.json").read_text())
@@ -74,3 +102,27 @@ def test_a_judge_round_measures_edits_and_trains_the_measurer_once(disc_dataset,
     # Resumed to more steps, the round is not done again.
     again = fit(disc_dataset, run, FitConfig(**{**config.__dict__, "steps": 9}), progress=False)
     assert "judge" not in again and len(json.loads((run / "judge.json").read_text())) == 1
+
+
+def test_under_a_time_limit_the_rounds_still_to_come_are_spaced_over_the_time_left(
+        disc_dataset, tmp_path):
+    run = tmp_path / "run"
+    config = FitConfig(model="exemplar", steps=100000, time_limit=40, batch_size=8,
+                       val_cells=16, grid_cells=0, judge_rounds=2, judge_every=10,
+                       judge_cells=48, judge_steps=20,
+                       checkpoint_every=1000, validate_every=1000)
+    summary = fit(disc_dataset, run, config, progress=False)
+    rounds = summary["judge"]
+    assert summary["stopped_by"] == "time limit" and len(rounds) == 2
+    first, second = (r["decoder_step"] for r in rounds)
+    # Each round's seconds are taken out of the rounds' plan when it ends: the second round
+    # is at two thirds of the steps the run really took, not of the steps planned before the
+    # first round (which the rounds' seconds made the run fall short of). The loss ramps
+    # keep the first plan.
+    steps = summary["steps"]
+    assert 0 < first < second < steps
+    assert rounds[0]["planned_steps"] == summary["total_steps"] > steps
+    assert 0.75 * steps < rounds[1]["planned_steps"] < 1.25 * steps
+    assert 0.5 * steps < second < 0.8 * steps
+    # The second round's measurer steps learn from both rounds' labelled edits (3/4 of 48 each).
+    assert [r["learnt_edits"] for r in rounds] == [36, 72]

@@ -25,15 +25,16 @@ STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 STRATIFY = ("auto", "yes", "no")
 MODEL_DEFAULTS = {
     "published": {"batch_size": 104, "decoder_lr": 0.01, "discriminator_lr": 0.001, "filters": 32,
-                  "jit_compile": True},
+                  "jit_compile": True, "judge_rounds": 0},
     # XLA was slower than plain graphs for the film step on a 2-core CPU (bench_train.py).
     "film": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
              "jit_compile": False, "pixel_weight": 100.0, "anchor_weight": 0.0, "log_view": False,
-             "reliability_weighted": False, "measurer_views": False},
+             "reliability_weighted": False, "measurer_views": False, "judge_rounds": 0},
     # The exemplar model edits a real cell: no pixel loss to the paired crop (exemplar.py).
     "exemplar": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
                  "jit_compile": False, "pixel_weight": 0.0, "anchor_weight": 0.1,
-                 "log_view": True, "reliability_weighted": True, "measurer_views": True},
+                 "log_view": True, "reliability_weighted": True, "measurer_views": True,
+                 "judge_rounds": 6},
 }
 
 
@@ -85,13 +86,15 @@ class FitConfig:
     # and the phase ends after measurer_patience checks without a better one (0: never early).
     measurer_check_every: int = 500
     measurer_patience: int = 4
-    # Judge rounds (judge.py): judge_rounds times in the decoder's run, judge_cells training
-    # profiles are drawn as training draws them, measured with cp-measure, and the measurer
-    # trains judge_steps steps (learning rate judge_lr) on what cp-measure saw them change.
-    # 0 rounds: off. Exemplar model only.
-    judge_rounds: int = 0
-    judge_cells: int = 768
-    judge_steps: int = 500
+    # Judge rounds (judge.py): one per judge_every decoder steps of the run's plan, at most
+    # judge_rounds (None: the model's default; 0: none), judge_cells training profiles are
+    # drawn as training draws them, measured with cp-measure, and the measurer trains
+    # judge_steps steps (learning rate judge_lr) on what cp-measure saw them change.
+    # Exemplar model only.
+    judge_rounds: int | None = None
+    judge_every: int = 400
+    judge_cells: int = 384
+    judge_steps: int = 250
     judge_lr: float = 3e-4
     pixel_weight: float | None = None
     # The exemplar model: training cells kept in the model (fewer for large crops, see
@@ -172,10 +175,13 @@ class FitConfig:
         if not 0.0 <= self.identity_share < 1.0:
             raise UserInputError(f"identity_share {self.identity_share}: must be at least 0 and "
                                  f"below 1 (the share of each batch that edits the cell itself).")
-        if self.judge_rounds < 0 or self.judge_cells < 8 or self.judge_steps < 0:
-            raise UserInputError(f"judge_rounds {self.judge_rounds}, judge_cells {self.judge_cells}, "
+        if (self.judge_rounds < 0 or self.judge_every < 1 or self.judge_cells < 8
+                or self.judge_steps < 0):
+            raise UserInputError(f"judge_rounds {self.judge_rounds}, judge_every "
+                                 f"{self.judge_every}, judge_cells {self.judge_cells}, "
                                  f"judge_steps {self.judge_steps}: rounds and steps must not be "
-                                 "negative and a round needs at least 8 cells.")
+                                 "negative, judge_every at least 1 and a round needs at least "
+                                 "8 cells.")
         if self.judge_rounds and self.model != "exemplar":
             raise UserInputError(f"judge_rounds {self.judge_rounds}: judge rounds measure the "
                                  f"exemplar model's edits; --model {self.model} makes none (set "

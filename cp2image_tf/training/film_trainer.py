@@ -148,6 +148,9 @@ class FilmTrainer:
             self.measurer_step = counter("measurer_step")
             self.measurer_done = counter("measurer_done")  # 1 once phase 1 has ended
             self.judge_done = counter("judge_done")  # judge rounds done (judge.py)
+            # The decoder steps the judge rounds are spaced over (0: total_steps); under
+            # --time-limit re-planned after each round, leaving the loss ramps' total_steps.
+            self.judge_total = counter("judge_total")
             # The decoder steps the schedule is a fraction of (--steps, or the time budget's
             # expected length); in the checkpoint, so a resumed run keeps its schedule.
             self.total_steps = counter("total_steps", value=config.steps)
@@ -174,7 +177,8 @@ class FilmTrainer:
             **({"exemplar_picks": bank_layer(self.decoder).seed_generator.state}
                if self.editor is not None else {}),
             # Only with judge rounds: run folders without them resume as before.
-            **({"judge_done": self.judge_done} if config.judge_rounds else {}))
+            **({"judge_done": self.judge_done, "judge_total": self.judge_total}
+               if config.judge_rounds else {}))
         self.judge_optimizer = None
         self._steps = {}
 

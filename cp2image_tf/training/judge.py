@@ -23,10 +23,14 @@ edits really changed, and teaches the measurer that:
    frozen again. A quarter of the edits is held out to report how far the measurer's
    reading of an edit's change follows the judge's, before and after (judge.json).
 
-Rounds happen at evenly spaced fractions of the decoder's run (judge_rounds of them,
-at 1/(judge_rounds+1), 2/(judge_rounds+1), ...). The labelled edits are not kept between
-rounds or in checkpoints: a resumed run does the rounds it had not done (judge_done in the
-checkpoint), with the decoder it has then.
+A run does one round per `judge_every` decoder steps of its plan (--steps, or what
+--time-limit is expected to allow), at most `judge_rounds`: n rounds at 1/(n+1), 2/(n+1),
+... of the run (under --time-limit the rounds still to come are re-spaced after each
+round over the steps the time left allows). A round's measurer
+steps also draw on the labelled edits of the earlier rounds of the same process (what
+cp-measure saw in the decoder's earlier edits stays true); they are not in checkpoints: a
+resumed run does the rounds it had not done (judge_done in the checkpoint), with the
+decoder it has then.
 """
 from __future__ import annotations
 
@@ -110,13 +114,27 @@ class JudgeRounds:
         self.channels = measured_names(manifest)
         self.plan = plan_measurement(self.names, self.channels)
         self.segmentation = None
+        self.learnt = []  # (edits, labels, weights) the earlier rounds' measurer steps learnt
+
+    def total(self) -> int:
+        """The decoder steps the rounds are spaced over: the run's plan, or its re-plan after
+        the last round (`replan`)."""
+        return int(self.trainer.judge_total.numpy()) or int(self.trainer.total_steps.numpy())
+
+    def planned(self) -> int:
+        """The rounds of this run: one per judge_every steps of its plan, at most judge_rounds."""
+        return min(self.config.judge_rounds, self.total() // self.config.judge_every)
 
     def due(self, step: int) -> bool:
-        done = int(self.trainer.judge_done.numpy())
-        if done >= self.config.judge_rounds:
+        done, rounds = int(self.trainer.judge_done.numpy()), self.planned()
+        if done >= rounds:
             return False
-        total = int(self.trainer.total_steps.numpy())
-        return step >= (done + 1) * total / (self.config.judge_rounds + 1)
+        return step >= (done + 1) * self.total() / (rounds + 1)
+
+    def replan(self, total: int) -> None:
+        """Space the rounds still to come over `total` decoder steps (the loss ramps keep the
+        run's first plan)."""
+        self.trainer.judge_total.assign(max(1, int(total)))
 
     def _cells(self, round_index: int):
         """judge_cells training cells (clipped standardised features, crops, raw features) in
@@ -174,10 +192,14 @@ class JudgeRounds:
         per_replica = config.batch_size // strategy.num_replicas_in_sync
         seed = self.batches.seed(4, round_index)
 
+        self.learnt.append((edits[learn], labels[learn], weights[learn]))
+        learnt = tuple(np.concatenate(parts) for parts in zip(*self.learnt))
+
         def make(ctx):
-            ds = tf.data.Dataset.from_tensor_slices((edits[learn], labels[learn], weights[learn]))
+            ds = tf.data.Dataset.from_tensor_slices(learnt)
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-            return ds.shuffle(len(learn), seed=seed).repeat().batch(per_replica, drop_remainder=True)
+            return ds.shuffle(len(learnt[0]), seed=seed).repeat().batch(per_replica,
+                                                                        drop_remainder=True)
 
         edit_iterator = iter(strategy.distribute_datasets_from_function(make))
         real_iterator = self.batches.iterator(self.batches.seed(3, round_index), 0)
@@ -188,7 +210,9 @@ class JudgeRounds:
                            tf.constant([config.seed, round_index * 10**6 + 2 * s], tf.int64))
         after = agreement()
         trainer.judge_done.assign_add(1)
-        record = {"round": round_index + 1, "decoder_step": step, "cells": n,
+        record = {"round": round_index + 1, "decoder_step": step, "planned_steps": self.total(),
+                  "cells": n,
+                  "learnt_edits": int(len(learnt[0])),
                   "measured_features": len(columns),
                   "labelled_share": float(weights[:, columns].mean()) if columns else 0.0,
                   "steps": config.judge_steps,

@@ -612,6 +612,8 @@ def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     step, rate, iterators = start_step, None, None
     last_time, last_step = time.perf_counter(), step
+    # Decoder seconds (judge rounds excluded) since step start_step + 1, for re-planning.
+    pace = {"start": None, "judged": 0.0}
     try:
         if step == 0:
             mse, ssim = validator(0)
@@ -619,14 +621,25 @@ def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock
                            "baseline_mse": validator.baseline_mse})
         while step < config.steps and clock.left() > 0:
             if judge is not None and judge.due(step):
+                judged = time.perf_counter()
                 summary.setdefault("judge", []).append(judge.run(step))
+                pace["judged"] += time.perf_counter() - judged
                 if clock.left() <= 0:
                     break
+                if (config.time_limit is not None and not planning and pace["start"] is not None
+                        and step > start_step + 1):
+                    # The round's minutes were not in the plan: the rounds still to come are
+                    # spaced over the decoder steps the time left allows at the pace so far.
+                    seconds = time.perf_counter() - pace["start"] - pace["judged"]
+                    expected = step + int(clock.left() * (step - start_step - 1) / seconds)
+                    judge.replan(min(config.steps, expected))
             if iterators is None or batches.segment_starts(step):
                 iterators = batches.decoder(step)
             losses = step_fn(*iterators)
             step += 1
             bar.update(1)
+            if step == start_step + 1:
+                pace["start"] = time.perf_counter()  # the first step includes compiling
             if planning and step == PLAN_AFTER + 2:
                 seconds_per_step = (time.perf_counter() - plan_start) / PLAN_AFTER
                 bar.total = plan_total_steps(trainer, config, clock, seconds_per_step)
