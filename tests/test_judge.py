@@ -1,6 +1,5 @@
 """Judge rounds: the measurer learns what cp-measure reads in the decoder's own edits."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -58,18 +57,18 @@ def test_judge_rounds_are_for_the_exemplar_model():
     with pytest.raises(UserInputError, match="judge_every at least 1"):
         FitConfig(judge_every=0).validate()
     # On by default for the exemplar model, off for the others.
-    assert FitConfig().judge_rounds == 6 and FitConfig(model="film").judge_rounds == 0
+    assert FitConfig().judge_rounds == 3 and FitConfig(model="film").judge_rounds == 0
     FitConfig(model="published").validate()
 
 
-@pytest.mark.parametrize("planned_steps, rounds, first_at", [
-    (300, 0, None),      # shorter than judge_every: no round
-    (760, 1, 380),       # about five minutes on the sample data: one, half way
-    (2000, 5, 2000 / 6),
-    (5150, 6, 5150 / 7),  # about 30 minutes: at most judge_rounds
+@pytest.mark.parametrize("planned_steps, rounds, first_at, size", [
+    (300, 0, None, None),        # shorter than judge_every: no round
+    (760, 1, 380, (380, 247)),   # about five minutes on the sample data: one, half way
+    (2000, 3, 500, (500, 326)),
+    (5150, 3, 1288, (768, 500)),  # about 30 minutes: at most judge_rounds, full size
 ])
-def test_a_run_does_one_round_per_judge_every_planned_steps_at_most_judge_rounds(
-        planned_steps, rounds, first_at):
+def test_a_run_does_one_round_per_judge_every_planned_steps_sized_to_the_steps_between(
+        planned_steps, rounds, first_at, size):
     from types import SimpleNamespace
 
     import tensorflow as tf
@@ -77,12 +76,17 @@ def test_a_run_does_one_round_per_judge_every_planned_steps_at_most_judge_rounds
     from cp2image_tf.training.judge import JudgeRounds
 
     judge = object.__new__(JudgeRounds)
-    judge.config = FitConfig()  # the exemplar model's defaults: every 400 steps, at most 6
+    judge.config = FitConfig()  # the exemplar model's defaults: every 400 steps, at most 3
     judge.trainer = SimpleNamespace(total_steps=tf.Variable(planned_steps),
                                     judge_done=tf.Variable(0), judge_total=tf.Variable(0))
     assert judge.planned() == rounds
     due = [step for step in range(planned_steps) if judge.due(step)]
-    assert (due[0] if due else None) == (None if first_at is None else math.ceil(first_at))
+    assert (due[0] if due else None) == first_at
+    if size:
+        assert judge.size() == size
+    # Re-planned shorter (a time limit), the rounds still to come come sooner.
+    judge.replan(planned_steps // 2)
+    assert judge.total() == planned_steps // 2 and judge.planned() <= rounds
 
 
 def test_a_judge_round_measures_edits_and_trains_the_measurer_once(disc_dataset, tmp_path):
@@ -124,5 +128,4 @@ def test_under_a_time_limit_the_rounds_still_to_come_are_spaced_over_the_time_le
     assert rounds[0]["planned_steps"] == summary["total_steps"] > steps
     assert 0.75 * steps < rounds[1]["planned_steps"] < 1.25 * steps
     assert 0.5 * steps < second < 0.8 * steps
-    # The second round's measurer steps learn from both rounds' labelled edits (3/4 of 48 each).
-    assert [r["learnt_edits"] for r in rounds] == [36, 72]
+    assert [(r["cells"], r["steps"]) for r in rounds] == [(48, 20), (48, 20)]

@@ -34,7 +34,7 @@ MODEL_DEFAULTS = {
     "exemplar": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
                  "jit_compile": False, "pixel_weight": 0.0, "anchor_weight": 0.1,
                  "log_view": True, "reliability_weighted": True, "measurer_views": True,
-                 "judge_rounds": 6},
+                 "judge_rounds": 3},
 }
 
 
@@ -87,14 +87,15 @@ class FitConfig:
     measurer_check_every: int = 500
     measurer_patience: int = 4
     # Judge rounds (judge.py): one per judge_every decoder steps of the run's plan, at most
-    # judge_rounds (None: the model's default; 0: none), judge_cells training profiles are
-    # drawn as training draws them, measured with cp-measure, and the measurer trains
-    # judge_steps steps (learning rate judge_lr) on what cp-measure saw them change.
-    # Exemplar model only.
+    # judge_rounds (None: the model's default; 0: none). In a round training profiles are
+    # drawn as training draws them (as many as decoder steps between rounds, at least 64, at
+    # most judge_cells), measured with cp-measure, and the measurer trains on what
+    # cp-measure saw them change (judge_steps steps for judge_cells cells, fewer in
+    # proportion; learning rate judge_lr). Exemplar model only.
     judge_rounds: int | None = None
     judge_every: int = 400
-    judge_cells: int = 384
-    judge_steps: int = 250
+    judge_cells: int = 768
+    judge_steps: int = 500
     judge_lr: float = 3e-4
     pixel_weight: float | None = None
     # The exemplar model: training cells kept in the model (fewer for large crops, see

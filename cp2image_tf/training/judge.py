@@ -7,7 +7,7 @@ profile and cp-measure does not (on the sample data a 30-minute run's drawn cell
 crops 77% and 75%). A judge round asks cp-measure, the judge `evaluate` uses, what the
 edits really changed, and teaches the measurer that:
 
-1. `judge_cells` training profiles are drawn as the decoder trains them: each an edit of one
+1. Training profiles are drawn as the decoder trains them (`size()` of them): each an edit of one
    of its nearest bank cells (not itself).
 2. The edits and their exemplars are segmented and measured with cp-measure, as `evaluate`
    measures (one segmentation for the dataset, `dataset_segmentation`).
@@ -18,7 +18,7 @@ edits really changed, and teaches the measurer that:
    change the judge saw, from the profile the exemplar really has (`judge_labels`).
    Features cp-measure cannot measure again, or not for that edit (no nucleus found),
    get weight 0.
-4. The measurer trains `judge_steps` steps on half real training crops (their own
+4. The measurer trains (`size()`) steps on half real training crops (their own
    profiles) and half labelled edits, each in a random one of its eight views, then is
    frozen again. A quarter of the edits is held out to report how far the measurer's
    reading of an edit's change follows the judge's, before and after (judge.json).
@@ -26,9 +26,11 @@ edits really changed, and teaches the measurer that:
 A run does one round per `judge_every` decoder steps of its plan (--steps, or what
 --time-limit is expected to allow), at most `judge_rounds`: n rounds at 1/(n+1), 2/(n+1),
 ... of the run (under --time-limit the rounds still to come are re-spaced after each
-round over the steps the time left allows). A round's measurer
-steps also draw on the labelled edits of the earlier rounds of the same process (what
-cp-measure saw in the decoder's earlier edits stays true); they are not in checkpoints: a
+round over the steps the time left allows). A round is sized to the decoder steps between
+rounds: as many cells as those steps (at least 64), at most `judge_cells`, and measurer
+steps in proportion (`judge_steps` for a round of `judge_cells`), so rounds take about the
+same share of any run (on this CPU about a tenth: one round of ~380 cells in five minutes,
+three of 768 in 30). The labelled edits are not kept between rounds or in checkpoints: a
 resumed run does the rounds it had not done (judge_done in the checkpoint), with the
 decoder it has then.
 """
@@ -114,7 +116,6 @@ class JudgeRounds:
         self.channels = measured_names(manifest)
         self.plan = plan_measurement(self.names, self.channels)
         self.segmentation = None
-        self.learnt = []  # (edits, labels, weights) the earlier rounds' measurer steps learnt
 
     def total(self) -> int:
         """The decoder steps the rounds are spaced over: the run's plan, or its re-plan after
@@ -131,18 +132,26 @@ class JudgeRounds:
             return False
         return step >= (done + 1) * self.total() / (rounds + 1)
 
+    def size(self) -> tuple[int, int]:
+        """(cells, measurer steps) of the next round: as many cells as decoder steps between
+        rounds (at least 64), at most judge_cells; judge_steps for judge_cells cells."""
+        config = self.config
+        spacing = self.total() // (max(1, self.planned()) + 1)
+        cells = min(config.judge_cells, max(64, spacing))
+        return cells, int(round(config.judge_steps * cells / config.judge_cells))
+
     def replan(self, total: int) -> None:
         """Space the rounds still to come over `total` decoder steps (the loss ramps keep the
         run's first plan)."""
         self.trainer.judge_total.assign(max(1, int(total)))
 
-    def _cells(self, round_index: int):
-        """judge_cells training cells (clipped standardised features, crops, raw features) in
+    def _cells(self, round_index: int, count: int):
+        """`count` training cells (clipped standardised features, crops, raw features) in
         a shuffled order of their own."""
         from tfrecords_tools.reader import feature_normalizer, take_cells
 
         config = self.config
-        feats, crops = take_cells(self.data_dir, self.manifest, "train", config.judge_cells,
+        feats, crops = take_cells(self.data_dir, self.manifest, "train", count,
                                   seed=self.batches.seed(2, round_index), scaling=config.scaling,
                                   normalization=config.normalization)
         _, center, scale = feature_normalizer(self.manifest, config.normalization)
@@ -161,7 +170,8 @@ class JudgeRounds:
         trainer, config = self.trainer, self.config
         start = time.perf_counter()
         round_index = int(trainer.judge_done.numpy())
-        features, crops, raw = self._cells(round_index)
+        count, steps = self.size()
+        features, crops, raw = self._cells(round_index, count)
         if self.segmentation is None:
             self.segmentation, _ = dataset_segmentation(self.manifest, crops[:1000],
                                                         config.scaling, self.plan.objects,
@@ -192,30 +202,26 @@ class JudgeRounds:
         per_replica = config.batch_size // strategy.num_replicas_in_sync
         seed = self.batches.seed(4, round_index)
 
-        self.learnt.append((edits[learn], labels[learn], weights[learn]))
-        learnt = tuple(np.concatenate(parts) for parts in zip(*self.learnt))
 
         def make(ctx):
-            ds = tf.data.Dataset.from_tensor_slices(learnt)
+            ds = tf.data.Dataset.from_tensor_slices((edits[learn], labels[learn], weights[learn]))
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-            return ds.shuffle(len(learnt[0]), seed=seed).repeat().batch(per_replica,
-                                                                        drop_remainder=True)
+            return ds.shuffle(len(learn), seed=seed).repeat().batch(per_replica, drop_remainder=True)
 
         edit_iterator = iter(strategy.distribute_datasets_from_function(make))
         real_iterator = self.batches.iterator(self.batches.seed(3, round_index), 0)
         step_fn = trainer.judge_step_fn()
         loss = None
-        for s in range(config.judge_steps):
+        for s in range(steps):
             loss = step_fn(real_iterator, edit_iterator,
                            tf.constant([config.seed, round_index * 10**6 + 2 * s], tf.int64))
         after = agreement()
         trainer.judge_done.assign_add(1)
         record = {"round": round_index + 1, "decoder_step": step, "planned_steps": self.total(),
                   "cells": n,
-                  "learnt_edits": int(len(learnt[0])),
                   "measured_features": len(columns),
                   "labelled_share": float(weights[:, columns].mean()) if columns else 0.0,
-                  "steps": config.judge_steps,
+                  "steps": steps,
                   "loss": None if loss is None else float(loss["judge"]),
                   "held_out_before": before, "held_out_after": after,
                   "seconds": round(time.perf_counter() - start, 1)}

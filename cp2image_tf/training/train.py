@@ -629,10 +629,14 @@ def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock
                 if (config.time_limit is not None and not planning and pace["start"] is not None
                         and step > start_step + 1):
                     # The round's minutes were not in the plan: the rounds still to come are
-                    # spaced over the decoder steps the time left allows at the pace so far.
-                    seconds = time.perf_counter() - pace["start"] - pace["judged"]
-                    expected = step + int(clock.left() * (step - start_step - 1) / seconds)
-                    judge.replan(min(config.steps, expected))
+                    # spaced over the decoder steps the time left allows at the pace so far,
+                    # less the rounds' own time at the pace of the rounds so far.
+                    per_step = ((time.perf_counter() - pace["start"] - pace["judged"])
+                                / (step - start_step - 1))
+                    per_round = pace["judged"] / len(summary["judge"])
+                    to_come = max(0, judge.planned() - int(trainer.judge_done.numpy()))
+                    left = max(0.0, clock.left() - to_come * per_round)
+                    judge.replan(min(config.steps, step + 1 + int(left / per_step)))
             if iterators is None or batches.segment_starts(step):
                 iterators = batches.decoder(step)
             losses = step_fn(*iterators)
