@@ -202,7 +202,6 @@ class JudgeRounds:
         per_replica = config.batch_size // strategy.num_replicas_in_sync
         seed = self.batches.seed(4, round_index)
 
-
         def make(ctx):
             ds = tf.data.Dataset.from_tensor_slices((edits[learn], labels[learn], weights[learn]))
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
