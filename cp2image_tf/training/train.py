@@ -612,8 +612,9 @@ def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     step, rate, iterators = start_step, None, None
     last_time, last_step = time.perf_counter(), step
-    # Decoder seconds (judge rounds excluded) since step start_step + 1, for re-planning.
-    pace = {"start": None, "judged": 0.0}
+    # Since step start_step + 1 (the first includes compiling): when it ended, and the rounds
+    # and their seconds after it, for re-planning the rounds to come.
+    pace = {"start": None, "judged": 0.0, "rounds": 0}
     try:
         if step == 0:
             mse, ssim = validator(0)
@@ -623,17 +624,19 @@ def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock
             if judge is not None and judge.due(step):
                 judged = time.perf_counter()
                 summary.setdefault("judge", []).append(judge.run(step))
-                pace["judged"] += time.perf_counter() - judged
+                if pace["start"] is not None:
+                    pace["judged"] += time.perf_counter() - judged
+                    pace["rounds"] += 1
                 if clock.left() <= 0:
                     break
-                if (config.time_limit is not None and not planning and pace["start"] is not None
+                if (config.time_limit is not None and not planning and pace["rounds"]
                         and step > start_step + 1):
                     # The round's minutes were not in the plan: the rounds still to come are
                     # spaced over the decoder steps the time left allows at the pace so far,
                     # less the rounds' own time at the pace of the rounds so far.
                     per_step = ((time.perf_counter() - pace["start"] - pace["judged"])
                                 / (step - start_step - 1))
-                    per_round = pace["judged"] / len(summary["judge"])
+                    per_round = pace["judged"] / pace["rounds"]
                     to_come = max(0, judge.planned() - int(trainer.judge_done.numpy()))
                     left = max(0.0, clock.left() - to_come * per_round)
                     judge.replan(min(config.steps, step + 1 + int(left / per_step)))
@@ -643,7 +646,7 @@ def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock
             step += 1
             bar.update(1)
             if step == start_step + 1:
-                pace["start"] = time.perf_counter()  # the first step includes compiling
+                pace["start"] = time.perf_counter()
             if planning and step == PLAN_AFTER + 2:
                 seconds_per_step = (time.perf_counter() - plan_start) / PLAN_AFTER
                 bar.total = plan_total_steps(trainer, config, clock, seconds_per_step)
