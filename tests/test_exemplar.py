@@ -164,15 +164,18 @@ def test_identity_share_edits_the_cell_itself_and_is_no_fake(disc_dataset):
                                              repeat=False, manifest=manifest)))
     bank = bank_layer(trainer.decoder)
     bank.fill(np.resize(features.numpy(), (bank.size, features.shape[1])),
-              np.resize(crops.numpy(), (bank.size, *crops.shape[1:])))
+              np.resize(crops.numpy(), (bank.size, *crops.shape[1:])),
+              names=manifest["features"]["names"])
     # The identity rows' edit starts from the crop itself: a correction of +1 logit draws
-    # sigmoid(logit(crop) + 1).
+    # f + (1 - f) sigmoid(logit((crop - f) / (1 - f)) + 1), f the crop's floor.
     delta_bias = trainer.decoder.get_layer("delta").bias
     delta_bias.assign(np.ones(2, "float32"))
     edited, _ = trainer.editor([features, crops, tf.clip_by_value(features, -5.0, 5.0)],
                                training=False)
-    c = np.clip(crops.numpy(), 1e-3, 1 - 1e-3)
-    np.testing.assert_allclose(edited.numpy(), 1 / (1 + (1 - c) / c / np.e), atol=1e-5)
+    floor = crops.numpy().min(axis=(1, 2), keepdims=True)
+    c = np.clip((crops.numpy() - floor) / (1 - floor), 1e-3, 1 - 1e-3)
+    np.testing.assert_allclose(edited.numpy(), floor + (1 - floor) / (1 + (1 - c) / c / np.e),
+                               atol=1e-5)
 
     # A critic whose logit is the sum over channels of the mean pixel; a correction of +20
     # logits draws every generated pixel at 1, so each fake's logit is 2.
@@ -228,3 +231,63 @@ def test_reliability_weights_by_r_squared():
     stub.config = FitConfig(model="film")
     FilmTrainer.set_reliability(stub, [0.5, np.nan, -0.2, 1.0])
     np.testing.assert_allclose(stub.reliability.numpy(), np.ones(4))
+
+
+def test_the_bank_offers_its_cells_turned_and_mirrored_with_their_profiles():
+    """A profile whose texture runs another way than a bank cell's finds that cell turned or
+    mirrored to match, with the profile the view has."""
+    from cp2image_tf.training.exemplar import ExemplarBank
+    from cp2image_tf.training.symmetry import view_maps, view_order
+
+    names = (["Cells_AreaShape_Area", "Nuclei_AreaShape_Orientation"]
+             + [f"Cells_Texture_Contrast_DNA_3_0{d}_256" for d in range(4)]
+             + [f"Nuclei_Texture_Correlation_Actin_3_0{d}_256" for d in range(4)])
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(12, len(names))).astype("float32")
+    crops = rng.uniform(size=(12, 32, 32, 2)).astype("float32")
+    bank = ExemplarBank(12, len(names), 32, 2, top_k=1, views=4)
+    bank.build((None, len(names)))
+    bank.fill(feats, crops, names=names)
+    sources, weights = view_maps(names)
+    sources, mask = sources[:4], weights[:4].prod(0)
+    # Orientation is left out (a quarter turn or a mirror changes it); the rest counts.
+    assert mask.tolist() == [1, 0] + [1] * 8
+    stored = crops.astype(np.float16).astype(np.float32)
+    for cell, view in [(5, 1), (2, 2), (7, 3), (9, 0)]:
+        asked = feats[cell][sources[view]][None]
+        crop, profile, _ = bank(asked, training=False)
+        k, mirror = view_order()[view]
+        expected = np.rot90(stored[cell], k, axes=(0, 1))
+        expected = expected[:, ::-1] if mirror else expected
+        np.testing.assert_array_equal(np.asarray(crop)[0], expected)
+        np.testing.assert_allclose(np.asarray(profile)[0], feats[cell][sources[view]])
+    # Any profile: the view of a cell at the least distance over the features every view has.
+    asked = rng.normal(size=(20, len(names))).astype("float32")
+    distance = np.stack([(((asked[:, None] - feats[:, s][None]) ** 2) * mask).sum(-1)
+                         for s in sources], 1).reshape(20, -1)
+    best = distance.argmin(1)
+    _, profile, _ = bank(asked, training=False)
+    np.testing.assert_allclose(np.asarray(profile),
+                               np.stack([feats[b % 12][sources[b // 12]] for b in best]),
+                               rtol=1e-6)
+    # Training never picks the cell itself, in any view.
+    _, picked, _ = bank(feats, training=True)
+    for i, p in enumerate(np.asarray(picked)):
+        assert not any(np.allclose(p, feats[i][s]) for s in sources), i
+
+
+def test_an_edit_never_goes_below_the_exemplars_background_floor():
+    from cp2image_tf.training.exemplar import EditAboveFloor
+
+    rng = np.random.default_rng(1)
+    exemplar = rng.uniform(0.02, 0.9, size=(3, 32, 32, 2)).astype("float32")
+    exemplar[0, 5, 5, 0] = 0.015  # the floor of cell 0's first channel
+    layer = EditAboveFloor()
+    # No correction: the exemplar itself.
+    np.testing.assert_allclose(layer([exemplar, np.zeros_like(exemplar)]).numpy(), exemplar,
+                               atol=2e-3)
+    # Any correction, however dark: never below each channel's floor, never above 1.
+    pushed = layer([exemplar, np.full_like(exemplar, -50.0)]).numpy()
+    floor = exemplar.min(axis=(1, 2), keepdims=True)
+    assert (pushed >= floor - 1e-6).all() and pushed[0, ..., 0].min() < 0.016
+    assert (layer([exemplar, np.full_like(exemplar, 50.0)]).numpy() <= 1.0).all()

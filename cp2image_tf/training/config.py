@@ -104,6 +104,9 @@ class FitConfig:
     # the exemplar's by the profile's difference (relative) or equal the profile.
     exemplars: int = 8192
     exemplar_top_k: int = 4
+    # The bank offers its cells turned and mirrored too, each with its profile as the view
+    # has it (texture directions permuted; exemplar.ExemplarBank).
+    exemplar_views: bool = True
     anchor_weight: float | None = None
     relative_consistency: bool = True
     # The identity share: this fraction of each batch edits the cell itself towards its own

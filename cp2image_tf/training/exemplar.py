@@ -15,14 +15,24 @@ ExemplarBank: a layer holding `bank` training cells (their clipped standardised 
     the bank cell nearest the asked profile (Euclidean, clipped standardised features).
     In training it excludes the cell itself (a distance of zero) and picks one of the
     `top_k` nearest, so the editor learns to move a neighbour to a profile.
+    With views, each bank cell is also offered turned a quarter and mirrored (symmetry.py),
+    with its profile as the view has it: CellProfiler's texture is measured along four
+    directions, which a quarter turn or a mirror image permutes, so a cell whose texture
+    runs the other way than the asked profile's is found turned to match. (A half turn
+    leaves every direction where it was: it reads as the same profile, so it is not
+    offered.) The distance then leaves out the features no view can say (orientation,
+    positions, Zernike phases).
 
 build_exemplar_networks: features [B, F] -> image [B, H, W, C] in (0, 1). An MLP embeds
     the asked profile and its difference to the exemplar's. A small U-Net reads the
     exemplar crop (H, H/2, H/4); every convolution is followed by batch norm without its
     own scale and shift and a FiLM layer of the embedding. The head adds a correction
-    to the exemplar's logits: image = sigmoid(logit(exemplar) + delta). The head starts
-    at zero, so a new model draws the exemplar exactly; every pixel is bounded and seen
-    by the losses.
+    to the exemplar's logits above its background floor (EditAboveFloor): image = f +
+    (1 - f) sigmoid(logit((exemplar - f) / (1 - f)) + delta), f each channel's darkest
+    exemplar pixel. The head starts at zero, so a new model draws the exemplar exactly;
+    every pixel is bounded and seen by the losses, and none is darker than the image's
+    background (on the sample data, whose background is one camera offset, edits without
+    the floor put single pixels below it: the cells' DNA minimum 5-14 SD below real cells').
 
 Training (film_trainer.py) needs no pixel loss to the paired crop, which would pull the
 edit towards the blurred average: the measurer's reading of the edit must move from its
@@ -68,11 +78,16 @@ class ExemplarBank(layers.Layer):
     the asked features clipped as the bank's [B, F])."""
 
     def __init__(self, size: int, n_features: int, crop_size: int, channels: int,
-                 top_k: int = 4, seed: int = 0, **kwargs):
+                 top_k: int = 4, seed: int = 0, views: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.size, self.n_features = int(size), int(n_features)
         self.crop_size, self.channels = int(crop_size), int(channels)
         self.top_k, self.seed = int(max(1, min(top_k, size))), int(seed)
+        # 1: the cells as they are; 4 (square crops: a quarter turn or not, mirrored or not)
+        # or 2 (mirrored or not): the views whose profiles differ (symmetry.view_order).
+        if views not in (1, 2, 4):
+            raise ValueError(f"views must be 1, 2 or 4, not {views}")
+        self.views = int(views)
         # Named: the same checkpoint entry in every process (an automatic name is uniquified).
         self.seed_generator = keras.random.SeedGenerator(self.seed, name="exemplar_picks")
 
@@ -88,15 +103,39 @@ class ExemplarBank(layers.Layer):
                                      name="crops")
         self.filled = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                       name="filled")
+        if self.views > 1:
+            # View v's profile of a cell is its features[sources[v]] (symmetry.view_maps); the
+            # distance counts the features every view knows (mask), with each view's norms.
+            self.view_sources = self.add_weight(shape=(self.views, self.n_features),
+                                                initializer="zeros", trainable=False,
+                                                dtype="int32", name="view_sources")
+            self.view_mask = self.add_weight(shape=(self.n_features,), initializer="zeros",
+                                             trainable=False, name="view_mask")
+            self.view_norms = self.add_weight(shape=(self.views * self.size,),
+                                              initializer="zeros", trainable=False,
+                                              name="view_norms")
 
-    def fill(self, features: np.ndarray, crops: np.ndarray) -> None:
-        """Store `size` training cells (standardised features, crops in [0, 1])."""
+    def fill(self, features: np.ndarray, crops: np.ndarray, names=None) -> None:
+        """Store `size` training cells (standardised features, crops in [0, 1]); with views,
+        `names` are the features' names (their texture directions)."""
         if len(features) < self.size:
             raise ValueError(f"the bank holds {self.size} cells; {len(features)} given")
         kept = np.clip(features[:self.size], -FEATURE_CLIP, FEATURE_CLIP).astype(np.float32)
         self.features.assign(np.ascontiguousarray(kept.T))
         self.norms.assign((kept * kept).sum(axis=1))
         self.crops.assign(np.asarray(crops[:self.size], np.float16))
+        if self.views > 1:
+            from cp2image_tf.training.symmetry import view_maps
+
+            if names is None or len(names) != self.n_features:
+                raise ValueError("a bank with views needs the features' names")
+            sources, weights = view_maps(names, square=self.views == 4)
+            sources, weights = sources[:self.views], weights[:self.views]
+            mask = weights.prod(axis=0).astype(np.float32)
+            self.view_sources.assign(sources.astype(np.int32))
+            self.view_mask.assign(mask)
+            self.view_norms.assign(np.concatenate(
+                [(kept[:, source] ** 2 * mask).sum(axis=1) for source in sources]))
         self.filled.assign(1.0)
 
     def bank_features(self, index=None):
@@ -109,6 +148,8 @@ class ExemplarBank(layers.Layer):
         edit] (a pinned exemplar)."""
         features, like = (inputs if isinstance(inputs, (list, tuple)) else (inputs, inputs))
         asked, f = clip_features(features), clip_features(like)
+        if self.views > 1:
+            return self._call_views(asked, f, training)
         # |f - b|^2 less |f|^2, which is the same for every bank cell b.
         distance = self.norms[None, :] - 2.0 * ops.matmul(f, self.features)
         if training:
@@ -127,6 +168,44 @@ class ExemplarBank(layers.Layer):
         crops = ops.cast(ops.take(self.crops, index, axis=0), "float32")
         return crops, self.bank_features(index), asked
 
+    def _call_views(self, asked, f, training):
+        """call() over every cell's views: index v * size + cell."""
+        from cp2image_tf.training.symmetry import view_order
+
+        n, views = self.size, self.views
+        masked = f * self.view_mask[None, :]
+        # sum_j m_j (f_j - b_{s(j)})^2 less sum_j m_j f_j^2. A view's map s permutes texture
+        # directions by an involution (a turn and a mirror commute, each its own inverse), so
+        # sum_j m_j f_j b_{s(j)} = sum_i (m f)_{s(i)} b_i: the query permuted, one product.
+        permuted = ops.stack([ops.take(masked, self.view_sources[v], axis=1)
+                              for v in range(views)], axis=1)  # [B, V, F]
+        batch = ops.shape(f)[0]
+        cross = ops.matmul(ops.reshape(permuted, (-1, self.n_features)), self.features)
+        distance = self.view_norms[None, :] - 2.0 * ops.reshape(cross, (batch, views * n))
+        if training:
+            own = ops.sum(f * f, axis=1, keepdims=True)
+            plain = self.norms[None, :] - 2.0 * ops.matmul(f, self.features)
+            itself = plain + own < 1e-5 * (own + self.norms[None, :]) + 1e-6
+            distance = ops.where(ops.tile(itself, (1, views)), ops.full_like(distance, 1e9),
+                                 distance)
+            _, nearest = ops.top_k(-distance, k=self.top_k)
+            pick = keras.random.randint((batch, 1), 0, self.top_k, seed=self.seed_generator)
+            index = ops.take_along_axis(nearest, pick, axis=1)[:, 0]
+        else:
+            index = ops.argmin(distance, axis=1)
+        index = ops.cast(index, "int32")
+        cell, view = index % n, index // n
+        crops = ops.cast(ops.take(self.crops, cell, axis=0), "float32")
+        turned = []
+        for k, mirror in view_order(square=views == 4)[:views]:
+            t = ops.rot90(crops, k=k, axes=(1, 2)) if k else crops
+            turned.append(ops.flip(t, axis=2) if mirror else t)
+        one_hot = ops.one_hot(view, views, dtype="float32")  # [B, V]
+        crops = ops.einsum("bv,bvhwc->bhwc", one_hot, ops.stack(turned, axis=1))
+        profile = ops.take_along_axis(self.bank_features(cell),
+                                      ops.take(self.view_sources, view, axis=0), axis=1)
+        return crops, profile, asked
+
     def compute_output_shape(self, input_shape):
         if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
             input_shape = input_shape[0]
@@ -136,16 +215,27 @@ class ExemplarBank(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "size": self.size, "n_features": self.n_features,
                 "crop_size": self.crop_size, "channels": self.channels, "top_k": self.top_k,
-                "seed": self.seed}
+                "seed": self.seed, "views": self.views}
 
 
 @keras.saving.register_keras_serializable(package="cp2image_tf")
-class Logit(layers.Layer):
-    """log(x / (1 - x)) of x clipped to [eps, 1 - eps]."""
+class EditAboveFloor(layers.Layer):
+    """[exemplar crop in [0, 1], logit correction] -> the edited crop, each channel kept above
+    the exemplar's darkest pixel in it (the image's background floor: camera offset and
+    background; no object is darker): with f that floor, u = (exemplar - f) / (1 - f)
+    clipped to [eps, 1 - eps], image = f + (1 - f) x sigmoid(logit(u) + delta). A zero
+    correction gives the exemplar back (its darkest pixel within eps of the floor)."""
 
-    def call(self, x):
-        x = ops.clip(x, LOGIT_EPS, 1.0 - LOGIT_EPS)
-        return ops.log(x) - ops.log(1.0 - x)
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, inputs):
+        exemplar, delta = (ops.cast(x, "float32") for x in inputs)
+        floor = ops.min(exemplar, axis=(1, 2), keepdims=True)
+        span = ops.maximum(1.0 - floor, LOGIT_EPS)
+        u = ops.clip((exemplar - floor) / span, LOGIT_EPS, 1.0 - LOGIT_EPS)
+        return floor + span * ops.sigmoid(ops.log(u) - ops.log(1.0 - u) + delta)
 
 
 def _conv_film(make, x, e, filters: int, name: str, strides: int = 1):
@@ -207,23 +297,23 @@ def _edit_graph(make, condition, picked, channels: int, width: int, embed: int):
     delta = make("delta", lambda: layers.Conv2D(channels, 3, padding="same",
                                                 kernel_initializer="zeros",
                                                 bias_initializer="zeros", name="delta"))(x)
-    exemplar_logit = make("exemplar_logit", lambda: Logit(name="exemplar_logit"))(exemplar)
-    logits = make("edited", lambda: layers.Add(name="edited"))([exemplar_logit, delta])
-    image = make("image", lambda: layers.Activation("sigmoid", dtype="float32", name="image"))(logits)
+    image = make("image", lambda: EditAboveFloor(name="image"))([exemplar, delta])
     return image, delta
 
 
 def build_exemplar_networks(n_features: int, crop_size: int = 68, channels: int = 3,
                             noise_dim: int = 0, width: int = 16, embed: int = 256,
                             bank: int = 8192, top_k: int = 4, seed: int = 0,
-                            training_cells: int | None = None, name: str = "decoder"):
+                            training_cells: int | None = None, views: bool = False,
+                            name: str = "decoder"):
     """(decoder: features -> image, editor: [features, (noise,) exemplar crop, exemplar
     features] -> [image, the logit correction]); the two share every layer but the bank
-    (training picks exemplars with the bank and runs the editor)."""
+    (training picks exemplars with the bank and runs the editor). views: the bank offers its
+    cells turned a quarter and mirrored too (ExemplarBank)."""
     check_crop_size(crop_size)
     made = {"exemplars": ExemplarBank(bank_size(bank, crop_size, channels, training_cells),
                                       n_features, crop_size, channels, top_k=top_k, seed=seed,
-                                      name="exemplars")}
+                                      views=4 if views else 1, name="exemplars")}
 
     def make(layer_name, constructor):
         if layer_name not in made:
@@ -279,5 +369,5 @@ def fill_bank(decoder, data_dir, manifest: dict, config) -> int:
     layer = bank_layer(decoder)
     layer.fill(*take_cells(data_dir, manifest, "train", layer.size, seed=config.seed,
                            scaling=config.scaling, normalization=config.normalization,
-                           crop_dtype=np.float16))
+                           crop_dtype=np.float16), names=manifest["features"]["names"])
     return layer.size

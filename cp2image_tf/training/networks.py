@@ -27,7 +27,7 @@ def build_exemplar(manifest: dict, config):
     return build_exemplar_networks(manifest["features"]["count"], crop["height"], crop["channels"],
                                    noise_dim=config.noise_dim, width=config.filters,
                                    bank=config.exemplars, top_k=config.exemplar_top_k,
-                                   seed=config.seed,
+                                   seed=config.seed, views=config.exemplar_views,
                                    training_cells=manifest["counts"]["splits"]["train"])
 
 
