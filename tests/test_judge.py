@@ -86,7 +86,37 @@ def test_a_run_does_one_round_per_judge_every_planned_steps_sized_to_the_steps_b
         assert judge.size() == size
     # Re-planned shorter (a time limit), the rounds still to come come sooner.
     judge.replan(planned_steps // 2)
-    assert judge.total() == planned_steps // 2 and judge.planned() <= rounds
+    assert judge.total() == planned_steps // 2
+    assert judge.planned() == min(3, (planned_steps // 2) // 400)
+
+
+def test_after_a_round_the_rounds_to_come_are_spaced_over_the_steps_the_time_left_allows(
+        monkeypatch):
+    from types import SimpleNamespace
+
+    import tensorflow as tf
+
+    from cp2image_tf.training import judge as judge_module
+
+    judge = object.__new__(judge_module.JudgeRounds)
+    judge.config = FitConfig()
+    judge.trainer = SimpleNamespace(total_steps=tf.Variable(4000), judge_done=tf.Variable(0),
+                                    judge_total=tf.Variable(0))
+    now = [100.0]
+    monkeypatch.setattr(judge_module.time, "perf_counter", lambda: now[0])
+    judge._pace = None
+    judge.replan_after_round(1000, 600.0, 10**6)  # no pace yet: the first plan stands
+    assert judge.total() == 4000
+    judge.start_pace(1)
+    # 999 decoder steps at 0.3 s, then a 60-s round (the first of three) at step 1000.
+    now[0] += 999 * 0.3 + 60.0
+    judge._pace["judged"], judge._pace["rounds"] = 60.0, 1
+    judge.trainer.judge_done.assign(1)
+    # 600 s left, less two rounds to come at 60 s each: 480 s at 0.3 s a step = 1600 steps.
+    judge.replan_after_round(1000, 600.0, 10**6)
+    assert judge.total() == 1000 + 1 + 1600
+    judge.replan_after_round(1000, 600.0, 2000)  # never beyond --steps
+    assert judge.total() == 2000
 
 
 def test_a_judge_round_measures_edits_and_trains_the_measurer_once(disc_dataset, tmp_path):

@@ -37,6 +37,7 @@ decoder it has then.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
@@ -116,6 +117,9 @@ class JudgeRounds:
         self.channels = measured_names(manifest)
         self.plan = plan_measurement(self.names, self.channels)
         self.segmentation = None
+        # For re-planning under --time-limit (replan_after_round): since the decoder step
+        # start_pace was called at, its time, and the rounds after it and their seconds.
+        self._pace = None
 
     def total(self) -> int:
         """The decoder steps the rounds are spaced over: the run's plan, or its re-plan after
@@ -145,6 +149,25 @@ class JudgeRounds:
         run's first plan)."""
         self.trainer.judge_total.assign(max(1, int(total)))
 
+    def start_pace(self, step: int) -> None:
+        """Decoder step `step` has just ended: the pace for re-planning counts from here (call
+        it after the run's first step in this process, which includes compiling)."""
+        self._pace = {"step": step, "time": time.perf_counter(), "judged": 0.0, "rounds": 0}
+
+    def replan_after_round(self, step: int, seconds_left: float, max_steps: int) -> None:
+        """After a round under --time-limit: the rounds' minutes were not in the first plan,
+        so the rounds still to come are spaced over the decoder steps the time left allows
+        at the decoder's pace since start_pace, less the rounds' own time at the pace of the
+        rounds since then. Nothing before the pace has a decoder step and a round."""
+        pace = self._pace
+        if pace is None or not pace["rounds"] or step <= pace["step"]:
+            return
+        per_step = (time.perf_counter() - pace["time"] - pace["judged"]) / (step - pace["step"])
+        per_round = pace["judged"] / pace["rounds"]
+        to_come = max(0, self.planned() - int(self.trainer.judge_done.numpy()))
+        left = max(0.0, seconds_left - to_come * per_round)
+        self.replan(min(max_steps, step + 1 + int(left / max(per_step, 1e-9))))
+
     def _cells(self, round_index: int, count: int):
         """`count` training cells (clipped standardised features, crops, raw features) in
         a shuffled order of their own."""
@@ -160,7 +183,6 @@ class JudgeRounds:
 
     def run(self, step: int) -> dict:
         import os
-        import time
 
         import tensorflow as tf
 
@@ -216,6 +238,10 @@ class JudgeRounds:
                            tf.constant([config.seed, round_index * 10**6 + 2 * s], tf.int64))
         after = agreement()
         trainer.judge_done.assign_add(1)
+        seconds = time.perf_counter() - start
+        if self._pace is not None:  # a round due at the pace's first step is not counted
+            self._pace["judged"] += seconds
+            self._pace["rounds"] += 1
         record = {"round": round_index + 1, "decoder_step": step, "planned_steps": self.total(),
                   "cells": n,
                   "measured_features": len(columns),
@@ -223,7 +249,7 @@ class JudgeRounds:
                   "steps": steps,
                   "loss": None if loss is None else float(loss["judge"]),
                   "held_out_before": before, "held_out_after": after,
-                  "seconds": round(time.perf_counter() - start, 1)}
+                  "seconds": round(seconds, 1)}
         if self.chief:
             path = self.run_dir / "judge.json"
             rounds = json.loads(path.read_text()) if path.is_file() else []

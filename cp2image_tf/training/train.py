@@ -612,9 +612,6 @@ def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     step, rate, iterators = start_step, None, None
     last_time, last_step = time.perf_counter(), step
-    # Since step start_step + 1 (the first includes compiling): when it ended, and the rounds
-    # and their seconds after it, for re-planning the rounds to come.
-    pace = {"start": None, "judged": 0.0, "rounds": 0}
     try:
         if step == 0:
             mse, ssim = validator(0)
@@ -622,31 +619,18 @@ def training_loop(trainer, batches: BatchStream, config: FitConfig, clock: Clock
                            "baseline_mse": validator.baseline_mse})
         while step < config.steps and clock.left() > 0:
             if judge is not None and judge.due(step):
-                judged = time.perf_counter()
                 summary.setdefault("judge", []).append(judge.run(step))
-                if pace["start"] is not None:
-                    pace["judged"] += time.perf_counter() - judged
-                    pace["rounds"] += 1
                 if clock.left() <= 0:
                     break
-                if (config.time_limit is not None and not planning and pace["rounds"]
-                        and step > start_step + 1):
-                    # The round's minutes were not in the plan: the rounds still to come are
-                    # spaced over the decoder steps the time left allows at the pace so far,
-                    # less the rounds' own time at the pace of the rounds so far.
-                    per_step = ((time.perf_counter() - pace["start"] - pace["judged"])
-                                / (step - start_step - 1))
-                    per_round = pace["judged"] / pace["rounds"]
-                    to_come = max(0, judge.planned() - int(trainer.judge_done.numpy()))
-                    left = max(0.0, clock.left() - to_come * per_round)
-                    judge.replan(min(config.steps, step + 1 + int(left / per_step)))
+                if config.time_limit is not None and not planning:
+                    judge.replan_after_round(step, clock.left(), config.steps)
             if iterators is None or batches.segment_starts(step):
                 iterators = batches.decoder(step)
             losses = step_fn(*iterators)
             step += 1
             bar.update(1)
-            if step == start_step + 1:
-                pace["start"] = time.perf_counter()
+            if judge is not None and step == start_step + 1:
+                judge.start_pace(step)  # the run's first step here included compiling
             if planning and step == PLAN_AFTER + 2:
                 seconds_per_step = (time.perf_counter() - plan_start) / PLAN_AFTER
                 bar.total = plan_total_steps(trainer, config, clock, seconds_per_step)
