@@ -291,3 +291,21 @@ def test_an_edit_never_goes_below_the_exemplars_background_floor():
     floor = exemplar.min(axis=(1, 2), keepdims=True)
     assert (pushed >= floor - 1e-6).all() and pushed[0, ..., 0].min() < 0.016
     assert (layer([exemplar, np.full_like(exemplar, 50.0)]).numpy() <= 1.0).all()
+
+
+def test_a_run_from_before_the_four_view_bank_is_resumed_only_as_it_was(tmp_path):
+    import json
+
+    from cp2image_tf.training.train import check_run_dir
+    from tfrecords_tools.errors import UserInputError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = {k: v for k, v in FitConfig().__dict__.items() if k != "exemplar_views"}
+    (run / "config.json").write_text(json.dumps(old))
+    with pytest.raises(UserInputError, match='"exemplar_views": false'):
+        check_run_dir(run, {}, FitConfig())
+    check_run_dir(run, {}, FitConfig(exemplar_views=False))
+    # The key means nothing to the other models.
+    (run / "config.json").write_text(json.dumps({**old, "model": "film"}))
+    check_run_dir(run, {}, FitConfig(model="film"))

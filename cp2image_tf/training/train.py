@@ -38,6 +38,9 @@ from tfrecords_tools.manifest import load_manifest, treatment_cells
 from tfrecords_tools.shards import check_shards, named_read_errors
 
 MODEL_KEYS = ("model", "filters", "noise_dim", "pixel_noise")
+# The exemplar model's network keys, with the value a config.json written before the key
+# existed meant.
+EXEMPLAR_KEYS_BEFORE = {"exemplar_views": False}
 
 
 def data_signature(manifest: dict) -> dict:
@@ -88,6 +91,14 @@ def check_run_dir(run_dir: Path, manifest: dict, config: FitConfig, new_data: bo
         except json.JSONDecodeError as err:
             raise UserInputError(f"{saved_config}: not valid JSON ({err}); the run folder is "
                                  "damaged. Use a new RUN_DIR.") from None
+        exemplar = config.model == "exemplar" and old.get("model") == "exemplar"
+        for key, before in EXEMPLAR_KEYS_BEFORE.items():
+            was = old.get(key, before)
+            if exemplar and was != getattr(config, key):
+                raise UserInputError(
+                    f"{run_dir}: was trained with {key}={was}, now {getattr(config, key)}; "
+                    f"resume it with {{\"{key}\": {json.dumps(was)}}} in --config (the network "
+                    "differs otherwise), or use a new RUN_DIR.")
         for key in MODEL_KEYS:
             if key in old and old[key] != getattr(config, key):
                 raise UserInputError(
