@@ -83,10 +83,10 @@ class ExemplarBank(layers.Layer):
         self.size, self.n_features = int(size), int(n_features)
         self.crop_size, self.channels = int(crop_size), int(channels)
         self.top_k, self.seed = int(max(1, min(top_k, size))), int(seed)
-        # 1: the cells as they are; 4 (square crops: a quarter turn or not, mirrored or not)
-        # or 2 (mirrored or not): the views whose profiles differ (symmetry.view_order).
-        if views not in (1, 2, 4):
-            raise ValueError(f"views must be 1, 2 or 4, not {views}")
+        # 1: the cells as they are; 4: a quarter turn or not, mirrored or not (the first four
+        # of symmetry.view_order: the views whose profiles differ).
+        if views not in (1, 4):
+            raise ValueError(f"views must be 1 or 4, not {views}")
         self.views = int(views)
         # Named: the same checkpoint entry in every process (an automatic name is uniquified).
         self.seed_generator = keras.random.SeedGenerator(self.seed, name="exemplar_picks")
@@ -129,7 +129,7 @@ class ExemplarBank(layers.Layer):
 
             if names is None or len(names) != self.n_features:
                 raise ValueError("a bank with views needs the features' names")
-            sources, weights = view_maps(names, square=self.views == 4)
+            sources, weights = view_maps(names)
             sources, weights = sources[:self.views], weights[:self.views]
             mask = weights.prod(axis=0).astype(np.float32)
             self.view_sources.assign(sources.astype(np.int32))
@@ -197,7 +197,7 @@ class ExemplarBank(layers.Layer):
         cell, view = index % n, index // n
         crops = ops.cast(ops.take(self.crops, cell, axis=0), "float32")
         turned = []
-        for k, mirror in view_order(square=views == 4)[:views]:
+        for k, mirror in view_order()[:views]:
             t = ops.rot90(crops, k=k, axes=(1, 2)) if k else crops
             turned.append(ops.flip(t, axis=2) if mirror else t)
         one_hot = ops.one_hot(view, views, dtype="float32")  # [B, V]
