@@ -61,6 +61,23 @@ def test_judge_rounds_are_for_the_exemplar_model():
     FitConfig(model="published").validate()
 
 
+def _planning_judge(planned_steps: int):
+    """A JudgeRounds with only what planning reads: the exemplar model's defaults (a round
+    every 400 steps, at most 3), a plan of `planned_steps`, no round done, no pace yet."""
+    from types import SimpleNamespace
+
+    import tensorflow as tf
+
+    from cp2image_tf.training.judge import JudgeRounds
+
+    judge = object.__new__(JudgeRounds)
+    judge.config = FitConfig()
+    judge.trainer = SimpleNamespace(total_steps=tf.Variable(planned_steps),
+                                    judge_done=tf.Variable(0), judge_total=tf.Variable(0))
+    judge._pace = None
+    return judge
+
+
 @pytest.mark.parametrize("planned_steps, rounds, first_at, size", [
     (300, 0, None, None),        # shorter than judge_every: no round
     (760, 1, 380, (380, 247)),   # about five minutes on the sample data: one, half way
@@ -69,16 +86,7 @@ def test_judge_rounds_are_for_the_exemplar_model():
 ])
 def test_a_run_does_one_round_per_judge_every_planned_steps_sized_to_the_steps_between(
         planned_steps, rounds, first_at, size):
-    from types import SimpleNamespace
-
-    import tensorflow as tf
-
-    from cp2image_tf.training.judge import JudgeRounds
-
-    judge = object.__new__(JudgeRounds)
-    judge.config = FitConfig()  # the exemplar model's defaults: every 400 steps, at most 3
-    judge.trainer = SimpleNamespace(total_steps=tf.Variable(planned_steps),
-                                    judge_done=tf.Variable(0), judge_total=tf.Variable(0))
+    judge = _planning_judge(planned_steps)
     assert judge.planned() == rounds
     due = [step for step in range(planned_steps) if judge.due(step)]
     assert (due[0] if due else None) == first_at
@@ -92,19 +100,11 @@ def test_a_run_does_one_round_per_judge_every_planned_steps_sized_to_the_steps_b
 
 def test_after_a_round_the_rounds_to_come_are_spaced_over_the_steps_the_time_left_allows(
         monkeypatch):
-    from types import SimpleNamespace
-
-    import tensorflow as tf
-
     from cp2image_tf.training import judge as judge_module
 
-    judge = object.__new__(judge_module.JudgeRounds)
-    judge.config = FitConfig()
-    judge.trainer = SimpleNamespace(total_steps=tf.Variable(4000), judge_done=tf.Variable(0),
-                                    judge_total=tf.Variable(0))
+    judge = _planning_judge(4000)
     now = [100.0]
     monkeypatch.setattr(judge_module.time, "perf_counter", lambda: now[0])
-    judge._pace = None
     judge.replan_after_round(1000, 600.0, 10**6)  # no pace yet: the first plan stands
     assert judge.total() == 4000
     judge.start_pace(1)

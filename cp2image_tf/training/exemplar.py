@@ -49,6 +49,7 @@ from keras import layers, ops
 
 from cp2image_tf.training.film import LEAK, FiLM, check_crop_size
 from cp2image_tf.training.model import condition_inputs
+from cp2image_tf.training.symmetry import view_maps, view_order
 
 FEATURE_CLIP = 5.0
 # The bank's crops are at most this many bytes (float16): 4,837 cells of 68 x 68 x 3. The lookup
@@ -125,8 +126,6 @@ class ExemplarBank(layers.Layer):
         self.norms.assign((kept * kept).sum(axis=1))
         self.crops.assign(np.asarray(crops[:self.size], np.float16))
         if self.views > 1:
-            from cp2image_tf.training.symmetry import view_maps
-
             if names is None or len(names) != self.n_features:
                 raise ValueError("a bank with views needs the features' names")
             sources, weights = view_maps(names)
@@ -170,8 +169,6 @@ class ExemplarBank(layers.Layer):
 
     def _call_views(self, asked, f, training):
         """call() over every cell's views: index v * size + cell."""
-        from cp2image_tf.training.symmetry import view_order
-
         n, views = self.size, self.views
         masked = f * self.view_mask[None, :]
         # sum_j m_j (f_j - b_{s(j)})^2 less sum_j m_j f_j^2. A view's map s permutes texture
