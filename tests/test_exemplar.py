@@ -309,3 +309,44 @@ def test_a_run_from_before_the_four_view_bank_is_resumed_only_as_it_was(tmp_path
     # The key means nothing to the other models.
     (run / "config.json").write_text(json.dumps({**old, "model": "film"}))
     check_run_dir(run, {}, FitConfig(model="film"))
+
+
+@pytest.mark.parametrize("views,noise_dim", [(True, 0), (False, 2)])
+def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(views, noise_dim):
+    """The SavedModel serves the exemplar model through folded.py (batch norm folded into the
+    convolutions, FiLM in one product, the lookup prefiltered in a few principal axes and
+    measured exactly): the same images as the Keras decoder, for any weights."""
+    from cp2image_tf.serving.folded import CANDIDATES, PROJECTION, make_folded
+    from cp2image_tf.training.exemplar import pinned_decoder
+
+    n_features, size, cells = 2 * PROJECTION + 8, 36, 160
+    names = ([f"Cells_Texture_Contrast_DNA_3_0{d}_256" for d in range(4)]
+             + ["Nuclei_AreaShape_Orientation"]
+             + [f"Cells_Intensity_Feature{j}_DNA" for j in range(n_features - 5)])
+    decoder, _ = build_exemplar_networks(n_features, size, 2, noise_dim=noise_dim, width=4,
+                                         embed=16, bank=cells, views=views)
+    rng = np.random.default_rng(0)
+    for weight in decoder.weights:
+        if weight.path.startswith("exemplars"):
+            continue
+        shape = tuple(weight.shape)
+        value = (rng.uniform(0.5, 2.0, shape) if "variance" in weight.path
+                 else rng.normal(0.0, 0.3 if "delta" in weight.path else 0.05, shape))
+        weight.assign(value.astype("float32"))
+    # Profiles as CellProfiler's are: hundreds of features, a few dozen independent.
+    mixing = rng.normal(size=(24, n_features)) / np.sqrt(24)
+    profiles = lambda n: (rng.normal(size=(n, 24)) @ mixing  # noqa: E731
+                          + 0.1 * rng.normal(size=(n, n_features))).astype("float32")
+    bank_layer(decoder).fill(profiles(cells), rng.uniform(0.05, 0.95, (cells, size, size, 2)),
+                             names=names)
+    folded = make_folded(decoder)
+    assert folded.projection is not None and cells * (4 if views else 1) > CANDIDATES
+    z, like = profiles(24), profiles(24)
+    inputs = [z, np.zeros((24, noise_dim), "float32")] if noise_dim else z
+    expected = decoder(inputs, training=False).numpy()
+    assert np.abs(expected - bank_layer(decoder)(z)[0].numpy()).mean() > 0.03  # edits, not copies
+    np.testing.assert_allclose(folded.draw(z).numpy(), expected, atol=1e-5)
+    pinned = pinned_decoder(decoder)
+    pinned_inputs = [z, inputs[1], like] if noise_dim else [z, like]
+    np.testing.assert_allclose(folded.draw(z, like).numpy(),
+                               pinned(pinned_inputs, training=False).numpy(), atol=1e-5)

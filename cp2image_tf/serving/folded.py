@@ -1,0 +1,196 @@
+"""The exemplar decoder's inference graph with its weights folded, for serving.
+
+At batch 1 on a CPU the exemplar model's time goes mostly to the number of graph ops, not to
+arithmetic: the Keras graph runs batch norm, FiLM and the bank lookup as some 400 small ops.
+make_folded builds the same image from the same weights in fewer ops, the folding that
+deployment tool chains do:
+
+- Batch norm (moving statistics, no scale or shift of its own) folds into the convolution
+  before it: W' = W / sqrt(var + eps), b' = -mean / sqrt(var + eps).
+- FiLM's scale and shift are linear in the embedding e, and so is b' carried through them:
+  lrelu((conv(x, W') + b') (1 + gamma(e)) + beta(e)) = lrelu(conv(x, W') S + T) with
+  S = 1 + e Kg + bg and T = e (Kb + Kg b') + bb + b' (1 + bg). The S and T of every block
+  come from one matrix product of the embedding.
+- The bank lookup gathers the four views' permuted queries in one gather, and shows the
+  picked crop in its view with one gather of its pixels (a table of each view's pixel
+  order), instead of turning it all four ways.
+- The lookup reads less of the bank: the bank's features [F, N] are 4 x 4,837 x 598 float32
+  products at a full bank, read from memory at every call. The profiles are first compared
+  in the bank's first PROJECTION principal axes, then the CANDIDATES nearest there are
+  measured exactly in all features; the nearest of those is the cell drawn.
+- Nearest-neighbour upsampling is one resize op.
+
+The bank's crops, norms and view tables are the decoder's own variables; the folded weights
+(and the bank's features, cell-major) are new variables of this module, so a SavedModel
+holding it restores in TensorFlow Serving as any other. tests/test_exemplar.py checks that it
+draws what the Keras decoder draws.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# The lookup's prefilter (make_folded): principal axes kept, candidates measured exactly. For
+# every test cell of the sample data (326) and of BBBC013 (400), the exact nearest view-cell of
+# the training cells was among the 32 nearest in 64 axes (in 96 axes, among the 8 nearest).
+PROJECTION = 96
+CANDIDATES = 32
+BLOCKS = ("enc1", "enc2", "enc3", "mid1", "mid2", "dec2", "dec1")
+
+
+def _np(variable) -> np.ndarray:
+    return np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable, np.float64)
+
+
+def fold_block(decoder, name: str):
+    """(W' [3, 3, in, out], the scale's kernel and bias [E, c], [c], the shift's [E, c], [c],
+    strides) of one conv-batch-norm-FiLM block, folded as the module docstring says."""
+    conv, bn = decoder.get_layer(name), decoder.get_layer(f"{name}_bn")
+    film = decoder.get_layer(f"{name}_film")
+    if conv.use_bias or bn.center or bn.scale:
+        raise ValueError(f"{name}: a block with a bias or batch-norm scale does not fold")
+    inv = 1.0 / np.sqrt(_np(bn.moving_variance) + bn.epsilon)
+    kernel = _np(conv.kernel) * inv
+    shift0 = -_np(bn.moving_mean) * inv
+    kg, bg = _np(film.gamma.kernel), _np(film.gamma.bias)
+    kb, bb = _np(film.beta.kernel), _np(film.beta.bias)
+    return (kernel, kg, 1.0 + bg, kb + kg * shift0[None, :], bb + shift0 * (1.0 + bg),
+            conv.strides[0])
+
+
+def make_folded(decoder):
+    """A tf.Module whose __call__(z, like=None, noise=None) draws what `decoder` draws."""
+    import tensorflow as tf
+
+    from cp2image_tf.training.exemplar import FEATURE_CLIP, LOGIT_EPS
+    from cp2image_tf.training.film import LEAK
+    from cp2image_tf.training.symmetry import view_order
+
+    bank = decoder.get_layer("exemplars")
+    embed1, embed2 = decoder.get_layer("embed1"), decoder.get_layer("embed2")
+    delta = decoder.get_layer("delta")
+    noise_dim = sum(int(i.shape[-1]) for i in decoder.inputs if i.name.startswith("noise"))
+
+    module = tf.Module(name="folded_exemplar")
+    f32 = lambda a, name: tf.Variable(np.asarray(a, np.float32), trainable=False, name=name)  # noqa: E731
+    module.embed1_kernel, module.embed1_bias = f32(_np(embed1.kernel), "e1k"), f32(_np(embed1.bias), "e1b")
+    module.embed2_kernel, module.embed2_bias = f32(_np(embed2.kernel), "e2k"), f32(_np(embed2.bias), "e2b")
+    kernels, film_kernels, film_biases, sizes, strides = [], [], [], [], []
+    for name in BLOCKS:
+        kernel, ks, bs, kt, bt, stride = fold_block(decoder, name)
+        kernels.append(f32(kernel, f"{name}_kernel"))
+        film_kernels += [ks, kt]
+        film_biases += [bs, bt]
+        sizes += [kernel.shape[-1]] * 2
+        strides.append(stride)
+    module.kernels = kernels
+    module.film_kernel = f32(np.concatenate(film_kernels, axis=1), "film_kernel")
+    module.film_bias = f32(np.concatenate(film_biases), "film_bias")
+    module.delta_kernel, module.delta_bias = f32(_np(delta.kernel), "dk"), f32(_np(delta.bias), "db")
+    views = bank.views
+    size, n_features = bank.size, bank.n_features
+    side, channels = bank.crop_size, bank.channels
+    if views > 1:
+        # pixel_order[v] lists, for each pixel of view v, the crop's pixel it shows (row-major).
+        grid = np.arange(side * side).reshape(side, side)
+        orders = []
+        for k, mirror in view_order()[:views]:
+            turned = np.rot90(grid, k)
+            orders.append((turned[:, ::-1] if mirror else turned).reshape(-1))
+        module.pixel_order = tf.Variable(np.stack(orders).astype(np.int32), trainable=False,
+                                         name="pixel_order")
+
+    # The lookup's prefilter: the bank projected on its first PROJECTION principal axes
+    # (uncentred: they keep inner products), where the CANDIDATES nearest are found, then
+    # measured exactly.
+    module.projection = module.projected = module.cells = None
+    if PROJECTION * 2 <= n_features and size * views > 4 * CANDIDATES:
+        cells = _np(bank.features).T
+        _, vectors = np.linalg.eigh(cells.T @ cells)
+        axes = vectors[:, ::-1][:, :PROJECTION]
+        module.projection = f32(axes, "projection")
+        module.projected = f32((cells @ axes).T, "projected")
+        # The bank's features cell-major too: candidates' rows gather contiguously.
+        module.cells = f32(cells, "cells")
+    norms = bank.norms if views == 1 else bank.view_norms
+
+    def nearest(queries):
+        """The index (view x size + cell) of the nearest bank cell to queries [B, views, F]."""
+        flat = tf.reshape(queries, [-1, n_features])
+        if module.projection is None:
+            cross = tf.reshape(tf.matmul(flat, bank.features), [-1, views * size])
+            return tf.argmin(norms[None, :] - 2.0 * cross, axis=1, output_type=tf.int32)
+        cross = tf.matmul(tf.matmul(flat, module.projection), module.projected)
+        _, candidates = tf.math.top_k(2.0 * tf.reshape(cross, [-1, views * size]) - norms[None, :],
+                                      k=CANDIDATES)
+        found = tf.gather(module.cells, tf.math.floormod(candidates, size))  # [B, m, F]
+        asked = tf.gather(queries, tf.math.floordiv(candidates, size), batch_dims=1)
+        exact = tf.gather(norms, candidates) - 2.0 * tf.reduce_sum(asked * found, axis=2)
+        best = tf.argmin(exact, axis=1, output_type=tf.int32)
+        return tf.gather(candidates, best, batch_dims=1)
+
+    def profiles(cell):
+        """The bank's features of cells [B] -> [B, F]."""
+        if module.cells is not None:
+            return tf.gather(module.cells, cell)
+        return tf.transpose(tf.gather(bank.features, cell, axis=1))
+
+    def lookup(f):
+        """(crop [B, H, W, C], its profile as picked [B, F]) of the bank cell nearest f."""
+        if views == 1:
+            cell = nearest(f[:, None, :])
+            crops = tf.cast(tf.gather(bank.crops, cell), tf.float32)
+            return crops, profiles(cell)
+        masked = f * bank.view_mask[None, :]
+        sources = tf.reshape(bank.view_sources, [-1])
+        index = nearest(tf.reshape(tf.gather(masked, sources, axis=1), [-1, views, n_features]))
+        cell, view = tf.math.floormod(index, size), tf.math.floordiv(index, size)
+        # The crop as the view shows it: its pixels gathered in the view's order.
+        pixels = tf.reshape(tf.gather(bank.crops, cell), [-1, side * side, channels])
+        crops = tf.reshape(tf.gather(pixels, tf.gather(module.pixel_order, view), batch_dims=1),
+                           [-1, side, side, channels])
+        crops = tf.cast(crops, tf.float32)
+        source = tf.gather(bank.view_sources, view)  # [B, F]
+        profile = tf.gather(profiles(cell), source, batch_dims=1)
+        return crops, profile
+
+    def block(x, kernel, scale, shift, stride):
+        y = tf.nn.conv2d(x, kernel, stride, "SAME")
+        y = y * scale + shift
+        return tf.nn.leaky_relu(y, LEAK)
+
+    def up_to(x, skip):
+        h, w = skip.shape[1], skip.shape[2]
+        x = tf.image.resize(x, [2 * x.shape[1], 2 * x.shape[2]], method="nearest")
+        return tf.concat([x[:, :h, :w, :], skip], axis=-1)
+
+    def draw(z, like=None, noise=None):
+        z = tf.cast(z, tf.float32)
+        asked = tf.clip_by_value(z, -FEATURE_CLIP, FEATURE_CLIP)
+        f = asked if like is None else tf.clip_by_value(tf.cast(like, tf.float32),
+                                                        -FEATURE_CLIP, FEATURE_CLIP)
+        exemplar, profile = lookup(f)
+        condition = z
+        if noise_dim:
+            condition = tf.concat([z, tf.zeros([tf.shape(z)[0], noise_dim]) if noise is None
+                                   else noise], axis=1)
+        e = tf.concat([condition, asked - profile], axis=1)
+        e = tf.nn.leaky_relu(tf.matmul(e, module.embed1_kernel) + module.embed1_bias, LEAK)
+        e = tf.nn.leaky_relu(tf.matmul(e, module.embed2_kernel) + module.embed2_bias, LEAK)
+        films = tf.split(tf.reshape(tf.matmul(e, module.film_kernel) + module.film_bias,
+                                    [-1, 1, 1, sum(sizes)]), sizes, axis=3)
+        k = iter(zip(kernels, films[0::2], films[1::2], strides))
+        s1 = block(exemplar, *next(k))
+        s2 = block(s1, *next(k))
+        x = block(s2, *next(k))
+        x = block(x, *next(k))
+        x = block(x, *next(k))
+        x = block(up_to(x, s2), *next(k))
+        x = block(up_to(x, s1), *next(k))
+        d = tf.nn.conv2d(x, module.delta_kernel, 1, "SAME") + module.delta_bias
+        floor = tf.reduce_min(exemplar, axis=[1, 2], keepdims=True)
+        span = tf.maximum(1.0 - floor, LOGIT_EPS)
+        u = tf.clip_by_value((exemplar - floor) / span, LOGIT_EPS, 1.0 - LOGIT_EPS)
+        return floor + span * tf.sigmoid(tf.math.log(u / (1.0 - u)) + d)
+
+    module.draw = draw
+    return module
