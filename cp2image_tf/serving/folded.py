@@ -10,7 +10,9 @@ deployment tool chains do:
 - FiLM's scale and shift are linear in the embedding e, and so is b' carried through them:
   lrelu((conv(x, W') + b') (1 + gamma(e)) + beta(e)) = lrelu(conv(x, W') S + T) with
   S = 1 + e Kg + bg and T = e (Kb + Kg b') + bb + b' (1 + bg). The S and T of every block
-  come from one matrix product of the embedding.
+  come from one matrix product of the embedding. For one cell (a batch of 1, as the explore
+  page asks), S folds into the kernel and T is its bias: lrelu(conv(x, W' S) + T), which
+  oneDNN runs as one fused op.
 - The bank lookup gathers the four views' permuted queries in one gather, and shows the
   picked crop in its view with one gather of its pixels (a table of each view's pixel
   order), instead of turning it all four ways.
@@ -58,7 +60,9 @@ def fold_block(decoder, name: str):
 
 
 def make_folded(decoder):
-    """A tf.Module whose __call__(z, like=None, noise=None) draws what `decoder` draws."""
+    """A tf.Module whose draw(z, like=None, noise=None) draws what the exemplar `decoder` draws
+    for standardised features z [B, F], edited from the bank cell nearest `like` (default z);
+    noise [B, N] (zeros if None) when the decoder takes noise."""
     import tensorflow as tf
 
     from cp2image_tf.training.exemplar import FEATURE_CLIP, LOGIT_EPS
@@ -71,9 +75,14 @@ def make_folded(decoder):
     noise_dim = sum(int(i.shape[-1]) for i in decoder.inputs if i.name.startswith("noise"))
 
     module = tf.Module(name="folded_exemplar")
-    f32 = lambda a, name: tf.Variable(np.asarray(a, np.float32), trainable=False, name=name)  # noqa: E731
-    module.embed1_kernel, module.embed1_bias = f32(_np(embed1.kernel), "e1k"), f32(_np(embed1.bias), "e1b")
-    module.embed2_kernel, module.embed2_bias = f32(_np(embed2.kernel), "e2k"), f32(_np(embed2.bias), "e2b")
+
+    def f32(value, name):
+        return tf.Variable(np.asarray(value, np.float32), trainable=False, name=name)
+
+    module.embed1_kernel = f32(_np(embed1.kernel), "embed1_kernel")
+    module.embed1_bias = f32(_np(embed1.bias), "embed1_bias")
+    module.embed2_kernel = f32(_np(embed2.kernel), "embed2_kernel")
+    module.embed2_bias = f32(_np(embed2.bias), "embed2_bias")
     kernels, film_kernels, film_biases, sizes, strides = [], [], [], [], []
     for name in BLOCKS:
         kernel, ks, bs, kt, bt, stride = fold_block(decoder, name)
@@ -85,7 +94,8 @@ def make_folded(decoder):
     module.kernels = kernels
     module.film_kernel = f32(np.concatenate(film_kernels, axis=1), "film_kernel")
     module.film_bias = f32(np.concatenate(film_biases), "film_bias")
-    module.delta_kernel, module.delta_bias = f32(_np(delta.kernel), "dk"), f32(_np(delta.bias), "db")
+    module.delta_kernel = f32(_np(delta.kernel), "delta_kernel")
+    module.delta_bias = f32(_np(delta.bias), "delta_bias")
     views = bank.views
     size, n_features = bank.size, bank.n_features
     side, channels = bank.crop_size, bank.channels
@@ -153,10 +163,26 @@ def make_folded(decoder):
         profile = tf.gather(profiles(cell), source, batch_dims=1)
         return crops, profile
 
-    def block(x, kernel, scale, shift, stride):
-        y = tf.nn.conv2d(x, kernel, stride, "SAME")
-        y = y * scale + shift
+    def block(x, kernel, scale, shift, stride, one):
+        if one:
+            # One cell: its FiLM scale folded into the kernel, the shift a bias (a convolution
+            # with bias and activation: one fused op on oneDNN).
+            y = tf.nn.bias_add(tf.nn.conv2d(x, kernel * scale[0, 0, 0], stride, "SAME"),
+                               shift[0, 0, 0])
+        else:
+            y = tf.nn.conv2d(x, kernel, stride, "SAME") * scale + shift
         return tf.nn.leaky_relu(y, LEAK)
+
+    def convolutions(exemplar, films, one):
+        """The editor's U-Net: the correction's last feature map."""
+        k = iter(zip(kernels, films[0::2], films[1::2], strides))
+        s1 = block(exemplar, *next(k), one)
+        s2 = block(s1, *next(k), one)
+        x = block(s2, *next(k), one)
+        x = block(x, *next(k), one)
+        x = block(x, *next(k), one)
+        x = block(up_to(x, s2), *next(k), one)
+        return block(up_to(x, s1), *next(k), one)
 
     def up_to(x, skip):
         h, w = skip.shape[1], skip.shape[2]
@@ -178,14 +204,8 @@ def make_folded(decoder):
         e = tf.nn.leaky_relu(tf.matmul(e, module.embed2_kernel) + module.embed2_bias, LEAK)
         films = tf.split(tf.reshape(tf.matmul(e, module.film_kernel) + module.film_bias,
                                     [-1, 1, 1, sum(sizes)]), sizes, axis=3)
-        k = iter(zip(kernels, films[0::2], films[1::2], strides))
-        s1 = block(exemplar, *next(k))
-        s2 = block(s1, *next(k))
-        x = block(s2, *next(k))
-        x = block(x, *next(k))
-        x = block(x, *next(k))
-        x = block(up_to(x, s2), *next(k))
-        x = block(up_to(x, s1), *next(k))
+        x = tf.cond(tf.shape(z)[0] == 1, lambda: convolutions(exemplar, films, True),
+                    lambda: convolutions(exemplar, films, False))
         d = tf.nn.conv2d(x, module.delta_kernel, 1, "SAME") + module.delta_bias
         floor = tf.reduce_min(exemplar, axis=[1, 2], keepdims=True)
         span = tf.maximum(1.0 - floor, LOGIT_EPS)
