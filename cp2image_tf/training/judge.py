@@ -237,6 +237,23 @@ class JudgeRounds:
             loss = step_fn(real_iterator, edit_iterator,
                            tf.constant([config.seed, round_index * 10**6 + 2 * s], tf.int64))
         after = agreement()
+        # Reliability from the judge: a feature whose edits' changes the measurer reads as
+        # cp-measure does (held-out edits) is one it can teach, whatever its real-crop r.
+        real_r = getattr(trainer, "reliability_r", None)
+        if real_r is not None:
+            read = (read_features(trainer.measurer, edits[held])
+                    - read_features(trainer.measurer, exemplars[held]))
+            judged = labels[held] - exemplar_features[held]
+            w = weights[held]
+            edit_r = np.full(len(real_r), np.nan)
+            for j in range(len(real_r)):
+                ok = w[:, j] > 0
+                a, b = read[ok, j], judged[ok, j]
+                if ok.sum() >= 10 and a.std() > 0 and b.std() > 0:
+                    edit_r[j] = np.corrcoef(a, b)[0, 1]
+            real = np.array([np.nan if v is None else v for v in real_r], np.float64)
+            combined = np.fmax(np.nan_to_num(real, nan=0.0), np.nan_to_num(edit_r, nan=0.0))
+            trainer.set_reliability(list(combined), keep=False)
         trainer.judge_done.assign_add(1)
         seconds = time.perf_counter() - start
         if self._pace is not None:  # a round due at the pace's first step is not counted
