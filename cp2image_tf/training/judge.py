@@ -101,6 +101,22 @@ def change_agreement(read_change: np.ndarray, judged_change: np.ndarray, weights
             "fraction_r_0.7": float((r >= 0.7).mean())}
 
 
+def judged_reliability(real_r, read_change: np.ndarray, judged_change: np.ndarray,
+                       weights: np.ndarray, min_cells: int = 10) -> list:
+    """Per feature, how far the consistency can trust the measurer after a round: the larger
+    of its validation r on real crops (`real_r`, None or NaN where undefined) and the r of its
+    reading of held-out edits' changes with the judge's (features with at least min_cells
+    weighted edits whose changes vary on both sides; else 0)."""
+    real = np.nan_to_num(np.array([np.nan if v is None else v for v in real_r], np.float64))
+    edit_r = np.zeros(len(real), np.float64)
+    for j in range(len(real)):
+        ok = weights[:, j] > 0
+        a, b = read_change[ok, j], judged_change[ok, j]
+        if ok.sum() >= min_cells and a.std() > 0 and b.std() > 0:
+            edit_r[j] = np.corrcoef(a, b)[0, 1]
+    return np.fmax(real, np.nan_to_num(edit_r)).tolist()
+
+
 class JudgeRounds:
     """The judge rounds of one fit: `due(step)` says whether a round is due before decoder step
     step + 1; `run()` does it and returns its record (also appended to RUN_DIR/judge.json)."""
@@ -243,17 +259,8 @@ class JudgeRounds:
         if real_r is not None:
             read = (read_features(trainer.measurer, edits[held])
                     - read_features(trainer.measurer, exemplars[held]))
-            judged = labels[held] - exemplar_features[held]
-            w = weights[held]
-            edit_r = np.full(len(real_r), np.nan)
-            for j in range(len(real_r)):
-                ok = w[:, j] > 0
-                a, b = read[ok, j], judged[ok, j]
-                if ok.sum() >= 10 and a.std() > 0 and b.std() > 0:
-                    edit_r[j] = np.corrcoef(a, b)[0, 1]
-            real = np.array([np.nan if v is None else v for v in real_r], np.float64)
-            combined = np.fmax(np.nan_to_num(real, nan=0.0), np.nan_to_num(edit_r, nan=0.0))
-            trainer.set_reliability(list(combined), keep=False)
+            trainer.set_reliability(judged_reliability(
+                real_r, read, labels[held] - exemplar_features[held], weights[held]), keep=False)
         trainer.judge_done.assign_add(1)
         seconds = time.perf_counter() - start
         if self._pace is not None:  # a round due at the pace's first step is not counted
