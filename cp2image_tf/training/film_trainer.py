@@ -272,7 +272,7 @@ class FilmTrainer:
         self._steps["judge"] = step
         return step
 
-    def set_reliability(self, r) -> None:
+    def set_reliability(self, r, keep: bool = True) -> None:
         """Weight each feature's consistency error by the measurer's validation r^2 (0 for
         r <= 0 or undefined: None or NaN, as measurer_report gives it), scaled to a mean of
         1; all ones when the config says not to.
@@ -281,6 +281,8 @@ class FilmTrainer:
         anything but the feature: on the sample data the features a 30-minute run pushed
         furthest from real cells (Cells MinIntensity_DNA +8 SD, MinIntensityEdge_DNA +5.6)
         were ones it read at r 0.01-0.04."""
+        if keep:
+            self.reliability_r = list(r)  # the real-crop r, for the judge rounds (judge.py)
         weights = np.ones(self.n_features, np.float32)
         if self.config.reliability_weighted:
             r = np.nan_to_num(np.array([np.nan if v is None else v for v in r], np.float64))

@@ -101,6 +101,22 @@ def change_agreement(read_change: np.ndarray, judged_change: np.ndarray, weights
             "fraction_r_0.7": float((r >= 0.7).mean())}
 
 
+def judged_reliability(real_r, read_change: np.ndarray, judged_change: np.ndarray,
+                       weights: np.ndarray, min_cells: int = 10) -> list:
+    """Per feature, how far the consistency can trust the measurer after a round: the larger
+    of its validation r on real crops (`real_r`, None or NaN where undefined) and the r of its
+    reading of held-out edits' changes with the judge's (features with at least min_cells
+    weighted edits whose changes vary on both sides; else 0)."""
+    real = np.nan_to_num(np.array([np.nan if v is None else v for v in real_r], np.float64))
+    edit_r = np.zeros(len(real), np.float64)
+    for j in range(len(real)):
+        ok = weights[:, j] > 0
+        a, b = read_change[ok, j], judged_change[ok, j]
+        if ok.sum() >= min_cells and a.std() > 0 and b.std() > 0:
+            edit_r[j] = np.corrcoef(a, b)[0, 1]
+    return np.fmax(real, np.nan_to_num(edit_r)).tolist()
+
+
 class JudgeRounds:
     """The judge rounds of one fit: `due(step)` says whether a round is due before decoder step
     step + 1; `run()` does it and returns its record (also appended to RUN_DIR/judge.json)."""
@@ -237,6 +253,14 @@ class JudgeRounds:
             loss = step_fn(real_iterator, edit_iterator,
                            tf.constant([config.seed, round_index * 10**6 + 2 * s], tf.int64))
         after = agreement()
+        # Reliability from the judge: a feature whose edits' changes the measurer reads as
+        # cp-measure does (held-out edits) is one it can teach, whatever its real-crop r.
+        real_r = getattr(trainer, "reliability_r", None)
+        if real_r is not None:
+            read = (read_features(trainer.measurer, edits[held])
+                    - read_features(trainer.measurer, exemplars[held]))
+            trainer.set_reliability(judged_reliability(
+                real_r, read, labels[held] - exemplar_features[held], weights[held]), keep=False)
         trainer.judge_done.assign_add(1)
         seconds = time.perf_counter() - start
         if self._pace is not None:  # a round due at the pace's first step is not counted
