@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from cp2image_tf.training.config import FitConfig
-from cp2image_tf.training.judge import calibration_slopes, change_agreement, judge_labels
+from cp2image_tf.training.judge import (calibration_slopes, change_agreement, judge_labels,
+                                         judged_reliability)
 from cp2image_tf.training.train import fit
 from tfrecords_tools.errors import UserInputError
 
@@ -159,3 +160,19 @@ def test_under_a_time_limit_the_rounds_still_to_come_are_spaced_over_the_time_le
     assert 0.75 * steps < rounds[1]["planned_steps"] < 1.25 * steps
     assert 0.5 * steps < second < 0.8 * steps
     assert [(r["cells"], r["steps"]) for r in rounds] == [(48, 20), (48, 20)]
+
+
+def test_after_a_round_a_feature_is_trusted_as_far_as_the_measurer_follows_the_judge():
+    rng = np.random.default_rng(0)
+    judged = rng.normal(size=(40, 4))
+    read = judged.copy()
+    read[:, 1] = -judged[:, 1]  # read backwards: no trust from the edits
+    read[:, 2] = rng.normal(size=40)  # not read at all
+    weights = np.ones((40, 4))
+    weights[5:, 3] = 0  # five edits of feature 3 measured: too few to judge
+    r = judged_reliability([0.2, 0.6, None, 0.5], read, judged, weights)
+    # Feature 0: followed exactly (r 1) over a real-crop r of 0.2; feature 1 keeps its real-crop
+    # 0.6; feature 2 (undefined on real crops, noise on edits) gets the larger of 0 and a
+    # chance r; feature 3 keeps 0.5.
+    assert r[0] == pytest.approx(1.0) and r[1] == pytest.approx(0.6) and r[3] == 0.5
+    assert 0.0 <= r[2] < 0.4

@@ -97,6 +97,10 @@ class FitConfig:
     judge_cells: int = 768
     judge_steps: int = 500
     judge_lr: float = 3e-4
+    # After each round the consistency trusts a feature as far as the larger of the measurer's
+    # r on real crops and its r on the round's held-out edits' changes (judge.judged_reliability):
+    # a feature it reads poorly on real cells but follows on edits is one it can teach.
+    judge_reliability: bool = True
     pixel_weight: float | None = None
     # The exemplar model: training cells kept in the model (fewer for large crops, see
     # exemplar.BANK_BYTES), how many nearest ones training picks from, the L1 weight that

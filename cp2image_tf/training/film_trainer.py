@@ -280,7 +280,8 @@ class FilmTrainer:
         A feature the measurer cannot read is one its reading of an edit answers to
         anything but the feature: on the sample data the features a 30-minute run pushed
         furthest from real cells (Cells MinIntensity_DNA +8 SD, MinIntensityEdge_DNA +5.6)
-        were ones it read at r 0.01-0.04."""
+        were ones it read at r 0.01-0.04. keep: r is the measurer's r on real crops, kept for
+        the judge rounds (which set the weights again from it and their edits, keep=False)."""
         if keep:
             self.reliability_r = list(r)  # the real-crop r, for the judge rounds (judge.py)
         weights = np.ones(self.n_features, np.float32)

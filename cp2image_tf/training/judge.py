@@ -256,7 +256,7 @@ class JudgeRounds:
         # Reliability from the judge: a feature whose edits' changes the measurer reads as
         # cp-measure does (held-out edits) is one it can teach, whatever its real-crop r.
         real_r = getattr(trainer, "reliability_r", None)
-        if real_r is not None:
+        if real_r is not None and config.judge_reliability:
             read = (read_features(trainer.measurer, edits[held])
                     - read_features(trainer.measurer, exemplars[held]))
             trainer.set_reliability(judged_reliability(

@@ -580,6 +580,15 @@ def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: b
             if report:
                 summary["measurer"] = report
                 managers[0].save(checkpoint_number=int(trainer.step.numpy()))
+            elif config.judge_rounds and config.judge_reliability and int(
+                    trainer.measurer_done.numpy()):
+                # Resumed after the measurer's phase: the judge rounds still to come weigh the
+                # consistency from its r on real crops, read again (every worker alike).
+                from cp2image_tf.training.film_trainer import measurer_report
+
+                trainer.reliability_r = measurer_report(
+                    trainer.measurer, validator.crops, validator.feats,
+                    manifest["features"]["names"])["r"]
         judge = None
         if config.judge_rounds and getattr(trainer, "editor", None) is not None:
             from cp2image_tf.training.judge import JudgeRounds
