@@ -340,7 +340,9 @@ def pinned_decoder(decoder) -> keras.Model:
     nearest `like` (standardised features both), with the decoder's own layers and weights.
 
     A traversal pins its start profile's exemplar this way, so the strip shows one cell
-    changing with the feature rather than the lookup jumping between cells."""
+    changing with the feature rather than the lookup jumping between cells. The served
+    `edit` signature draws the same through the folded graph (serving/folded.py); this
+    Keras model is its definition (the tests compare the two)."""
     n_features = decoder.get_layer("exemplars").n_features
     noise = [i for i in decoder.inputs if i.name.startswith("noise")]
     channels = decoder.output_shape[-1]
