@@ -119,9 +119,12 @@ def test_measurer_keeps_its_best_check_and_stops_when_it_no_longer_improves(disc
         np.testing.assert_array_equal(final, kept)
     assert any(not np.array_equal(a, b) for a, b in zip(seen[-1], seen[4]))
     assert summary["measurer"]["kept_step"] == 6
-    # Resumed, phase 1 is over: the measurer does not train again.
+    # Resumed, phase 1 is over: the measurer does not train again. Its r on real crops is read
+    # once more (for the judge rounds' reliability), from the measurer as it was kept.
     again = fit(disc_dataset, run, FitConfig(**{**config.__dict__, "steps": 2}), progress=False)
-    assert "measurer" not in again and len(seen) == 6
+    assert "measurer" not in again and len(seen) == 7
+    for kept, resumed in zip(seen[5], seen[6]):
+        np.testing.assert_array_equal(resumed, kept)
 
 
 def test_time_limit_stops_cleanly_and_resume_continues_the_budget(disc_dataset, tmp_path):
