@@ -16,10 +16,10 @@ deployment tool chains do:
 - The bank lookup gathers the four views' permuted queries in one gather, and shows the
   picked crop in its view with one gather of its pixels (a table of each view's pixel
   order), instead of turning it all four ways.
-- The lookup reads less of the bank: the bank's features [F, N] are 4 x 4,837 x 598 float32
-  products at a full bank, read from memory at every call. The profiles are first compared
-  in the bank's first PROJECTION principal axes, then the CANDIDATES nearest there are
-  measured exactly in all features; the nearest of those is the cell drawn.
+- The lookup reads less of the bank: the exact one reads all its features at every call
+  (598 x 4,837 float32, 11.6 MB at a full bank of the sample's shape). The profiles are first
+  compared in the bank's first PROJECTION principal axes, then the CANDIDATES nearest there
+  are measured exactly in all features; the nearest of those is the cell drawn.
 - Nearest-neighbour upsampling is one resize op.
 
 The bank's crops, norms and view tables are the decoder's own variables; the folded weights
