@@ -286,8 +286,7 @@ class FilmTrainer:
             self.reliability_r = list(r)  # the real-crop r, for the judge rounds (judge.py)
         weights = np.ones(self.n_features, np.float32)
         if self.config.reliability_weighted:
-            r = np.nan_to_num(np.array([np.nan if v is None else v for v in r], np.float64))
-            squared = np.clip(r, 0.0, 1.0) ** 2
+            squared = np.clip(defined_r(r), 0.0, 1.0) ** 2
             if squared.sum() > 0:
                 weights = (squared / squared.mean()).astype(np.float32)
         self.reliability.assign(weights)
@@ -406,6 +405,12 @@ def read_features(measurer, crops: np.ndarray) -> np.ndarray:
     """The measurer's reading [N, F] of crops [N, H, W, C], 256 at a time."""
     return np.concatenate([measurer(crops[i:i + 256], training=False).numpy()
                            for i in range(0, len(crops), 256)])
+
+
+def defined_r(r) -> np.ndarray:
+    """Per-feature r as measurer_report gives it (None or NaN where undefined) as float64,
+    0 where undefined."""
+    return np.nan_to_num(np.array([np.nan if v is None else v for v in r], np.float64))
 
 
 def measurer_report(measurer, crops: np.ndarray, features: np.ndarray, names) -> dict:

@@ -83,18 +83,29 @@ def judge_labels(exemplar_features: np.ndarray, measured_exemplars: np.ndarray,
     return labels, weights
 
 
-def change_agreement(read_change: np.ndarray, judged_change: np.ndarray, weights: np.ndarray,
-                     min_cells: int = 10) -> dict:
-    """How far the measurer's reading of edits' changes follows the judge's: per feature with
-    at least min_cells weighted edits and a judged change that varies, Pearson r; their
-    median and the share at r >= 0.7."""
-    r = []
-    for j in range(read_change.shape[1]):
+def change_r(read_change: np.ndarray, judged_change: np.ndarray, weights: np.ndarray,
+             min_cells: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature, the Pearson r of the measurer's reading of edits' changes with the judge's
+    over its weighted edits: (r [F], counted [F]). Counted: at least min_cells weighted edits
+    and a judged change that varies. r is 0 where not counted or the reading does not vary."""
+    n_features = read_change.shape[1]
+    r, counted = np.zeros(n_features, np.float64), np.zeros(n_features, bool)
+    for j in range(n_features):
         ok = weights[:, j] > 0
         a, b = read_change[ok, j], judged_change[ok, j]
         if ok.sum() >= min_cells and b.std() > 0:
-            r.append(np.corrcoef(a, b)[0, 1] if a.std() > 0 else 0.0)
-    r = np.nan_to_num(np.asarray(r, np.float64))
+            counted[j] = True
+            if a.std() > 0:
+                r[j] = np.corrcoef(a, b)[0, 1]
+    return np.nan_to_num(r), counted
+
+
+def change_agreement(read_change: np.ndarray, judged_change: np.ndarray, weights: np.ndarray,
+                     min_cells: int = 10) -> dict:
+    """How far the measurer's reading of edits' changes follows the judge's: the median of
+    change_r over the counted features and the share at r >= 0.7."""
+    r, counted = change_r(read_change, judged_change, weights, min_cells)
+    r = r[counted]
     if not len(r):
         return {"features": 0, "median_r": None, "fraction_r_0.7": None}
     return {"features": int(len(r)), "median_r": float(np.median(r)),
@@ -104,17 +115,12 @@ def change_agreement(read_change: np.ndarray, judged_change: np.ndarray, weights
 def judged_reliability(real_r, read_change: np.ndarray, judged_change: np.ndarray,
                        weights: np.ndarray, min_cells: int = 10) -> list:
     """Per feature, how far the consistency can trust the measurer after a round: the larger
-    of its validation r on real crops (`real_r`, None or NaN where undefined) and the r of its
-    reading of held-out edits' changes with the judge's (features with at least min_cells
-    weighted edits whose changes vary on both sides; else 0)."""
-    real = np.nan_to_num(np.array([np.nan if v is None else v for v in real_r], np.float64))
-    edit_r = np.zeros(len(real), np.float64)
-    for j in range(len(real)):
-        ok = weights[:, j] > 0
-        a, b = read_change[ok, j], judged_change[ok, j]
-        if ok.sum() >= min_cells and a.std() > 0 and b.std() > 0:
-            edit_r[j] = np.corrcoef(a, b)[0, 1]
-    return np.fmax(real, np.nan_to_num(edit_r)).tolist()
+    of its validation r on real crops (`real_r`, None or NaN where undefined) and change_r of
+    its reading of held-out edits' changes with the judge's."""
+    from cp2image_tf.training.film_trainer import defined_r
+
+    edit_r, _ = change_r(read_change, judged_change, weights, min_cells)
+    return np.fmax(defined_r(real_r), edit_r).tolist()
 
 
 class JudgeRounds:
@@ -230,12 +236,13 @@ class JudgeRounds:
         held = np.arange(n - max(1, n // 4), n)
         learn = np.arange(0, held[0])
 
-        def agreement():
-            read = (read_features(trainer.measurer, edits[held])
-                    - read_features(trainer.measurer, exemplars[held]))
-            return change_agreement(read, labels[held] - exemplar_features[held], weights[held])
+        judged = labels[held] - exemplar_features[held]
 
-        before = agreement()
+        def read_change():
+            return (read_features(trainer.measurer, edits[held])
+                    - read_features(trainer.measurer, exemplars[held]))
+
+        before = change_agreement(read_change(), judged, weights[held])
         strategy = trainer.strategy
         per_replica = config.batch_size // strategy.num_replicas_in_sync
         seed = self.batches.seed(4, round_index)
@@ -252,15 +259,14 @@ class JudgeRounds:
         for s in range(steps):
             loss = step_fn(real_iterator, edit_iterator,
                            tf.constant([config.seed, round_index * 10**6 + 2 * s], tf.int64))
-        after = agreement()
+        read = read_change()
+        after = change_agreement(read, judged, weights[held])
         # Reliability from the judge: a feature whose edits' changes the measurer reads as
         # cp-measure does (held-out edits) is one it can teach, whatever its real-crop r.
         real_r = getattr(trainer, "reliability_r", None)
         if real_r is not None and config.judge_reliability:
-            read = (read_features(trainer.measurer, edits[held])
-                    - read_features(trainer.measurer, exemplars[held]))
-            trainer.set_reliability(judged_reliability(
-                real_r, read, labels[held] - exemplar_features[held], weights[held]), keep=False)
+            trainer.set_reliability(judged_reliability(real_r, read, judged, weights[held]),
+                                    keep=False)
         trainer.judge_done.assign_add(1)
         seconds = time.perf_counter() - start
         if self._pace is not None:  # a round due at the pace's first step is not counted
