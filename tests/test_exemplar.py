@@ -311,15 +311,18 @@ def test_a_run_from_before_the_four_view_bank_is_resumed_only_as_it_was(tmp_path
     check_run_dir(run, {}, FitConfig(model="film"))
 
 
-@pytest.mark.parametrize("views,noise_dim", [(True, 0), (False, 2)])
-def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(views, noise_dim):
+@pytest.mark.parametrize("views,noise_dim,size", [(True, 0, 36), (False, 2, 34)])
+def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(views, noise_dim,
+                                                                             size):
     """The SavedModel serves the exemplar model through folded.py (batch norm folded into the
     convolutions, FiLM in one product, the lookup prefiltered in a few principal axes and
     measured exactly): the same images as the Keras decoder, for any weights."""
     from cp2image_tf.serving.folded import CANDIDATES, PROJECTION, make_folded
     from cp2image_tf.training.exemplar import pinned_decoder
 
-    n_features, size, cells = 2 * PROJECTION + 8, 36, 160
+    # 36 px: 36 -> 18 -> 9 and back, each upsampled map twice its input (a transposed
+    # convolution); 34 px: 17 -> 9, upsampled to 18 and cropped to 17 (the cropped way).
+    n_features, cells = 2 * PROJECTION + 8, 160
     names = ([f"Cells_Texture_Contrast_DNA_3_0{d}_256" for d in range(4)]
              + ["Nuclei_AreaShape_Orientation"]
              + [f"Cells_Intensity_Feature{j}_DNA" for j in range(n_features - 5)])
