@@ -50,7 +50,8 @@ def parse_duration(text) -> float | None:
 
 @dataclass
 class FitConfig:
-    # Which network: film (the default; film.py) or published (model.py, as in the paper).
+    # Which network: exemplar (the default; exemplar.py), film (film.py) or published
+    # (model.py, as in the paper).
     model: str = "exemplar"
     # Steps and batches (published: batch 104, one cell per treatment, up to 680,000 steps).
     # With time_limit (seconds), training stops at whichever comes first.
