@@ -20,7 +20,10 @@ deployment tool chains do:
   (598 x 4,837 float32, 11.6 MB at a full bank of the sample's shape). The profiles are first
   compared in the bank's first PROJECTION principal axes, then the CANDIDATES nearest there
   are measured exactly in all features; the nearest of those is the cell drawn.
-- Nearest-neighbour upsampling is one resize op.
+- The decoder blocks convolve [x upsampled x2, skip]: the sum of the two parts' convolutions,
+  the upsampled part's a stride-2 transposed convolution of x itself (upsampling_kernel), so
+  no upsampled map is made and the upsampled part costs 16 taps at a quarter of the pixels
+  instead of 9 at all of them (where the upsampled map is cropped, it is made, by one resize).
 
 The bank's crops, norms and view tables are the decoder's own variables; the folded weights
 (and the bank's features, cell-major) are new variables of this module, so a SavedModel
