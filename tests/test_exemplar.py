@@ -293,9 +293,10 @@ def test_an_edit_never_goes_below_the_exemplars_background_floor():
     assert (layer([exemplar, np.full_like(exemplar, 50.0)]).numpy() <= 1.0).all()
 
 
-def test_a_run_from_before_the_four_view_bank_is_resumed_only_as_it_was(tmp_path):
+def test_a_run_from_before_the_four_view_bank_is_resumed_and_exported_as_it_was(tmp_path):
     import json
 
+    from cp2image_tf.serving.export import run_config
     from cp2image_tf.training.train import check_run_dir
     from tfrecords_tools.errors import UserInputError
 
@@ -306,6 +307,10 @@ def test_a_run_from_before_the_four_view_bank_is_resumed_only_as_it_was(tmp_path
     with pytest.raises(UserInputError, match='"exemplar_views": false'):
         check_run_dir(run, {}, FitConfig())
     check_run_dir(run, {}, FitConfig(exemplar_views=False))
+    # Export builds the network it was trained with; the other keys as written.
+    (run / "config.json").write_text(json.dumps({**old, "exemplar_top_k": 16}))
+    config = run_config(run)
+    assert config.exemplar_views is False and config.exemplar_top_k == 16
     # The key means nothing to the other models.
     (run / "config.json").write_text(json.dumps({**old, "model": "film"}))
     check_run_dir(run, {}, FitConfig(model="film"))
@@ -345,12 +350,14 @@ def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(vie
     folded = make_folded(decoder)
     assert folded.projection is not None and cells * (4 if views else 1) > CANDIDATES
     z, like = profiles(24), profiles(24)
+    z[0] *= 8.0  # beyond the features' clip (5 SD): clipped in the difference to the exemplar
     inputs = [z, np.zeros((24, noise_dim), "float32")] if noise_dim else z
     expected = decoder(inputs, training=False).numpy()
     assert np.abs(expected - bank_layer(decoder)(z)[0].numpy()).mean() > 0.03  # edits, not copies
     np.testing.assert_allclose(folded.draw(z).numpy(), expected, atol=1e-5)
     # One cell (the explore page's request) takes its own branch: FiLM folded into the kernels.
     np.testing.assert_allclose(folded.draw(z[:1]).numpy(), expected[:1], atol=1e-5)
+    np.testing.assert_allclose(folded.draw(z[1:2]).numpy(), expected[1:2], atol=1e-5)
     pinned = pinned_decoder(decoder)
     pinned_inputs = [z, inputs[1], like] if noise_dim else [z, like]
     np.testing.assert_allclose(folded.draw(z, like).numpy(),

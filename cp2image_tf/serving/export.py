@@ -39,11 +39,25 @@ WARMUP_BATCHES = (1, 8, 64)
 DESCRIBE_KEYS = ("model", "manifest")
 
 
+def run_config(run_dir):
+    """The FitConfig a run folder was trained with. A key its config.json does not have yet
+    takes the value that meant when it was written: runs from before the film model
+    trained the published one; the exemplar model's network keys, train.EXEMPLAR_KEYS_BEFORE."""
+    from cp2image_tf.training.config import FitConfig
+    from cp2image_tf.training.train import EXEMPLAR_KEYS_BEFORE
+
+    path = Path(run_dir) / "config.json"
+    saved = json.loads(path.read_text())
+    before = {} if "model" in saved else {"model": "published"}
+    if saved.get("model") == "exemplar":
+        before.update({k: v for k, v in EXEMPLAR_KEYS_BEFORE.items() if k not in saved})
+    return FitConfig.from_file(path, **before)
+
+
 def load_run(run_dir, checkpoint: str = "best"):
     """(decoder with restored weights, manifest, FitConfig, checkpoint info) of a run folder."""
     import tensorflow as tf
 
-    from cp2image_tf.training.config import FitConfig
     from cp2image_tf.training.networks import build_model_decoder
 
     run_dir = Path(run_dir)
@@ -57,10 +71,7 @@ def load_run(run_dir, checkpoint: str = "best"):
                              "(no config.json and manifest.json).")
     if checkpoint not in ("best", "latest"):
         raise UserInputError(f"--checkpoint {checkpoint}: choose best or latest.")
-    saved = json.loads((run_dir / "config.json").read_text())
-    # Runs written before the film model existed trained the published one.
-    config = FitConfig.from_file(run_dir / "config.json",
-                                 **({} if "model" in saved else {"model": "published"}))
+    config = run_config(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     folder = run_dir / ("best" if checkpoint == "best" else "checkpoints")
     path = tf.train.latest_checkpoint(str(folder))

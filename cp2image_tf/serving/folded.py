@@ -13,6 +13,10 @@ deployment tool chains do:
   come from one matrix product of the embedding. For one cell (a batch of 1, as the explore
   page asks), S folds into the kernel and T is its bias: lrelu(conv(x, W' S) + T), which
   oneDNN runs as one fused op.
+- The embedding's first layer reads [z, clip(z) - the exemplar's profile]: its product is
+  z's with one kernel (the two parts' summed) less a row of a table of every bank cell's
+  profile (in each view) through the kernel, computed once here; z's clipped part is
+  added only when some feature is beyond the clip. Half the layer's weights read at a call.
 - The bank lookup gathers the four views' permuted queries in one gather, and shows the
   picked crop in its view with one gather of its pixels (a table of each view's pixel
   order), instead of turning it all four ways.
@@ -97,7 +101,15 @@ def make_folded(decoder):
     def f32(value, name):
         return tf.Variable(np.asarray(value, np.float32), trainable=False, name=name)
 
-    module.embed1_kernel = f32(_np(embed1.kernel), "embed1_kernel")
+    # The embedding's first layer reads [z, noise, clip(z) - the exemplar's profile p]:
+    # z Kz + noise Kn + (clip(z) - p) Kd = z (Kz + Kd) + noise Kn - p Kd, plus (clip(z) - z) Kd
+    # where z is clipped. p Kd is a row of a table of the bank's cells in each view (below).
+    kernel1 = _np(embed1.kernel)
+    n_asked = kernel1.shape[0] - bank.n_features
+    kd = kernel1[n_asked:]
+    module.embed1_kernel = f32(kernel1[:bank.n_features] + kd, "embed1_kernel")
+    module.embed1_clipped = f32(kd, "embed1_clipped")
+    module.embed1_noise = f32(kernel1[bank.n_features:n_asked], "embed1_noise")
     module.embed1_bias = f32(_np(embed1.bias), "embed1_bias")
     module.embed2_kernel = f32(_np(embed2.kernel), "embed2_kernel")
     module.embed2_bias = f32(_np(embed2.bias), "embed2_bias")
@@ -139,8 +151,8 @@ def make_folded(decoder):
     # (uncentred: they keep inner products), where the CANDIDATES nearest are found, then
     # measured exactly.
     module.projection = module.projected = module.cells = None
+    cells = _np(bank.features).T  # [size, F]
     if PROJECTION * 2 <= n_features and size * views > 4 * CANDIDATES:
-        cells = _np(bank.features).T
         _, vectors = np.linalg.eigh(cells.T @ cells)
         axes = vectors[:, ::-1][:, :PROJECTION]
         module.projection = f32(axes, "projection")
@@ -148,6 +160,12 @@ def make_folded(decoder):
         # The bank's features cell-major too: candidates' rows gather contiguously.
         module.cells = f32(cells, "cells")
     norms = bank.norms if views == 1 else bank.view_norms
+    # Each bank cell's profile, as each view has it, through the embedding: row view x size +
+    # cell (the index nearest() returns).
+    sources = (np.asarray(bank.view_sources.numpy()) if views > 1
+               else np.arange(n_features)[None, :])
+    module.embed1_bank = f32(np.concatenate([cells[:, source] @ kd for source in sources]),
+                             "embed1_bank")
 
     def nearest(queries):
         """The index (view x size + cell) of the nearest bank cell to queries [B, views, F]."""
@@ -164,18 +182,12 @@ def make_folded(decoder):
         best = tf.argmin(exact, axis=1, output_type=tf.int32)
         return tf.gather(candidates, best, batch_dims=1)
 
-    def profiles(cell):
-        """The bank's features of cells [B] -> [B, F]."""
-        if module.cells is not None:
-            return tf.gather(module.cells, cell)
-        return tf.transpose(tf.gather(bank.features, cell, axis=1))
-
     def lookup(f):
-        """(crop [B, H, W, C], its profile as picked [B, F]) of the bank cell nearest f."""
+        """(crop [B, H, W, C] of the bank cell nearest f as its view shows it, the index of
+        that view and cell)."""
         if views == 1:
             cell = nearest(f[:, None, :])
-            crops = tf.cast(tf.gather(bank.crops, cell), tf.float32)
-            return crops, profiles(cell)
+            return tf.cast(tf.gather(bank.crops, cell), tf.float32), cell
         masked = f * bank.view_mask[None, :]
         sources = tf.reshape(bank.view_sources, [-1])
         index = nearest(tf.reshape(tf.gather(masked, sources, axis=1), [-1, views, n_features]))
@@ -184,10 +196,7 @@ def make_folded(decoder):
         pixels = tf.reshape(tf.gather(bank.crops, cell), [-1, side * side, channels])
         crops = tf.reshape(tf.gather(pixels, tf.gather(module.pixel_order, view), batch_dims=1),
                            [-1, side, side, channels])
-        crops = tf.cast(crops, tf.float32)
-        source = tf.gather(bank.view_sources, view)  # [B, F]
-        profile = tf.gather(profiles(cell), source, batch_dims=1)
-        return crops, profile
+        return tf.cast(crops, tf.float32), index
 
     def block(x, kernel, scale, shift, stride, one):
         if one:
@@ -236,13 +245,15 @@ def make_folded(decoder):
         asked = tf.clip_by_value(z, -FEATURE_CLIP, FEATURE_CLIP)
         f = asked if like is None else tf.clip_by_value(tf.cast(like, tf.float32),
                                                         -FEATURE_CLIP, FEATURE_CLIP)
-        exemplar, profile = lookup(f)
-        condition = z
-        if noise_dim:
-            condition = tf.concat([z, tf.zeros([tf.shape(z)[0], noise_dim]) if noise is None
-                                   else noise], axis=1)
-        e = tf.concat([condition, asked - profile], axis=1)
-        e = tf.nn.leaky_relu(tf.matmul(e, module.embed1_kernel) + module.embed1_bias, LEAK)
+        exemplar, index = lookup(f)
+        e = tf.matmul(z, module.embed1_kernel) + (module.embed1_bias
+                                                 - tf.gather(module.embed1_bank, index))
+        if noise_dim and noise is not None:
+            e += tf.matmul(tf.cast(noise, tf.float32), module.embed1_noise)
+        # Features beyond the clip (rare: FEATURE_CLIP SD) enter the difference clipped.
+        e = tf.cond(tf.reduce_any(tf.abs(z) > FEATURE_CLIP),
+                    lambda: e + tf.matmul(asked - z, module.embed1_clipped), lambda: e)
+        e = tf.nn.leaky_relu(e, LEAK)
         e = tf.nn.leaky_relu(tf.matmul(e, module.embed2_kernel) + module.embed2_bias, LEAK)
         films = tf.split(tf.reshape(tf.matmul(e, module.film_kernel) + module.film_bias,
                                     [-1, 1, 1, sum(sizes)]), sizes, axis=3)
