@@ -358,6 +358,10 @@ def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(vie
     # One cell (the explore page's request) takes its own branch: FiLM folded into the kernels.
     np.testing.assert_allclose(folded.draw(z[:1]).numpy(), expected[:1], atol=1e-5)
     np.testing.assert_allclose(folded.draw(z[1:2]).numpy(), expected[1:2], atol=1e-5)
+    if noise_dim:  # the sampling signature's noise enters the embedding as in the decoder
+        noise = rng.normal(size=(24, noise_dim)).astype("float32")
+        np.testing.assert_allclose(folded.draw(z, noise=noise).numpy(),
+                                   decoder([z, noise], training=False).numpy(), atol=1e-5)
     pinned = pinned_decoder(decoder)
     pinned_inputs = [z, inputs[1], like] if noise_dim else [z, like]
     np.testing.assert_allclose(folded.draw(z, like).numpy(),
