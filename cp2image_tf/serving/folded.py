@@ -105,11 +105,11 @@ def make_folded(decoder):
     # z Kz + noise Kn + (clip(z) - p) Kd = z (Kz + Kd) + noise Kn - p Kd, plus (clip(z) - z) Kd
     # where z is clipped. p Kd is a row of a table of the bank's cells in each view (below).
     kernel1 = _np(embed1.kernel)
-    n_asked = kernel1.shape[0] - bank.n_features
-    kd = kernel1[n_asked:]
+    kd = kernel1[bank.n_features + noise_dim:]
     module.embed1_kernel = f32(kernel1[:bank.n_features] + kd, "embed1_kernel")
     module.embed1_clipped = f32(kd, "embed1_clipped")
-    module.embed1_noise = f32(kernel1[bank.n_features:n_asked], "embed1_noise")
+    module.embed1_noise = f32(kernel1[bank.n_features:bank.n_features + noise_dim],
+                              "embed1_noise")
     module.embed1_bias = f32(_np(embed1.bias), "embed1_bias")
     module.embed2_kernel = f32(_np(embed2.kernel), "embed2_kernel")
     module.embed2_bias = f32(_np(embed2.bias), "embed2_bias")
