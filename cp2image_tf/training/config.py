@@ -108,7 +108,7 @@ class FitConfig:
     # keeps an edit close to its exemplar, and whether the measurer's reading must move from
     # the exemplar's by the profile's difference (relative) or equal the profile.
     exemplars: int = 8192
-    exemplar_top_k: int = 4
+    exemplar_top_k: int = 16
     # The bank offers its cells turned and mirrored too, each with its profile as the view
     # has it (texture directions permuted; exemplar.ExemplarBank).
     exemplar_views: bool = True
