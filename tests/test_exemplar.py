@@ -274,6 +274,24 @@ def test_the_bank_offers_its_cells_turned_and_mirrored_with_their_profiles():
     _, picked, _ = bank(feats, training=True)
     for i, p in enumerate(np.asarray(picked)):
         assert not any(np.allclose(p, feats[i][s]) for s in sources), i
+    # A shape weight counts the shape features (the area, not the orientation) that many
+    # times: other cells are nearest, the same ones served and in training's distance.
+    bank.fill(feats, crops, names=names, shape_weight=5.0)
+    weighted = mask * np.array([5.0, 1] + [1] * 8)
+    distance = np.stack([(((asked[:, None] - feats[:, s][None]) ** 2) * weighted).sum(-1)
+                         for s in sources], 1).reshape(20, -1)
+    assert (distance.argmin(1) != best).sum() >= 3
+    best = distance.argmin(1)
+    _, profile, _ = bank(asked, training=False)
+    np.testing.assert_allclose(np.asarray(profile),
+                               np.stack([feats[b % 12][sources[b // 12]] for b in best]),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="views"):
+        ExemplarBank(12, len(names), 32, 2).fill(feats, crops, names=names, shape_weight=5.0)
+    from tfrecords_tools.errors import UserInputError
+    with pytest.raises(UserInputError, match="exemplar_shape_weight 5.0: .* exemplar_views"):
+        FitConfig(exemplar_views=False, exemplar_shape_weight=5.0).validate()
+    FitConfig(exemplar_shape_weight=5.0).validate()
 
 
 def test_an_edit_never_goes_below_the_exemplars_background_floor():
@@ -329,8 +347,8 @@ def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(vie
     # convolution); 34 px: 17 -> 9, upsampled to 18 and cropped to 17 (the cropped way).
     n_features, cells = 2 * PROJECTION + 8, 160
     names = ([f"Cells_Texture_Contrast_DNA_3_0{d}_256" for d in range(4)]
-             + ["Nuclei_AreaShape_Orientation"]
-             + [f"Cells_Intensity_Feature{j}_DNA" for j in range(n_features - 5)])
+             + ["Nuclei_AreaShape_Orientation", "Nuclei_AreaShape_Area", "Cells_AreaShape_Area"]
+             + [f"Cells_Intensity_Feature{j}_DNA" for j in range(n_features - 7)])
     decoder, _ = build_exemplar_networks(n_features, size, 2, noise_dim=noise_dim, width=4,
                                          embed=16, bank=cells, views=views)
     rng = np.random.default_rng(0)
@@ -345,8 +363,9 @@ def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(vie
     mixing = rng.normal(size=(24, n_features)) / np.sqrt(24)
     profiles = lambda n: (rng.normal(size=(n, 24)) @ mixing  # noqa: E731
                           + 0.1 * rng.normal(size=(n, n_features))).astype("float32")
+    # With views, the lookup weighs the two shape features three times.
     bank_layer(decoder).fill(profiles(cells), rng.uniform(0.05, 0.95, (cells, size, size, 2)),
-                             names=names)
+                             names=names, shape_weight=3.0 if views else 1.0)
     folded = make_folded(decoder)
     assert folded.projection is not None and cells * (4 if views else 1) > CANDIDATES
     z, like = profiles(24), profiles(24)

@@ -73,6 +73,12 @@ def bank_size(wanted: int, crop_size: int, channels: int, training_cells: int | 
     return int(max(1, size))
 
 
+def shape_features(names) -> np.ndarray:
+    """Which features describe an object's shape and size (AreaShape, not Zernike moments):
+    what an edit changes least, so the lookup may weigh them more (ExemplarBank.fill)."""
+    return np.array(["_AreaShape_" in n and "_Zernike_" not in n for n in names], bool)
+
+
 @keras.saving.register_keras_serializable(package="cp2image_tf")
 class ExemplarBank(layers.Layer):
     """features [B, F] -> (the nearest bank cell's crop [B, H, W, C], its features [B, F],
@@ -116,9 +122,13 @@ class ExemplarBank(layers.Layer):
                                               initializer="zeros", trainable=False,
                                               name="view_norms")
 
-    def fill(self, features: np.ndarray, crops: np.ndarray, names=None) -> None:
+    def fill(self, features: np.ndarray, crops: np.ndarray, names=None,
+             shape_weight: float = 1.0) -> None:
         """Store `size` training cells (standardised features, crops in [0, 1]); with views,
-        `names` are the features' names (their texture directions)."""
+        `names` are the features' names (their texture directions), and the lookup's distance
+        counts each shape feature (shape_features) `shape_weight` times."""
+        if shape_weight != 1.0 and self.views == 1:
+            raise ValueError("a shape weight needs a bank with views (exemplar_views)")
         if len(features) < self.size:
             raise ValueError(f"the bank holds {self.size} cells; {len(features)} given")
         kept = np.clip(features[:self.size], -FEATURE_CLIP, FEATURE_CLIP).astype(np.float32)
@@ -131,6 +141,7 @@ class ExemplarBank(layers.Layer):
             sources, weights = view_maps(names)
             sources, weights = sources[:self.views], weights[:self.views]
             mask = weights.prod(axis=0).astype(np.float32)
+            mask[shape_features(names)] *= shape_weight
             self.view_sources.assign(sources.astype(np.int32))
             self.view_mask.assign(mask)
             self.view_norms.assign(np.concatenate(
@@ -368,5 +379,6 @@ def fill_bank(decoder, data_dir, manifest: dict, config) -> int:
     layer = bank_layer(decoder)
     layer.fill(*take_cells(data_dir, manifest, "train", layer.size, seed=config.seed,
                            scaling=config.scaling, normalization=config.normalization,
-                           crop_dtype=np.float16), names=manifest["features"]["names"])
+                           crop_dtype=np.float16), names=manifest["features"]["names"],
+               shape_weight=getattr(config, "exemplar_shape_weight", 1.0))
     return layer.size
