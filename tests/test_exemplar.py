@@ -289,9 +289,12 @@ def test_the_bank_offers_its_cells_turned_and_mirrored_with_their_profiles():
     with pytest.raises(ValueError, match="views"):
         ExemplarBank(12, len(names), 32, 2).fill(feats, crops, names=names, shape_weight=5.0)
     from tfrecords_tools.errors import UserInputError
-    with pytest.raises(UserInputError, match="exemplar_shape_weight 5.0: .* exemplar_views"):
+    with pytest.raises(UserInputError, match="exemplar_shape_weight 5.0 with exemplar_views "
+                       "false: .* set exemplar_shape_weight to 1"):
         FitConfig(exemplar_views=False, exemplar_shape_weight=5.0).validate()
-    FitConfig(exemplar_shape_weight=5.0).validate()
+    with pytest.raises(UserInputError, match="exemplar_shape_weight 0: must be positive"):
+        FitConfig(exemplar_shape_weight=0).validate()
+    FitConfig(exemplar_views=False, exemplar_shape_weight=1.0).validate()
 
 
 def test_an_edit_never_goes_below_the_exemplars_background_floor():
@@ -320,15 +323,25 @@ def test_a_run_from_before_the_four_view_bank_is_resumed_and_exported_as_it_was(
 
     run = tmp_path / "run"
     run.mkdir()
-    old = {k: v for k, v in FitConfig().__dict__.items() if k != "exemplar_views"}
+    old = {k: v for k, v in FitConfig().__dict__.items()
+           if k not in ("exemplar_views", "exemplar_shape_weight")}
     (run / "config.json").write_text(json.dumps(old))
-    with pytest.raises(UserInputError, match='"exemplar_views": false'):
+    # One message names every setting to give back (a bank of one view weighs no feature).
+    with pytest.raises(UserInputError, match='"exemplar_views": false, '
+                                             '"exemplar_shape_weight": 1.0}'):
         check_run_dir(run, {}, FitConfig())
-    check_run_dir(run, {}, FitConfig(exemplar_views=False))
+    check_run_dir(run, {}, FitConfig(exemplar_views=False, exemplar_shape_weight=1.0))
+    # A run of four views from before the shape weight counted every feature once.
+    (run / "config.json").write_text(json.dumps({**old, "exemplar_views": True}))
+    with pytest.raises(UserInputError, match=r'exemplar_shape_weight=1.0, now 4.0; .*'
+                                             r'\{"exemplar_shape_weight": 1.0\}'):
+        check_run_dir(run, {}, FitConfig())
+    assert run_config(run).exemplar_shape_weight == 1.0
     # Export builds the network it was trained with; the other keys as written.
     (run / "config.json").write_text(json.dumps({**old, "exemplar_top_k": 4}))
     config = run_config(run)
     assert config.exemplar_views is False and config.exemplar_top_k == 4
+    assert config.exemplar_shape_weight == 1.0
     # The key means nothing to the other models.
     (run / "config.json").write_text(json.dumps({**old, "model": "film"}))
     check_run_dir(run, {}, FitConfig(model="film"))

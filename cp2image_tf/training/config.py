@@ -114,8 +114,10 @@ class FitConfig:
     exemplar_views: bool = True
     # The lookup (training's picks and serving's) counts each shape feature (AreaShape but
     # Zernike: size, elongation, form) this many times in its distance: the exemplar's shape
-    # is what an edit changes least. Needs exemplar_views.
-    exemplar_shape_weight: float = 1.0
+    # is what an edit changes least, and where an edit must change it, it draws strokes
+    # (benchmarks/bench_edits.py). The one-view bank (exemplar_views false) counts every
+    # feature once: set 1 with it.
+    exemplar_shape_weight: float = 4.0
     anchor_weight: float | None = None
     relative_consistency: bool = True
     # The identity share: this fraction of each batch edits the cell itself towards its own
@@ -204,10 +206,13 @@ class FitConfig:
                                  "(0: the measurer trains its full steps).")
         if self.noise_dim < 0 or self.grid_cells < 0:
             raise UserInputError("--noise-dim and --grid-cells must not be negative.")
-        if self.exemplar_shape_weight <= 0 or (self.exemplar_shape_weight != 1.0
-                                               and not self.exemplar_views):
+        if self.exemplar_shape_weight <= 0:
             raise UserInputError(f"exemplar_shape_weight {self.exemplar_shape_weight}: must be "
-                                 "positive, and other than 1 only with exemplar_views true.")
+                                 "positive.")
+        if self.exemplar_shape_weight != 1.0 and not self.exemplar_views:
+            raise UserInputError(f"exemplar_shape_weight {self.exemplar_shape_weight} with "
+                                 "exemplar_views false: the one-view bank counts every feature "
+                                 "once; set exemplar_shape_weight to 1 as well.")
 
     def to_json(self, path) -> None:
         Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")

@@ -38,9 +38,9 @@ from tfrecords_tools.manifest import load_manifest, treatment_cells
 from tfrecords_tools.shards import check_shards, named_read_errors
 
 MODEL_KEYS = ("model", "filters", "noise_dim", "pixel_noise")
-# The exemplar model's network keys, with the value a config.json written before the key
-# existed meant.
-EXEMPLAR_KEYS_BEFORE = {"exemplar_views": False}
+# The exemplar model's keys its network or bank is built with, and the value a config.json
+# written before the key existed meant.
+EXEMPLAR_KEYS_BEFORE = {"exemplar_views": False, "exemplar_shape_weight": 1.0}
 
 
 def data_signature(manifest: dict) -> dict:
@@ -92,13 +92,15 @@ def check_run_dir(run_dir: Path, manifest: dict, config: FitConfig, new_data: bo
             raise UserInputError(f"{saved_config}: not valid JSON ({err}); the run folder is "
                                  "damaged. Use a new RUN_DIR.") from None
         exemplar = config.model == "exemplar" and old.get("model") == "exemplar"
-        for key, before in EXEMPLAR_KEYS_BEFORE.items():
-            was = old.get(key, before)
-            if exemplar and was != getattr(config, key):
-                raise UserInputError(
-                    f"{run_dir}: was trained with {key}={was}, now {getattr(config, key)}; "
-                    f"resume it with {{\"{key}\": {json.dumps(was)}}} in --config (the network "
-                    "differs otherwise), or use a new RUN_DIR.")
+        was = {key: old.get(key, before) for key, before in EXEMPLAR_KEYS_BEFORE.items()}
+        differ = {key: value for key, value in was.items() if value != getattr(config, key)}
+        if exemplar and differ:
+            raise UserInputError(
+                f"{run_dir}: was trained with "
+                + ", ".join(f"{key}={value}" for key, value in differ.items()) + ", now "
+                + ", ".join(f"{getattr(config, key)}" for key in differ)
+                + f"; resume it with {json.dumps(differ)} in --config (its network or bank "
+                "differs otherwise), or use a new RUN_DIR.")
         for key in MODEL_KEYS:
             if key in old and old[key] != getattr(config, key):
                 raise UserInputError(
