@@ -225,9 +225,11 @@ def make_folded(decoder):
         else:
             y = tf.image.resize(x, [2 * x.shape[1], 2 * x.shape[2]], method="nearest")
             y = tf.nn.conv2d(y[:, :h, :w, :], up, 1, "SAME")
-        y = tf.nn.conv2d(skip, across, 1, "SAME") + y
-        y = tf.nn.bias_add(y, shift[0, 0, 0]) if one else y * scale + shift
-        return tf.nn.leaky_relu(y, LEAK)
+        if one:
+            # conv + bias + add + activation: one fused op on oneDNN.
+            return tf.nn.leaky_relu(
+                tf.nn.bias_add(tf.nn.conv2d(skip, across, 1, "SAME"), shift[0, 0, 0]) + y, LEAK)
+        return tf.nn.leaky_relu((tf.nn.conv2d(skip, across, 1, "SAME") + y) * scale + shift, LEAK)
 
     def convolutions(exemplar, films, one):
         """The editor's U-Net: the correction's last feature map."""
@@ -259,7 +261,7 @@ def make_folded(decoder):
                                     [-1, 1, 1, sum(sizes)]), sizes, axis=3)
         x = tf.cond(tf.shape(z)[0] == 1, lambda: convolutions(exemplar, films, True),
                     lambda: convolutions(exemplar, films, False))
-        d = tf.nn.conv2d(x, module.delta_kernel, 1, "SAME") + module.delta_bias
+        d = tf.nn.bias_add(tf.nn.conv2d(x, module.delta_kernel, 1, "SAME"), module.delta_bias)
         floor = tf.reduce_min(exemplar, axis=[1, 2], keepdims=True)
         span = tf.maximum(1.0 - floor, LOGIT_EPS)
         u = tf.clip_by_value((exemplar - floor) / span, LOGIT_EPS, 1.0 - LOGIT_EPS)
