@@ -380,5 +380,5 @@ def fill_bank(decoder, data_dir, manifest: dict, config) -> int:
     layer.fill(*take_cells(data_dir, manifest, "train", layer.size, seed=config.seed,
                            scaling=config.scaling, normalization=config.normalization,
                            crop_dtype=np.float16), names=manifest["features"]["names"],
-               shape_weight=getattr(config, "exemplar_shape_weight", 1.0))
+               shape_weight=config.exemplar_shape_weight)
     return layer.size
