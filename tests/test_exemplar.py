@@ -349,9 +349,9 @@ def test_a_run_from_before_the_four_view_bank_is_resumed_and_exported_as_it_was(
     check_run_dir(run, {}, FitConfig(model="film"))
 
 
-@pytest.mark.parametrize("views,noise_dim,size", [(True, 0, 36), (False, 2, 34)])
+@pytest.mark.parametrize("views,noise_dim,size,warp", [(True, 0, 36, True), (False, 2, 34, False)])
 def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(views, noise_dim,
-                                                                             size):
+                                                                             size, warp):
     """The SavedModel serves the exemplar model through folded.py (batch norm folded into the
     convolutions, FiLM in one product, the lookup prefiltered in a few principal axes and
     measured exactly): the same images as the Keras decoder, for any weights."""
@@ -365,14 +365,15 @@ def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(vie
              + ["Nuclei_AreaShape_Orientation", "Nuclei_AreaShape_Area", "Cells_AreaShape_Area"]
              + [f"Cells_Intensity_Feature{j}_DNA" for j in range(n_features - 7)])
     decoder, _ = build_exemplar_networks(n_features, size, 2, noise_dim=noise_dim, width=4,
-                                         embed=16, bank=cells, views=views)
+                                         embed=16, bank=cells, views=views, warp=warp)
     rng = np.random.default_rng(0)
     for weight in decoder.weights:
         if weight.path.startswith("exemplars"):
             continue
         shape = tuple(weight.shape)
         value = (rng.uniform(0.5, 2.0, shape) if "variance" in weight.path
-                 else rng.normal(0.0, 0.3 if "delta" in weight.path else 0.05, shape))
+                 else rng.normal(0.0, 0.3 if "delta" in weight.path or "warp" in weight.path
+                                 else 0.05, shape))
         weight.assign(value.astype("float32"))
     # Profiles as CellProfiler's are: hundreds of features, a few dozen independent.
     mixing = rng.normal(size=(24, n_features)) / np.sqrt(24)
@@ -400,3 +401,38 @@ def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(vie
     pinned_inputs = [z, inputs[1], like] if noise_dim else [z, like]
     np.testing.assert_allclose(folded.draw(z, like).numpy(),
                                pinned(pinned_inputs, training=False).numpy(), atol=1e-5)
+
+
+def test_the_warp_samples_as_the_served_op_and_grows_shrinks_or_stretches_the_cell():
+    """WarpCrop (training) samples as tf.raw_ops.ImageProjectiveTransformV3 (serving), gives
+    the crop back at zero parameters, and its parameters get gradients (the op's do not)."""
+    import tensorflow as tf
+
+    from cp2image_tf.training.exemplar import WARP_LIMIT, WarpCrop, warp_transforms
+
+    size = 33
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2.0
+    disc = (np.hypot(xx, yy) < 8).astype("float32")
+    rng = np.random.default_rng(0)
+    crops = np.stack([disc, disc, disc, rng.uniform(size=(size, size)).astype("float32")])
+    crops = np.stack([crops, 1.0 - crops], axis=-1)  # [4, size, size, 2]
+    grow = np.arctanh(-0.3 / WARP_LIMIT)  # each axis read from 0.7 of its length: x 1/0.7
+    params = np.array([[0, 0, 0], [grow, 0, grow], [-grow, 0, 0], [0.7, -1.1, 0.4]], "float32")
+    warped = WarpCrop()([crops, params]).numpy()
+    served = tf.raw_ops.ImageProjectiveTransformV3(
+        images=crops, transforms=warp_transforms(params, size, size), output_shape=[size, size],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST").numpy()
+    np.testing.assert_allclose(warped, served, atol=1e-6)
+    np.testing.assert_array_equal(warped[0], crops[0])
+    area = warped[:, :, :, 0].sum(axis=(1, 2))
+    assert area[1] == pytest.approx(disc.sum() / 0.7 ** 2, rel=0.05)  # grown both ways
+    assert area[2] == pytest.approx(disc.sum() / 1.3, rel=0.05)  # shrunk along x only
+    rows, cols = warped[2, :, :, 0].sum(axis=1).max(), warped[2, :, :, 0].sum(axis=0).max()
+    assert rows < 0.85 * cols  # narrower than tall
+    variable = tf.Variable(params)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(WarpCrop()([crops, variable]) ** 2)
+    gradient = tape.gradient(loss, variable).numpy()
+    # (a disc's shear gradient is zero by symmetry, the noise crop's is not)
+    assert np.all(np.isfinite(gradient)) and np.abs(gradient[1:, [0, 2]]).min() > 0
+    assert np.abs(gradient[3]).min() > 0

@@ -24,6 +24,8 @@ deployment tool chains do:
   (598 x 4,837 float32, 11.6 MB at a full bank of the sample's shape). The profiles are first
   compared in the bank's first PROJECTION principal axes, then the CANDIDATES nearest there
   are measured exactly in all features; the nearest of those is the cell drawn.
+- With the warp (FitConfig.exemplar_warp), the exemplar is warped by
+  tf.raw_ops.ImageProjectiveTransformV3, which samples as exemplar.WarpCrop does, in one op.
 - The decoder blocks convolve [x upsampled x2, skip]: the sum of the two parts' convolutions,
   the upsampled part's a stride-2 transposed convolution of x itself (upsampling_kernel), so
   no upsampled map is made and the upsampled part costs 16 taps at a quarter of the pixels
@@ -87,7 +89,7 @@ def make_folded(decoder):
     noise [B, N] (zeros if None) when the decoder takes noise."""
     import tensorflow as tf
 
-    from cp2image_tf.training.exemplar import FEATURE_CLIP, LOGIT_EPS
+    from cp2image_tf.training.exemplar import FEATURE_CLIP, LOGIT_EPS, has_warp, warp_transforms
     from cp2image_tf.training.film import LEAK
     from cp2image_tf.training.symmetry import view_order
 
@@ -132,6 +134,10 @@ def make_folded(decoder):
     module.kernels = [v for k in kernels for v in (k[:2] if isinstance(k, tuple) else (k,))]
     module.film_kernel = f32(np.concatenate(film_kernels, axis=1), "film_kernel")
     module.film_bias = f32(np.concatenate(film_biases), "film_bias")
+    warp = has_warp(decoder)
+    if warp:
+        module.warp_kernel = f32(_np(decoder.get_layer("warp").kernel), "warp_kernel")
+        module.warp_bias = f32(_np(decoder.get_layer("warp").bias), "warp_bias")
     module.delta_kernel = f32(_np(delta.kernel), "delta_kernel")
     module.delta_bias = f32(_np(delta.bias), "delta_bias")
     views = bank.views
@@ -257,6 +263,13 @@ def make_folded(decoder):
                     lambda: e + tf.matmul(asked - z, module.embed1_clipped), lambda: e)
         e = tf.nn.leaky_relu(e, LEAK)
         e = tf.nn.leaky_relu(tf.matmul(e, module.embed2_kernel) + module.embed2_bias, LEAK)
+        if warp:
+            # The exemplar warped as WarpCrop warps it, by the one op that samples so.
+            exemplar = tf.raw_ops.ImageProjectiveTransformV3(
+                images=exemplar, output_shape=[side, side], fill_value=0.0,
+                transforms=warp_transforms(tf.matmul(e, module.warp_kernel) + module.warp_bias,
+                                           side, side),
+                interpolation="BILINEAR", fill_mode="NEAREST")
         films = tf.split(tf.reshape(tf.matmul(e, module.film_kernel) + module.film_bias,
                                     [-1, 1, 1, sum(sizes)]), sizes, axis=3)
         x = tf.cond(tf.shape(z)[0] == 1, lambda: convolutions(exemplar, films, True),

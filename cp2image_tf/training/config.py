@@ -118,6 +118,10 @@ class FitConfig:
     # (benchmarks/bench_edits.py). The one-view bank (exemplar_views false) counts every
     # feature once: set 1 with it.
     exemplar_shape_weight: float = 4.0
+    # The editor first warps its exemplar about the crop's centre (a symmetric linear map the
+    # embedding sets, exemplar.WarpCrop): the cell can grow, shrink and stretch, which the
+    # pixel correction alone cannot.
+    exemplar_warp: bool = False
     anchor_weight: float | None = None
     relative_consistency: bool = True
     # The identity share: this fraction of each batch edits the cell itself towards its own

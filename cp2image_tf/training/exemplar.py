@@ -246,6 +246,68 @@ class EditAboveFloor(layers.Layer):
         return floor + span * ops.sigmoid(ops.log(u) - ops.log(1.0 - u) + delta)
 
 
+# The warp's sampling matrix is I + WARP_LIMIT x tanh(raw) (symmetric): each axis drawn from
+# between 2/3 and 2 times its length in the exemplar.
+WARP_LIMIT = 0.5
+
+
+def warp_transforms(params, height: int, width: int):
+    """The [B, 8] projective transforms (tf.raw_ops.ImageProjectiveTransformV3's: output pixel
+    (x, y) reads input ((a0 x + a1 y + a2), (b0 x + b1 y + b2))) of the warp's raw parameters
+    [B, 3]: a symmetric linear map about the crop's centre, I + WARP_LIMIT x tanh(params) as
+    [[1 + p0, p1], [p1, 1 + p2]] in (x, y)."""
+    p = WARP_LIMIT * ops.tanh(ops.cast(params, "float32"))
+    a, b, c = p[:, 0], p[:, 1], p[:, 2]
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    zero = ops.zeros_like(a)
+    return ops.stack([1.0 + a, b, -a * cx - b * cy, b, 1.0 + c, -b * cx - c * cy, zero, zero],
+                     axis=1)
+
+
+@keras.saving.register_keras_serializable(package="cp2image_tf")
+class WarpCrop(layers.Layer):
+    """[crop [B, H, W, C], raw warp parameters [B, 3]] -> the crop warped about its centre
+    (warp_transforms), sampled bilinearly with the edge pixels extended: the same values as
+    tf.raw_ops.ImageProjectiveTransformV3 (BILINEAR, fill mode NEAREST), which serving runs,
+    but differentiable in the parameters (that op has no gradient for its transforms). Zero
+    parameters give the crop back exactly: an edit can grow, shrink or stretch its exemplar's
+    cell, which the pixel correction alone cannot (it draws strokes where a border should
+    move; benchmarks/bench_edits.py)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def call(self, inputs):
+        crop, params = inputs
+        crop = ops.cast(crop, "float32")
+        h, w, channels = crop.shape[1], crop.shape[2], crop.shape[3]
+        t = warp_transforms(params, h, w)
+        ys, xs = np.meshgrid(np.arange(h, dtype="float32"), np.arange(w, dtype="float32"),
+                             indexing="ij")
+        xs, ys = ops.convert_to_tensor(xs)[None], ops.convert_to_tensor(ys)[None]
+        k = [ops.reshape(t[:, i], (-1, 1, 1)) for i in range(6)]
+        x = k[0] * xs + k[1] * ys + k[2]
+        y = k[3] * xs + k[4] * ys + k[5]
+        x, y = ops.clip(x, 0.0, w - 1.0), ops.clip(y, 0.0, h - 1.0)
+        x0, y0 = ops.floor(x), ops.floor(y)
+        wx, wy = (x - x0)[..., None], (y - y0)[..., None]
+        x0, y0 = ops.cast(x0, "int32"), ops.cast(y0, "int32")
+        x1, y1 = ops.minimum(x0 + 1, w - 1), ops.minimum(y0 + 1, h - 1)
+        flat = ops.reshape(crop, (-1, h * w, channels))
+
+        def at(yi, xi):
+            index = ops.reshape(yi * w + xi, (-1, h * w, 1))
+            return ops.reshape(ops.take_along_axis(flat, index, axis=1), (-1, h, w, channels))
+
+        top = at(y0, x0) * (1.0 - wx) + at(y0, x1) * wx
+        bottom = at(y1, x0) * (1.0 - wx) + at(y1, x1) * wx
+        return top * (1.0 - wy) + bottom * wy
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+
 def _conv_film(make, x, e, filters: int, name: str, strides: int = 1):
     x = make(name, lambda: layers.Conv2D(filters, 3, strides=strides, padding="same",
                                          use_bias=False, name=name))(x)
@@ -281,9 +343,11 @@ def _pick(make, inputs, like):
     return make("exemplars", None)(features if like is None else [features, like])
 
 
-def _edit_graph(make, condition, picked, channels: int, width: int, embed: int):
+def _edit_graph(make, condition, picked, channels: int, width: int, embed: int,
+                warp: bool = False):
     """The editor's graph on Keras tensors; `make(name, constructor)` gives each layer (new, or
     an existing model's). `picked`: (exemplar crop, its features, the asked features clipped).
+    With `warp`, the exemplar is first warped (WarpCrop) by a map the embedding sets.
     Returns (image, the logit correction)."""
     exemplar, exemplar_features, clipped = picked
     difference = make("difference", lambda: layers.Subtract(name="difference"))(
@@ -294,6 +358,10 @@ def _edit_graph(make, condition, picked, channels: int, width: int, embed: int):
     e = make("embed2", lambda: layers.Dense(embed, name="embed2"))(e)
     e = make("embedding", lambda: layers.LeakyReLU(LEAK, name="embedding"))(e)
 
+    if warp:
+        params = make("warp", lambda: layers.Dense(3, kernel_initializer="zeros",
+                                                   bias_initializer="zeros", name="warp"))(e)
+        exemplar = make("warped", lambda: WarpCrop(name="warped"))([exemplar, params])
     w = width
     s1 = _conv_film(make, exemplar, e, w, "enc1")
     s2 = _conv_film(make, s1, e, 2 * w, "enc2", strides=2)
@@ -313,11 +381,12 @@ def build_exemplar_networks(n_features: int, crop_size: int = 68, channels: int 
                             noise_dim: int = 0, width: int = 16, embed: int = 256,
                             bank: int = 8192, top_k: int = 4, seed: int = 0,
                             training_cells: int | None = None, views: bool = False,
-                            name: str = "decoder"):
+                            warp: bool = False, name: str = "decoder"):
     """(decoder: features -> image, editor: [features, (noise,) exemplar crop, exemplar
     features] -> [image, the logit correction]); the two share every layer but the bank
     (training picks exemplars with the bank and runs the editor). views: the bank offers its
-    cells turned a quarter and mirrored too (ExemplarBank)."""
+    cells turned a quarter and mirrored too (ExemplarBank). warp: the editor first warps its
+    exemplar (WarpCrop)."""
     check_crop_size(crop_size)
     made = {"exemplars": ExemplarBank(bank_size(bank, crop_size, channels, training_cells),
                                       n_features, crop_size, channels, top_k=top_k, seed=seed,
@@ -329,7 +398,8 @@ def build_exemplar_networks(n_features: int, crop_size: int = 68, channels: int 
         return made[layer_name]
 
     inputs, condition = condition_inputs(n_features, noise_dim)
-    image, _ = _edit_graph(make, condition, _pick(make, inputs, None), channels, width, embed)
+    image, _ = _edit_graph(make, condition, _pick(make, inputs, None), channels, width, embed,
+                           warp)
     decoder = keras.Model(inputs, image, name=name)
     # The editor takes its exemplar as inputs: training picks it with the bank, or, for the
     # identity share of a batch, gives the cell itself.
@@ -339,7 +409,7 @@ def build_exemplar_networks(n_features: int, crop_size: int = 68, channels: int 
     exemplar_features = keras.Input((n_features,), name="exemplar_features")
     clipped = make("clip_features", lambda: ClipFeatures(name="clip_features"))(e_features)
     e_image, delta = _edit_graph(make, e_condition, (exemplar, exemplar_features, clipped),
-                                 channels, width, embed)
+                                 channels, width, embed, warp)
     editor = keras.Model([*(e_inputs if isinstance(e_inputs, list) else [e_inputs]), exemplar,
                           exemplar_features], [e_image, delta], name=f"{name}_editor")
     assert tuple(decoder.output_shape[1:]) == (crop_size, crop_size, channels)
@@ -362,9 +432,15 @@ def pinned_decoder(decoder) -> keras.Model:
     width = decoder.get_layer("enc1").filters
     embed = decoder.get_layer("embed1").units
     make = lambda name, _: decoder.get_layer(name)  # noqa: E731
-    image, _ = _edit_graph(make, condition, _pick(make, inputs, like), channels, width, embed)
+    image, _ = _edit_graph(make, condition, _pick(make, inputs, like), channels, width, embed,
+                           has_warp(decoder))
     return keras.Model([*(inputs if isinstance(inputs, list) else [inputs]), like], image,
                        name=f"{decoder.name}_pinned")
+
+
+def has_warp(decoder) -> bool:
+    """Whether the exemplar decoder warps its exemplar (FitConfig.exemplar_warp)."""
+    return any(layer.name == "warp" for layer in decoder.layers)
 
 
 def bank_layer(decoder) -> ExemplarBank:

@@ -28,6 +28,7 @@ def build_exemplar(manifest: dict, config):
                                    noise_dim=config.noise_dim, width=config.filters,
                                    bank=config.exemplars, top_k=config.exemplar_top_k,
                                    seed=config.seed, views=config.exemplar_views,
+                                   warp=config.exemplar_warp,
                                    training_cells=manifest["counts"]["splits"]["train"])
 
 

@@ -40,7 +40,8 @@ from tfrecords_tools.shards import check_shards, named_read_errors
 MODEL_KEYS = ("model", "filters", "noise_dim", "pixel_noise")
 # The exemplar model's keys its network or bank is built with, and the value a config.json
 # written before the key existed meant.
-EXEMPLAR_KEYS_BEFORE = {"exemplar_views": False, "exemplar_shape_weight": 1.0}
+EXEMPLAR_KEYS_BEFORE = {"exemplar_views": False, "exemplar_shape_weight": 1.0,
+                        "exemplar_warp": False}
 
 
 def data_signature(manifest: dict) -> dict:
