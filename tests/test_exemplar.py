@@ -360,7 +360,7 @@ def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(vie
 
     # 36 px: 36 -> 18 -> 9 and back, each upsampled map twice its input (a transposed
     # convolution); 34 px: 17 -> 9, upsampled to 18 and cropped to 17 (the cropped way).
-    n_features, cells = 2 * PROJECTION + 8, 160
+    n_features, cells = 2 * PROJECTION + 72, 160
     names = ([f"Cells_Texture_Contrast_DNA_3_0{d}_256" for d in range(4)]
              + ["Nuclei_AreaShape_Orientation", "Nuclei_AreaShape_Area", "Cells_AreaShape_Area"]
              + [f"Cells_Intensity_Feature{j}_DNA" for j in range(n_features - 7)])
