@@ -13,6 +13,7 @@ from conftest import free_ports
 from click.testing import CliRunner
 
 from cli.main import main
+from cp2image_tf.training.checkpoints import checkpoint_paths, checkpoint_step
 from cp2image_tf.training.config import FitConfig
 from cp2image_tf.training.train import fit
 from tfrecords_tools.errors import UserInputError
@@ -46,6 +47,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
+from cp2image_tf.training.checkpoints import checkpoint_paths, checkpoint_step
 from cp2image_tf.training.config import FitConfig
 from cp2image_tf.training.published import PublishedTrainer as Trainer
 from tfrecords_tools.manifest import load_manifest
@@ -85,6 +87,7 @@ def test_mirrored_over_two_devices_matches_one_device(disc_dataset):
 
 WORKER = """
 import json, sys
+from cp2image_tf.training.checkpoints import checkpoint_paths, checkpoint_step
 from cp2image_tf.training.config import FitConfig
 from cp2image_tf.training.train import fit
 summary = fit(sys.argv[1], sys.argv[2], FitConfig(steps=4, strategy="multiworker", batch_size=8,
@@ -128,17 +131,20 @@ def test_killed_run_resumes_from_its_last_checkpoint(disc_dataset, tmp_path):
             "--checkpoint-every", "2", "--validate-every", "1000", "--log-every", "1", "--quiet"]
     proc = subprocess.Popen([sys.executable, *args, "--steps", "1000"], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The kill comes once the checkpoint state file records step 4 (a checkpoint whose files
+    # are written but which the state file does not list yet is not one to resume from).
+    state = run / "checkpoints" / "checkpoint"
     deadline = time.time() + 600
     try:
-        while time.time() < deadline and not (run / "checkpoints" / "ckpt-4.index").exists():
+        while time.time() < deadline and not (state.is_file() and "ckpt-4" in state.read_text()):
             assert proc.poll() is None, "fit exited before its 4th step"
             time.sleep(0.2)
-        assert (run / "checkpoints" / "ckpt-4.index").exists()
+        assert "ckpt-4" in state.read_text()
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    saved = max(int(p.name[5:-6]) for p in (run / "checkpoints").glob("ckpt-*.index"))
+    saved = checkpoint_step(checkpoint_paths(run / "checkpoints")[0])
     assert saved >= 4
     result = subprocess.run([sys.executable, *args[:-1], "--steps", str(saved + 2)], env=ENV,
                             capture_output=True, text=True, timeout=600)
