@@ -121,7 +121,7 @@ class FitConfig:
     # The editor first warps its exemplar about the crop's centre (a symmetric linear map the
     # embedding sets, exemplar.WarpCrop): the cell can grow, shrink and stretch, which the
     # pixel correction alone cannot.
-    exemplar_warp: bool = False
+    exemplar_warp: bool = True
     anchor_weight: float | None = None
     relative_consistency: bool = True
     # The identity share: this fraction of each batch edits the cell itself towards its own
