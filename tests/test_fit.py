@@ -47,7 +47,6 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-from cp2image_tf.training.checkpoints import checkpoint_paths, checkpoint_step
 from cp2image_tf.training.config import FitConfig
 from cp2image_tf.training.published import PublishedTrainer as Trainer
 from tfrecords_tools.manifest import load_manifest
@@ -87,7 +86,6 @@ def test_mirrored_over_two_devices_matches_one_device(disc_dataset):
 
 WORKER = """
 import json, sys
-from cp2image_tf.training.checkpoints import checkpoint_paths, checkpoint_step
 from cp2image_tf.training.config import FitConfig
 from cp2image_tf.training.train import fit
 summary = fit(sys.argv[1], sys.argv[2], FitConfig(steps=4, strategy="multiworker", batch_size=8,
