@@ -129,20 +129,24 @@ def test_killed_run_resumes_from_its_last_checkpoint(disc_dataset, tmp_path):
             "--checkpoint-every", "2", "--validate-every", "1000", "--log-every", "1", "--quiet"]
     proc = subprocess.Popen([sys.executable, *args, "--steps", "1000"], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # The kill comes once the checkpoint state file records step 4 (a checkpoint whose files
-    # are written but which the state file does not list yet is not one to resume from).
-    state = run / "checkpoints" / "checkpoint"
+    # The kill comes once the checkpoint state file records step 4, read as resume reads it
+    # (a checkpoint whose files are written but which the state file does not list yet is
+    # not one to resume from).
+    def newest_recorded():
+        paths = checkpoint_paths(run / "checkpoints")
+        return checkpoint_step(paths[0]) if paths else 0
+
     deadline = time.time() + 600
     try:
-        while time.time() < deadline and not (state.is_file() and "ckpt-4" in state.read_text()):
+        while time.time() < deadline and newest_recorded() < 4:
             assert proc.poll() is None, "fit exited before its 4th step"
             time.sleep(0.2)
-        assert "ckpt-4" in state.read_text()
+        assert newest_recorded() >= 4
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    saved = checkpoint_step(checkpoint_paths(run / "checkpoints")[0])
+    saved = newest_recorded()
     assert saved >= 4
     result = subprocess.run([sys.executable, *args[:-1], "--steps", str(saved + 2)], env=ENV,
                             capture_output=True, text=True, timeout=600)
