@@ -69,6 +69,8 @@ setup(
             # tests/test_explore_browser.py drives Debian's chromium through chromedriver.
             "selenium>=4.20",
         ],
+        # The documentation site (mkdocs.yml, docs/); tests/test_docs.py builds it strictly.
+        "docs": ["mkdocs-material>=9"],
     },
     entry_points={"console_scripts": ["cp2image-tf=cli.main:main"]},
     classifiers=[
