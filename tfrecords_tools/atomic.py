@@ -37,7 +37,8 @@ def partial_folder(parent, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -61,7 +62,7 @@ def remove_stale_partials(parent, name: str | None = None) -> list[Path]:
         if not match or not path.is_dir() or (name is not None and match["name"] != name):
             continue
         if match["pid"] is not None:
-            stale = match["host"] == host and not _alive(int(match["pid"]))
+            stale = match["host"] == host and not pid_alive(int(match["pid"]))
         else:
             try:
                 stale = time.time() - path.stat().st_mtime > STALE_SECONDS

@@ -132,28 +132,29 @@ def channel_paths(image_df: pd.DataFrame, channel: str, image_csv: Path) -> list
     return paths
 
 
-def image_shape(path: str) -> tuple[int, int]:
-    """(Y, X) of an image from its header, without decoding pixels."""
+def image_header(path: str) -> tuple[tuple, str]:
+    """((Y, X), dtype name) of an image from its header, without decoding pixels."""
     import tifffile
 
     if path.endswith(".npy"):
-        return tuple(np.load(path, mmap_mode="r").shape[-2:])
-    shape = _plain_tiff_shape(path)
-    if shape is not None:
-        return shape
+        array = np.load(path, mmap_mode="r")
+        return tuple(array.shape[-2:]), str(array.dtype)
+    header = _plain_tiff_header(path)
+    if header is not None:
+        return header
     try:
         with tifffile.TiffFile(path) as tif:
-            shape = tif.series[0].shape
+            shape, dtype = tif.series[0].shape, tif.series[0].dtype
     except FileNotFoundError:
         raise UserInputError(f"{path}: image file not found.") from None
     except Exception as err:
         raise UserInputError(f"{path}: cannot be read as an image ({err}). {DAMAGED_IMAGE}") from None
     shape = tuple(s for s in shape if s != 1) if len(shape) > 2 else tuple(shape)
-    return shape
+    return shape, str(np.dtype(dtype))
 
 
-def _plain_tiff_shape(path: str):
-    """(Y, X) of a classic TIFF holding one single-sample page, read from its one IFD (a few
+def _plain_tiff_header(path: str):
+    """((Y, X), dtype name) of a classic TIFF holding one single-sample page, read from its one IFD (a few
     hundred bytes; tifffile's full parse costs ten times more and convert reads a header per
     channel of every field); None for anything else, which tifffile then reads."""
     import struct
@@ -184,7 +185,12 @@ def _plain_tiff_shape(path: str):
             tags[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), value[:2 if kind == 3 else 4])[0]
     if 256 not in tags or 257 not in tags or tags.get(277, 1) != 1:
         return None
-    return (tags[257], tags[256])
+    # BitsPerSample (258) and SampleFormat (339: 1 unsigned, 2 signed, 3 float), TIFF's defaults.
+    kind = {1: "uint", 2: "int", 3: "float"}.get(tags.get(339, 1))
+    bits = tags.get(258, 1)
+    if kind is None or bits not in (8, 16, 32, 64) or (kind == "float" and bits < 32):
+        return None
+    return (tags[257], tags[256]), f"{kind}{bits}"
 
 
 def load_cellprofiler_cells(folder, objects, channels):

@@ -22,12 +22,14 @@ draw treatment-balanced batches without reading anything twice.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,13 +40,14 @@ import numpy as np
 import pandas as pd
 
 from tfrecords_tools import cellprofiler as cp
+from tfrecords_tools import locks
 from tfrecords_tools import measured as ms
 from tfrecords_tools import planning
 from tfrecords_tools.measured import dtype_max
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.features import part_moments, sorted_part_values, statistics_from_parts
 from tfrecords_tools._version import __version__
-from tfrecords_tools.atomic import partial_path, write_json
+from tfrecords_tools.atomic import STALE_SECONDS, partial_path, pid_alive, write_json
 from tfrecords_tools.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
 from tfrecords_tools.parts import (PARTS, check_options, client_for, parse_part, part_label,
                                    run_parts, select_part, verify_part, write_partition)
@@ -263,17 +266,22 @@ def _host() -> str:
     return socket.gethostname()
 
 
-def read_field(paths: list[str], illum: list | None = None, scaling: list | None = None):
+def read_field(paths: list[str], illum: list | None = None, scaling: list | None = None,
+               rescale: list | None = None):
     """The channels of one field as an (H, W, C) stack, with each file's size and sha256.
 
     With `scaling` (a list, one entry per channel: CellProfiler's scale or None for the bit
     depth), every channel is divided by it and, where `illum` names a file, by that
-    illumination function: float32, as CellProfiler measured the image."""
+    illumination function: float32, as CellProfiler measured the image. Else `rescale` (one
+    entry per channel: true for a channel of mixed bit depths) brings an 8-bit file of such a
+    channel to the 16-bit range (x257: 255 -> 65535, as CellProfiler scales each file)."""
     planes, files = [], {}
     for k, path in enumerate(paths):
         plane, files[path] = read_array(path)
         if plane.ndim == 3 and 1 in (plane.shape[0], plane.shape[-1]):
             plane = np.squeeze(plane)
+        if scaling is None and rescale and rescale[k] and plane.dtype == np.uint8:
+            plane = plane.astype(np.uint16) * np.uint16(257)
         if scaling is not None:
             function = illum[k] if illum else None
             if function:
@@ -325,7 +333,8 @@ def write_part(task: dict) -> dict:
     with TFRecordWriter(tmp, task["compression"]) as writer:
         for fld, cells in shard_cells(task):
             if not task["table"]:
-                stack, fld_files = read_field(fld["paths"], fld.get("illum"), task.get("scaling"))
+                stack, fld_files = read_field(fld["paths"], fld.get("illum"), task.get("scaling"),
+                                              task.get("rescale"))
                 files.update(fld_files)
                 if stack.shape[:2] != tuple(fld["shape"]):
                     raise UserInputError(f"{fld['paths'][0]}: image is {stack.shape[1]}x{stack.shape[0]} px "
@@ -435,7 +444,9 @@ def build_tasks(plan: dict, plan_dir: Path, config: ConvertConfig, out_dir: Path
                 "channels": list(config.channels),
                 # With --illum every channel is cropped as CellProfiler saw it: pixels / scaling
                 # (/ the illumination function where one is named), float32.
-                "scaling": [scaling.get(ch) for ch in config.channels] if config.illum else None}
+                "scaling": [scaling.get(ch) for ch in config.channels] if config.illum else None,
+                "rescale": [ch in plan.get("rescaled", {}) for ch in config.channels]
+                if plan.get("rescaled") else None}
         if config.table:
             task["order"] = shard["order"]
             task["cells"] = shard["order"][2] - shard["order"][1]
@@ -459,7 +470,7 @@ def task_hash(task: dict) -> str:
     shard's rows and fields, the features kept and how crops are cut."""
     digest = hashlib.sha256()
     for key in ("fingerprint", "file", "split", "treatment", "treatment_index", "compression",
-                "crop_size", "edge", "table", "channels", "scaling", "keep", "order"):
+                "crop_size", "edge", "table", "channels", "scaling", "rescale", "keep", "order"):
         digest.update(repr(task.get(key)).encode())
     for fld in task.get("fields", []):
         digest.update(repr((fld["image_number"], fld["rows"], fld["paths"], fld.get("illum"),
@@ -560,6 +571,14 @@ def _convert(config, progress, command, part, finalize, client, started):
         raise UserInputError(f"{out_dir}: no parts to finalize ({PARTS} not found); run the "
                              "parts first (--part I/N), with the same INPUT, OUT_DIR and options.")
     config.validate()
+    make_parent(out_dir)
+    with run_lock(out_dir) if part is None else contextlib.nullcontext():
+        return _write_dataset(config, progress, command, part, finalize, client, started)
+
+
+def _write_dataset(config, progress, command, part, finalize, client, started):
+    out_dir = Path(config.out_dir)
+    remove_dead_plans(out_dir)
     with PlanLock(config, out_dir, progress) as lock:
         plan, plan_dir = load_or_plan(config, out_dir, progress, lock)
         resuming = prepare_output(out_dir, config.overwrite and not finalize)
@@ -593,63 +612,68 @@ def _convert(config, progress, command, part, finalize, client, started):
 class PlanLock:
     """One planner per job: the parts of a Slurm array start together, and each would otherwise
     plan the whole screen (its time, and its segments' disk space) at once. The first takes
-    OUT_DIR's plan lock (a file beside OUT_DIR, touched every HEARTBEAT seconds while it plans);
-    the others wait for its plan, or take over a lock not touched for STALE seconds (a planner
-    that died). Held until the plan is in OUT_DIR/.parts."""
+    OUT_DIR's plan lock (a file beside OUT_DIR naming its process, see tfrecords_tools.locks);
+    the others wait for its plan, or take the lock over once its holder is gone. Held until the
+    plan is in OUT_DIR/.parts."""
 
-    HEARTBEAT, STALE, POLL = 10.0, 120.0, 2.0
+    POLL = 2.0
+    STALE = locks.STALE
 
     def __init__(self, config, out_dir: Path, progress: bool):
         self.key = planning.plan_key(config)
         self.path = out_dir.resolve().parent / f".{out_dir.name}.plan-{self.key}.lock"
         self.plan = out_dir / PARTS / f"plan-{self.key}" / planning.PLAN
-        self.progress, self.held, self._stop = progress, False, None
+        self.progress = progress
+        self.lock = locks.LockFile(self.path)
+
+    @property
+    def held(self) -> bool:
+        return self.lock.held
 
     def acquire(self) -> bool:
         """True once this run holds the lock; False when another run's plan is ready."""
         said = False
         while not self.plan.is_file():
-            try:
-                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                try:
-                    if time.time() - self.path.stat().st_mtime > self.STALE:
-                        self.path.unlink(missing_ok=True)  # its planner stopped touching it
-                        continue
-                except FileNotFoundError:
-                    continue
-                if self.progress and not said:
-                    print(f"Waiting for another run planning this job ({self.path}).",
-                          file=sys.stderr)
-                    said = True
-                time.sleep(self.POLL)
-                continue
-            self.held = True
-            self._beat()
-            return True
+            if self.lock.try_acquire():
+                return True
+            if self.progress and not said:
+                print(f"Waiting for {self.lock.holder()}, which is planning this job (lock "
+                      f"{self.path}); its plan is used when ready, and the lock taken over if "
+                      f"that process ends or stops touching it for {self.STALE:.0f} s.",
+                      file=sys.stderr)
+                said = True
+            time.sleep(self.POLL)
         return False
-
-    def _beat(self):
-        import threading
-
-        self._stop = threading.Event()
-
-        def touch():
-            while not self._stop.wait(self.HEARTBEAT):
-                try:
-                    os.utime(self.path)
-                except OSError:
-                    return
-
-        threading.Thread(target=touch, daemon=True).start()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if self.held:
-            self._stop.set()
-            self.path.unlink(missing_ok=True)
+        self.lock.release()
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path):
+    """One convert at a time writes a dataset (--part runs share it and take none): a second
+    run into the same OUT_DIR is refused at once, before it plans or removes anything."""
+    lock = locks.LockFile(out_dir.resolve().parent / f".{out_dir.name}.convert.lock")
+    if not lock.try_acquire():
+        raise UserInputError(f"{out_dir}: {lock.holder()} is converting into this folder now. "
+                             "Wait for it to finish (or stop it), then run again; or choose "
+                             "another OUT_DIR.")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def make_parent(out_dir: Path) -> None:
+    """OUT_DIR's parent folder, made when missing (the lock files and the plan live there)."""
+    try:
+        out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserInputError(f"{out_dir.parent}: cannot be made ({err.strerror}); give an "
+                             "OUT_DIR in a folder you can write to.") from None
 
 
 def load_or_plan(config, out_dir: Path, progress: bool = False,
@@ -670,7 +694,8 @@ def load_or_plan(config, out_dir: Path, progress: bool = False,
     if lock is not None and lock.held:  # a planner of this job killed before the end left these
         for stale in out_dir.resolve().parent.glob(f".{out_dir.name}.plan-{key}.*.partial"):
             shutil.rmtree(stale, ignore_errors=True)
-    work = out_dir.resolve().parent / f".{out_dir.name}.plan-{key}.{os.getpid()}.partial"
+    work = out_dir.resolve().parent / (f".{out_dir.name}.plan-{key}.{os.getpid()}@"
+                                       f"{socket.gethostname()}.partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -679,6 +704,26 @@ def load_or_plan(config, out_dir: Path, progress: bool = False,
         shutil.rmtree(work, ignore_errors=True)
         raise
     return plan, work
+
+
+def remove_dead_plans(out_dir: Path) -> None:
+    """Plan folders beside OUT_DIR that planners killed before the end left (of any inputs or
+    options): those of processes gone from this host, and those of the older form without a
+    host that are more than STALE_SECONDS old."""
+    host = socket.gethostname()
+    for path in out_dir.resolve().parent.glob(f".{out_dir.name}.plan-*.partial"):
+        # .<name>.plan-<key>.<pid>@<host>.partial: the key has no dot, a host may have some.
+        owner = path.name[len(f".{out_dir.name}.plan-"):-len(".partial")].partition(".")[2]
+        pid, sep, where = owner.partition("@")
+        if sep:
+            dead = where == host and pid.isdigit() and not pid_alive(int(pid))
+        else:
+            try:
+                dead = time.time() - path.stat().st_mtime > STALE_SECONDS
+            except OSError:
+                continue
+        if dead and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def adopt_plan(plan_dir: Path, out_dir: Path) -> Path:
@@ -775,7 +820,9 @@ def build_manifest(config, plan, summaries, out_dir, dtype, command, started) ->
         "crop": {"height": size, "width": size, "channels": len(channels), "dtype": dtype,
                  "layout": "HWC", "dtype_max": dtype_max(dtype), "edge": config.edge,
                  "centre": "pixel (floor(y + 0.5), floor(x + 0.5)) of Location_Center_X/Y at "
-                           f"row/column {size // 2} of the crop"},
+                           f"row/column {size // 2} of the crop",
+                 # Channels whose files mix 8-bit and 16-bit: how the 8-bit ones were rescaled.
+                 **({"rescaled": plan["rescaled"]} if plan.get("rescaled") else {})},
         "intensity": intensity_ranges(summaries, out_dir, channels, dtype,
                                       config.intensity_percentile),
         "features": {

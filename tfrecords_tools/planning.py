@@ -184,6 +184,7 @@ class _FollowingTable:
         self.last = None
         self.rows = 0
         self.watermark = watermark
+        self.once = _OnceEach(path)
 
     def rows_through(self, low: int, high: int) -> pd.DataFrame:
         """Its rows with low <= ImageNumber <= high; rows below `low` are dropped."""
@@ -197,7 +198,10 @@ class _FollowingTable:
             if not len(frame):
                 continue
             frame = _keys(frame, self.path, start)
-            self._check_order(frame, start)
+            self.last = _check_order(self.path, frame["ImageNumber"].to_numpy(), start,
+                                     self.last)
+            self.once.check(frame["ImageNumber"].to_numpy(), frame["ObjectNumber"].to_numpy(),
+                            start)
             self.rows += len(frame)
             self.buffer = frame if self.buffer is None else pd.concat([self.buffer, frame],
                                                                       ignore_index=True)
@@ -210,27 +214,47 @@ class _FollowingTable:
         self.buffer = self.buffer[image >= high].reset_index(drop=True)
         return selected
 
-    def _check_order(self, frame, start):
-        image = frame["ImageNumber"].to_numpy()
-        previous = np.concatenate([[self.last if self.last is not None else image[0]], image[:-1]])
-        down = np.flatnonzero(image < previous)
-        if len(down):
-            raise _unsorted(self.path, start + int(down[0]), int(image[down[0]]),
-                            int(previous[down[0]]))
-        self.last = int(image[-1])
+
+class _OnceEach:
+    """Each (ImageNumber, ObjectNumber) once in a table read a chunk at a time: the table is in
+    ImageNumber order, so a repeat is within the current image set, whose objects (and their
+    rows) are all it holds between chunks."""
+
+    def __init__(self, path):
+        self.path = path
+        self.image = None
+        self.rows = {}  # ObjectNumber -> row (0-based) of the current image set's objects
+
+    def check(self, image: np.ndarray, obj: np.ndarray, start: int) -> None:
+        pairs = pd.MultiIndex.from_arrays([image, obj])
+        again = pairs.duplicated(keep="first")
+        if self.image is not None:
+            again |= (image == self.image) & np.isin(obj, list(self.rows))
+        if again.any():
+            self._refuse(image, obj, start, int(np.flatnonzero(again)[0]))
+        last = image[-1]
+        if last != self.image:
+            self.image, self.rows = last, {}
+        for i in np.flatnonzero(image == last).tolist():
+            self.rows[int(obj[i])] = start + i
+
+    def _refuse(self, image, obj, start, i) -> None:
+        number, key = int(image[i]), int(obj[i])
+        same = np.flatnonzero((image[:i] == number) & (obj[:i] == key))
+        first = start + int(same[0]) if len(same) else self.rows[key]
+        raise UserInputError(f"{self.path}: ImageNumber {number}, ObjectNumber {key} is listed "
+                             f"twice (rows {first + 2} and {start + i + 2}); each object must "
+                             "have one row. Remove the duplicate rows (e.g. an image set exported "
+                             "twice) and convert again.")
 
 
-def _match(image, obj_numbers, right: pd.DataFrame, path) -> np.ndarray:
-    """For each (ImageNumber, ObjectNumber), its row in `right`, or -1 (the left join)."""
+def _match(image, obj_numbers, right: pd.DataFrame) -> np.ndarray:
+    """For each (ImageNumber, ObjectNumber), its row in `right`, or -1 (the left join; each
+    object is in `right` once, as _OnceEach checked when it was read)."""
     if not len(right):
         return np.full(len(image), -1)
     index = pd.MultiIndex.from_arrays([right["ImageNumber"].to_numpy(),
                                        right["ObjectNumber"].to_numpy()])
-    if not index.is_unique:
-        number, obj = index[index.duplicated()][0]
-        raise UserInputError(f"{path}: ImageNumber {number}, ObjectNumber {obj} is listed twice; "
-                             "each object must have one row. Remove the duplicate rows (e.g. "
-                             "an image set exported twice) and convert again.")
     return index.get_indexer(pd.MultiIndex.from_arrays([image, obj_numbers]))
 
 
@@ -294,19 +318,26 @@ def _image_table(config):
     return image_csv, image_df
 
 
-def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) -> dict:
-    """Pass 1 for an ExportToSpreadsheet folder; returns the plan's per-image-set summary."""
-    image_csv, image_df = _image_table(config)
-    source = image_csv
-    paths = {ch: cp.channel_paths(image_df, ch, image_csv) for ch in config.channels}
-    meta_cols = [c for c in image_df.columns if c.startswith("Metadata_")]
-    tables, renamed, columns = [], {}, ["ImageNumber", "ObjectNumber"]
+def _object_tables(config) -> tuple[list, dict, list]:
+    """([(object, table path)], {object: {feature name: column}}, every column named)."""
+    tables, renamed, columns = [], {}, list(KEYS)
     for k, obj in enumerate(config.objects):
         path = cp.find_table(Path(config.input), obj)
         names = _object_columns(path, obj, k == 0)
         tables.append((obj, path))
         renamed[obj] = names
         columns += list(names)
+    return tables, renamed, columns
+
+
+def _cellprofiler_inputs(config, image_settings) -> dict:
+    """What pass 1 reads before any object row: Image.csv, the object tables' columns, the
+    candidate features, the measured images, the treatment and grouping columns."""
+    image_csv, image_df = _image_table(config)
+    source = image_csv
+    paths = {ch: cp.channel_paths(image_df, ch, image_csv) for ch in config.channels}
+    meta_cols = [c for c in image_df.columns if c.startswith("Metadata_")]
+    tables, renamed, columns = _object_tables(config)
     first = config.objects[0]
     centre = {f"{first}_Location_Center_X": "_x", f"{first}_Location_Center_Y": "_y"}
     columns = [centre.get(c, c) for c in columns] + meta_cols
@@ -314,8 +345,7 @@ def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) 
                                    config.measured_as, source)
     selection = _candidates([c for c in columns if not c.startswith("_")],
                             list(config.objects), config, source)
-    names = selection.names
-    image_level = [n for n in names if n in meta_cols]
+    image_level = [n for n in selection.names if n in meta_cols]
     if image_level:
         raise UserInputError(f"{config.features_file}: {', '.join(image_level)} is a column of "
                              f"{source} (one value per image set), not a measurement of an "
@@ -323,167 +353,246 @@ def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) 
     image_info = image_settings(source, config)
     treatment_cols = pick_column(["ImageNumber"] + meta_cols, config.treatment_column,
                                  TREATMENT_CANDIDATES, "--treatment-column", source)
-    split_by = config.split_by or ["ImageNumber"]
+    return {"image_csv": image_csv, "image_df": image_df, "source": source, "paths": paths,
+            "meta_cols": meta_cols, "tables": tables, "renamed": renamed,
+            "measured_as": measured_as, "selection": selection, "names": selection.names,
+            "image_info": image_info, "treatment_columns": treatment_cols,
+            "split_by": config.split_by or ["ImageNumber"]}
+
+
+def _treatment_text(frame: pd.DataFrame, treatment_cols) -> pd.Series:
+    """Each row's treatment: its treatment column, or several joined by '@'."""
+    if len(treatment_cols) > 1:
+        return frame[treatment_cols].astype(str).agg("@".join, axis=1)
+    return frame[treatment_cols[0]].astype(str)
+
+
+def _image_sets(config, inputs) -> dict:
+    """Per image set (Image.csv row): what each of its cells gets, looked up by position (its
+    group and treatment codes, and whether a channel, an illumination function or the
+    treatment is missing)."""
+    image_df, treatment_cols = inputs["image_df"], inputs["treatment_columns"]
     image_keys = list(image_df["ImageNumber"].to_numpy())
-    groups_of_image = group_keys(image_df, split_by, source).to_numpy()
+    groups_of_image = group_keys(image_df, inputs["split_by"], inputs["source"]).to_numpy()
     if treatment_cols:
-        values = image_df[treatment_cols].astype("string")
-        no_treatment = values.isna().any(axis=1).to_numpy()
-        treatment = image_df[treatment_cols].astype(str).agg("@".join, axis=1) \
-            if len(treatment_cols) > 1 else image_df[treatment_cols[0]].astype(str)
-        treatment = treatment.to_numpy()
+        no_treatment = image_df[treatment_cols].astype("string").isna().any(axis=1).to_numpy()
+        treatment = _treatment_text(image_df, treatment_cols).to_numpy()
     else:
         no_treatment = np.zeros(len(image_df), dtype=bool)
         treatment = np.full(len(image_df), "", dtype=object)
     illum_paths = {}
     if config.illum:
-        position = pd.Index(image_info["ImageNumber"].to_numpy())
+        position = pd.Index(inputs["image_info"]["ImageNumber"].to_numpy())
         at = position.get_indexer(image_df["ImageNumber"].to_numpy())
         for ch in config.illum:
-            column = image_info[f"_illum_{ch}"].to_numpy(dtype=object)
+            column = inputs["image_info"][f"_illum_{ch}"].to_numpy(dtype=object)
             illum_paths[ch] = [column[i] if i >= 0 else None for i in at]
+    group_codes, group_names = pd.factorize(pd.Series(groups_of_image, dtype=object))
+    treatment_codes, treatment_names = pd.factorize(pd.Series(treatment, dtype=object))
+    missing = [np.array([p is None for p in inputs["paths"][ch]]) for ch in config.channels]
+    missing += [np.array([p is None for p in illum_paths[ch]]) for ch in config.illum or {}]
+    return {"image_keys": image_keys, "index": pd.Index(image_keys), "missing": missing,
+            "no_treatment": no_treatment, "illum_paths": illum_paths,
+            "group_codes": group_codes, "group_names": [str(g) for g in group_names],
+            "treatment_codes": treatment_codes,
+            "treatment_names": [str(t) for t in treatment_names]}
 
+
+def _cellprofiler_reasons(config, treatment_cols) -> list[str]:
+    """Why a cell is rejected, in the order the checks run (the last two: no treatment, and
+    the image border)."""
     reasons = [f"no {obj} object with this ObjectNumber" for obj in config.objects[1:]]
     reasons += ["ImageNumber not in Image.csv", "no Location_Center_X/Y"]
     reasons += [f"no {ch} image listed for this image set" for ch in config.channels]
     reasons += [f"no {name} (--illum) listed for this image set"
                 for name in (config.illum or {}).values()]
-    treatment_step = len(reasons)
     reasons.append(f"no value in {','.join(treatment_cols)}")
-    border_step = len(reasons)
-    size = config.crop_size
-    reasons.append(f"within {size // 2} px of the image border (--edge skip)")
-    segments = _Segments(work, reasons)
+    reasons.append(f"within {config.crop_size // 2} px of the image border (--edge skip)")
+    return reasons
 
-    # Per image set (Image.csv row): what each of its cells gets, looked up by position.
-    index_of_image = pd.Index(image_keys)
-    no_path = [np.array([p is None for p in paths[ch]]) for ch in config.channels]
-    no_illum = [np.array([p is None for p in illum_paths[ch]]) for ch in config.illum or {}]
-    group_codes, group_names = pd.factorize(pd.Series(groups_of_image, dtype=object))
-    treatment_codes, treatment_names = pd.factorize(pd.Series(treatment, dtype=object))
-    group_names = [str(g) for g in group_names]
-    treatment_names = [str(t) for t in treatment_names]
-    images = {}  # ImageNumber -> [kept cells, first kept index, group code, treatment code]
-    per_group_treatment = {}
-    shapes, illum_checked = {}, set()
-    name_index = {n: j for j, n in enumerate(names)}
 
-    def measured(obj):  # (the table's candidate feature columns, their places in `names`)
-        pairs = [(c, name_index[n]) for n, c in renamed[obj].items() if n in name_index]
-        return [c for c, _ in pairs], np.array([j for _, j in pairs], dtype=np.int64)
+def _check_order(path, image: np.ndarray, start: int, last) -> int:
+    """A table chunk's ImageNumbers never go down (from `last`, the previous chunk's last);
+    returns this chunk's last."""
+    previous = np.concatenate([[last if last is not None else image[0]], image[:-1]])
+    down = np.flatnonzero(image < previous)
+    if len(down):
+        raise _unsorted(path, start + int(down[0]), int(image[down[0]]), int(previous[down[0]]))
+    return int(image[-1])
 
-    first_obj, first_path = tables[0]
-    first_features, first_places = measured(first_obj)
-    following = []
-    for obj, path in tables[1:]:
-        features, places = measured(obj)
-        following.append((_FollowingTable(path, KEYS + features, config.chunk_rows, watermark,
-                                          {c: n for n, c in renamed[obj].items()
-                                           if n in name_index}),
-                          features, places))
-    reading = list(dict.fromkeys(KEYS + ["Location_Center_X", "Location_Center_Y"]
-                                 + first_features))
-    last_image, first_rows = None, 0
-    for start, chunk in streaming.iter_chunks(first_path, reading, [], config.chunk_rows,
-                                              features={c: n for n, c in
-                                                        renamed[first_obj].items()
-                                                        if n in name_index}):
-        if not len(chunk):
-            continue
-        n = len(chunk)
-        first_rows += n
-        chunk = _keys(chunk, first_path, start)
-        image = chunk["ImageNumber"].to_numpy()
-        obj_numbers = chunk["ObjectNumber"].to_numpy()
-        previous = np.concatenate([[last_image if last_image is not None else image[0]],
-                                   image[:-1]])
-        down = np.flatnonzero(image < previous)
-        if len(down):
-            raise _unsorted(first_path, start + int(down[0]), int(image[down[0]]),
-                            int(previous[down[0]]))
-        last_image = int(image[-1])
-        held, joined = n, []
-        for table, features, places in following:
-            right = table.rows_through(int(image.min()), int(image.max()))
-            held += len(right) + (len(table.buffer) if table.buffer is not None else 0)
-            joined.append((_match(image, obj_numbers, right, table.path), right, features, places))
-        watermark.hold(held)
-        at = index_of_image.get_indexer(image)
+
+def _feature_columns(renamed: dict, index: dict) -> tuple[list, np.ndarray, dict]:
+    """A table's candidate feature columns, their places in the feature names and
+    {column: feature name}."""
+    pairs = [(c, index[n]) for n, c in renamed.items() if n in index]
+    return ([c for c, _ in pairs], np.array([j for _, j in pairs], dtype=np.int64),
+            {c: n for n, c in renamed.items() if n in index})
+
+
+class _ObjectJoin:
+    """The object tables read together, a chunk of the first at a time, each later table's rows
+    matched to the chunk's cells on ImageNumber and ObjectNumber (a left join)."""
+
+    def __init__(self, config, inputs, watermark: Watermark):
+        index = {n: j for j, n in enumerate(inputs["names"])}
+        self.chunk_rows, self.watermark, self.rows = config.chunk_rows, watermark, 0
+        (self.obj, self.path), renamed = inputs["tables"][0], inputs["renamed"]
+        self.features, self.places, self.feature_names = _feature_columns(renamed[self.obj],
+                                                                          index)
+        self.following = []
+        for obj, path in inputs["tables"][1:]:
+            features, places, names = _feature_columns(renamed[obj], index)
+            table = _FollowingTable(path, KEYS + features, config.chunk_rows, watermark, names)
+            self.following.append((obj, table, features, places))
+
+    def chunks(self):
+        """(start, chunk, ImageNumbers, ObjectNumbers, joined) per chunk of the first table;
+        joined: per later table, (each cell's row in its rows or -1, its rows, its feature
+        columns, their places)."""
+        reading = list(dict.fromkeys(KEYS + ["Location_Center_X", "Location_Center_Y"]
+                                     + self.features))
+        last, once = None, _OnceEach(self.path)
+        for start, chunk in streaming.iter_chunks(self.path, reading, [], self.chunk_rows,
+                                                  features=self.feature_names):
+            if not len(chunk):
+                continue
+            self.rows += len(chunk)
+            chunk = _keys(chunk, self.path, start)
+            image = chunk["ImageNumber"].to_numpy()
+            obj_numbers = chunk["ObjectNumber"].to_numpy()
+            last = _check_order(self.path, image, start, last)
+            once.check(image, obj_numbers, start)
+            held, joined = len(chunk), []
+            for _, table, features, places in self.following:
+                right = table.rows_through(int(image.min()), int(image.max()))
+                held += len(right) + (len(table.buffer) if table.buffer is not None else 0)
+                joined.append((_match(image, obj_numbers, right), right, features, places))
+            self.watermark.hold(held)
+            yield start, chunk, image, obj_numbers, joined
+
+    def require_rows(self) -> None:
+        """Every object table had rows."""
+        if not self.rows:
+            cp.require_rows(pd.DataFrame(), self.path, f"{self.obj} objects to convert")
+        for obj, table, _, _ in self.following:
+            if not table.rows:
+                cp.require_rows(pd.DataFrame(), table.path, f"{obj} objects to convert")
+
+
+class _CellProfilerPass:
+    """Pass 1 over an ExportToSpreadsheet folder's object tables: each cell checked (in the
+    order of `_cellprofiler_reasons`), its field's image headers read when its first cell
+    survives, kept cells appended to segments and counted per image set, group and treatment."""
+
+    def __init__(self, config, inputs, sets, segments: _Segments):
+        self.config, self.inputs, self.sets, self.segments = config, inputs, sets, segments
+        self.images = {}  # ImageNumber -> [kept cells, first kept index, group, treatment]
+        self.per_group_treatment = {}
+        self.shapes, self.illum_checked = {}, set()
+        self.depths = {ch: {} for ch in config.channels}  # dtype -> [fields, a file, number]
+
+    def run(self, join: _ObjectJoin) -> None:
+        for start, chunk, image, obj_numbers, joined in join.chunks():
+            at = self.sets["index"].get_indexer(image)
+            x = chunk["Location_Center_X"].to_numpy(dtype=np.float64)
+            y = chunk["Location_Center_Y"].to_numpy(dtype=np.float64)
+            step = self._first_failures(at, x, y, joined)
+            self._read_headers(image, step < 0, at)
+            if self.config.edge == "skip":
+                self._skip_border(step, image, x, y)
+            for k in range(len(self.segments.reasons)):
+                rows = np.flatnonzero(step == k)
+                if len(rows):
+                    self.segments.reject(
+                        k, [f"{a}-{b}" for a, b in zip(image[rows], obj_numbers[rows])],
+                        image[rows].tolist(), obj_numbers[rows].tolist())
+            keep = np.flatnonzero(step < 0)
+            if len(keep):
+                self._keep(keep, chunk, image, obj_numbers, x, y, at, join, joined)
+        join.require_rows()
+
+    def _first_failures(self, at, x, y, joined) -> np.ndarray:
+        """Per cell, the first check it fails before its image is read (-1: none)."""
         known = at >= 0
         safe = np.where(known, at, 0)
-        step = np.full(n, -1)
-
-        def fail(k, mask):
+        masks = [match < 0 for match, *_ in joined]
+        masks += [~known, ~np.isfinite(x) | ~np.isfinite(y)]
+        masks += [missing[safe] for missing in self.sets["missing"]]
+        masks.append(self.sets["no_treatment"][safe])
+        step = np.full(len(at), -1)
+        for k, mask in enumerate(masks):
             step[(step < 0) & mask] = k
+        return step
 
-        s = 0
-        for match, *_ in joined:
-            fail(s, match < 0)
-            s += 1
-        fail(s, ~known)
-        s += 1
-        x = chunk["Location_Center_X"].to_numpy(dtype=np.float64)
-        y = chunk["Location_Center_Y"].to_numpy(dtype=np.float64)
-        fail(s, ~np.isfinite(x) | ~np.isfinite(y))
-        s += 1
-        for missing in no_path + no_illum:
-            fail(s, missing[safe])
-            s += 1
-        fail(treatment_step, no_treatment[safe])
-        alive = step < 0
-        # Image headers, in the order the image sets' first surviving cells come.
+    def _read_headers(self, image, alive, at) -> None:
+        """Image headers, in the order the image sets' first surviving cells come."""
+        paths, config = self.inputs["paths"], self.config
         for i in np.flatnonzero(alive)[np.unique(image[alive], return_index=True)[1]]:
             number = int(image[i])
-            if number not in shapes:
-                shapes[number] = _field_shape(number, [paths[ch][at[i]] for ch in config.channels],
-                                              config)
-                _check_illum(number, at[i], illum_paths, shapes, illum_checked, config)
-        if config.edge == "skip" and alive.any():
-            unique, inverse = np.unique(image, return_inverse=True)
-            sizes = np.array([shapes.get(int(v), (0, 0)) for v in unique]).reshape(-1, 2)
-            top = np.floor(np.where(alive, y, 0) + 0.5).astype(int) - size // 2
-            left = np.floor(np.where(alive, x, 0) + 0.5).astype(int) - size // 2
-            fail(border_step, alive & ((top < 0) | (left < 0) | (top + size > sizes[inverse, 0])
-                                       | (left + size > sizes[inverse, 1])))
-        for k in range(len(reasons)):
-            rows = np.flatnonzero(step == k)
-            if len(rows):
-                segments.reject(k, [f"{a}-{b}" for a, b in zip(image[rows], obj_numbers[rows])],
-                                image[rows].tolist(), obj_numbers[rows].tolist())
-        keep = np.flatnonzero(step < 0)
-        if not len(keep):
-            continue
+            if number not in self.shapes:
+                field_paths = [paths[ch][at[i]] for ch in config.channels]
+                self.shapes[number], dtypes = _field_header(number, field_paths, config)
+                for ch, path, dtype in zip(config.channels, field_paths, dtypes):
+                    seen = self.depths[ch].setdefault(dtype, [0, path, number])
+                    seen[0] += 1
+                _check_illum(number, at[i], self.sets["illum_paths"], self.shapes,
+                             self.illum_checked, config)
+
+    def _skip_border(self, step, image, x, y) -> None:
+        """Cells whose crop would leave the field (--edge skip) fail the last check."""
+        alive = step < 0
+        if not alive.any():
+            return
+        size = self.config.crop_size
+        unique, inverse = np.unique(image, return_inverse=True)
+        sizes = np.array([self.shapes.get(int(v), (0, 0)) for v in unique]).reshape(-1, 2)
+        top = np.floor(np.where(alive, y, 0) + 0.5).astype(int) - size // 2
+        left = np.floor(np.where(alive, x, 0) + 0.5).astype(int) - size // 2
+        outside = (top < 0) | (left < 0) | (top + size > sizes[inverse, 0]) \
+            | (left + size > sizes[inverse, 1])
+        step[alive & outside] = len(self.segments.reasons) - 1
+
+    def _keep(self, keep, chunk, image, obj_numbers, x, y, at, join, joined) -> None:
+        """The surviving cells of a chunk: counted, and their values appended to a segment."""
         kept_at = at[keep]
         rec = np.zeros(len(keep), dtype=CELL_DTYPE)
         rec["image"], rec["object"] = image[keep], obj_numbers[keep]
         rec["x"], rec["y"] = x[keep], y[keep]
-        rec["group"], rec["treatment"] = group_codes[kept_at], treatment_codes[kept_at]
+        rec["group"] = self.sets["group_codes"][kept_at]
+        rec["treatment"] = self.sets["treatment_codes"][kept_at]
         numbers, firsts, counts = np.unique(image[keep], return_index=True, return_counts=True)
         for number, i, count in zip(numbers.tolist(), firsts.tolist(), counts.tolist()):
-            entry = images.setdefault(number, [0, segments.kept + i, int(rec["group"][i]),
-                                               int(rec["treatment"][i])])
+            entry = self.images.setdefault(number, [0, self.segments.kept + i,
+                                                    int(rec["group"][i]),
+                                                    int(rec["treatment"][i])])
             entry[0] += count
             key = (entry[2], entry[3])
-            per_group_treatment[key] = per_group_treatment.get(key, 0) + count
-        values = np.full((len(keep), len(names)), np.nan, dtype=np.float32)
-        values[:, first_places] = chunk[first_features].to_numpy(dtype=np.float32)[keep]
+            self.per_group_treatment[key] = self.per_group_treatment.get(key, 0) + count
+        values = np.full((len(keep), len(self.inputs["names"])), np.nan, dtype=np.float32)
+        values[:, join.places] = chunk[join.features].to_numpy(dtype=np.float32)[keep]
         for match, right, features, places in joined:
             values[:, places] = right[features].to_numpy(dtype=np.float32)[match[keep]]
-        segments.add(values, rec)
-    if not first_rows:
-        cp.require_rows(pd.DataFrame(), first_path, f"{first_obj} objects to convert")
-    for (table, _, _), (obj, _) in zip(following, tables[1:]):
-        if not table.rows:
-            cp.require_rows(pd.DataFrame(), table.path, f"{obj} objects to convert")
-    return {"segments": segments, "names": names, "dropped": selection.dropped,
-            "compartments": list(config.objects), "measured_as": measured_as,
-            "treatment_columns": treatment_cols, "split_by": split_by,
-            "group_names": group_names, "treatment_names": treatment_names, "images": images,
-            "per_group_treatment": per_group_treatment,
-            "shapes": shapes, "paths": paths, "illum_paths": illum_paths,
-            "image_keys": image_keys, "image_df": image_df, "image_info": image_info,
-            "meta_cols": meta_cols, "source": source,
-            "sources": [image_csv] + [path for _, path in tables]}
+        self.segments.add(values, rec)
+
+
+def plan_cellprofiler(config, work: Path, image_settings, watermark: Watermark) -> dict:
+    """Pass 1 for an ExportToSpreadsheet folder; returns the plan's per-image-set summary."""
+    inputs = _cellprofiler_inputs(config, image_settings)
+    sets = _image_sets(config, inputs)
+    segments = _Segments(work, _cellprofiler_reasons(config, inputs["treatment_columns"]))
+    cells = _CellProfilerPass(config, inputs, sets, segments)
+    cells.run(_ObjectJoin(config, inputs, watermark))
+    return {"segments": segments, "names": inputs["names"],
+            "dropped": inputs["selection"].dropped, "compartments": list(config.objects),
+            "measured_as": inputs["measured_as"],
+            "treatment_columns": inputs["treatment_columns"], "split_by": inputs["split_by"],
+            "group_names": sets["group_names"], "treatment_names": sets["treatment_names"],
+            "images": cells.images, "per_group_treatment": cells.per_group_treatment,
+            "shapes": cells.shapes, "depths": cells.depths, "paths": inputs["paths"],
+            "illum_paths": sets["illum_paths"], "image_keys": sets["image_keys"],
+            "image_df": inputs["image_df"], "image_info": inputs["image_info"],
+            "meta_cols": inputs["meta_cols"], "source": inputs["source"],
+            "sources": [inputs["image_csv"]] + [path for _, path in inputs["tables"]]}
 
 
 def _codes(values, names: list, codes: dict) -> np.ndarray:
@@ -499,15 +608,17 @@ def _codes(values, names: list, codes: dict) -> np.ndarray:
     return mapping[local]
 
 
-def _field_shape(number: int, field_paths: list, config) -> tuple:
-    """(Y, X) of one field from its TIFF headers; every channel must agree and exist."""
-    field_shapes = {}
+def _field_header(number: int, field_paths: list, config) -> tuple[tuple, list[str]]:
+    """((Y, X), [dtype per channel]) of one field from its TIFF headers; every channel must
+    exist and have the same size."""
+    field_shapes, dtypes = {}, []
     for ch, path in zip(config.channels, field_paths):
         if not os.path.exists(path):
             raise UserInputError(f"{path}: image file not found (channel {ch}, ImageNumber "
                                  f"{number}). Check PathName_{ch} in Image.csv, "
                                  "or run from the folder its relative paths start from.")
-        field_shapes[ch] = cp.image_shape(path)
+        field_shapes[ch], dtype = cp.image_header(path)
+        dtypes.append(dtype)
     distinct = set(field_shapes.values())
     if len(distinct) > 1:
         listed = "; ".join(f"{ch} {s[1]}x{s[0]} ({p})" for (ch, s), p in
@@ -520,7 +631,7 @@ def _field_shape(number: int, field_paths: list, config) -> tuple:
     if config.crop_size > min(shape):
         raise UserInputError(f"--crop-size {config.crop_size}: larger than the images "
                              f"({shape[1]}x{shape[0]} px, {field_paths[0]}). Choose a smaller crop.")
-    return tuple(int(v) for v in shape)
+    return tuple(int(v) for v in shape), dtypes
 
 
 def _check_illum(number, at, illum_paths, shapes, checked, config) -> None:
@@ -539,19 +650,26 @@ def _check_illum(number, at, illum_paths, shapes, checked, config) -> None:
                 "function made for them.")
 
 
-def plan_table(config, work: Path, watermark: Watermark) -> dict:
-    """Pass 1 for a single-cell table (CytoTable/pycytominer) with a crop file per cell."""
-    path = Path(config.input)
-    if not path.is_file():
-        raise UserInputError(f"{path}: no such file. With --table, INPUT is a single-cell "
-                             "CSV or Parquet file.")
-    header = streaming.table_columns(path)
+def _crop_column(config, path: Path, header) -> str:
+    """The column of crop files: --crop-column, else the first of CROP_COLUMN_CANDIDATES."""
     column = config.crop_column or next((c for c in cp.CROP_COLUMN_CANDIDATES if c in header),
                                         None)
     if column is None or column not in header:
         raise UserInputError(
             f"{path}: no crop file column {column or '(tried ' + ', '.join(cp.CROP_COLUMN_CANDIDATES) + ')'}; "
             "name the column of crop files with --crop-column.")
+    return column
+
+
+def _table_inputs(config) -> dict:
+    """What pass 1 of a single-cell table reads before any row: its columns, the candidate
+    features, the measured images, the treatment, grouping and metadata columns."""
+    path = Path(config.input)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such file. With --table, INPUT is a single-cell "
+                             "CSV or Parquet file.")
+    header = streaming.table_columns(path)
+    column = _crop_column(config, path, header)
     columns = [c for c in header if c != column] + ["ImageNumber", "ObjectNumber"]
     compartments = cp.table_compartments(columns + ["_crop_path", "_cell_id"])
     measured_as = ms.pair_channels(config.channels, ms.measured_images(
@@ -577,47 +695,91 @@ def plan_table(config, work: Path, watermark: Watermark) -> dict:
             if c not in names and c in header]
     numeric = [c for c in names if c in header]
     kinds = streaming.csv_text_kinds(path, [c for c in text if c != column], config.chunk_rows)
-    reasons = ["no crop file", f"no value in {','.join(treatment_cols)}"]
-    segments = _Segments(work, reasons)
-    base = path.resolve().parent
-    group_names, group_code, treatment_names, treatment_code = [], {}, [], {}
-    per_group_treatment = {}
-    metadata = {c: {"missing": False, "values": {}} for c in meta_cols}
-    for start, chunk in streaming.iter_chunks(path, numeric, text, config.chunk_rows, kinds,
-                                              features={n: n for n in numeric}):
-        watermark.hold(len(chunk))
-        n = len(chunk)
-        rows = np.arange(start, start + n)
-        image = chunk["Metadata_ImageNumber"].to_numpy() if "Metadata_ImageNumber" in chunk \
-            else np.zeros(n, dtype=np.int64)
-        obj = chunk["Metadata_ObjectNumber"].to_numpy() if "Metadata_ObjectNumber" in chunk \
-            else rows + 1
-        cell_ids = ([f"{a}-{b}" for a, b in zip(pd.Series(image).astype(str),
-                                                 pd.Series(obj).astype(str))]
-                    if "Metadata_ObjectNumber" in chunk else rows.astype(str).tolist())
-        crop = chunk[column].to_numpy(dtype=object)
-        no_crop = pd.isna(crop)
-        step = np.where(no_crop, 0, -1)
-        if treatment_cols:
-            no_value = chunk[treatment_cols].astype("string").isna().any(axis=1).to_numpy()
-            step[(step < 0) & no_value] = 1
-        for k in range(len(reasons)):
-            at = np.flatnonzero(step == k)
-            segments.reject(k, [cell_ids[i] for i in at], image[at].tolist(), obj[at].tolist())
-        keep = np.flatnonzero(step < 0)
-        if not len(keep):
-            continue
-        kept = chunk.iloc[keep]
-        if treatment_cols:
-            treatment = kept[treatment_cols].astype(str).agg("@".join, axis=1) \
-                if len(treatment_cols) > 1 else kept[treatment_cols[0]].astype(str)
+    return {"path": path, "column": column, "compartments": compartments,
+            "measured_as": measured_as, "selection": selection, "names": names,
+            "treatment_columns": treatment_cols, "split_by": split_by, "meta_cols": meta_cols,
+            "text": text, "numeric": numeric, "kinds": kinds}
+
+
+def _table_ids(chunk: pd.DataFrame, start: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """(ImageNumbers, ObjectNumbers, cell ids) of a table chunk's rows: its Metadata_ columns
+    where it has them, else image 0 and the row number."""
+    n = len(chunk)
+    rows = np.arange(start, start + n)
+    image = chunk["Metadata_ImageNumber"].to_numpy() if "Metadata_ImageNumber" in chunk \
+        else np.zeros(n, dtype=np.int64)
+    obj = chunk["Metadata_ObjectNumber"].to_numpy() if "Metadata_ObjectNumber" in chunk \
+        else rows + 1
+    cell_ids = ([f"{a}-{b}" for a, b in zip(pd.Series(image).astype(str),
+                                             pd.Series(obj).astype(str))]
+                if "Metadata_ObjectNumber" in chunk else rows.astype(str).tolist())
+    return image, obj, cell_ids
+
+
+class _TablePass:
+    """Pass 1 over a single-cell table: rows without a crop file or a treatment rejected, the
+    others appended to segments with their cell ids and crop files; per treatment, the values
+    of each Metadata_ column (to find those with one value per treatment)."""
+
+    def __init__(self, config, inputs, segments: _Segments):
+        self.config, self.inputs, self.segments = config, inputs, segments
+        self.base = inputs["path"].resolve().parent
+        self.group_names, self.group_code = [], {}
+        self.treatment_names, self.treatment_code = [], {}
+        self.per_group_treatment = {}
+        self.metadata = {c: {"missing": False, "values": {}} for c in inputs["meta_cols"]}
+
+    def run(self, watermark: Watermark) -> None:
+        inputs = self.inputs
+        for start, chunk in streaming.iter_chunks(inputs["path"], inputs["numeric"],
+                                                  inputs["text"], self.config.chunk_rows,
+                                                  inputs["kinds"],
+                                                  features={n: n for n in inputs["numeric"]}):
+            watermark.hold(len(chunk))
+            image, obj, cell_ids = _table_ids(chunk, start)
+            crop = chunk[inputs["column"]].to_numpy(dtype=object)
+            step = np.where(pd.isna(crop), 0, -1)
+            if inputs["treatment_columns"]:
+                no_value = chunk[inputs["treatment_columns"]].astype("string").isna() \
+                    .any(axis=1).to_numpy()
+                step[(step < 0) & no_value] = 1
+            for k in range(len(self.segments.reasons)):
+                at = np.flatnonzero(step == k)
+                self.segments.reject(k, [cell_ids[i] for i in at], image[at].tolist(),
+                                     obj[at].tolist())
+            keep = np.flatnonzero(step < 0)
+            if len(keep):
+                self._keep(keep, chunk.iloc[keep], image, obj, cell_ids, crop)
+
+    def _keep(self, keep, kept, image, obj, cell_ids, crop) -> None:
+        inputs = self.inputs
+        if inputs["treatment_columns"]:
+            treatment = _treatment_text(kept, inputs["treatment_columns"])
         else:
             treatment = pd.Series([""] * len(kept))
-        groups = group_keys(kept, split_by, path).to_numpy()
+        groups = group_keys(kept, inputs["split_by"], inputs["path"]).to_numpy()
         treatment = treatment.to_numpy()
-        for c in meta_cols:
+        self._note_metadata(kept, treatment)
+        rec = np.zeros(len(keep), dtype=CELL_DTYPE)
+        rec["image"] = pd.to_numeric(pd.Series(image[keep])).to_numpy(dtype=np.float64)
+        rec["object"] = pd.to_numeric(pd.Series(obj[keep])).to_numpy(dtype=np.float64)
+        rec["group"] = _codes(groups, self.group_names, self.group_code)
+        rec["treatment"] = _codes(treatment, self.treatment_names, self.treatment_code)
+        pairs, counts = np.unique(np.stack([rec["group"], rec["treatment"]]), axis=1,
+                                  return_counts=True)
+        for key, count in zip(map(tuple, pairs.T.tolist()), counts.tolist()):
+            self.per_group_treatment[key] = self.per_group_treatment.get(key, 0) + count
+        crops = [os.path.normpath(str(p) if os.path.isabs(str(p)) else str(self.base / str(p)))
+                 for p in crop[keep]]
+        names = inputs["names"]
+        values = kept[names].to_numpy(dtype=np.float32) if names else np.zeros((len(keep), 0))
+        self.segments.add(values, rec, {"cell_id": [cell_ids[i] for i in keep], "crop": crops})
+
+    def _note_metadata(self, kept, treatment) -> None:
+        """Up to two values of each Metadata_ column per treatment (two: not one per treatment)."""
+        for c in self.inputs["meta_cols"]:
             values = kept[c].astype("string")
-            state = metadata[c]
+            state = self.metadata[c]
             if values.isna().any():
                 state["missing"] = True
                 continue
@@ -625,33 +787,34 @@ def plan_table(config, work: Path, watermark: Watermark) -> dict:
                 seen = state["values"].setdefault(str(t), [])
                 if v not in seen and len(seen) < 2:
                     seen.append(v)
-        rec = np.zeros(len(keep), dtype=CELL_DTYPE)
-        rec["image"] = pd.to_numeric(pd.Series(image[keep])).to_numpy(dtype=np.float64)
-        rec["object"] = pd.to_numeric(pd.Series(obj[keep])).to_numpy(dtype=np.float64)
-        rec["group"] = _codes(groups, group_names, group_code)
-        rec["treatment"] = _codes(treatment, treatment_names, treatment_code)
-        pairs, counts = np.unique(np.stack([rec["group"], rec["treatment"]]), axis=1,
-                                  return_counts=True)
-        for key, count in zip(map(tuple, pairs.T.tolist()), counts.tolist()):
-            per_group_treatment[key] = per_group_treatment.get(key, 0) + count
-        crops = [os.path.normpath(str(p) if os.path.isabs(str(p)) else str(base / str(p)))
-                 for p in crop[keep]]
-        values = kept[names].to_numpy(dtype=np.float32) if names else np.zeros((len(keep), 0))
-        segments.add(values, rec, {"cell_id": [cell_ids[i] for i in keep], "crop": crops})
-    treatment_metadata = {}
-    for c in meta_cols:
-        state = metadata[c]
-        if state["missing"] or not state["values"]:
-            continue
-        if all(len(v) == 1 for v in state["values"].values()):
-            treatment_metadata[c] = {t: str(state["values"][t][0])
-                                     for t in sorted(state["values"])}
-    return {"segments": segments, "names": names, "dropped": selection.dropped,
-            "compartments": compartments, "measured_as": measured_as,
-            "treatment_columns": treatment_cols, "split_by": split_by,
-            "group_names": group_names, "treatment_names": treatment_names,
-            "per_group_treatment": per_group_treatment,
-            "treatment_metadata": treatment_metadata, "source": path, "sources": [path]}
+
+    def treatment_metadata(self) -> dict:
+        """{column: {treatment: value}} of the Metadata_ columns with one value per treatment."""
+        found = {}
+        for c in self.inputs["meta_cols"]:
+            state = self.metadata[c]
+            if state["missing"] or not state["values"]:
+                continue
+            if all(len(v) == 1 for v in state["values"].values()):
+                found[c] = {t: str(state["values"][t][0]) for t in sorted(state["values"])}
+        return found
+
+
+def plan_table(config, work: Path, watermark: Watermark) -> dict:
+    """Pass 1 for a single-cell table (CytoTable/pycytominer) with a crop file per cell."""
+    inputs = _table_inputs(config)
+    reasons = ["no crop file", f"no value in {','.join(inputs['treatment_columns'])}"]
+    segments = _Segments(work, reasons)
+    cells = _TablePass(config, inputs, segments)
+    cells.run(watermark)
+    return {"segments": segments, "names": inputs["names"],
+            "dropped": inputs["selection"].dropped, "compartments": inputs["compartments"],
+            "measured_as": inputs["measured_as"],
+            "treatment_columns": inputs["treatment_columns"], "split_by": inputs["split_by"],
+            "group_names": cells.group_names, "treatment_names": cells.treatment_names,
+            "per_group_treatment": cells.per_group_treatment,
+            "treatment_metadata": cells.treatment_metadata(), "source": inputs["path"],
+            "sources": [inputs["path"]]}
 
 
 # ---------------------------------------------------------------------------
@@ -771,6 +934,98 @@ def table_shards(work: Path, sizes: list, split_codes: np.ndarray, treatment_nam
     return shards
 
 
+def _assign_splits(config, first) -> dict:
+    """The --split-by groups' splits, and the cells and groups per split and treatment."""
+    group_names, treatment_names = first["group_names"], first["treatment_names"]
+    counts, strata = {}, {}
+    for (g, t), c in first["per_group_treatment"].items():
+        counts[group_names[g]] = counts.get(group_names[g], 0) + c
+        strata.setdefault(group_names[g], set()).add(treatment_names[t])
+    split_of = assign_group_splits(counts, config.split, config.seed, strata)
+    split_codes = np.asarray([SPLITS.index(split_of.get(g, "train")) for g in group_names],
+                             dtype=np.int64)
+    treatments = sorted({treatment_names[t] for _, t in first["per_group_treatment"]})
+    per_treatment = {split: {t: 0 for t in treatments} for split in SPLITS}
+    groups_in = {split: set() for split in SPLITS}
+    for (g, t), c in first["per_group_treatment"].items():
+        split = split_of[group_names[g]]
+        per_treatment[split][treatment_names[t]] += c
+        groups_in[split].add(g)
+    return {"codes": split_codes, "treatments": treatments, "per_treatment": per_treatment,
+            "groups": {s: len(groups_in[s]) for s in SPLITS}}
+
+
+def _sources_and_fingerprint(config, first, names) -> tuple[list, str]:
+    """The tables read (size and sha256) and the plan's fingerprint: the options, the tables'
+    checksums and the features kept."""
+    sources = [{"path": str(p), "bytes": Path(p).stat().st_size, "sha256": sha256_file(p)}
+               for p in first["sources"]]
+    options = {k: v for k, v in asdict(config).items() if k not in config.RUN_OPTIONS}
+    fingerprint = hashlib.sha256(json.dumps(
+        [options, [s["sha256"] for s in sources], names],
+        sort_keys=True, default=str).encode()).hexdigest()
+    return sources, fingerprint
+
+
+def bit_depths(config, depths: dict) -> dict:
+    """{channel: how its files were rescaled} for channels whose files mix 8-bit and 16-bit (as
+    plates from two microscopes do): CellProfiler scales each file by its own bit depth, so an
+    8-bit file is multiplied by 257 to the 16-bit range (255 -> 65535), as it would measure it.
+    Any other mix of kinds in one channel is refused, naming a file of each."""
+    rescaled = {}
+    for ch in config.channels:
+        kinds = depths.get(ch, {})
+        if len(kinds) < 2:
+            continue
+        if set(kinds) != {"uint8", "uint16"}:
+            listed = "; ".join(f"{kind} ({path}, ImageNumber {number})"
+                               for kind, (_, path, number) in sorted(kinds.items()))
+            raise UserInputError(f"channel {ch}: its images are of different kinds: {listed}. "
+                                 "Save them as one kind (e.g. 16-bit TIFF) and convert again, "
+                                 "or convert each kind separately.")
+        rescaled[ch] = {"from": "uint8", "to": "uint16", "factor": 257,
+                        "fields": kinds["uint8"][0],
+                        "of": kinds["uint8"][0] + kinds["uint16"][0]}
+    return rescaled
+
+
+def _cellprofiler_plan(config, first, split_codes) -> dict:
+    """The plan's parts that only an ExportToSpreadsheet folder has: shards of whole fields,
+    how CellProfiler saw the images, each field's files and size."""
+    images, treatment_names = first["images"], first["treatment_names"]
+    group_names = first["group_names"]
+    image_row = {n: i for i, n in enumerate(first["image_keys"])}
+    split_of_image = {n: SPLITS[split_codes[e[2]]] for n, e in images.items()}
+    shards = cellprofiler_shards(images, split_of_image.get,
+                                 lambda n: treatment_names[images[n][3]], config.shard_size)
+    train_images = {n for n, s in split_of_image.items() if s == "train"}
+    image_info = first["image_info"]
+    rescaled = bit_depths(config, first["depths"])
+    cellprofiler = {
+        "illumination": dict(config.illum or {}),
+        "illumination_functions": image_info.attrs["illumination_functions"],
+        # A channel of mixed bit depths: each file by its own depth, not one median Scaling_.
+        "scaling": {ch: None if ch in rescaled else ms.scaling_of(image_info, ch)
+                    for ch in config.channels},
+        "thresholds": ms.object_thresholds(image_info, config.objects, train_images)}
+    in_order = sorted(images, key=lambda n: images[n][1])
+    with_cells = first["image_df"].iloc[[image_row[n] for n in in_order]].assign(
+        _treatment=[treatment_names[images[n][3]] for n in in_order])
+    fields = {str(n): {"paths": [first["paths"][ch][image_row[n]] for ch in config.channels],
+                       "shape": list(first["shapes"][n]),
+                       "group": group_names[images[n][2]],
+                       "illum": [first["illum_paths"][ch][image_row[n]]
+                                 if ch in (config.illum or {}) else None
+                                 for ch in config.channels] if config.illum else None}
+              for n in images}
+    plan = {"shards": shards, "cellprofiler": cellprofiler,
+            "treatment_metadata": per_treatment_columns(with_cells, first["treatment_columns"]),
+            "fields": fields}
+    if rescaled:
+        plan["rescaled"] = rescaled
+    return plan
+
+
 def make_plan(config, work: Path, image_settings, progress: bool = False,
               watermark: Watermark | None = None) -> dict:
     """Both passes into `work` (a new folder); returns the plan (also written as plan.json)."""
@@ -785,44 +1040,27 @@ def make_plan(config, work: Path, image_settings, progress: bool = False,
         rejected = sum(segments.reject_counts)
         raise UserInputError(f"{source}: no cell left to convert ({rejected} rejected; "
                              f"first reason: {segments.first_reason()}).")
-    group_names, treatment_names = first["group_names"], first["treatment_names"]
-    counts, strata = {}, {}
-    for (g, t), c in first["per_group_treatment"].items():
-        counts[group_names[g]] = counts.get(group_names[g], 0) + c
-        strata.setdefault(group_names[g], set()).add(treatment_names[t])
-    split_of = assign_group_splits(counts, config.split, config.seed, strata)
-    split_codes = np.asarray([SPLITS.index(split_of.get(g, "train")) for g in group_names],
-                             dtype=np.int64)
-    ranges = training_ranges(work, segments.sizes, split_codes == 0)
+    splits = _assign_splits(config, first)
+    ranges = training_ranges(work, segments.sizes, splits["codes"] == 0)
     keep, dropped = uninformative(first["names"], ranges)
     if not keep:
         raise UserInputError(f"{source}: every selected feature is all-NaN or constant in the "
                              "training split; nothing to learn from.")
-    treatments = sorted({treatment_names[t] for _, t in first["per_group_treatment"]})
-    per_treatment = {split: {t: 0 for t in treatments} for split in SPLITS}
-    groups_in = {split: set() for split in SPLITS}
-    for (g, t), c in first["per_group_treatment"].items():
-        split = split_of[group_names[g]]
-        per_treatment[split][treatment_names[t]] += c
-        groups_in[split].add(g)
-    sources = [{"path": str(p), "bytes": Path(p).stat().st_size, "sha256": sha256_file(p)}
-               for p in first["sources"]]
-    options = {k: v for k, v in asdict(config).items() if k not in config.RUN_OPTIONS}
-    fingerprint = hashlib.sha256(json.dumps(
-        [options, [s["sha256"] for s in sources], [first["names"][j] for j in keep]],
-        sort_keys=True, default=str).encode()).hexdigest()
+    names = [first["names"][j] for j in keep]
+    sources, fingerprint = _sources_and_fingerprint(config, first, names)
+    per_treatment = splits["per_treatment"]
     plan = {
         "fingerprint": fingerprint, "chunk_rows": config.chunk_rows,
         "source": str(source), "compartments": first["compartments"],
-        "measured_as": first["measured_as"], "names": [first["names"][j] for j in keep],
+        "measured_as": first["measured_as"], "names": names,
         "keep": keep, "candidates": len(first["names"]),
         "dropped": first["dropped"] + dropped,
-        "treatments": treatments, "treatment_columns": first["treatment_columns"],
+        "treatments": splits["treatments"], "treatment_columns": first["treatment_columns"],
         "split_by": first["split_by"], "segments": segments.sizes,
         "counts": {"cells": int(segments.kept),
                    "splits": {s: sum(per_treatment[s].values()) for s in SPLITS},
                    "treatments": per_treatment},
-        "groups": {s: len(groups_in[s]) for s in SPLITS},
+        "groups": splits["groups"],
         "rejects": {"count": int(sum(segments.reject_counts)),
                     "by_reason": segments.by_reason()},
         "sources": sources,
@@ -831,36 +1069,12 @@ def make_plan(config, work: Path, image_settings, progress: bool = False,
     if config.table:
         plan["treatment_metadata"] = first["treatment_metadata"]
         plan["cellprofiler"] = {}
-        plan["shards"] = table_shards(work, segments.sizes, split_codes, treatment_names,
-                                      config.shard_size)
+        plan["shards"] = table_shards(work, segments.sizes, splits["codes"],
+                                      first["treatment_names"], config.shard_size)
     else:
-        images = first["images"]
-        image_row = {n: i for i, n in enumerate(first["image_keys"])}
-        split_of_image = {n: SPLITS[split_codes[e[2]]] for n, e in images.items()}
-        plan["shards"] = cellprofiler_shards(
-            images, split_of_image.get, lambda n: treatment_names[images[n][3]],
-            config.shard_size)
-        train_images = {n for n, s in split_of_image.items() if s == "train"}
-        image_info = first["image_info"]
-        plan["cellprofiler"] = {
-            "illumination": dict(config.illum or {}),
-            "illumination_functions": image_info.attrs["illumination_functions"],
-            "scaling": {ch: ms.scaling_of(image_info, ch) for ch in config.channels},
-            "thresholds": ms.object_thresholds(image_info, config.objects, train_images)}
-        in_order = sorted(images, key=lambda n: images[n][1])
-        with_cells = first["image_df"].iloc[[image_row[n] for n in in_order]].assign(
-            _treatment=[treatment_names[images[n][3]] for n in in_order])
-        plan["treatment_metadata"] = per_treatment_columns(with_cells, first["treatment_columns"])
-        plan["fields"] = {str(n): {"paths": [first["paths"][ch][image_row[n]]
-                                             for ch in config.channels],
-                                   "shape": list(first["shapes"][n]),
-                                   "group": group_names[images[n][2]],
-                                   "illum": [first["illum_paths"][ch][image_row[n]]
-                                             if ch in (config.illum or {}) else None
-                                             for ch in config.channels] if config.illum else None}
-                          for n in images}
+        plan.update(_cellprofiler_plan(config, first, splits["codes"]))
     plan["seconds"] = round(time.perf_counter() - started, 3)
-    write_json(work / GROUPS, group_names)
+    write_json(work / GROUPS, first["group_names"])
     write_json(work / SEGMENTS, segments.sizes)
     write_json(work / PLAN, plan)
     return plan
