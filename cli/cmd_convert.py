@@ -124,6 +124,10 @@ def convert(input_path, out_dir, channels, objects, table, crop_column, crop_siz
     if renamed:
         click.echo("Features measured on: " + ", ".join(f"{ch} -> {m}" for ch, m in renamed.items())
                    + ".")
+    for ch, how in manifest["crop"].get("rescaled", {}).items():
+        click.echo(f"{ch}: {how['fields']} of {how['of']} fields are 8-bit images among 16-bit "
+                   f"ones; their pixels were multiplied by {how['factor']} to the 16-bit range "
+                   "(as CellProfiler scales each file by its own bit depth).")
     without = [t for t, n in counts["treatments"]["test"].items() if not n]
     if without:
         click.echo(f"{len(without)} of {len(counts['treatments']['test'])} treatments have no test "

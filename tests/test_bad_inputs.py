@@ -320,3 +320,110 @@ def test_the_table_covers_every_command_with_forty_cases():
     commands = {name.split()[0] for name, _ in CASES}
     assert commands == set(main.commands), set(main.commands) ^ commands
     assert len(CASES) >= 40
+
+
+# ---------------------------------------------------------------------------
+# Bad data never becomes a dataset: convert's cases that need no trained model. Each asserts
+# the one line, the exit code, and that nothing half-written is left in OUT_DIR or beside it.
+
+
+def repeat_row(table_name, source_row, at_row):
+    """A copy of one row of an object table inserted again (an image set exported twice)."""
+    def mutate(cp, root):
+        table = pd.read_csv(cp / table_name)
+        table = pd.concat([table.iloc[:at_row], table.iloc[source_row:source_row + 1],
+                           table.iloc[at_row:]])
+        table.to_csv(cp / table_name, index=False)
+    return mutate
+
+
+def same_object_number(cp, root):
+    """Two different nuclei of ImageNumber 2 given one ObjectNumber."""
+    table = pd.read_csv(cp / "Nuclei.csv")
+    rows = table.index[table["ImageNumber"] == 2]
+    table.loc[rows[3], "ObjectNumber"] = table.loc[rows[1], "ObjectNumber"]
+    table.to_csv(cp / "Nuclei.csv", index=False)
+
+
+def retype_tiff(dtype, field=1, channel="DNA"):
+    """One field's image of `channel` saved again as `dtype` (another microscope's export)."""
+    def mutate(cp, root):
+        import numpy as np
+        import tifffile
+
+        tiff = sorted((root / "images" / "plate1").glob(f"*_{channel}.tif"))[field]
+        pixels = tifffile.imread(tiff)
+        tifffile.imwrite(tiff, (pixels / 65535).astype(dtype))
+    return mutate
+
+
+def held_lock(c):
+    """OUT_DIR's convert lock held by a live process of this host (another convert)."""
+    import os
+    import socket
+
+    (c.tmp / ".out.convert.lock").write_text(f"{os.getppid()}@{socket.gethostname()}\n")
+    return c.cp()
+
+
+DATA_CASES = [
+    ("duplicate row in the first object table",
+     lambda c: (["convert", c.cp(repeat_row("Nuclei.csv", 10, 11)), c.tmp / "out", *CONVERT],
+                ["Nuclei.csv", "ImageNumber 2, ObjectNumber 5 is listed twice", "rows 12 and 13"])),
+    ("one ObjectNumber for two nuclei of one image",
+     lambda c: (["convert", c.cp(same_object_number), c.tmp / "out", *CONVERT],
+                ["Nuclei.csv", "ImageNumber 2, ObjectNumber 2 is listed twice", "rows 9 and 11"])),
+    ("duplicate row in the first table across chunks",
+     lambda c: (["convert", c.cp(repeat_row("Nuclei.csv", 13, 16)), c.tmp / "out", *CONVERT,
+                 "--chunk-rows", "3"],
+                ["Nuclei.csv", "ImageNumber 3, ObjectNumber 2 is listed twice", "rows 15 and 18"])),
+    ("duplicate row in a later object table",
+     lambda c: (["convert", c.cp(repeat_row("Cells.csv", 20, 21)), c.tmp / "out", *CONVERT],
+                ["Cells.csv", "ImageNumber 4, ObjectNumber 3 is listed twice"])),
+    ("a channel of 16-bit and float images",
+     lambda c: (["convert", c.cp(retype_tiff("float32")), c.tmp / "out", *CONVERT],
+                ["channel DNA", "uint16", "float32", "ImageNumber 2", "one kind"])),
+    ("--measured-as a channel paired with another's own image",
+     lambda c: (["convert", c.cp(), c.tmp / "out", *CONVERT, "--measured-as", "DNA=Actin"],
+                ["--measured-as", "DNA and Actin", "Actin"])),
+    ("--measured-as every channel none",
+     lambda c: (["convert", c.cp(), c.tmp / "out", *CONVERT, "--measured-as",
+                 "DNA=none,Tubulin=none,Actin=none"], ["--measured-as DNA=none", "DNA"])),
+    ("--measured-as none for the only channel of other images",
+     lambda c: (["convert", c.cp(lambda cp, root: _rename_measured(cp, "DNA", "CorrBlue")),
+                 c.tmp / "out", "--objects", "Nuclei", "--channels", "DNA", "--crop-size", "32",
+                 "--measured-as", "DNA=none", "--quiet"],
+                ["no channel is paired", "CorrBlue", "--exclude"])),
+    ("another convert writing into OUT_DIR",
+     lambda c: (["convert", held_lock(c), c.tmp / "out", *CONVERT, "--overwrite"],
+                [str(c.tmp / "out"), "is converting into this folder now", "Wait for it"])),
+]
+
+
+def _rename_measured(cp, old, new):
+    table = pd.read_csv(cp / "Nuclei.csv")
+    table.columns = [col.replace(f"_{old}", f"_{new}") for col in table.columns]
+    table.to_csv(cp / "Nuclei.csv", index=False)
+
+
+def leftovers(tmp):
+    """What a failed convert into tmp/out left: hidden files beside OUT_DIR other than a lock
+    the case itself holds, and any dataset file inside it."""
+    beside = [p.name for p in tmp.glob(".out*") if p.name != ".out.convert.lock"]
+    inside = [p.name for p in (tmp / "out").rglob("*")] if (tmp / "out").exists() else []
+    return beside + inside
+
+
+@pytest.mark.parametrize("build", [b for _, b in DATA_CASES], ids=[i for i, _ in DATA_CASES])
+def test_bad_data_never_becomes_a_dataset(build, cp_root, tmp_path):
+    context = Context(cp_root, None, None, None, tmp_path)
+    args, needles = build(context)
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    output = result.output
+    assert result.exit_code == 1, output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line for line in output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "Traceback" not in output, output
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    assert leftovers(tmp_path) == []

@@ -329,6 +329,31 @@ def write_part(task: dict) -> dict:
     out_dir = Path(task["out_dir"])
     final = out_dir / task["file"]
     tmp = partial_path(final)
+    try:
+        hist, crop_dtype, files, records, features = _write_records(task, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a shard stopped by bad input is not left half-written
+        raise
+    os.replace(tmp, final)
+    summary = {
+        "file": task["file"], "split": task["split"], "treatment": task["treatment"],
+        "records": records, "bytes": final.stat().st_size, "sha256": sha256_file(final),
+        "plan_hash": task["plan_hash"], "dtype": str(crop_dtype), "source_files": files,
+    }
+    parts = out_dir / PARTS
+    summary["hist_sha256"] = _save_npy(parts / f"{task['file']}.hist.npy", hist)
+    if task["split"] == "train":  # what the training-split statistics are merged from
+        values = np.asarray(features, dtype=np.float32).reshape(records, -1)
+        summary["moments"] = part_moments(values)
+        summary["values_sha256"] = _save_npy(parts / f"{task['file']}.values.npy",
+                                             sorted_part_values(values))
+    write_json(parts / f"{task['file']}.json", summary)
+    return summary
+
+
+def _write_records(task: dict, tmp: Path):
+    """A shard's records into `tmp`: (pixel histogram, crop dtype, files read, records,
+    feature rows)."""
     hist, crop_dtype, files, records, features, crops = None, None, {}, 0, [], []
     with TFRecordWriter(tmp, task["compression"]) as writer:
         for fld, cells in shard_cells(task):
@@ -364,21 +389,7 @@ def write_part(task: dict) -> dict:
                 crops = []
         if crops:
             hist = _add_histogram(hist, crops, crop_dtype)
-    os.replace(tmp, final)
-    summary = {
-        "file": task["file"], "split": task["split"], "treatment": task["treatment"],
-        "records": records, "bytes": final.stat().st_size, "sha256": sha256_file(final),
-        "plan_hash": task["plan_hash"], "dtype": str(crop_dtype), "source_files": files,
-    }
-    parts = out_dir / PARTS
-    summary["hist_sha256"] = _save_npy(parts / f"{task['file']}.hist.npy", hist)
-    if task["split"] == "train":  # what the training-split statistics are merged from
-        values = np.asarray(features, dtype=np.float32).reshape(records, -1)
-        summary["moments"] = part_moments(values)
-        summary["values_sha256"] = _save_npy(parts / f"{task['file']}.values.npy",
-                                             sorted_part_values(values))
-    write_json(parts / f"{task['file']}.json", summary)
-    return summary
+    return hist, crop_dtype, files, records, features
 
 
 HISTOGRAM_CROPS = 512

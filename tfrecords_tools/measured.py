@@ -96,6 +96,7 @@ def pair_channels(channels, measured, explicit: dict | None, source) -> dict[str
         same = [m for m in measured if m not in taken and _stem(m) == _stem(ch)]
         if len(same) == 1:
             pairs[ch] = same[0]
+    _check_pairs(channels, pairs, unmeasured, measured, source)
     left = [m for m in measured if m not in pairs.values()]
     unpaired = [ch for ch in channels if ch not in pairs and ch not in unmeasured]
     if left and unpaired:
@@ -106,6 +107,34 @@ def pair_channels(channels, measured, explicit: dict | None, source) -> dict[str
             f"features were measured on: --measured-as {example}, NAME one of "
             f"{', '.join(left)}, or none for a channel without features.")
     return {ch: pairs[ch] for ch in channels if ch in pairs}
+
+
+def _check_pairs(channels, pairs: dict, unmeasured: set, measured, source) -> None:
+    """Pairings that cannot be right: one measured image for two channels, a channel said to
+    have no features while features are named after it, no channel measured at all."""
+    by_image = {}
+    for ch, image in pairs.items():
+        by_image.setdefault(image, []).append(ch)
+    shared = {image: chs for image, chs in by_image.items() if len(chs) > 1}
+    if shared:
+        image, chs = next(iter(shared.items()))
+        raise UserInputError(
+            f"--measured-as: channels {' and '.join(chs)} are both paired with the measured "
+            f"image {image} (a channel of that name is measured under its own name); each "
+            "measured image belongs to one channel. Name the image each channel was measured "
+            f"on (one of {', '.join(measured)}), or none for a channel without features.")
+    own = [ch for ch in channels if ch in unmeasured and ch in measured]
+    if own:
+        raise UserInputError(
+            f"--measured-as {own[0]}=none: features of {source} are measured on {own[0]} (e.g. "
+            f"Intensity_..._{own[0]}); leave {own[0]}=none out, or pair it with the image its "
+            "features were measured on.")
+    if measured and not pairs:
+        raise UserInputError(
+            f"--measured-as: no channel is paired with a measured image, but the features of "
+            f"{source} are measured on {', '.join(measured)}. Pair at least one channel "
+            "(CHANNEL=IMAGE), or leave out the features measured on images not cropped "
+            "(--exclude).")
 
 
 def scaling_of(image_df: pd.DataFrame, channel: str) -> float | None:
