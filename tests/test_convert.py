@@ -395,3 +395,110 @@ def test_channel_labels_name_the_measured_image():
     assert channel_label(manifest, "rawGFP") == "rawGFP (measured as CorrGreen)"
     assert channel_label(manifest, "Mito") == "Mito"
     assert measured_names({"channels": ["DNA"]}) == ["DNA"]  # datasets converted before the map
+
+
+def test_a_channel_of_8_and_16_bit_images_is_rescaled_per_file(cp_folder, tmp_path):
+    """Plates from two microscopes: CellProfiler scales each file by its own bit depth, so an
+    8-bit DNA image is stored x257 (255 -> 65535) among the 16-bit ones, and the summary and
+    manifest say so."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    convert(config_for(cp_folder, tmp_path / "a"), progress=False)
+    _, before = read_all(tmp_path / "a")
+    tiff = sorted((cp_folder.parent / "images" / "plate1").glob("*_DNA.tif"))[1]  # ImageNumber 2
+    tifffile.imwrite(tiff, (tifffile.imread(tiff) // 257).astype(np.uint8))
+    result = CliRunner().invoke(main, ["convert", str(cp_folder), str(tmp_path / "b"),
+                                       "--objects", "Nuclei,Cells", "--channels",
+                                       ",".join(CHANNELS), "--crop-size", "32",
+                                       "--shard-size", "10", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert ("DNA: 1 of 8 fields are 8-bit images among 16-bit ones; their pixels were "
+            "multiplied by 257 to the 16-bit range") in result.output
+    m, after = read_all(tmp_path / "b")
+    assert m["crop"]["dtype"] == "uint16"
+    assert m["crop"]["rescaled"] == {"DNA": {"from": "uint8", "to": "uint16", "factor": 257,
+                                             "fields": 1, "of": 8}}
+    assert sorted(after) == sorted(before)
+    for cell_id, rec in after.items():
+        crop, old = rec["crop"], before[cell_id]["crop"]
+        if rec["image_number"] == 2:
+            assert np.array_equal(crop[..., 0], old[..., 0] // 257 * 257)
+            assert crop[..., 0].max() > 255
+            assert np.array_equal(crop[..., 1:], old[..., 1:])
+        else:
+            assert np.array_equal(crop, old)
+
+
+def test_out_dir_in_a_folder_that_does_not_exist_yet_is_made(cp_folder, tmp_path):
+    out = tmp_path / "new" / "deeper" / "data"
+    m = convert(config_for(cp_folder, out), progress=False)
+    assert verify(out) == [] and m["counts"]["cells"] > 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["data"]  # no lock left beside it
+
+
+def test_a_killed_runs_locks_and_plan_folders_are_taken_over_at_once(cp_folder, tmp_path, capsys):
+    """kill -9 mid-plan leaves the locks (naming a dead process of this host) and a plan folder;
+    the next run takes over without waiting and removes the dead plan, not a live one's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    host = socket.gethostname()
+    base = tmp_path / "w"
+    base.mkdir()
+    out = base / "out"
+    config = config_for(cp_folder, out)
+    plan_lock = convert_module.PlanLock(config, out, progress=False).path
+    run_lock = base / ".out.convert.lock"
+    for lock in (plan_lock, run_lock):
+        lock.write_text(f"{proc.pid}@{host}\n")  # touched just now: not stale by its age
+    dead = base / f".out.plan-{plan_lock.name.split('plan-')[1][:-5]}.{proc.pid}@{host}.partial"
+    dead.mkdir()
+    (dead / "seg-00000.values.npy").write_bytes(b"x" * 1000)
+    live = base / f".out.plan-0123456789abcdef0123.{os.getppid()}@{host}.partial"
+    live.mkdir()
+    m = convert(config, progress=True)
+    assert "Waiting" not in capsys.readouterr().err
+    assert verify(out) == [] and m["counts"]["cells"] > 0
+    assert sorted(p.name for p in base.iterdir()) == sorted(["out", live.name])
+
+
+def test_a_waiting_run_says_whom_it_waits_for(cp_folder, tmp_path, capsys):
+    import socket
+
+    from tfrecords_tools.locks import LockFile
+
+    lock = LockFile(tmp_path / ".x.lock")
+    lock.path.write_text("4242@another-host\n")
+    assert not lock.try_acquire() and lock.holder() == "process 4242 on host another-host"
+    lock.path.write_text(f"1@{socket.gethostname()}\n")  # init: alive, not ours to signal
+    assert not lock.try_acquire()
+
+
+def test_two_overwriting_converts_at_once_leave_one_dataset_and_no_leftovers(cp_folder, tmp_path):
+    """The loser of two `convert --overwrite` into one folder is told so in one line; the
+    winner's dataset is whole and nothing else is left beside it."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "w" / "out"
+    convert(config_for(cp_folder, out), progress=False)
+    args = [sys.executable, "-m", "cli", "convert", str(cp_folder), str(out), "--objects",
+            "Nuclei,Cells", "--channels", ",".join(CHANNELS), "--crop-size", "32",
+            "--shard-size", "10", "--overwrite", "--quiet"]
+    runs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [(run.wait(300), run.stderr.read()) for run in runs]
+    assert 0 in [code for code, _ in results], results
+    for code, err in results:
+        if code:
+            assert code == 1 and "Traceback" not in err, err
+            assert err.strip().splitlines()[-1].startswith(
+                f"Error: {out}: process ") and "is converting into this folder now" in err
+    assert verify(out) == []
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
