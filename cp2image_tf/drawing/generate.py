@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cp2image_tf.drawing.profiles import read_profiles, row_labels, treatment_means, warn_nonfinite
+from cp2image_tf.drawing.profiles import (read_profiles, row_labels, treatment_means,
+                                          warn_far_beyond, warn_nonfinite)
 from cp2image_tf.viz import save_tiles, write_hyperstack
 from tfrecords_tools.atomic import OutputFolder
 from tfrecords_tools.errors import UserInputError
@@ -83,6 +84,7 @@ def generate(model, profiles=None, out_dir=None, treatment_mean=None, data=None,
         values, labels = values.iloc[:limit], labels[:limit]
     raw = values.to_numpy(np.float32)
     warn_nonfinite(raw, model.feature_names, what)
+    warn_far_beyond(raw, model, what)
     images = model.images(raw)
     with OutputFolder(out_dir, overwrite) as folder:
         title = f"{len(images)} cell(s) drawn from {what}\nmodel: {model.source}"

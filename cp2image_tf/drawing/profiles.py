@@ -124,6 +124,51 @@ def warn_nonfinite(values: np.ndarray, feature_names, what: str) -> None:
                       f"{' ...' if n_feat > 5 else ''}", UserWarning, stacklevel=3)
 
 
+FAR_BEYOND = 5.0  # training SDs past the training range's min or max that a warning names
+
+
+def training_range(*manifests):
+    """(low, high) per feature: the training split's min and max from the first manifest that
+    has them (convert writes them), or None."""
+    for manifest in manifests:
+        stats = ((manifest or {}).get("features") or {}).get("stats") or {}
+        if "min" in stats and "max" in stats:
+            return (np.asarray(stats["min"], np.float64), np.asarray(stats["max"], np.float64))
+    return None
+
+
+def warn_far_beyond(values: np.ndarray, model, what: str) -> None:
+    """Warn, naming the features, about values more than FAR_BEYOND training SDs past the
+    training range (the model never saw such a cell; what it draws there means little).
+    Without a range in the model's manifest, past FAR_BEYOND SDs from the training median."""
+    values = np.asarray(values, np.float64).reshape(-1, len(model.feature_names))
+    sd = np.where(np.asarray(model.sd) > 0, model.sd, np.inf).astype(np.float64)
+    bounds = training_range(getattr(model, "manifest", None))
+    low, high = bounds if bounds is not None else (model.median, model.median)
+    low = np.where(np.isfinite(low), low, model.median)
+    high = np.where(np.isfinite(high), high, model.median)
+    with np.errstate(invalid="ignore"):
+        far = np.isfinite(values) & ((values < low - FAR_BEYOND * sd)
+                                     | (values > high + FAR_BEYOND * sd))
+    if not far.any():
+        return
+    counts = far.sum(0)
+    named = []
+    for j in np.argsort(-counts, kind="stable")[:5]:
+        if counts[j]:
+            worst = values[far[:, j], j][np.argmax(np.abs(values[far[:, j], j]))]
+            seen = (f"{low[j]:.4g} to {high[j]:.4g}" if bounds is not None
+                    else f"median {model.median[j]:.4g}, SD {model.sd[j]:.4g}")
+            named.append(f"{model.feature_names[j]} ({counts[j]} value(s), e.g. {worst:.4g} "
+                         f"against {seen})")
+    n_feat = int((counts > 0).sum())
+    where = "training range" if bounds is not None else "training median"
+    warnings.warn(f"{what}: {int(far.sum())} value(s) in {n_feat} feature(s) lie more than "
+                  f"{FAR_BEYOND:g} training SDs beyond the {where}, where the model never saw a "
+                  f"cell; its pictures of them mean little: {'; '.join(named)}"
+                  f"{' ...' if n_feat > 5 else ''}", UserWarning, stacklevel=3)
+
+
 def model_dataset(data, model, needed_for: str) -> dict:
     """The manifest of DATA_DIR, the dataset `model` was trained on; a clear error without one."""
     if data is None:

@@ -1,26 +1,37 @@
-"""traverse: one feature varied around a base profile (alone, or moving the features correlated
-with it), or the way from one treatment's mean to another's, each step drawn.
+"""traverse: one feature varied around a base profile, the features correlated with it moving
+with it (or it alone), or the way from one treatment's mean to another's, each step drawn.
 
     traverse(model, "out", ["Nuclei_AreaShape_Area"], data="demo-output/tfrecords")
 
-Writes traverse.png (one row per feature or interpolation), one TCYX stack per row and
-traverse.csv. Every step stays within the training split's range of each feature (the
-manifest's min and max; a base already beyond them stays where it is), unless extrapolate.
+Writes traverse.png (one row per feature or interpolation; at most MONTAGE_STEPS steps of each
+shown), one TCYX stack per row (every step) and traverse.csv. Every step stays within the
+training split's range of each feature (the manifest's min and max; a base already beyond them
+stays where it is), unless extrapolate.
+
+The correlated direction (`correlated_offsets`) is the one explore's sliders move along: each
+feature's expected change, over the training cells, when the chosen ones change.
 """
 from __future__ import annotations
 
 import difflib
+import math
+import warnings
 
 import numpy as np
 import pandas as pd
 
 from cp2image_tf.drawing.generate import file_label
-from cp2image_tf.drawing.profiles import cell_profile, treatment_means, warn_nonfinite
+from cp2image_tf.drawing.profiles import (cell_profile, training_range, treatment_means,
+                                          warn_nonfinite)
 from cp2image_tf.viz import save_tiles, write_hyperstack
 from tfrecords_tools.atomic import OutputFolder
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import matching_manifest
 from tfrecords_tools.reader import iter_cells
+
+MAX_STEPS = 1000  # a TIFF stack of 1000 steps of a 68 px crop is ~55 MB; beyond, refused
+MONTAGE_STEPS = 25  # steps of a row shown in traverse.png (evenly, both ends kept)
+SHRINK = 0.1  # of the chosen features' correlations with each other, towards 0 (see below)
 
 
 def resolve_feature(model, name: str) -> str:
@@ -53,32 +64,53 @@ def base_profile(model, base: str, data=None) -> tuple[np.ndarray, str]:
     return cell_profile(data, model, base), f"cell {base}"
 
 
-def feature_correlations_with(data, model, columns, max_cells: int = 20000) -> np.ndarray:
-    """Correlation [len(columns), F] of each chosen feature with every feature, over up to
-    max_cells training cells of DATA_DIR (missing values at the training median)."""
-    if data is None:
-        raise UserInputError("--correlated needs --data DATA_DIR: the correlations between "
-                             "features come from the training cells.")
+def training_z(data, model, max_cells: int = 20000) -> np.ndarray:
+    """float32 [N, F]: up to max_cells training cells of DATA_DIR, each feature standardised
+    over them (missing values at the training median)."""
     manifest = matching_manifest(data, model.feature_names)
     rows = []
     for _, values in iter_cells(data, manifest, splits=("train",)):
         rows.append(values)
         if len(rows) >= max_cells:
             break
+    if not rows:
+        raise UserInputError(f"{data}: no training cells to take the features' correlations from.")
     values = np.stack(rows).astype(np.float64)
     values = np.where(np.isfinite(values), values, model.median)
-    z = (values - values.mean(0)) / np.where(values.std(0) > 0, values.std(0), 1.0)
-    return (z[:, columns].T @ z) / len(z)
+    sd = values.std(0)
+    return ((values - values.mean(0)) / np.where(sd > 0, sd, 1.0)).astype(np.float32)
 
 
-def training_range(*manifests):
-    """(low, high) per feature: the training split's min and max from the first manifest that
-    has them (convert writes them), or None."""
-    for manifest in manifests:
-        stats = ((manifest or {}).get("features") or {}).get("stats") or {}
-        if "min" in stats and "max" in stats:
-            return (np.asarray(stats["min"], np.float64), np.asarray(stats["max"], np.float64))
-    return None
+def correlations_with(z: np.ndarray, columns) -> np.ndarray:
+    """Correlation [len(columns), F] of each chosen feature with every feature, from training_z."""
+    return (z[:, list(columns)].astype(np.float64).T @ z.astype(np.float64)) / len(z)
+
+
+def feature_correlations_with(data, model, columns, max_cells: int = 20000) -> np.ndarray:
+    """Correlation [len(columns), F] of each chosen feature with every feature, over up to
+    max_cells training cells of DATA_DIR (missing values at the training median)."""
+    if data is None:
+        raise UserInputError("--correlated needs --data DATA_DIR: the correlations between "
+                             "features come from the training cells (or give --alone).")
+    return correlations_with(training_z(data, model, max_cells), columns)
+
+
+def correlated_offsets(correlations, chosen, offsets) -> np.ndarray:
+    """SD offsets [F] of every feature when the features `chosen` move by `offsets` SDs: each
+    feature's expected change over the training cells (its least-squares regression on the
+    chosen ones, in SDs), the chosen ones exactly as asked. `correlations`: their rows
+    [len(chosen), F] (correlations_with). For one feature this is its correlation row times the
+    offset: a cell with a larger nucleus has, on average, a larger perimeter and diameter too.
+    The chosen features' correlations with each other are shrunk by SHRINK towards 0, so that
+    two nearly identical features (area and filled area) asked to move differently do not push
+    the others without bound."""
+    rows = np.asarray(correlations, np.float64).reshape(len(chosen), -1)
+    asked = np.asarray(offsets, np.float64)
+    inner = (1 - SHRINK) * rows[:, chosen] + SHRINK * np.eye(len(chosen))
+    weights = np.linalg.solve(inner, asked) if len(chosen) else asked
+    move = weights @ rows
+    move[list(chosen)] = asked
+    return move
 
 
 def within_range(profiles, bounds, origin=None) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +134,7 @@ def range_label(value, was_clamped, low, high) -> str:
 
 def traversal_profiles(origin, j: int, move, sd, zs) -> np.ndarray:
     """[len(zs), F] profiles: feature j at origin + z SDs; every other feature k at origin +
-    z * move[k] SDs (move: the unit vector of j, or its training correlations)."""
+    z * move[k] SDs (move: the unit vector of j, or correlated_offsets(rows, [j], [1]))."""
     profiles = origin[None] + zs[:, None] * (move * sd)[None]
     profiles[:, j] = origin[j] + zs * sd[j]
     return profiles
@@ -119,26 +151,33 @@ def interpolation_profiles(a: str, a_raw, b: str, b_raw, steps: int):
 
 def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0,
              steps: int = 7, base: str = "median", data=None, interpolate=None,
-             correlated: bool = False, overwrite: bool = False,
+             correlated: bool | None = None, alone: bool = False, overwrite: bool = False,
              extrapolate: bool = False) -> dict:
-    """Vary each feature from `start` to `stop` training SDs around a base profile, holding
-    the others; with `correlated`, the others move by their expected change (each by its
-    training correlation with the varied feature, in SDs: what cells with that value look
-    like on average, e.g. area, perimeter and diameters together). Or (`interpolate=(A, B)`)
-    move linearly from treatment A's mean to B's. Each value stays within the training range
-    (labelled "min" or "max" where it stopped), unless `extrapolate`. Writes traverse.png (one
-    row per feature), one TIFF stack per row and traverse.csv."""
-    if steps < 2:
-        raise UserInputError(f"--steps {steps}: at least 2.")
+    """Vary each feature from `start` to `stop` training SDs around a base profile, the others
+    moving by their expected change (correlated_offsets: what cells with that value look like
+    on average, e.g. area, perimeter and diameters together; needs `data`), or with `alone`
+    held. Without `data` (and without `correlated=True`, which then fails), the feature moves
+    alone, with a warning. Or (`interpolate=(A, B)`) move linearly from treatment A's mean to
+    B's. Each value stays within the training range (labelled "min" or "max" where it
+    stopped), unless `extrapolate`. Writes traverse.png (one row per feature, at most
+    MONTAGE_STEPS steps shown), one TIFF stack per row (every step) and traverse.csv."""
+    check_steps(start, stop, steps)
     if not features and not interpolate:
         raise UserInputError("Give --feature NAME (one or more) or --interpolate A B.")
+    if correlated and alone:
+        raise UserInputError("--correlated and --alone: give one (correlated is the default).")
+    if features and not alone and not correlated and data is None:
+        warnings.warn("moving each feature alone: the features correlated with it move with it "
+                      "only with --data DATA_DIR (their correlations come from its training "
+                      "cells); give --alone to say so.", UserWarning, stacklevel=2)
+        alone = True
     rows = []  # (name, profiles [steps, F], tile labels, traverse.csv records)
     bounds = None if extrapolate else training_range(
         getattr(model, "manifest", None),
         matching_manifest(data, model.feature_names) if data is not None else None)
     if features:
         title = _feature_rows(rows, model, features, np.linspace(start, stop, steps), base, data,
-                              correlated, bounds)
+                              not alone, bounds)
     if interpolate:
         rows.append(_interpolation_row(model, interpolate, steps, data, bounds))
         if not features:
@@ -158,8 +197,21 @@ def traverse(model, out_dir, features=(), start: float = -2.0, stop: float = 2.0
     images = images.reshape(len(rows), steps, *model.crop_shape)
     with OutputFolder(out_dir, overwrite) as folder:
         stacks = _write_traversal(folder.path, model, rows, profiles, images, title)
-    return {"out_dir": str(folder.out_dir), "montage": "traverse.png", "stacks": stacks, "images": images,
-            "rows": [row[0] for row in rows]}
+    return {"out_dir": str(folder.out_dir), "montage": "traverse.png", "stacks": stacks,
+            "images": images, "rows": [row[0] for row in rows]}
+
+
+def check_steps(start: float, stop: float, steps: int) -> None:
+    """A clear error for a --from/--to that is not a finite number or --steps out of range."""
+    for option, value in (("--from", start), ("--to", stop)):
+        if not math.isfinite(value):
+            raise UserInputError(f"{option} {value}: give a finite number of training SDs from "
+                                 "the base (e.g. --from -2 --to 2).")
+    if steps < 2:
+        raise UserInputError(f"--steps {steps}: at least 2.")
+    if steps > MAX_STEPS:
+        raise UserInputError(f"--steps {steps}: at most {MAX_STEPS} (each step is a frame of a "
+                             "TIFF stack); draw a narrower --from/--to range in fewer steps.")
 
 
 def _feature_rows(rows: list, model, features, zs, base: str, data, correlated: bool,
@@ -176,7 +228,9 @@ def _feature_rows(rows: list, model, features, zs, base: str, data, correlated: 
     moves = np.zeros((len(chosen), len(origin)))
     moves[np.arange(len(chosen)), chosen] = 1.0
     if correlated:
-        moves = feature_correlations_with(data, model, chosen)
+        correlations = feature_correlations_with(data, model, chosen)
+        moves = np.stack([correlated_offsets(row[None], [j], [1.0])
+                          for j, row in zip(chosen, correlations)])
     for j, move in zip(chosen, moves):
         full = model.feature_names[j]
         profiles = traversal_profiles(origin, j, move, model.sd, zs)
@@ -189,7 +243,7 @@ def _feature_rows(rows: list, model, features, zs, base: str, data, correlated: 
                       for z, v, c in zip(zs, profiles[:, j], clamped[:, j])],
                      [{"row": full, "step": k, "z": z, "value": v, "clamped": bool(c)}
                       for k, (z, v, c) in enumerate(zip(zs, profiles[:, j], clamped[:, j]))]))
-    others = ("correlated features moved with it" if correlated else "other features held")
+    others = ("correlated features moving with it" if correlated else "the feature alone")
     return f"Traversal from {base_name}, {others} (model: {model.source})"
 
 
@@ -207,6 +261,13 @@ def _interpolation_row(model, interpolate, steps: int, data, bounds) -> tuple:
              for k, alpha in enumerate(np.linspace(0.0, 1.0, steps))])
 
 
+def montage_steps(steps: int, most: int = MONTAGE_STEPS) -> np.ndarray:
+    """Which steps traverse.png shows: all, or `most` evenly spaced ones with both ends."""
+    if steps <= most:
+        return np.arange(steps)
+    return np.unique(np.round(np.linspace(0, steps - 1, most)).astype(int))
+
+
 def _write_traversal(folder, model, rows, profiles, images, title) -> list[str]:
     """A TIFF stack per row, traverse.csv and traverse.png; returns the stacks' names."""
     stacks = []
@@ -219,6 +280,11 @@ def _write_traversal(folder, model, rows, profiles, images, title) -> list[str]:
     table = pd.concat([table, pd.DataFrame(profiles, columns=model.feature_names)], axis=1)
     table.to_csv(folder / "traverse.csv", index=False)
     names = [row[0] for row in rows]
-    save_tiles(folder / "traverse.png", images, model.channels, [row[2] for row in rows],
+    shown = montage_steps(images.shape[1])
+    if len(shown) < images.shape[1]:
+        title += (f"\n{len(shown)} of {images.shape[1]} steps shown; every step in the TIFF "
+                  "stacks and traverse.csv")
+    save_tiles(folder / "traverse.png", images[:, shown], model.channels,
+               [[row[2][k] for k in shown] for row in rows],
                [n.replace("_", "_\n", 1) if len(n) > 22 else n for n in names], title)
     return stacks
