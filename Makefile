@@ -76,13 +76,15 @@ browser:
 		exit 1; \
 	fi
 
-# The README's picture (docs/demo.png): real | generated | nearest neighbour per treatment, from
-# the demo's evaluate (run make demo first, with the same DEMO_DIR).
+# The README's picture (docs/demo.png: real | generated | nearest neighbour per treatment) and
+# its demo figures (the block between <!-- demo-figures --> markers), both from the demo's
+# evaluate (run make demo first, with the same DEMO_DIR).
 readme-figure:
 	@test -f $(DEMO_DIR)/evaluate/overview.png || { echo "make readme-figure:" \
 		"$(DEMO_DIR)/evaluate/overview.png is missing; run make demo first." >&2; exit 1; }
 	mkdir -p docs
 	cp $(DEMO_DIR)/evaluate/overview.png docs/demo.png
+	$(PYTHON) scripts/readme_demo.py $(DEMO_DIR)/evaluate/report.json README.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_convert.py
