@@ -2,6 +2,7 @@
 import click
 
 from cli.common import call, checkpoint_option, start_tensorflow
+from cp2image_tf.evaluation.controllability import DEFAULT_CELLS, DEFAULT_FEATURES
 
 
 @click.command()
@@ -20,7 +21,16 @@ from cli.common import call, checkpoint_option, start_tensorflow
               help="Also classify by this Metadata_* column holding one value per treatment, "
                    "e.g. Metadata_MoA (mechanism of action).")
 @click.option("--classifier/--no-classifier", default=True, show_default=True,
-              help="Train the treatment classifier (needs 2 or more training treatments).")
+              help="Train the treatment classifier (left out, and said so, where the training "
+                   "split has a single treatment).")
+@click.option("--controllability-cells", type=click.IntRange(min=0), default=DEFAULT_CELLS,
+              show_default=True, metavar="N",
+              help="Test cells traversed along chosen features to see whether the pictures "
+                   "change as far as asked (0: leave it out).")
+@click.option("--controllability-features", type=click.IntRange(min=1), default=DEFAULT_FEATURES,
+              show_default=True, metavar="N",
+              help="At most this many features traversed (chosen from the data, each kind of "
+                   "feature of each object before a second channel).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Processes re-measuring cells [default: min(2, CPUs)]; with --scheduler "
                    "local, the LocalCluster's workers.")
@@ -32,7 +42,8 @@ from cli.common import call, checkpoint_option, start_tensorflow
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, train_cells,
-             moa_column, classifier, workers, scheduler, seed, checkpoint, overwrite, quiet):
+             moa_column, classifier, controllability_cells, controllability_features, workers,
+             scheduler, seed, checkpoint, overwrite, quiet):
     """Measure how much of the CellProfiler profile survives generation.
 
     Segments and re-measures (cp-measure) real, generated, nearest-neighbour and
@@ -40,12 +51,17 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     features, per feature and per module; plus pixel MSE/PSNR/SSIM, Fréchet
     distance and KID on re-measured features, treatment (and --moa-column)
     classification, and mean-profile agreement, each against a real-vs-real
-    ceiling; unseen treatments are reported apart. Writes report.md (headline
+    ceiling; unseen treatments are reported apart. Controllability: test cells
+    moved along chosen features (with their correlated features, and alone),
+    re-measured, and the gain of each (1: the picture changes as a real cell
+    would), beside the nearest-training-cell lookup. Writes report.md (headline
     table first), report.json, features.csv, remeasured.parquet and PNGs
-    (cells.png, overview.png, treatments/<treatment>.png, modules.png, scatter.png) to OUT_DIR.
+    (cells.png, overview.png, treatments/<treatment>.png, modules.png, scatter.png,
+    controllability/<feature>.png) to OUT_DIR.
     """
     from cp2image_tf.evaluation.compare import THRESHOLD
     from cp2image_tf.evaluation.evaluate import evaluate as run
+    from cp2image_tf.evaluation.report import fmt
     from cp2image_tf.evaluation.retrieval import retrieval_summary
     from cp2image_tf.serving.local import load_model
 
@@ -54,7 +70,8 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     report = call(run, model, data_dir, out_dir, split=split, max_cells=max_cells,
                   reference_cells=reference_cells, train_cells=train_cells, workers=workers,
                   seed=seed, moa_column=moa_column, classifier=classifier,
-                  scheduler=scheduler,
+                  scheduler=scheduler, controllability_cells=controllability_cells,
+                  controllability_features=controllability_features,
                   progress=not quiet, overwrite=overwrite)
     check = report["ceiling_check"]
     if not check["passed"]:
@@ -70,12 +87,21 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     if report["unseen_treatments"]:
         click.echo(f"Unseen treatments (not in training): {', '.join(report['unseen_treatments'])}"
                    "; reported apart in report.md.")
-    retrieval = report["treatments"]["model"]
-    click.echo(f"Treatment retrieval: model {retrieval['retrieval_top1']:.2f}, nearest neighbour "
-               f"{report['treatments']['nearest neighbour']['retrieval_top1']:.2f}, chance "
-               f"{retrieval['chance']:.2f}. Pixel SSIM: model "
+    treatments = report["treatments"]
+    click.echo(f"Treatment retrieval: model {fmt(treatments['model']['retrieval_top1'], 2)}, "
+               f"nearest neighbour {fmt(treatments['nearest neighbour']['retrieval_top1'], 2)}, "
+               f"chance {fmt(treatments['model']['chance'], 2)}. Pixel SSIM: model "
                f"{report['pixels']['model']['all']['ssim']['mean']:.3f}.")
+    if report["classifier_left_out"] and report["classifier_left_out"] != "--no-classifier":
+        click.echo(f"No treatment classifier: {report['classifier_left_out']}.")
     for line in retrieval_summary(report["retrieval"]):
         click.echo(line)
+    control = report["controllability"]
+    if control.get("cells"):
+        summary = control["summary"]
+        click.echo(f"Controllability ({control['cells']} cells, {len(control['features'])} "
+                   f"features): median gain {fmt(summary['correlated']['gain'], 2)} with "
+                   f"correlated features, {fmt(summary['alone']['gain'], 2)} alone; the lookup "
+                   f"{fmt(summary['lookup']['gain'], 2)} (1: as a real cell would re-measure).")
     click.echo(f"{report['timing']['seconds_per_1000_cells'] / 60:.1f} min per 1,000 cells. "
                f"Tables: {report['out_dir']}/report.md; pictures: {report['out_dir']}/cells.png")

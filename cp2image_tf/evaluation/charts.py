@@ -129,3 +129,29 @@ def scatter_chart(path, correlations, inputs, remeasured, n: int = 8) -> None:
     fig.tight_layout()
     fig.savefig(path, facecolor="white")
     plt.close(fig)
+
+
+STRIP_ROWS = {"correlated": "correlated\nfeatures move too", "alone": "this feature\nalone",
+              "lookup": "lookup: nearest\ntraining cell"}
+
+
+def control_strips(folder: Path, strips: dict, section: dict, channels) -> None:
+    """controllability/<feature>.png: the first traversed cell drawn at each step, correlated,
+    alone and by the lookup, with the asked and the re-measured value under each picture."""
+    if not strips:
+        return
+    folder.mkdir()
+    zs = np.linspace(-section["span"], section["span"], section["steps"])
+    for entry in section["features"]:
+        strip = strips[entry["feature"]]
+        labels = [[f"{z:+.2g} SD\nasked {_value(a)}\nmeasured {_value(m)}"
+                   for z, a, m in zip(zs, asked, measured)]
+                  for asked, measured in zip(strip["asked"], strip["measured"])]
+        rows = [f"{STRIP_ROWS[way]}\ngain {fmt(entry[way]['gain'], 2)}" for way in STRIP_ROWS]
+        save_tiles(folder / f"{file_label(entry['feature'])}.png", strip["images"], channels,
+                   labels, rows, title=f"{entry['feature']} (cell {section['cell_ids'][0]}): "
+                                       "asked and re-measured", scale=2)
+
+
+def _value(value) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.4g}"

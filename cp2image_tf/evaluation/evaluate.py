@@ -46,8 +46,10 @@ import pandas as pd
 from sklearn.neighbors import NearestNeighbors
 
 from cp2image_tf import metrics
-from cp2image_tf.evaluation.charts import draw_pictures
+from cp2image_tf.evaluation.charts import control_strips, draw_pictures
 from cp2image_tf.evaluation.classify import classify
+from cp2image_tf.evaluation.controllability import (DEFAULT_CELLS, DEFAULT_FEATURES,
+                                                    controllability_section)
 from cp2image_tf.evaluation.compare import (MIN_CEILING, THRESHOLD, distribution_report, group_headline,
                                             split_half_profiles)
 from cp2image_tf.evaluation.retrieval import add_to_headline, retrieval_report
@@ -67,22 +69,28 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
              reference_cells: int = 10000, train_cells: int = 1000, workers: int | None = None,
              seed: int = 0, progress: bool = True, overwrite: bool = False,
              moa_column: str | None = None, classifier: bool = True,
-             scheduler: str | None = None) -> dict:
+             scheduler: str | None = None, controllability_cells: int = DEFAULT_CELLS,
+             controllability_features: int = DEFAULT_FEATURES) -> dict:
     """Evaluate `model` (see serving.local.load_model) on DATA_DIR's `split`; returns the report.
 
     `moa_column`: a Metadata_* column with one value per treatment (convert keeps those in the
     manifest), e.g. Metadata_MoA: the classifier is also trained and scored on it.
-    `classifier=False` leaves out treatment classification (needed for data with a single
-    treatment in its training split). `scheduler`: re-measure on Dask, "local" (a LocalCluster
-    of `workers` processes) or a running scheduler's address (see tfrecords_tools.parts)."""
+    `classifier=False` leaves out treatment classification; data with a single treatment in
+    its training split is evaluated without it (and the report says so). `scheduler`:
+    re-measure on Dask, "local" (a LocalCluster of `workers` processes) or a running
+    scheduler's address (see tfrecords_tools.parts). `controllability_cells` test cells are
+    traversed along up to `controllability_features` features (controllability.py; 0 cells:
+    not at all)."""
     started = time.perf_counter()
     if data is None:
         raise UserInputError("DATA_DIR is needed: the dataset the model was trained on.")
     manifest = matching_manifest(data, model.feature_names)
     counts = _split_counts(manifest, data, split)
     moa = _moa_labels(manifest, data, moa_column) if moa_column else None
+    left_out = None if classifier else "--no-classifier"
     if classifier:
-        _check_classes(manifest, data, moa, moa_column)
+        left_out = _check_classes(manifest, data, moa, moa_column)
+        classifier = left_out is None
     # Measured under the names the features have (rawGFP's features are CorrGreen's).
     plan = plan_measurement(model.feature_names, measured_names(manifest))
     workers = workers or (1 if scheduler not in (None, "local") else min(2, _cpus()))
@@ -101,10 +109,14 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
                                       model.description.get("scaling", DEFAULT_SCALING))
             found = _compare(model, plan, manifest, cells, predictions, measured, seed,
                              moa if classifier else None, classifier, moa_column)
+            found["classifier_left_out"] = left_out
+            found["controllability"], strips = _controllability(
+                model, data, manifest, cells, reference, plan, measured, found,
+                controllability_cells, controllability_features, seed, workers, progress, client)
             report = _report(model, data, split, quota, cells, reference, manifest, plan,
                              measured, found, workers, time.perf_counter() - started)
             _write_outputs(folder.path, report, cells, predictions, neighbour, reference,
-                           measured, found)
+                           measured, found, strips)
     report["out_dir"] = str(folder.out_dir)
     return report
 
@@ -178,7 +190,8 @@ def _remeasure_all(cells, predictions, reference, neighbour, plan, manifest, tra
             "train_treatments": [reference["treatments"][j] for j in train_pick],
             "seconds": measure_seconds, "crops": len(stack),
             "segmentation": {**{k: v for k, v in vars(segmentation).items()},
-                             "from": origin}}
+                             "from": origin},
+            "settings": segmentation}
 
 
 def _compare(model, plan, manifest, cells, predictions, measured, seed, moa, classifier,
@@ -264,6 +277,8 @@ def _report(model, data, split, quota, cells, reference, manifest, plan, measure
         "treatments": found["treatments"],
         "distributions": found["distributions"],
         "classification": found["classification"],
+        "classifier_left_out": found["classifier_left_out"],
+        "controllability": found["controllability"],
         "retrieval": found["retrieval"],
         "headline": found["headline"],
         "unseen_treatments": found["unseen"],
@@ -271,12 +286,15 @@ def _report(model, data, split, quota, cells, reference, manifest, plan, measure
         "standardization_dropped": found["dropped"],
         "timing": {"seconds": elapsed, "measure_seconds": measured["seconds"],
                    "measured_crops": measured["crops"], "workers": workers,
+                   "controllability_seconds": found["controllability"]["timing"]["seconds"],
                    "seconds_per_1000_cells": elapsed / n * 1000},
     }
 
 
-def _write_outputs(folder, report, cells, predictions, neighbour, reference, measured, found):
-    """features.csv, report.json, report.md, the pictures and remeasured.parquet."""
+def _write_outputs(folder, report, cells, predictions, neighbour, reference, measured, found,
+                   strips):
+    """features.csv, report.json, report.md, the pictures (controllability/<feature>.png: one
+    strip per traversed feature) and remeasured.parquet."""
     table = pd.concat({name: c for name, c in found["correlations"].items()}, axis=1)
     table.columns = [f"{method} {stat}" for method, stat in table.columns]
     table.index.name = "feature"
@@ -287,9 +305,24 @@ def _write_outputs(folder, report, cells, predictions, neighbour, reference, mea
     draw_pictures(folder, cells, predictions, neighbour, reference, found["correlations"],
                   found["inputs"], measured["methods"], report["channels"], report["modules"],
                   set(report["unseen_treatments"]))
+    control_strips(folder / "controllability", strips, report["controllability"],
+                   report["channels"])
     write_remeasured(folder / "remeasured.parquet", measured["methods"], measured["train"], cells,
                      [reference["cell_ids"][j] for j in measured["train_pick"]],
                      measured["train_treatments"])
+
+
+def _controllability(model, data, manifest, cells, reference, plan, measured, found, n_cells,
+                     n_features, seed, workers, progress, client) -> tuple[dict, dict]:
+    """The controllability section (controllability.py) and its strips, on the evaluated
+    cells, their re-measured real crops and the segmentation every picture had."""
+    if n_cells <= 0:
+        return {"cells": 0, "why": "left out (--controllability-cells 0)",
+                "timing": {"seconds": 0.0}}, {}
+    return controllability_section(
+        model, data, manifest, cells, reference, plan, measured["settings"],
+        measured["methods"]["ceiling"], found["correlations"]["ceiling"]["pearson"], n_cells,
+        n_features, seed=seed, workers=workers, progress=progress, client=client)
 
 
 def ceiling_check(modules: pd.DataFrame) -> dict:
@@ -331,14 +364,14 @@ def _moa_labels(manifest: dict, data, column: str) -> dict:
     return kept[column]
 
 
-def _check_classes(manifest: dict, data, moa: dict | None, moa_column: str | None) -> None:
+def _check_classes(manifest: dict, data, moa: dict | None, moa_column: str | None) -> str | None:
+    """Why the treatment classifier is left out (a single training treatment: legitimate data,
+    e.g. one control plate), or None; a --moa-column with one value is an error."""
     train = list(treatment_cells(manifest, "train"))
     if len(train) < 2:
-        raise UserInputError(
-            f"{data}: its training split has {len(train)} treatment(s) "
-            f"({', '.join(train) or 'none'}); the treatment classifier needs at least 2. "
-            "Pass --no-classifier to evaluate without it, or convert with --treatment-column "
-            "naming the column that tells treatments apart.")
+        return (f"the training split has {len(train)} treatment ({', '.join(train) or 'none'}); "
+                "telling treatments apart needs at least 2 (convert with --treatment-column "
+                "naming the column that tells them apart, if the data has one)")
     if moa is not None and len({moa[t] for t in train}) < 2:
         raise UserInputError(
             f"--moa-column {moa_column}: the training cells of {data} have one value "

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cp2image_tf.drawing.generate import file_label
 from cp2image_tf.evaluation.compare import METHODS, THRESHOLD
 from cp2image_tf.evaluation.retrieval import retrieval_lines, retrieval_note
 from cp2image_tf.metrics import summarize
@@ -87,6 +88,8 @@ def report_markdown(report: dict) -> str:
                      f"{fmt(entry['chance'], 2)} |")
     if report.get("retrieval"):
         lines += [""] + retrieval_lines(report["retrieval"])
+    if report.get("controllability"):
+        lines += [""] + control_lines(report["controllability"])
     timing = report["timing"]
     lines += ["", "## Time", "",
               f"{timing['seconds']:.0f} s in all ({timing['measure_seconds']:.0f} s measuring "
@@ -97,6 +100,69 @@ def report_markdown(report: dict) -> str:
         lines += [f"Segmentation found no object in: "
                   f"{', '.join(f'{k} {v} cells' for k, v in failures.items())}.", ""]
     return "\n".join(lines)
+
+
+CONTROL_WAYS = ("correlated", "alone", "lookup")
+
+
+def control_lines(section: dict) -> list[str]:
+    """The controllability section: what was traversed, then a table over all features, one
+    per module and one per feature with its strip."""
+    lines = ["## Controllability", ""]
+    if not section.get("cells"):
+        return lines + [f"Not measured: {section['why']}.", ""]
+    lines += [
+        f"{section['cells']} test cells, each moved from -{section['span']:g} to "
+        f"+{section['span']:g} training SDs in {section['steps']} steps along "
+        f"{len(section['features'])} features chosen from the data (per object and channel, "
+        "the best re-measured of each kind), "
+        + ("pinned: every step edits the training cell nearest the cell's profile. "
+           if section["pinned"] else "each step drawn from its profile. ")
+        + "Correlated: the other features move by their training regression on the asked one "
+        "(as traverse --correlated); alone: only the asked one; lookup: the nearest training "
+        "cell to each correlated step, its real crop. Every picture re-measured as above.", "",
+        "Gain: the slope of the re-measured value on the asked value along the traversals, over "
+        "the slope of the re-measured value on CellProfiler's over the real test crops (1: the "
+        "picture changes as a real cell with that change re-measures; 0: it does not change). "
+        "Spearman: along a traversal, median over cells. Specificity: how far the features "
+        "with |training r| < 0.2 with the asked one move, in SD per SD asked (0: not at all).",
+        "", "| | median gain | lowest module's gain | Spearman | specificity |",
+        "|---|---|---|---|---|"]
+    for way in CONTROL_WAYS:
+        row = section["summary"][way]
+        lines.append(f"| {way} | {fmt(row['gain'], 2)} | {fmt(row['lowest_module_gain'], 2)} | "
+                     f"{fmt(row['spearman'], 2)} | {fmt(row['specificity'], 3)} |")
+    trio = " / ".join(CONTROL_WAYS)
+    lines += ["", f"Per module ({trio}):", "",
+              "| module | features | gain | Spearman | specificity |", "|---|---|---|---|---|"]
+    for module, row in section["modules"].items():
+        lines.append(f"| {module} | {row['features']} | " + " | ".join(
+            " / ".join(fmt(row[way][key], 3 if key == "specificity" else 2)
+                       for way in CONTROL_WAYS)
+            for key in ("gain", "spearman", "specificity")) + " |")
+    lines += ["", f"Per feature ({trio}; ceiling: real crops' r):", "",
+              "| feature | kind | ceiling r | gain | Spearman | specificity |",
+              "|---|---|---|---|---|---|"]
+    for entry in section["features"]:
+        lines.append(f"| [{entry['feature']}](controllability/{file_label(entry['feature'])}.png)"
+                     f" | {entry['kind']} | {fmt(entry['ceiling_r'], 2)} | " + " | ".join(
+                         " / ".join(fmt(entry[way][key], 3 if key == "specificity" else 2)
+                                    for way in CONTROL_WAYS)
+                         for key in ("gain", "spearman", "specificity")) + " |")
+    if section.get("skipped"):
+        lines += ["", "Not traversed: " + "; ".join(f"{k}: {v}"
+                                                    for k, v in section["skipped"].items()) + "."]
+    timing = section["timing"]
+    lines += ["", f"{timing['seconds']:.0f} s ({timing['measure_seconds']:.0f} s re-measuring "
+                  f"{timing['measured_crops']} pictures).", "",
+              f"Strips: cell {section['cell_ids'][0]} at each step, with the asked and the "
+              "re-measured value under each picture.", ""]
+    for entry in section["features"]:
+        name = entry["feature"]
+        lines += [f"![{name}](controllability/{file_label(name)}.png)", ""]
+    return lines
+
+
 def feature_lines(report: dict) -> list[str]:
     """How many features were re-measured, on which images, and why the others were not."""
     features = report["features"]
@@ -173,7 +239,9 @@ def headline_lines(report: dict) -> list[str]:
                          + (f"; {', '.join(moa['unseen'])} not among the training cells, not "
                             "scored." if moa["unseen"] else "."))
     else:
-        lines.append("No treatment classifier (--no-classifier).")
+        why = report.get("classifier_left_out") or "--no-classifier"
+        lines.append(f"No treatment classifier: {why}." if why != "--no-classifier"
+                     else "No treatment classifier (--no-classifier).")
     lines += ["Mean-profile r: median over treatments of the correlation between generated and "
               "real mean profiles; the ceiling from random split-halves of the real cells."]
     lines += retrieval_note(report.get("retrieval")) + [""]
