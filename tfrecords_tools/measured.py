@@ -129,7 +129,7 @@ def _check_pairs(channels, pairs: dict, unmeasured: set, measured, source) -> No
             f"--measured-as {own[0]}=none: features of {source} are measured on {own[0]} (e.g. "
             f"Intensity_..._{own[0]}); leave {own[0]}=none out, or pair it with the image its "
             "features were measured on.")
-    if measured and not pairs:
+    if measured and not pairs and set(channels) <= unmeasured:
         raise UserInputError(
             f"--measured-as: no channel is paired with a measured image, but the features of "
             f"{source} are measured on {', '.join(measured)}. Pair at least one channel "
