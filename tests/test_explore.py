@@ -1,4 +1,8 @@
-"""explore: the page's API through FastAPI's test client, checked against the SavedModel."""
+"""explore: the page's API through FastAPI's test client, checked against the SavedModel.
+
+Sliders move their feature with its correlated features unless alone=1, and every picture is
+the SavedModel's `edit` of the base's cell (pinned); most checks of exact pictures ask alone=1
+so that the expected profile is the base with one value changed."""
 import base64
 import io
 import json
@@ -20,7 +24,9 @@ from cli.main import main
 from cp2image_tf import explore
 from cp2image_tf.serving.export import export
 from cp2image_tf.drawing.profiles import read_profiles, treatment_means
-from cp2image_tf.drawing.traverse import traverse
+from cp2image_tf.drawing.traverse import (correlated_offsets, feature_correlations_with,
+                                          traverse)
+from cp2image_tf.measuring.remeasure import plan_measurement, remeasure
 from cp2image_tf.serving.local import load_model
 from tfrecords_tools.reader import iter_cells as _records
 from cp2image_tf.serving.remote import RemoteModel
@@ -28,6 +34,7 @@ from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest
 
 AREA = "Nuclei_AreaShape_Area"
+DNA = "Nuclei_Intensity_MeanIntensity_DNA"
 
 
 @pytest.fixture(scope="module")
@@ -78,42 +85,127 @@ def signature(saved, name, raw):
     return saved.signatures[name](features=features)[key].numpy()[0]
 
 
+def edit(saved, raw, like):
+    """The SavedModel's picture of `raw` as an edit of the training cell nearest `like`."""
+    features, like = (tf.constant(np.asarray(v, np.float32).reshape(1, -1)) for v in (raw, like))
+    return saved.signatures["edit"](features=features, like=like)["images"].numpy()[0]
+
+
+def composite_png(image) -> np.ndarray:
+    """generate_png's colouring of a picture, as pixels."""
+    from cp2image_tf.viz import composite
+
+    return composite(image, ["DNA", "Actin"])
+
+
 def as_uint8(images):
     return np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
 
 
-def test_png_is_the_generate_png_output_for_the_profile(client, saved, stats):
+def test_png_is_the_pinned_picture_coloured_as_generate_png(client, saved, stats):
     j = stats["names"].index(AREA)
-    answer = client.get(f"/api/image.png?base=median&{AREA}=1.5")
+    answer = client.get(f"/api/image.png?base=median&alone=1&{AREA}=1.5")
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
     raw = stats["median"].copy()
     raw[j] += 1.5 * stats["sd"][j]
-    expected = signature(saved, "generate_png", raw)
-    assert np.array_equal(png_pixels(answer.content), png_pixels(expected))
-    # ... and not the median's picture.
-    assert not np.array_equal(png_pixels(answer.content),
-                              png_pixels(signature(saved, "generate_png", stats["median"])))
+    expected = composite_png(edit(saved, raw, stats["median"]))
+    assert np.abs(png_pixels(answer.content).astype(int) - expected).max() <= 1
+    # generate_png colours the same way (within rounding), and this is not the median's picture.
+    median = edit(saved, stats["median"], stats["median"])
+    assert np.abs(png_pixels(signature(saved, "generate_png", stats["median"])).astype(int)
+                  - composite_png(median)).max() <= 1
+    assert not np.array_equal(png_pixels(answer.content), composite_png(median))
 
 
-def test_render_gives_the_serving_default_channels(client, saved, stats):
+def test_render_gives_the_pinned_edit_of_the_base_cell(client, saved, stats):
     j = stats["names"].index(AREA)
-    answer = client.get(f"/api/render?base=median&{AREA}=-1").json()
+    answer = client.get(f"/api/render?base=median&alone=1&{AREA}=-1").json()
     raw = stats["median"].copy()
     raw[j] -= stats["sd"][j]
-    expected = as_uint8(signature(saved, "serving_default", raw))
+    expected = as_uint8(edit(saved, raw, stats["median"]))
     assert np.array_equal(strip_channels(answer["strip"], expected.shape[-1]), expected)
     assert answer["offsets"] == {AREA: -1.0} and answer["notes"] == [] and answer["clamped"] == []
     assert answer["label"] == "the training median cell"
+    assert answer["alone"] is True and answer["moved_with"] == [] and answer["pinned"] is True
 
 
-def test_a_slider_move_changes_exactly_one_feature(client, stats):
+def test_the_main_view_edits_the_base_cell_and_never_swaps_it(client, saved):
+    """Pinned to the cell the base starts from: the lookup never picks another training cell
+    for a moved profile (serving_default picks the cell nearest each profile)."""
+    base = np.asarray(client.get("/api/base?base=small").json()["raw"], np.float32)
+    for offsets in (f"{AREA}=3", f"{AREA}=3&{DNA}=3", f"{AREA}=-2&{DNA}=2"):
+        answer = client.get(f"/api/render?base=small&{offsets}").json()
+        raw = client.get(f"/api/profile?base=small&{offsets}").json()["raw"]
+        raw = np.asarray([raw[AREA], raw[DNA]], np.float32)
+        expected = as_uint8(edit(saved, raw, base))
+        assert np.array_equal(strip_channels(answer["strip"], 2), expected), offsets
+
+
+def test_a_slider_alone_changes_exactly_one_feature(client, stats):
     before = client.get("/api/profile?base=large").json()
-    after = client.get(f"/api/profile?base=large&{AREA}=0.7").json()
+    after = client.get(f"/api/profile?base=large&alone=1&{AREA}=0.7").json()
     changed = [name for name in stats["names"] if before["raw"][name] != after["raw"][name]]
     assert changed == [AREA]
     j = stats["names"].index(AREA)
     assert after["raw"][AREA] == pytest.approx(before["raw"][AREA] + 0.7 * stats["sd"][j], rel=1e-5)
     assert after["offsets"] == {AREA: 0.7}
+
+
+def test_a_slider_moves_its_correlated_features_by_default(client, model, disc_dataset, stats):
+    """The direction traverse draws: each other feature by its training correlation."""
+    base = client.get("/api/profile?base=large").json()["raw"]
+    answer = client.get(f"/api/render?base=large&{AREA}=0.7").json()
+    after = client.get(f"/api/profile?base=large&{AREA}=0.7").json()
+    rows = feature_correlations_with(disc_dataset, model, [0])
+    move = correlated_offsets(rows, [0], [0.7])
+    assert move[1] > 0.2  # large discs are brighter
+    assert after["raw"][AREA] == pytest.approx(base[AREA] + 0.7 * stats["sd"][0], rel=1e-5)
+    assert after["raw"][DNA] == pytest.approx(base[DNA] + move[1] * stats["sd"][1], rel=1e-4)
+    assert after["offsets"] == {AREA: 0.7}
+    assert answer["alone"] is False and answer["moved_with_count"] == 1
+    assert answer["moved_with"] == [[DNA, pytest.approx(move[1], abs=0.006)]]
+    # The CSV says so; without --data the slider moves alone and the notes say why.
+    assert "correlated features moved with it" in client.get(
+        f"/api/profile.csv?base=large&{AREA}=0.7").text
+    plain = TestClient(explore.create_app(model, remeasure=False))
+    alone = plain.get(f"/api/render?{AREA}=0.7").json()
+    assert alone["alone"] is True and "needs the dataset" in " ".join(alone["notes"])
+    assert plain.get("/api/info").json()["correlated"] is False
+
+
+def test_remeasure_reads_the_moved_features_on_the_drawn_cell(client, saved, model, stats):
+    """cp-measure on the drawn cell and on the base's picture, the change brought to the
+    feature's units by the slope over real training crops."""
+    explorer = client.app.state.explorer
+    query = f"base=small&alone=1&{AREA}=1.5"
+    answer = client.get(f"/api/remeasure?{query}").json()
+    assert answer["available"] is True and answer["why"] is None
+    [reading] = answer["features"]
+    raw = client.get(f"/api/profile?{query}").json()["raw"]
+    base = np.asarray(client.get("/api/base?base=small").json()["raw"], np.float32)
+    assert reading["feature"] == AREA and reading["asked"] == pytest.approx(raw[AREA], rel=1e-6)
+    assert reading["base"] == pytest.approx(base[0], rel=1e-6)
+    # Independently: the same segmentation and slope applied to the SavedModel's pictures.
+    drawn = edit(saved, [raw[AREA], raw[DNA]], base)
+    before = edit(saved, base, base)
+    plan = plan_measurement([AREA], ["DNA", "Actin"])
+    seg = explorer.readout.segmentation
+    m = remeasure(np.stack([drawn, before]), plan, ["DNA", "Actin"], segmentation=seg)[AREA]
+    slope = explorer.readout.calibration.slope[AREA]
+    assert slope > 0 and explorer.readout.calibration.r[AREA] > 0.8  # discs' areas re-measure well
+    assert reading["measured"] == pytest.approx(base[0] + (m[0] - m[1]) / slope, rel=1e-6)
+    assert reading["r"] == pytest.approx(explorer.readout.calibration.r[AREA], abs=1e-3)
+    # Two moved features, two readings; the unmoved profile has none.
+    both = client.get(f"/api/remeasure?base=small&{AREA}=1&{DNA}=-1").json()["features"]
+    assert [r["feature"] for r in both] == [AREA, DNA]
+    assert all(np.isfinite(r["measured"]) for r in both)
+    assert client.get("/api/remeasure?base=small").json()["features"] == []
+    # Without the dataset, the answer (and the page's description) says what it needs.
+    plain = TestClient(explore.create_app(model))
+    why = plain.get("/api/info").json()["remeasure"]
+    assert "--data DATA_DIR" in why
+    assert plain.get(f"/api/remeasure?{AREA}=1").json() == {
+        "available": False, "why": why, "features": [], "ms": pytest.approx(0, abs=50)}
 
 
 def test_bases_are_the_treatment_means_and_the_cells_of_data(client, model, disc_dataset, stats):
@@ -159,7 +251,7 @@ def test_out_of_range_offsets_are_clamped_and_reported(client, model, saved, sta
     j = stats["names"].index(AREA)
     # Extrapolating: only +-5 SD.
     plain = TestClient(explore.create_app(model, extrapolate=True))
-    answer = plain.get(f"/api/render?base=median&{AREA}=12").json()
+    answer = plain.get(f"/api/render?base=median&alone=1&{AREA}=12").json()
     at_limit = float(stats["median"][j] + 5 * stats["sd"][j])
     note = f"{AREA}: +12 SD is beyond the ±5 SD range; drawn at +5 SD."
     assert answer["clamped"] == [{"feature": AREA, "asked": 12.0, "used": explore.OFFSET_LIMIT,
@@ -167,7 +259,7 @@ def test_out_of_range_offsets_are_clamped_and_reported(client, model, saved, sta
     assert answer["notes"] == [answer["clamped"][0]["note"]]
     raw = stats["median"].copy()
     raw[j] += explore.OFFSET_LIMIT * stats["sd"][j]
-    expected = as_uint8(signature(saved, "serving_default", raw))
+    expected = as_uint8(edit(saved, raw, stats["median"]))
     assert np.array_equal(strip_channels(answer["strip"], expected.shape[-1]), expected)
     # Otherwise also within the training range (the largest area seen here): the manifest's,
     # the model's own without DATA_DIR.
@@ -176,7 +268,7 @@ def test_out_of_range_offsets_are_clamped_and_reported(client, model, saved, sta
     without_data = TestClient(explore.create_app(model))
     assert without_data.get(f"/api/render?base=median&{AREA}=12").json()["clamped"][0]["value"] \
         == pytest.approx(high)
-    answer = client.get(f"/api/render?base=median&{AREA}=12").json()
+    answer = client.get(f"/api/render?base=median&alone=1&{AREA}=12").json()
     [clamp] = answer["clamped"]
     assert clamp["value"] == pytest.approx(high)
     assert clamp["used"] == pytest.approx((high - stats["median"][j]) / stats["sd"][j], abs=1e-3)
@@ -184,7 +276,7 @@ def test_out_of_range_offsets_are_clamped_and_reported(client, model, saved, sta
     assert answer["offsets"] == {AREA: clamp["used"]}
     raw = stats["median"].copy()
     raw[j] = high
-    expected = as_uint8(signature(saved, "serving_default", raw))
+    expected = as_uint8(edit(saved, raw, stats["median"]))
     assert np.array_equal(strip_channels(answer["strip"], expected.shape[-1]), expected)
     low = client.get("/api/info").json()["features"][j]["low"]
     profile = client.get(f"/api/profile?{AREA}=-40").json()
@@ -193,7 +285,7 @@ def test_out_of_range_offsets_are_clamped_and_reported(client, model, saved, sta
 
 
 def test_tiff_has_named_channels_and_the_images(client, saved, stats, model):
-    answer = client.get(f"/api/image.tiff?base=median&{AREA}=2")
+    answer = client.get(f"/api/image.tiff?base=median&alone=1&{AREA}=2")
     assert answer.status_code == 200
     assert answer.headers["content-disposition"] == \
         'attachment; filename="cp2image_median_1changed.tif"'
@@ -203,7 +295,7 @@ def test_tiff_has_named_channels_and_the_images(client, saved, stats, model):
     with tifffile.TiffFile(io.BytesIO(answer.content)) as tif:
         assert tif.imagej_metadata["Labels"] == model.channels
         data = tif.asarray()
-    assert np.array_equal(data, np.moveaxis(signature(saved, "serving_default", raw), -1, 0))
+    assert np.array_equal(data, np.moveaxis(edit(saved, raw, stats["median"]), -1, 0))
 
 
 def test_profile_csv_is_a_profiles_table_for_generate(client, tmp_path, stats):
@@ -213,7 +305,8 @@ def test_profile_csv_is_a_profiles_table_for_generate(client, tmp_path, stats):
     values, extra = read_profiles(path, stats["names"])
     expected = client.get(f"/api/profile?base=small&{AREA}=1").json()["raw"]
     assert np.allclose(values.iloc[0].to_numpy(), [expected[n] for n in stats["names"]], rtol=1e-6)
-    assert extra["label"][0] == f"the small mean, {AREA} +1 SD"
+    assert extra["label"][0] == (f"the small mean, {AREA} +1 SD (and 1 correlated features "
+                                 "moved with it)")
 
 
 def test_neighbours_are_the_nearest_training_cells_in_sd_units(client, disc_dataset, stats):
@@ -300,10 +393,15 @@ def test_served_model_gives_the_same_pictures_and_a_stopped_server_a_503(exporte
     with rest_server(models) as url:
         remote = RemoteModel(url, "cells")
         client = TestClient(explore.create_app(remote, disc_dataset))
-        assert client.get("/api/info").json()["remote"] is True
-        png = client.get(f"/api/image.png?{AREA}=1").content
+        info = client.get("/api/info").json()
+        assert info["remote"] is True and info["pinned"] is False
+        # Not pinned, so no re-measured readout: the page says why.
+        assert "edits one chosen cell" in info["remeasure"]
+        answer = client.get(f"/api/remeasure?{AREA}=1").json()
+        assert answer["available"] is False and answer["why"] == info["remeasure"]
+        png = client.get(f"/api/image.png?alone=1&{AREA}=1").content
         assert np.array_equal(png_pixels(png), png_pixels(signature(saved, "generate_png", raw)))
-        strip = client.get(f"/api/render?{AREA}=1").json()["strip"]
+        strip = client.get(f"/api/render?alone=1&{AREA}=1").json()["strip"]
         expected = as_uint8(signature(saved, "serving_default", raw))
         assert np.array_equal(strip_channels(strip, 2), expected)
     # The fake's handler threads outlive its shutdown on kept-alive connections, which a

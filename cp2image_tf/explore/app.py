@@ -9,14 +9,18 @@ treatment, 503 TensorFlow Serving not answering):
                              loaded cell ids starting with TEXT, and whether TEXT is a cell of
                              DATA_DIR (lookup=1: also reading DATA_DIR for the others)
     /api/render?PROFILE      the generated cell: its channels side by side in one greyscale PNG
-                             (round(255 x serving_default's output)), for the page to colour
+                             (round(255 x the picture)), for the page to colour; with DATA_DIR
+                             the features correlated with the moved ones move too (alone=1:
+                             not), and which did; the picture edits the base's cell (pinned)
+    /api/remeasure?PROFILE   the moved features re-measured on the drawn cell (cp-measure),
+                             beside the asked values, or why they cannot be
     /api/profile?PROFILE     the raw profile as JSON, with the offsets used and clamping notes
-    /api/image.png?PROFILE   the generate_png signature's composite
+    /api/image.png?PROFILE   the picture's colour composite (as generate_png colours it)
     /api/image.tiff?PROFILE  an ImageJ hyperstack with named channels (viz.write_hyperstack)
     /api/profile.csv?PROFILE one row of raw values: a PROFILES table for `cp2image-tf generate`
     /api/neighbours?PROFILE&k=6
                              the real DATA_DIR cells nearest to the profile in SD units
-    /api/traverse?PROFILE&feature=F&start=-2&stop=2&steps=7[&correlated=1]
+    /api/traverse?PROFILE&feature=F&start=-2&stop=2&steps=7[&alone=1]
                              one feature varied around the profile, as `traverse` does
     /api/interpolate?a=A&b=B&steps=7
                              from treatment A's mean profile to B's
@@ -39,12 +43,13 @@ log = logging.getLogger("cp2image_tf.explore")
 
 
 def create_app(model, data=None, max_cells: int = MAX_CELLS, progress=None,
-               extrapolate: bool = False):
+               extrapolate: bool = False, remeasure: bool = True):
     """A FastAPI app serving the page and its API for `model` (a LocalModel or RemoteModel,
     see serving.local.load_model and serving.remote.RemoteModel); `data` is the dataset the model
     was trained on (treatment means, cell bases, the nearest real cells); `extrapolate` lets
-    profiles and strips go beyond the training range."""
-    explorer = Explorer(model, data, max_cells, progress, extrapolate)
+    profiles and strips go beyond the training range; `remeasure` re-measures drawn cells
+    (with `data`; prepared in a thread at start)."""
+    explorer = Explorer(model, data, max_cells, progress, extrapolate, remeasure)
     app = FastAPI(title="cp2image-tf explore", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.explorer = explorer
     _answer_errors(app)
@@ -124,6 +129,10 @@ def _serve_api(app, explorer) -> None:
                 "raw": dict(zip(explorer.names, found.raw.tolist())),
                 "clamped": found.clamped, "notes": found.notes()}
 
+    @app.get("/api/remeasure")
+    def remeasure(request: Request):
+        return explorer.remeasured(_params(request))
+
     @app.get("/api/neighbours")
     def neighbours(request: Request, k: int = 6):
         return explorer.neighbours(_params(request), k)
@@ -142,7 +151,7 @@ def _serve_downloads(app, explorer) -> None:
     @app.get("/api/image.png")
     def image_png(request: Request):
         p = _params(request)
-        return Response(explorer.png(explorer.profile(p).raw), media_type="image/png",
+        return Response(explorer.png(explorer.profile(p)), media_type="image/png",
                         headers=_attachment(p, "png") if "download" in p else None)
 
     @app.get("/api/image.tiff")

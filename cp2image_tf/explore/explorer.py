@@ -6,7 +6,13 @@ A profile is a base (`median`, a treatment's mean, or a cell id of DATA_DIR) plu
 some features in training SDs; requests carry it in the query string exactly as the page's
 shareable URL does:
 
-    ?base=DMSO&Nuclei_AreaShape_Area=2&Cells_Intensity_MeanIntensity_Actin=-1.5
+    ?base=DMSO&Nuclei_AreaShape_Area=2&Cells_Intensity_MeanIntensity_Actin=-1.5[&alone=1]
+
+With DATA_DIR, the features a slider moves take the features correlated with them along (the
+correlated direction `traverse` draws, drawing.traverse.correlated_offsets): the slider shows
+what cells with that value look like. `alone=1` moves only the sliders' features. Every picture
+of a profile is an edit of the cell its base starts from (the exemplar model's pinned edit,
+`like` the base), so a slider changes that cell and never swaps it for another.
 
 Offsets beyond +-OFFSET_LIMIT SDs are clamped, and so are values beyond the training range (an
 eccentricity above 1, a negative area): the manifest's min and max of the training split, or
@@ -33,11 +39,13 @@ import numpy as np
 import pandas as pd
 
 from cp2image_tf.drawing.profiles import treatment_means
-from cp2image_tf.drawing.traverse import (base_profile, feature_correlations_with,
+from cp2image_tf.drawing.traverse import (base_profile, correlated_offsets, correlations_with,
                                           interpolation_profiles, resolve_feature,
-                                          traversal_profiles, training_range, within_range)
+                                          traversal_profiles, training_range, training_z,
+                                          within_range)
+from cp2image_tf.explore.readout import Readout
 from cp2image_tf.serving.local import LocalModel
-from cp2image_tf.viz import channel_colours, write_hyperstack
+from cp2image_tf.viz import channel_colours, composite, write_hyperstack
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.features import feature_name
 from tfrecords_tools.manifest import matching_manifest, treatment_cells
@@ -47,7 +55,9 @@ OFFSET_LIMIT = 5.0  # SDs from the base a feature may move; beyond, values are c
 MAX_STEPS = 15
 MAX_NEIGHBOURS = 12
 MAX_CELLS = 20000
-RESERVED = frozenset({"base", "feature", "start", "stop", "steps", "correlated", "k", "a", "b"})
+RESERVED = frozenset({"base", "feature", "start", "stop", "steps", "correlated", "alone", "k",
+                      "a", "b"})
+MOVED_SHOWN = 0.05  # SDs: correlated moves smaller than this are not listed on the page
 CELL_ID = re.compile(r"^\d+-\d+$")
 
 
@@ -74,9 +84,15 @@ class Profile:
     offsets: dict  # feature -> SD offset used (after clamping)
     clamped: list  # {"feature", "asked", "used" (SD offsets), "value" (raw), "note"}
     missing: list
+    like: np.ndarray = None  # the base's raw profile: the cell every picture edits
+    alone: bool = True  # whether the sliders' features moved alone
+    moved_with: list = field(default_factory=list)  # [feature, SD offset]: correlated moves
+    why_alone: str | None = None  # why they moved alone though not asked to
 
     def notes(self) -> list[str]:
         notes = [c["note"] for c in self.clamped]
+        if self.why_alone and self.offsets:
+            notes.append(self.why_alone)
         if self.missing:
             notes.append(f"{len(self.missing)} feature(s) missing in {self.label} are drawn at the "
                          f"training median ({', '.join(self.missing[:3])}"
@@ -132,7 +148,7 @@ class Explorer:
     the nearest real cells, traversals and interpolations. Thread-safe."""
 
     def __init__(self, model, data=None, max_cells: int = MAX_CELLS, progress=None,
-                 extrapolate: bool = False):
+                 extrapolate: bool = False, remeasure: bool = True):
         say = progress or (lambda message: None)
         self.model = model
         self.extrapolate = extrapolate
@@ -146,6 +162,8 @@ class Explorer:
         self.treatments = list(model.description.get("treatments", []))
         self._bases = {"median": Base(self.median.copy(), "the training median cell")}
         self._correlations = {}
+        self._z = None  # DATA_DIR's training cells in SD units, for the correlated direction
+        self.pinned = bool(getattr(model, "can_pin", False))
         self._strips = {}  # reference cell -> its crop as a channel strip (data URL)
         self._not_found = {}  # cell id -> why it is not in DATA_DIR
         self._lock = threading.Lock()
@@ -174,9 +192,23 @@ class Explorer:
             self.low, self.high = (b.astype(np.float32) for b in bounds)
         if extrapolate:
             self.low = self.high = None
+        if self.manifest is not None:
+            say(f"Reading the features' correlations from {data} ...")
+            self._z = training_z(data, model, max_cells)
+        self.readout = Readout(self.manifest if remeasure and self.pinned else None, self.names,
+                               self.reference,
+                               model.description.get("scaling", DEFAULT_SCALING))
+        if not remeasure:
+            self.readout.unavailable = "re-measuring is switched off (explore's remeasure=False)."
+        elif not self.pinned and self.manifest is not None:
+            self.readout.unavailable = (
+                "re-measuring compares the drawn cell with its base's picture, which needs a "
+                "model that edits one chosen cell (a local exemplar model; a model served by "
+                "TensorFlow Serving, or one without an exemplar bank, draws the nearest cell "
+                "to each profile instead).")
         # The first calls of a signature are slow (graph set-up); make them before the page's.
-        self.images(self.median)
-        self.png(self.median)
+        self.images(self.median, like=self.median)
+        self._call(self.model.pngs, self.median.reshape(1, -1))
 
     # --- profiles ----------------------------------------------------------------------------
 
@@ -269,7 +301,33 @@ class Explorer:
                 offsets[name] = round(used, 3) if note else used
             else:
                 del offsets[name]
-        return Profile(base_name, base.label, raw, offsets, clamped, base.missing)
+        found = Profile(base_name, base.label, raw, offsets, clamped, base.missing, base.raw)
+        wants_alone = str(params.get("alone", "0")).lower() in ("1", "true", "yes", "on")
+        if not wants_alone and self._z is None:
+            found.why_alone = ("The sliders move their feature alone: moving the features "
+                               "correlated with it needs the dataset (start explore with --data "
+                               "DATA_DIR).")
+        elif not wants_alone and offsets:
+            self._move_correlated(found, base.raw)
+        return found
+
+    def _move_correlated(self, profile: Profile, origin: np.ndarray) -> None:
+        """The features correlated with the sliders' ones moved by their expected change
+        (correlated_offsets, as traverse), each within the training range."""
+        chosen = [self.position[name] for name in profile.offsets]
+        rows = np.stack([self.correlations(j) for j in chosen])
+        move = correlated_offsets(rows, chosen, list(profile.offsets.values()))
+        others = np.ones(len(self.names), bool)
+        others[chosen] = False
+        others &= self.sd > 0
+        moved = origin.astype(np.float64) + move * self.sd
+        moved, _ = self._within_range(moved[None], origin)
+        profile.raw = np.where(others, moved[0], profile.raw).astype(np.float32)
+        profile.alone = False
+        shown = (profile.raw - origin) / self.unit
+        order = [k for k in np.argsort(-np.abs(shown), kind="stable")
+                 if others[k] and abs(shown[k]) >= MOVED_SHOWN]
+        profile.moved_with = [[self.names[k], round(float(shown[k]), 2)] for k in order]
 
     def allowed(self, j: int, base: float, asked: float):
         """(offset used, raw value, note or None) for feature j moved `asked` SDs from `base`:
@@ -320,27 +378,56 @@ class Explorer:
             return self._call(lambda r: self.model.edits(r, np.asarray(like, np.float32)), raw)
         return self._call(self.model.images, raw)
 
-    def png(self, raw) -> bytes:
-        return self._call(self.model.pngs, np.asarray(raw, np.float32).reshape(1, -1))[0]
+    def picture(self, profile: Profile) -> np.ndarray:
+        """[H, W, C]: the profile drawn as an edit of its base's cell."""
+        return self.images(profile.raw, like=profile.like)[0]
+
+    def png(self, profile: Profile) -> bytes:
+        """The colour composite PNG of the picture (as the generate_png signature colours it)."""
+        if not self.pinned:
+            return self._call(self.model.pngs, profile.raw.reshape(1, -1))[0]
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.fromarray(composite(self.picture(profile), self.model.channels)).save(out, "PNG")
+        return out.getvalue()
 
     def render(self, params) -> dict:
         profile = self.profile(params)
         start = time.perf_counter()
-        image = self.images(profile.raw)[0]
+        image = self.picture(profile)
         model_ms = 1000 * (time.perf_counter() - start)
         return {"strip": data_url(channel_strip(image)), "notes": profile.notes(),
                 "clamped": profile.clamped, "offsets": profile.offsets, "base": profile.base,
-                "label": profile.label, "model_ms": round(model_ms, 2)}
+                "label": profile.label, "model_ms": round(model_ms, 2), "alone": profile.alone,
+                "moved_with": profile.moved_with[:8], "moved_with_count": len(profile.moved_with),
+                "pinned": self.pinned}
+
+    def remeasured(self, params) -> dict:
+        """The moved sliders' features re-measured on the drawn cell (see readout.py), beside
+        the values asked, in the features' units."""
+        profile = self.profile(params)
+        features = list(profile.offsets)
+        started = time.perf_counter()
+        answer = self.readout.readings(
+            features, {f: profile.raw[self.position[f]] for f in features},
+            {f: profile.like[self.position[f]] for f in features},
+            lambda: self.picture(profile),
+            lambda: self.images(profile.like, like=profile.like)[0], profile.base)
+        answer["ms"] = round(1000 * (time.perf_counter() - started), 1)
+        return answer
 
     def tiff(self, params) -> bytes:
         out = io.BytesIO()
-        write_hyperstack(out, self.images(self.profile(params).raw)[0], self.model.channels)
+        write_hyperstack(out, self.picture(self.profile(params)), self.model.channels)
         return out.getvalue()
 
     def csv(self, params) -> str:
         profile = self.profile(params)
         changed = ", ".join(f"{k} {v:+g} SD" for k, v in profile.offsets.items())
         label = profile.label + (f", {changed}" if changed else "")
+        if profile.moved_with:
+            label += f" (and {len(profile.moved_with)} correlated features moved with it)"
         table = pd.DataFrame([profile.raw], columns=self.names)
         table.insert(0, "label", [label])
         return table.to_csv(index=False, float_format="%.7g")
@@ -422,15 +509,17 @@ class Explorer:
         with self._lock:
             if j in self._correlations:
                 return self._correlations[j]
-        row = feature_correlations_with(self.data, self.model, [j])[0]
+        row = correlations_with(self._z, [j])[0]
         with self._lock:
+            if len(self._correlations) > 4096:
+                self._correlations.clear()
             self._correlations[j] = row
         return row
 
     def traverse(self, params) -> dict:
         """Steps from `start` to `stop` SDs of one feature around the profile, as
-        generate.traverse draws them (with `correlated`, the others move by their training
-        correlation with it)."""
+        drawing.traverse draws them: with DATA_DIR the others move by their training
+        correlation with it, unless `alone`."""
         if not params.get("feature"):
             raise ApiError(400, "feature: give the feature to traverse.")
         name = self.feature(params["feature"])
@@ -440,19 +529,22 @@ class Explorer:
         start, stop = (float(np.clip(self._number(params, key, default), -OFFSET_LIMIT, OFFSET_LIMIT))
                        for key, default in (("start", -2.0), ("stop", 2.0)))
         steps = self._steps(params)
-        correlated = params.get("correlated", "0").lower() in ("1", "true", "yes", "on")
-        if correlated and self.data is None:
+        flag = {key: params.get(key, "0").lower() in ("1", "true", "yes", "on")
+                for key in ("correlated", "alone")}
+        if flag["correlated"] and self.data is None:
             raise ApiError(400, "correlated: the correlations come from the training cells; start "
                                 "explore with --data DATA_DIR.")
+        correlated = not flag["alone"] and self._z is not None
         profile = self.profile(params)
-        move = self.correlations(j) if correlated else np.eye(len(self.names))[j]
+        move = (correlated_offsets(self.correlations(j)[None], [j], [1.0]) if correlated
+                else np.eye(len(self.names))[j])
         zs = np.linspace(start, stop, steps)
         profiles = traversal_profiles(profile.raw.astype(np.float64), j, move, self.sd, zs)
         profiles, clamped = self._within_range(profiles, profile.raw)
         labels = [f"{z:+.1f} SD" + (f" ({'min' if z < 0 else 'max'})" if c else "")
                   for z, c in zip(zs, clamped[:, j])]
         return {"feature": name, "correlated": correlated, "label": profile.label,
-                "frames": self._frames(profiles, labels, profiles[:, j], like=profile.raw),
+                "frames": self._frames(profiles, labels, profiles[:, j], like=profile.like),
                 "range": self._range_note(clamped)}
 
     def interpolate(self, params) -> dict:
@@ -517,4 +609,8 @@ class Explorer:
             "example_cells": ref.ids[:5] if ref else [],
             "offset_limit": OFFSET_LIMIT, "max_steps": MAX_STEPS,
             "extrapolate": self.extrapolate,
+            # Sliders move correlated features with theirs (needs DATA_DIR); pictures edit the
+            # base's cell (the exemplar model); re-measured readout, or why not.
+            "correlated": self._z is not None, "pinned": self.pinned,
+            "remeasure": self.readout.unavailable,
         }

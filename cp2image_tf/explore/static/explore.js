@@ -2,7 +2,11 @@
 //
 // State: a base profile (median, a treatment's mean or a cell id) and offsets of some
 // features in training SDs. The URL hash holds the same query the API takes:
-//   #base=DMSO&Nuclei_AreaShape_Area=2&Cells_Intensity_MeanIntensity_Actin=-1.5
+//   #base=DMSO&Nuclei_AreaShape_Area=2&Cells_Intensity_MeanIntensity_Actin=-1.5[&alone=1]
+// A slider moves its feature with the features correlated with it (alone=1: by itself); the
+// picture is always an edit of the base's cell. After each drawing the page asks
+// /api/remeasure for the moved features re-measured on the drawn cell and shows them beside
+// the sliders.
 // The server answers /api/render with the generated cell's channels side by side in one
 // greyscale PNG; this page colours and composites them (DNA blue, tubulin green, actin red,
 // as the generate_png signature does) so that channel toggles need no request.
@@ -18,6 +22,7 @@
     baseRaw: null,
     baseLabel: "",
     offsets: {},         // feature -> SD offset (non-zero only)
+    alone: false,        // sliders move their feature alone (else with its correlated ones)
     committed: null,     // last state pushed to the undo history
     undo: [],
     enabled: [],         // channel toggles
@@ -28,8 +33,10 @@
     render: { inflight: false, pending: false },
     nnSeq: 0,
     nnTimer: null,
+    rmSeq: 0,
+    rmTimer: null,
   };
-  const FIELDS = new Set(["base"]);
+  const FIELDS = new Set(["base", "alone"]);
 
   // --- messages ----------------------------------------------------------------------------
 
@@ -127,11 +134,12 @@
     state = state || S;
     const p = new URLSearchParams();
     p.set("base", state.base);
+    if (state.alone) p.set("alone", "1");
     for (const [name, v] of Object.entries(state.offsets)) if (v) p.set(name, String(round2(v)));
     return p.toString();
   }
 
-  function snapshot() { return { base: S.base, offsets: Object.assign({}, S.offsets) }; }
+  function snapshot() { return { base: S.base, alone: S.alone, offsets: Object.assign({}, S.offsets) }; }
   function sameState(a, b) { return a && b && query(a) === query(b); }
 
   function commit() {
@@ -153,12 +161,13 @@
     updateChanged();
     requestRender();
     scheduleNeighbours();
+    scheduleRemeasure();
   }
 
   // Parse a hash into a state, dropping (with a visible note) what the model does not know.
   async function stateFromHash(hash) {
     const p = new URLSearchParams(hash.replace(/^#/, ""));
-    const state = { base: "median", offsets: {} };
+    const state = { base: "median", offsets: {}, alone: p.get("alone") === "1" };
     const base = (p.get("base") || "median").trim();
     if (await baseKnown(base)) state.base = base;
     for (const [key, text] of p.entries()) {
@@ -269,6 +278,8 @@
       }
     }
     S.offsets = {};
+    if (state.alone !== undefined) S.alone = !!state.alone;
+    syncMode();
     for (const [name, asked] of Object.entries(state.offsets)) {
       const [used, why] = allowed(name, asked);
       if (why && state.announce) note(clampNote(name, asked, used, why), "warn");
@@ -323,7 +334,8 @@
     row.innerHTML =
       `<div class="row-head"><span class="fname"></span>` +
       `<span class="vals"><output class="sd"></output> <output class="raw"></output></span></div>` +
-      `<input type="range" min="${-L}" max="${L}" step="0.1" value="0">`;
+      `<input type="range" min="${-L}" max="${L}" step="0.1" value="0">` +
+      `<div class="remeasured" hidden></div>`;
     row.querySelector(".fname").textContent = f.short;
     row.title = `${f.name}\ntraining median ${fmtRaw(f.median)}, SD ${fmtRaw(f.sd)}` +
                 "\ndouble-click the slider to reset it";
@@ -342,7 +354,8 @@
     });
     slider.addEventListener("change", commit);
     slider.addEventListener("dblclick", () => setOffset(f.name, 0));
-    S.rows[f.name] = { row, slider, sd: row.querySelector(".sd"), raw: row.querySelector(".raw") };
+    S.rows[f.name] = { row, slider, sd: row.querySelector(".sd"), raw: row.querySelector(".raw"),
+                       readout: row.querySelector(".remeasured") };
     return row;
   }
 
@@ -360,6 +373,31 @@
     r.raw.title = edge ? "the training cells' most extreme value: the slider stops here" : "";
     r.row.classList.toggle("moved", v !== 0);
     r.row.classList.toggle("edge", edge);
+    if (v === 0) { r.readout.hidden = true; r.readout.textContent = ""; }
+  }
+
+  // --- the sliders' mode: with the correlated features, or alone ------------------------------
+
+  function syncMode() {
+    const box = $("alone");
+    box.disabled = !S.info.correlated;
+    box.checked = S.alone || !S.info.correlated;
+    $("alone-label").title = S.info.correlated ? "" : "moving correlated features needs --data DATA_DIR";
+    $("mode").textContent = !S.info.correlated
+      ? "A slider moves its feature alone: moving the features correlated with it needs the " +
+        "dataset (start explore with --data DATA_DIR)."
+      : S.alone
+        ? "A slider moves its feature alone; every other feature is held."
+        : "A slider moves its feature with the features correlated with it (cells with a " +
+          "larger nucleus look like this), as traverse does.";
+    $("mode").classList.toggle("alone", box.checked);
+  }
+
+  function setAlone(alone) {
+    S.alone = alone;
+    syncMode();
+    commit();
+    stateChanged();
   }
 
   function setOffset(name, v) {
@@ -391,8 +429,80 @@
       reset.textContent = "×";
       reset.title = "back to the base value";
       reset.addEventListener("click", () => setOffset(name, 0));
-      li.append(link, value, reset);
+      const readout = document.createElement("div");
+      readout.className = "remeasured";
+      readout.dataset.name = name;
+      li.append(link, value, reset, readout);
       list.append(li);
+    }
+    showReadings();
+  }
+
+  // --- the moved features re-measured on the drawn cell ---------------------------------------
+
+  function fmtReading(entry) {
+    if (entry === "pending") return { text: "re-measuring…", title: "" };
+    if (entry.measured === null) return { text: `re-measured: – (${entry.note})`, title: entry.note };
+    const asked = entry.asked - entry.base;
+    const share = asked ? Math.round(100 * (entry.measured - entry.base) / asked) : null;
+    const text = `re-measured ${fmtRaw(entry.measured)} · asked ${fmtRaw(entry.asked)}` +
+      (share === null ? "" : ` (${share}% of the change)`);
+    const title = "cp-measure on the drawn cell: the change from the base's picture, in " +
+      `${entry.feature}'s units (slope over real cells${entry.r === null ? "" : `, r ${entry.r}`}); ` +
+      `the base's value ${fmtRaw(entry.base)}` + (entry.note ? `\n${entry.note}` : "");
+    return { text: text + (entry.note ? " — weak" : ""), title };
+  }
+
+  function showReadings() {
+    const readings = S.readings || {};
+    const targets = Array.from(document.querySelectorAll("#changed-list .remeasured"))
+      .map((el) => [el.dataset.name, el]);
+    for (const name of Object.keys(S.offsets)) if (S.rows[name]) targets.push([name, S.rows[name].readout]);
+    for (const [name, el] of targets) {
+      const entry = readings[name];
+      el.hidden = !entry;
+      if (!entry) continue;
+      const shown = fmtReading(entry);
+      el.textContent = shown.text;
+      el.title = shown.title;
+      el.classList.toggle("pending", entry === "pending");
+      el.classList.toggle("weak", entry !== "pending" && (entry.measured === null || !!entry.note));
+    }
+  }
+
+  function scheduleRemeasure() {
+    const note = $("remeasure-note");
+    if (S.info.remeasure) {
+      note.hidden = Object.keys(S.offsets).length === 0;
+      note.textContent = `No re-measured values: ${S.info.remeasure}`;
+      return;
+    }
+    S.rmSeq += 1;
+    S.readings = {};
+    for (const name of Object.keys(S.offsets)) S.readings[name] = "pending";
+    showReadings();
+    if (!Object.keys(S.offsets).length) return;
+    if (S.rmTimer === null) activity(+1);
+    clearTimeout(S.rmTimer);
+    S.rmTimer = setTimeout(() => { S.rmTimer = null; loadRemeasure(); activity(-1); }, 300);
+  }
+
+  async function loadRemeasure() {
+    const seq = S.rmSeq;
+    activity(+1);
+    try {
+      const answer = await getJSON("api/remeasure?" + query());
+      if (seq !== S.rmSeq) return;  // a newer profile asked meanwhile
+      const note = $("remeasure-note");
+      note.hidden = answer.available;
+      note.textContent = answer.available ? "" : `No re-measured values: ${answer.why}`;
+      S.readings = {};
+      for (const entry of answer.features) S.readings[entry.feature] = entry;
+      showReadings();
+    } catch (err) {
+      if (seq === S.rmSeq) failed(err, "re-measuring the drawn cell");
+    } finally {
+      activity(-1);
     }
   }
 
@@ -602,6 +712,7 @@
         S.last = decoded;
         showGenerated();
         $("caption").textContent = caption(answer);
+        showMovedWith(answer);
         $("timing").textContent = `drawn in ${Math.round(ms)} ms (model ${Math.round(answer.model_ms)} ms)`;
         clearNotes("clamp");
         for (const text of answer.notes) if (/beyond/.test(text)) note(text, "clamp");
@@ -622,8 +733,23 @@
 
   function caption(answer) {
     const n = Object.keys(answer.offsets).length;
+    const m = answer.moved_with_count;
     return `${answer.label[0].toUpperCase()}${answer.label.slice(1)}` +
-           (n ? `, ${n} feature${n > 1 ? "s" : ""} changed` : "");
+           (n ? `, ${n} feature${n > 1 ? "s" : ""} changed` : "") +
+           (m ? ` and ${m} correlated feature${m > 1 ? "s" : ""} with ${n > 1 ? "them" : "it"}` : "") +
+           (n && answer.alone ? " alone" : "") +
+           (answer.pinned ? "" : " (this model draws the training cell nearest each profile: a " +
+                                  "slider may swap the cell)");
+  }
+
+  function showMovedWith(answer) {
+    const box = $("moved-with");
+    box.hidden = !answer.moved_with_count;
+    if (!answer.moved_with_count) return;
+    const shown = answer.moved_with.map(([name, v]) => `${name} ${fmtSD(v)}`).join(", ");
+    const more = answer.moved_with_count - answer.moved_with.length;
+    box.textContent = `Moved with ${Object.keys(answer.offsets).length > 1 ? "them" : "it"}: ` +
+      shown + (more > 0 ? `, and ${more} more` : "") + ".";
   }
 
   // --- the nearest real cells ----------------------------------------------------------------
@@ -777,7 +903,7 @@
     p.set("start", $("tr-start").value);
     p.set("stop", $("tr-stop").value);
     p.set("steps", $("tr-steps").value);
-    if ($("tr-correlated").checked) p.set("correlated", "1");
+    if ($("tr-alone").checked) p.set("alone", "1"); else p.delete("alone");
     await drawStrip("tr", "api/traverse?" + p.toString(), (answer) => {
       $("tr-title").textContent = `${answer.feature} around ${answer.label}` +
         (Object.keys(S.offsets).length ? " with your changes" : "") +
@@ -839,8 +965,9 @@
     }
     const preferred = ["Nuclei_AreaShape_Area", "Cells_AreaShape_Area"].find((n) => n in S.position);
     $("tr-feature").value = preferred || S.names.find((n, j) => S.info.features[j].sd > 0) || "";
-    $("tr-correlated").disabled = !S.info.data;
-    if (!S.info.data) $("tr-correlated").parentElement.title = "needs --data DATA_DIR";
+    $("tr-alone").checked = !S.info.correlated;
+    $("tr-alone").disabled = !S.info.correlated;
+    if (!S.info.correlated) $("tr-alone").parentElement.title = "moving correlated features needs --data DATA_DIR";
     const ts = S.info.treatments;
     for (const id of ["ip-a", "ip-b"]) {
       for (const t of ts) {
@@ -884,6 +1011,11 @@
     $("model-info").textContent = text;
     $("model-info").title = text;
     $("nn-hint").textContent = i.data ? "" : "Start explore with --data DATA_DIR to see the real cells nearest to the current profile.";
+    if (!i.pinned) {
+      note("This model does not edit a chosen cell (no exemplar bank, or served by TensorFlow " +
+           "Serving): each picture is drawn from the training cell nearest its profile, so a " +
+           "slider may swap the cell instead of changing it.", "warn");
+    }
   }
 
   async function copyLink() {
@@ -914,6 +1046,7 @@
     buildStrips();
     scaleBar();
     $("search").addEventListener("input", filterFeatures);
+    $("alone").addEventListener("change", () => setAlone($("alone").checked));
     $("reset").addEventListener("click", () => applyState({ base: S.base, offsets: {} }));
     $("undo").addEventListener("click", undo);
     $("copy-link").addEventListener("click", copyLink);
