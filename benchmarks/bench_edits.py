@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cp2image_tf.serving.export import load_run  # noqa: E402
-from cp2image_tf.training.exemplar import FEATURE_CLIP, bank_layer  # noqa: E402
+from cp2image_tf.training.exemplar.bank import FEATURE_CLIP, bank_layer  # noqa: E402
 from tfrecords_tools.reader import take_cells  # noqa: E402
 
 

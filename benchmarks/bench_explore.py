@@ -41,7 +41,7 @@ def save_random_model(root: Path, n_features: int, crop: int) -> Path:
     import tensorflow as tf
 
     from cp2image_tf.serving.export import serving_module
-    from cp2image_tf.training.model import build_decoder
+    from cp2image_tf.training.published.networks import build_decoder
 
     manifest = make_manifest(n_features, crop)
     decoder = build_decoder(n_features, crop, len(CHANNELS))

@@ -145,7 +145,7 @@ def main():
     import tensorflow as tf
 
     from cp2image_tf.serving.export import serving_module
-    from cp2image_tf.training.model import build_decoder
+    from cp2image_tf.training.published.networks import build_decoder
     from tfrecords_tools.reader import feature_normalizer
 
     F = args.features

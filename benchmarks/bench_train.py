@@ -92,8 +92,8 @@ def main():
 
     import tensorflow as tf
 
-    from cp2image_tf.training.config import FitConfig
-    from cp2image_tf.training.train import make_trainer
+    from cp2image_tf.training.run_folder import config_from_dict
+    from cp2image_tf.training.trainer import make_trainer
     from tfrecords_tools.manifest import load_manifest
     from tfrecords_tools.reader import make_dataset
 
@@ -118,7 +118,8 @@ def main():
         results, flops = {}, {}
         for model in ("published", "film", "exemplar"):
             for jit in (True, False):
-                config = FitConfig(model=model, batch_size=args.batch, jit_compile=jit)
+                config = config_from_dict({"model": model, "batch_size": args.batch,
+                                          model: {"jit_compile": jit}})
                 trainer = make_trainer(manifest, config, strategy)
                 batch = config.batch_size
                 iterators = [iter(dataset(batch)) for _ in range(1 + trainer.needs_real_batch)]

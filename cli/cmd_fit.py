@@ -26,7 +26,9 @@ from tfrecords_tools.reader import SCALINGS
               default=None, help="tf.distribute strategy [default: auto: multiworker when "
                                  "TF_CONFIG names a cluster, mirrored with several GPUs].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="JSON file of FitConfig settings; options given here override it.")
+              help="JSON file of FitConfig settings: the run's, and a section per model, e.g. "
+                   '{"time_limit": "30m", "exemplar": {"bank": 4096}}; options given here '
+                   "override it.")
 @click.option("--stratify", type=click.Choice(STRATIFY), default=None,
               help="Treatment-balanced batches [default: auto, when the data has treatments].")
 @click.option("--scaling", type=click.Choice(SCALINGS), default=None,
@@ -55,10 +57,10 @@ def fit(data_dir, run_dir, model, steps, time_limit, batch_size, strategy, confi
     real-vs-generated pictures (RUN_DIR/samples/latest.png) to RUN_DIR. Running
     the same command again resumes from the latest checkpoint.
     """
-    from cp2image_tf.training.config import FitConfig
+    from cp2image_tf.training.run_folder import read_config
     from cp2image_tf.training.train import Interrupted, fit as run
 
-    config = call(FitConfig.from_file, config_file, model=model, steps=steps,
+    config = call(read_config, config_file, model=model, steps=steps,
                   time_limit=time_limit, batch_size=batch_size,
                   strategy=strategy, stratify=stratify, scaling=scaling, noise_dim=noise_dim,
                   checkpoint_every=checkpoint_every, validate_every=validate_every,

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from cp2image_tf.training.config import FitConfig
-from cp2image_tf.training.exemplar import bank_layer, bank_size, build_exemplar_networks
+from cp2image_tf.training.exemplar.bank import bank_layer, bank_size
+from cp2image_tf.training.exemplar.networks import build_exemplar_networks
 from cp2image_tf.training.train import fit
 
 
@@ -60,7 +61,7 @@ def test_every_block_is_conditioned_and_the_bank_fits_its_budget():
 def disc_run_exemplar(disc_dataset, tmp_path_factory):
     run = tmp_path_factory.mktemp("exemplar") / "run"
     summary = fit(disc_dataset, run, FitConfig(model="exemplar", steps=4, batch_size=8,
-                                               val_cells=16, grid_cells=0, measurer_steps=2),
+                                               val_cells=16, grid_cells=0, measurer={"steps": 2}),
                   progress=False)
     return run, summary
 
@@ -99,7 +100,7 @@ def test_a_pinned_exemplar_edits_one_cell_and_the_served_model_has_it(disc_run_e
 
     from cp2image_tf.serving.export import export
     from cp2image_tf.serving.local import load_model
-    from cp2image_tf.training.exemplar import pinned_decoder
+    from cp2image_tf.training.exemplar.networks import pinned_decoder
     from cp2image_tf.serving.export import load_run
 
     decoder, manifest, _, _ = load_run(run, "latest")
@@ -126,7 +127,7 @@ def test_a_pinned_exemplar_edits_one_cell_and_the_served_model_has_it(disc_run_e
 
 def test_training_excludes_the_cell_itself_at_600_features():
     """The expanded distance of a 600-feature cell to itself is float32 rounding, not zero."""
-    from cp2image_tf.training.exemplar import ExemplarBank
+    from cp2image_tf.training.exemplar.bank import ExemplarBank
 
     rng = np.random.default_rng(3)
     feats = np.clip(rng.normal(scale=2.0, size=(64, 600)), -5, 5).astype("float32")
@@ -152,13 +153,14 @@ def test_identity_share_edits_the_cell_itself_and_is_no_fake(disc_dataset):
     import keras
     import tensorflow as tf
 
-    from cp2image_tf.training.train import make_trainer
+    from cp2image_tf.training.trainer import make_trainer
     from tfrecords_tools.manifest import load_manifest
     from tfrecords_tools.reader import make_dataset
 
     manifest = load_manifest(disc_dataset)
-    config = FitConfig(model="exemplar", steps=10, batch_size=8, identity_share=0.5,
-                       identity_weight=3.0, anchor_weight=0.0)
+    config = FitConfig(model="exemplar", steps=10, batch_size=8,
+                       exemplar={"identity_share": 0.5, "identity_weight": 3.0,
+                                 "anchor_weight": 0.0})
     trainer = make_trainer(manifest, config, tf.distribute.get_strategy())
     features, crops = next(iter(make_dataset(disc_dataset, "train", 8, shuffle=False,
                                              repeat=False, manifest=manifest)))
@@ -214,30 +216,30 @@ def test_consistency_trusts_each_feature_as_far_as_the_measurer_reads_it(disc_ru
 def test_reliability_weights_by_r_squared():
     import tensorflow as tf
 
-    from cp2image_tf.training.film_trainer import FilmTrainer
+    from cp2image_tf.training.shared.critic_trainer import CriticTrainer
 
     class Stub:
         n_features = 4
-        config = FitConfig(model="exemplar")
+        settings = FitConfig(model="exemplar").section
         reliability = tf.Variable(tf.ones([4]))
 
     stub = Stub()
-    FilmTrainer.set_reliability(stub, [0.5, np.nan, -0.2, 1.0])
+    CriticTrainer.set_reliability(stub, [0.5, np.nan, -0.2, 1.0])
     # r^2 = 0.25, 0, 0, 1; mean 0.3125.
     np.testing.assert_allclose(stub.reliability.numpy(), [0.8, 0.0, 0.0, 3.2], rtol=1e-6)
     # measurer_report's list, where an undefined r is None.
-    FilmTrainer.set_reliability(stub, [0.5, None, -0.2, 1.0])
+    CriticTrainer.set_reliability(stub, [0.5, None, -0.2, 1.0])
     np.testing.assert_allclose(stub.reliability.numpy(), [0.8, 0.0, 0.0, 3.2], rtol=1e-6)
-    stub.config = FitConfig(model="film")
-    FilmTrainer.set_reliability(stub, [0.5, np.nan, -0.2, 1.0])
+    stub.settings = FitConfig(model="film").section
+    CriticTrainer.set_reliability(stub, [0.5, np.nan, -0.2, 1.0])
     np.testing.assert_allclose(stub.reliability.numpy(), np.ones(4))
 
 
 def test_the_bank_offers_its_cells_turned_and_mirrored_with_their_profiles():
     """A profile whose texture runs another way than a bank cell's finds that cell turned or
     mirrored to match, with the profile the view has."""
-    from cp2image_tf.training.exemplar import ExemplarBank
-    from cp2image_tf.training.symmetry import view_maps, view_order
+    from cp2image_tf.training.exemplar.bank import ExemplarBank
+    from cp2image_tf.training.shared.symmetry import view_maps, view_order
 
     names = (["Cells_AreaShape_Area", "Nuclei_AreaShape_Orientation"]
              + [f"Cells_Texture_Contrast_DNA_3_0{d}_256" for d in range(4)]
@@ -291,16 +293,16 @@ def test_the_bank_offers_its_cells_turned_and_mirrored_with_their_profiles():
     with pytest.raises(ValueError, match="views"):
         ExemplarBank(12, len(names), 32, 2).fill(feats, crops, names=names, shape_weight=5.0)
     from tfrecords_tools.errors import UserInputError
-    with pytest.raises(UserInputError, match="exemplar_shape_weight 5.0 with exemplar_views "
-                       "false: .* set exemplar_shape_weight to 1"):
-        FitConfig(exemplar_views=False, exemplar_shape_weight=5.0).validate()
-    with pytest.raises(UserInputError, match="exemplar_shape_weight 0: must be positive"):
-        FitConfig(exemplar_shape_weight=0).validate()
-    FitConfig(exemplar_views=False, exemplar_shape_weight=1.0).validate()
+    with pytest.raises(UserInputError, match="exemplar.shape_weight 5.0 with exemplar.views "
+                       "false: .* set exemplar.shape_weight to 1"):
+        FitConfig(exemplar={"views": False, "shape_weight": 5.0}).validate()
+    with pytest.raises(UserInputError, match="exemplar.shape_weight 0: must be positive"):
+        FitConfig(exemplar={"shape_weight": 0}).validate()
+    FitConfig(exemplar={"views": False, "shape_weight": 1.0}).validate()
 
 
 def test_an_edit_never_goes_below_the_exemplars_background_floor():
-    from cp2image_tf.training.exemplar import EditAboveFloor
+    from cp2image_tf.training.exemplar.networks import EditAboveFloor
 
     rng = np.random.default_rng(1)
     exemplar = rng.uniform(0.02, 0.9, size=(3, 32, 32, 2)).astype("float32")
@@ -319,31 +321,34 @@ def test_an_edit_never_goes_below_the_exemplars_background_floor():
 def test_a_run_from_before_the_four_view_bank_is_resumed_and_exported_as_it_was(tmp_path):
     import json
 
-    from cp2image_tf.serving.export import run_config
-    from cp2image_tf.training.train import check_run_dir
+    from pathlib import Path
+
+    from cp2image_tf.training.run_folder import check_run_dir, saved_config as run_config
     from tfrecords_tools.errors import UserInputError
 
     run = tmp_path / "run"
     run.mkdir()
-    old = {k: v for k, v in FitConfig().__dict__.items()
+    # A flat config.json as fit wrote it before the sections, from before the four-view bank.
+    flat = Path(__file__).parent / "data" / "config_flat_2026-12-06.json"
+    old = {k: v for k, v in json.loads(flat.read_text()).items()
            if k not in ("exemplar_views", "exemplar_shape_weight")}
     (run / "config.json").write_text(json.dumps(old))
     # One message names every setting to give back (a bank of one view weighs no feature).
-    with pytest.raises(UserInputError, match='"exemplar_views": false, '
-                                             '"exemplar_shape_weight": 1.0}'):
+    with pytest.raises(UserInputError, match='"exemplar": {"views": false, '
+                                             '"shape_weight": 1.0}}'):
         check_run_dir(run, {}, FitConfig())
-    check_run_dir(run, {}, FitConfig(exemplar_views=False, exemplar_shape_weight=1.0))
+    check_run_dir(run, {}, FitConfig(exemplar={"views": False, "shape_weight": 1.0}))
     # A run of four views from before the shape weight counted every feature once.
     (run / "config.json").write_text(json.dumps({**old, "exemplar_views": True}))
-    with pytest.raises(UserInputError, match=r'exemplar_shape_weight=1.0, now 4.0; .*'
-                                             r'\{"exemplar_shape_weight": 1.0\}'):
+    with pytest.raises(UserInputError, match=r'exemplar.shape_weight=1.0, now 4.0; .*'
+                                             r'\{"exemplar": \{"shape_weight": 1.0\}\}'):
         check_run_dir(run, {}, FitConfig())
-    assert run_config(run).exemplar_shape_weight == 1.0
+    assert run_config(run).exemplar.shape_weight == 1.0
     # Export builds the network it was trained with; the other keys as written.
     (run / "config.json").write_text(json.dumps({**old, "exemplar_top_k": 4}))
     config = run_config(run)
-    assert config.exemplar_views is False and config.exemplar_top_k == 4
-    assert config.exemplar_shape_weight == 1.0
+    assert config.exemplar.views is False and config.exemplar.top_k == 4
+    assert config.exemplar.shape_weight == 1.0
     # The key means nothing to the other models.
     (run / "config.json").write_text(json.dumps({**old, "model": "film"}))
     check_run_dir(run, {}, FitConfig(model="film"))
@@ -355,8 +360,8 @@ def test_the_served_graph_folds_the_weights_and_draws_what_the_decoder_draws(vie
     """The SavedModel serves the exemplar model through folded.py (batch norm folded into the
     convolutions, FiLM in one product, the lookup prefiltered in a few principal axes and
     measured exactly): the same images as the Keras decoder, for any weights."""
-    from cp2image_tf.serving.folded import CANDIDATES, PROJECTION, make_folded
-    from cp2image_tf.training.exemplar import pinned_decoder
+    from cp2image_tf.training.exemplar.folded import CANDIDATES, PROJECTION, make_folded
+    from cp2image_tf.training.exemplar.networks import pinned_decoder
 
     # 36 px: 36 -> 18 -> 9 and back, each upsampled map twice its input (a transposed
     # convolution); 34 px: 17 -> 9, upsampled to 18 and cropped to 17 (the cropped way).
@@ -408,7 +413,7 @@ def test_the_warp_samples_as_the_served_op_and_grows_shrinks_or_stretches_the_ce
     the crop back at zero parameters, and its parameters get gradients (the op's do not)."""
     import tensorflow as tf
 
-    from cp2image_tf.training.exemplar import WARP_LIMIT, WarpCrop, warp_transforms
+    from cp2image_tf.training.exemplar.networks import WARP_LIMIT, WarpCrop, warp_transforms
 
     size = 33
     yy, xx = np.mgrid[:size, :size] - (size - 1) / 2.0

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 
 from cp2image_tf.training.config import FitConfig, parse_duration
-from cp2image_tf.training.film import build_critic, build_film_decoder, build_measurer
+from cp2image_tf.training.film.networks import build_film_decoder
+from cp2image_tf.training.shared.critic import build_critic
+from cp2image_tf.training.shared.measurer import build_measurer
 from cp2image_tf.training.networks import build_model_decoder
 from cp2image_tf.training.train import fit
 from tfrecords_tools.errors import UserInputError
@@ -55,11 +57,11 @@ def test_model_option_builds_the_published_network():
     assert FitConfig().model == "exemplar" and default.get_layer("exemplars").size == 50
     # Each model brings its own defaults; given values win.
     assert (FitConfig(model="published").batch_size, FitConfig().batch_size) == (104, 32)
-    assert FitConfig(model="published", decoder_lr=0.5).decoder_lr == 0.5
+    assert FitConfig(model="published", published={"decoder_lr": 0.5}).published.decoder_lr == 0.5
     with pytest.raises(UserInputError, match="--model"):
         FitConfig(model="gan").validate()
-    with pytest.raises(UserInputError, match="measurer_patience -1: must not be negative"):
-        FitConfig(measurer_patience=-1).validate()
+    with pytest.raises(UserInputError, match="measurer.patience -1: must be at least 0"):
+        FitConfig(measurer={"patience": -1}).validate()
 
 
 def test_durations():
@@ -79,7 +81,7 @@ def test_measurer_learns_from_training_cells_only(disc_dataset, tmp_path, monkey
         return original(data_dir, split, *args, **kwargs)
 
     monkeypatch.setattr(reader, "make_dataset", spy)
-    summary = fit(disc_dataset, tmp_path / "run", FitConfig(steps=2, measurer_steps=30, batch_size=8,
+    summary = fit(disc_dataset, tmp_path / "run", FitConfig(steps=2, measurer={"steps": 30}, batch_size=8,
                                                             val_cells=64, grid_cells=0),
                   progress=False)
     # Every dataset that is trained on (repeated) is the training split; val only validates.
@@ -94,7 +96,7 @@ def test_measurer_learns_from_training_cells_only(disc_dataset, tmp_path, monkey
 
 def test_measurer_keeps_its_best_check_and_stops_when_it_no_longer_improves(disc_dataset, tmp_path,
                                                                             monkeypatch):
-    import cp2image_tf.training.film_trainer as film_trainer
+    import cp2image_tf.training.shared.measurer as measurer_module
 
     scores = iter([0.1, 0.3, 0.2, 0.25, 0.3])   # checks at steps 3, 6, 9, 12, 15
     seen = []
@@ -105,9 +107,9 @@ def test_measurer_keeps_its_best_check_and_stops_when_it_no_longer_improves(disc
         return {"fraction_r_0.7": fraction, "median_r": 0.5, "modules": {},
                 "r": [0.5] * len(names), "cells": len(crops)}
 
-    monkeypatch.setattr(film_trainer, "measurer_report", scripted)
+    monkeypatch.setattr(measurer_module, "measurer_report", scripted)
     run = tmp_path / "run"
-    config = FitConfig(steps=1, measurer_steps=100, measurer_check_every=3, measurer_patience=3,
+    config = FitConfig(steps=1, measurer={"steps": 100, "check_every": 3, "patience": 3},
                        batch_size=8, val_cells=16, grid_cells=0)
     summary = fit(disc_dataset, run, config, progress=False)
     report = json.loads((run / "measurer.json").read_text())
@@ -130,7 +132,7 @@ def test_measurer_keeps_its_best_check_and_stops_when_it_no_longer_improves(disc
 def test_time_limit_stops_cleanly_and_resume_continues_the_budget(disc_dataset, tmp_path):
     run = tmp_path / "run"
     config = dict(batch_size=8, log_every=1, validate_every=1000, checkpoint_every=1000,
-                  val_cells=32, grid_cells=0, steps=100000, judge_rounds=0)
+                  val_cells=32, grid_cells=0, steps=100000, judge={"rounds": 0})
     first = fit(disc_dataset, run, FitConfig(time_limit=20, **config), progress=False)
     assert first["stopped_by"] == "time limit" and 0 < first["steps"] < 100000
     assert 20 <= first["seconds"] < 60 and first["images_per_s"] > 0
@@ -147,7 +149,7 @@ def test_time_limit_stops_cleanly_and_resume_continues_the_budget(disc_dataset, 
     more = fit(disc_dataset, run, FitConfig(time_limit=limit, **config), progress=False)
     assert more["start_step"] == first["steps"] < more["steps"]
     assert more["seconds"] >= limit and more["total_steps"] == first["total_steps"]
-    from cp2image_tf.training.train import make_trainer
+    from cp2image_tf.training.trainer import make_trainer
     import tensorflow as tf
     from tfrecords_tools.manifest import load_manifest
 
@@ -168,8 +170,8 @@ def test_film_learns_discs(disc_dataset, tmp_path):
     assert {"pixel", "consistency", "adversarial", "critic", "w_consistency"} <= set(history.columns)
     # Every loss is in use within the run: the ramps are fractions of --steps.
     last = history.dropna(subset=["w_adversarial"]).iloc[-1]
-    assert last["w_consistency"] == FitConfig(model="film").consistency_weight
-    assert last["w_adversarial"] == FitConfig(model="film").adversarial_weight
+    assert last["w_consistency"] == FitConfig(model="film").film.consistency_weight
+    assert last["w_adversarial"] == FitConfig(model="film").film.adversarial_weight
     assert json.loads((run / "config.json").read_text())["model"] == "film"
     # best/ follows the latest validation, not the lowest pixel MSE.
     assert json.loads((run / "best" / "best.json").read_text())["step"] == 120
@@ -183,7 +185,7 @@ def test_both_models_export_and_serve(disc_dataset, tmp_path, model):
 
     run = tmp_path / "run"
     fit(disc_dataset, run, FitConfig(model=model, steps=2, batch_size=8, val_cells=16,
-                                     grid_cells=0, measurer_steps=2), progress=False)
+                                     grid_cells=0, measurer={"steps": 2}), progress=False)
     summary = export(run, tmp_path / "models", checkpoint="latest")
     decoder, manifest, config, _ = load_run(run, "latest")
     assert config.model == model

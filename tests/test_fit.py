@@ -48,11 +48,12 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 from cp2image_tf.training.config import FitConfig
-from cp2image_tf.training.published import PublishedTrainer as Trainer
+from cp2image_tf.training.published.trainer import PublishedTrainer as Trainer
 from tfrecords_tools.manifest import load_manifest
 
 manifest = load_manifest(sys.argv[1])
-config = FitConfig(model="published", batch_size=8, perceptual_delay=1, perceptual_slope=1)
+config = FitConfig(model="published", batch_size=8,
+                   published={"perceptual_delay": 1, "perceptual_slope": 1})
 rng = np.random.default_rng(0)
 F = manifest["features"]["count"]
 features = rng.normal(size=(3, 8, F)).astype("float32")
@@ -197,11 +198,12 @@ def test_bad_input_is_one_clear_line(disc_dataset, tmp_path, monkeypatch):
 def test_noise_input_trains_and_generates_several_cells(disc_dataset):
     import tensorflow as tf
 
-    from cp2image_tf.training.published import PublishedTrainer as Trainer
+    from cp2image_tf.training.published.trainer import PublishedTrainer as Trainer
     from tfrecords_tools.manifest import load_manifest
 
     manifest = load_manifest(disc_dataset)
-    trainer = Trainer(manifest, FitConfig(model="published", batch_size=4, noise_dim=3, jit_compile=False),
+    trainer = Trainer(manifest, FitConfig(model="published", batch_size=4, noise_dim=3,
+                                          published={"jit_compile": False}),
                       tf.distribute.get_strategy())
     rng = np.random.default_rng(0)
     features = rng.normal(size=(2, 4, manifest["features"]["count"])).astype("float32")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cp2image_tf.training.config import FitConfig
-from cp2image_tf.training.judge import (calibration_slopes, change_agreement, judge_labels,
+from cp2image_tf.training.shared.judge import (calibration_slopes, change_agreement, judge_labels,
                                          judged_reliability)
 from cp2image_tf.training.train import fit
 from tfrecords_tools.errors import UserInputError
@@ -51,12 +51,16 @@ def test_change_agreement_counts_features_the_measurer_follows():
 
 
 def test_judge_rounds_are_for_the_exemplar_model():
+    from cp2image_tf.training.run_folder import config_from_dict
+
     with pytest.raises(UserInputError, match="judge_rounds 2: .* --model film"):
-        FitConfig(model="film", judge_rounds=2).validate()
+        config_from_dict({"model": "film", "judge_rounds": 2})
     with pytest.raises(UserInputError, match="at least 8 cells"):
-        FitConfig(judge_rounds=1, judge_cells=4).validate()
-    with pytest.raises(UserInputError, match="judge_every at least 1"):
-        FitConfig(judge_every=0).validate()
+        FitConfig(judge={"rounds": 1, "cells": 4}).validate()
+    with pytest.raises(UserInputError, match="judge.every 0: must be at least 1"):
+        FitConfig(judge={"every": 0}).validate()
+    # The film model has no judge section: its rounds are none.
+    assert "judge" not in FitConfig(model="film").to_dict()
     # On by default for the exemplar model, off for the others.
     assert FitConfig().judge_rounds == 3 and FitConfig(model="film").judge_rounds == 0
     FitConfig(model="published").validate()
@@ -69,7 +73,7 @@ def _planning_judge(planned_steps: int):
 
     import tensorflow as tf
 
-    from cp2image_tf.training.judge import JudgeRounds
+    from cp2image_tf.training.shared.judge import JudgeRounds
 
     judge = object.__new__(JudgeRounds)
     judge.config = FitConfig()
@@ -101,7 +105,7 @@ def test_a_run_does_one_round_per_judge_every_planned_steps_sized_to_the_steps_b
 
 def test_after_a_round_the_rounds_to_come_are_spaced_over_the_steps_the_time_left_allows(
         monkeypatch):
-    from cp2image_tf.training import judge as judge_module
+    from cp2image_tf.training.shared import judge as judge_module
 
     judge = _planning_judge(4000)
     now = [100.0]
@@ -122,8 +126,9 @@ def test_after_a_round_the_rounds_to_come_are_spaced_over_the_steps_the_time_lef
 
 def test_a_judge_round_measures_edits_and_trains_the_measurer_once(disc_dataset, tmp_path):
     run = tmp_path / "run"
-    config = FitConfig(model="exemplar", steps=6, batch_size=8, measurer_steps=4, val_cells=16,
-                       grid_cells=0, judge_rounds=1, judge_every=3, judge_cells=32, judge_steps=3,
+    config = FitConfig(model="exemplar", steps=6, batch_size=8, measurer={"steps": 4},
+                       val_cells=16, grid_cells=0,
+                       judge={"rounds": 1, "every": 3, "cells": 32, "steps": 3},
                        checkpoint_every=3, validate_every=3)
     summary = fit(disc_dataset, run, config, progress=False)
     rounds = json.loads((run / "judge.json").read_text())
@@ -143,8 +148,8 @@ def test_under_a_time_limit_the_rounds_still_to_come_are_spaced_over_the_time_le
         disc_dataset, tmp_path):
     run = tmp_path / "run"
     config = FitConfig(model="exemplar", steps=100000, time_limit=40, batch_size=8,
-                       val_cells=16, grid_cells=0, judge_rounds=2, judge_every=10,
-                       judge_cells=48, judge_steps=20,
+                       val_cells=16, grid_cells=0,
+                       judge={"rounds": 2, "every": 10, "cells": 48, "steps": 20},
                        checkpoint_every=1000, validate_every=1000)
     summary = fit(disc_dataset, run, config, progress=False)
     rounds = summary["judge"]

@@ -175,3 +175,35 @@ def test_a_wrong_import_is_caught(tmp_path, module, source, expected):
 def test_a_cycle_is_caught():
     graph = {"a": [("b", 1)], "b": [("c", 1)], "c": [("a", 1)], "d": [("a", 1)]}
     assert cycles(graph) == [["a", "b", "c", "a"]]
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(root: Path = ROOT, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Every function (or method) of cp2image_tf/, tfrecords_tools/ and cli/ longer than
+    `limit` lines from its `def` to its end, docstring included (a Click command's option
+    decorators are not its body): "path:line name (N lines)"."""
+    found = []
+    for package in ("cp2image_tf", "tfrecords_tools", "cli"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > limit:
+                        found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} "
+                                     f"({lines} lines)")
+    return found
+
+
+def test_no_library_function_is_over_80_lines():
+    assert not long_functions(), "\n".join(long_functions())
+
+
+def test_a_long_function_is_caught(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(81))
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "cli" / "long.py").write_text(f"def f():\n{body}\n")
+    for package in ("cp2image_tf", "tfrecords_tools"):
+        (tmp_path / package).mkdir()
+    assert long_functions(tmp_path) == ["cli/long.py:1 f (82 lines)"]

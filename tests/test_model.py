@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cp2image_tf.training.losses import discriminator_loss, feature_loss, perceptual_weights, pixel_loss
-from cp2image_tf.training.model import (NearestResize, SubsetBatchNormalization, build_decoder,
+from cp2image_tf.training.published.losses import discriminator_loss, feature_loss, perceptual_weights, pixel_loss
+from cp2image_tf.training.published.networks import (NearestResize, SubsetBatchNormalization, build_decoder,
                                build_discriminator, conv_kernels, decoder_sizes, training_decoder)
 
 

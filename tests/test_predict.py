@@ -20,7 +20,7 @@ from fake_serving import ServedModels, grpc_server, rest_server
 
 from cp2image_tf.serving import remote as serving_client
 from cp2image_tf.serving.export import serving_module
-from cp2image_tf.training.model import build_decoder
+from cp2image_tf.training.published.networks import build_decoder
 from cp2image_tf.serving.remote import RemoteModel
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import load_manifest

@@ -54,7 +54,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(disc_dataset, tmp_path, m
     from click.testing import CliRunner
 
     from cli.main import main
-    from cp2image_tf.training.published import PublishedTrainer
+    from cp2image_tf.training.published.trainer import PublishedTrainer
 
     make_step = PublishedTrainer.train_step_fn
 
@@ -148,7 +148,7 @@ def test_fewer_steps_than_done_leave_the_run_as_it_was_and_unbalanced_batches_wa
 
 def test_a_run_continues_on_new_data_only_when_told(disc_dataset, disc_run, tmp_path):
     from tfrecords_tools.errors import UserInputError
-    from cp2image_tf.training.train import check_run_dir
+    from cp2image_tf.training.run_folder import check_run_dir
 
     run = tmp_path / "run"
     shutil.copytree(disc_run, run)

@@ -3,7 +3,7 @@ CellProfiler's measurements give that view (checked with cp-measure itself)."""
 import numpy as np
 import pytest
 
-from cp2image_tf.training.symmetry import random_views, texture_direction, view_maps
+from cp2image_tf.training.shared.symmetry import random_views, texture_direction, view_maps
 
 NAMES = [f"Cells_Texture_Contrast_DNA_3_0{d}_256" for d in range(4)] + [
     "Cells_AreaShape_Orientation", "Cells_Intensity_MeanIntensity_DNA",

@@ -39,21 +39,6 @@ WARMUP_BATCHES = (1, 8, 64)
 DESCRIBE_KEYS = ("model", "manifest")
 
 
-def run_config(run_dir):
-    """The FitConfig a run folder was trained with. A key its config.json does not have yet
-    takes the value that meant when it was written: runs from before the film model
-    trained the published one; the exemplar model's network keys, train.EXEMPLAR_KEYS_BEFORE."""
-    from cp2image_tf.training.config import FitConfig
-    from cp2image_tf.training.train import EXEMPLAR_KEYS_BEFORE
-
-    path = Path(run_dir) / "config.json"
-    saved = json.loads(path.read_text())
-    before = {} if "model" in saved else {"model": "published"}
-    if saved.get("model") == "exemplar":
-        before.update({k: v for k, v in EXEMPLAR_KEYS_BEFORE.items() if k not in saved})
-    return FitConfig.from_file(path, **before)
-
-
 def load_run(run_dir, checkpoint: str = "best"):
     """(decoder with restored weights, manifest, FitConfig, checkpoint info) of a run folder."""
     import tensorflow as tf
@@ -71,7 +56,9 @@ def load_run(run_dir, checkpoint: str = "best"):
                              "(no config.json and manifest.json).")
     if checkpoint not in ("best", "latest"):
         raise UserInputError(f"--checkpoint {checkpoint}: choose best or latest.")
-    config = run_config(run_dir)
+    from cp2image_tf.training.run_folder import saved_config
+
+    config = saved_config(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     folder = run_dir / ("best" if checkpoint == "best" else "checkpoints")
     path = tf.train.latest_checkpoint(str(folder))
@@ -120,36 +107,62 @@ def serving_module(decoder, manifest: dict, normalization: str, noise_dim: int =
                    info: dict | None = None, scaling: str = "dataset"):
     """The decoder wrapped with its preprocessing in a tf.Module: the SavedModel's root object.
 
-    Its tf.functions `serve`, `generate_png` and `describe` are the signatures; generation
-    from a run folder calls the same functions, so both paths compute the same graph.
+    Its tf.functions `serve`, `generate_png` and `describe` (and the exemplar model's `edit`)
+    are the signatures; generation from a run folder calls the same functions, so both paths
+    compute the same graph.
     """
     import tensorflow as tf
 
-    from cp2image_tf.serving.folded import make_folded
     from cp2image_tf.viz import channel_colours
     from tfrecords_tools.reader import feature_normalizer
 
-    n_features = manifest["features"]["count"]
     median, center, scale = feature_normalizer(manifest, normalization)
-    colours = channel_colours(manifest["channels"])
-    description = model_description(manifest, normalization, scaling, info)
-    describe_values = [json.dumps(description), json.dumps(manifest)]
-
     module = tf.Module(name="cp2image")
     # Constants as non-trainable variables: visible in the checkpoint, not baked into graphs.
     module.median = tf.Variable(median, trainable=False, name="median")
     module.center = tf.Variable(center, trainable=False, name="center")
     module.scale = tf.Variable(scale, trainable=False, name="scale")
-    module.colours = tf.Variable(colours, trainable=False, name="colours")
-    features_spec = tf.TensorSpec([None, n_features], tf.float32, name="features")
+    module.colours = tf.Variable(channel_colours(manifest["channels"]), trainable=False,
+                                 name="colours")
+    description = model_description(manifest, normalization, scaling, info)
+    functions = add_signatures(module, decoder, manifest["features"]["count"], noise_dim,
+                               [json.dumps(description), json.dumps(manifest)])
+    # Track the tf.Variables the traced functions read, not the Keras objects that wrap
+    # them: TF1-style loaders (TensorFlow Serving, saved_model_cli run) restore only
+    # variables that the object graph holds as tf.Variables.
+    used = {}
+    for fn in functions:
+        for variable in fn.get_concrete_function().variables:
+            used.setdefault(id(variable), variable)
+    module.used_variables = list(used.values())
+    return module
+
+
+def normaliser(module):
+    """normalise(raw features): NaN and inf replaced by the training medians, then
+    normalised with the training statistics (module.median, .center, .scale)."""
+    import tensorflow as tf
 
     def normalise(features):
         filled = tf.where(tf.math.is_finite(features), features, module.median)
         return (filled - module.center) / module.scale
 
-    exemplar = any(layer.name == "exemplars" for layer in decoder.layers)
-    # The exemplar model is served through its folded graph (folded.py): the same image in
-    # fewer ops, which is most of its batch-1 time on a CPU.
+    return normalise
+
+
+def add_signatures(module, decoder, n_features: int, noise_dim: int, describe_values) -> list:
+    """module.serve, .generate_png, .describe and .edit (None but for the exemplar model);
+    the list of the functions that draw."""
+    import tensorflow as tf
+
+    from cp2image_tf.training.exemplar.bank import is_exemplar_decoder
+    from cp2image_tf.training.exemplar.folded import make_folded
+
+    features_spec = tf.TensorSpec([None, n_features], tf.float32, name="features")
+    normalise = normaliser(module)
+    exemplar = is_exemplar_decoder(decoder)
+    # The exemplar model is served through its folded graph (training/exemplar/folded.py):
+    # the same image in fewer ops, which is most of its batch-1 time on a CPU.
     module.folded = make_folded(decoder) if exemplar else None
 
     def images(features):
@@ -172,17 +185,8 @@ def serving_module(decoder, manifest: dict, normalization: str, noise_dim: int =
         png = tf.map_fn(tf.io.encode_png, rgb, fn_output_signature=tf.string)
         return {"png_bytes": png}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="key")])
-    def describe(key):
-        keys = tf.constant(DESCRIBE_KEYS)
-        values = tf.constant(describe_values)
-        match = tf.equal(key[:, None], keys[None, :])
-        found = tf.reduce_any(match, axis=1)
-        value = tf.gather(values, tf.argmax(tf.cast(match, tf.int32), axis=1))
-        return {"value": tf.where(found, value, tf.fill(tf.shape(key), ""))}
-
-    module.serve, module.generate_png, module.describe = serve, generate_png, describe
-    functions = [serve, generate_png]
+    module.serve, module.generate_png = serve, generate_png
+    module.describe = describe_fn(describe_values)
     module.edit = None
     if exemplar:
         @tf.function(input_signature=[features_spec, tf.TensorSpec([None, n_features], tf.float32,
@@ -193,16 +197,23 @@ def serving_module(decoder, manifest: dict, normalization: str, noise_dim: int =
             return {"images": module.folded.draw(normalise(features), normalise(like))}
 
         module.edit = edit
-        functions.append(edit)
-    # Track the tf.Variables the traced functions read, not the Keras objects that wrap
-    # them: TF1-style loaders (TensorFlow Serving, saved_model_cli run) restore only
-    # variables that the object graph holds as tf.Variables.
-    used = {}
-    for fn in functions:
-        for variable in fn.get_concrete_function().variables:
-            used.setdefault(id(variable), variable)
-    module.used_variables = list(used.values())
-    return module
+    return [serve, generate_png] + ([module.edit] if exemplar else [])
+
+
+def describe_fn(describe_values):
+    """The `describe` signature: key string [B] -> value string [B] (DESCRIBE_KEYS)."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="key")])
+    def describe(key):
+        keys = tf.constant(DESCRIBE_KEYS)
+        values = tf.constant(describe_values)
+        match = tf.equal(key[:, None], keys[None, :])
+        found = tf.reduce_any(match, axis=1)
+        value = tf.gather(values, tf.argmax(tf.cast(match, tf.int32), axis=1))
+        return {"value": tf.where(found, value, tf.fill(tf.shape(key), ""))}
+
+    return describe
 
 
 def next_version(model_base: Path) -> int:

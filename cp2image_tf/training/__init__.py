@@ -1,3 +1,4 @@
-"""training: the FitConfig, the networks (film: the default; model: the published CP2Image
-ones), their trainers (film_trainer, published, losses), the tf.distribute strategy and the
-training loop (train.fit)."""
+"""training: the FitConfig (config), the loop (train.fit) over the trainer interface (trainer),
+the run folder (run_folder), validation, the tf.distribute strategy, and one subpackage per
+model: exemplar (the default), film (a baseline) and published, with what the exemplar and
+film models share in shared."""

@@ -1,21 +1,28 @@
 """FitConfig: everything that decides a training run; saved as config.json in the run folder.
 
-Settings left at None take the chosen model's default (MODEL_DEFAULTS): the
-published model keeps the paper's batch, learning rates and schedule; the film
-model has its own.
+The run's settings (model, steps or time limit, batch, seed, strategy, checkpoints,
+validation) are top-level; each model has a section of its own settings with their defaults
+(ExemplarSettings, FilmSettings, PublishedSettings), and so do the exemplar model's measurer
+and judge rounds (MeasurerSettings, JudgeSettings). As JSON:
+
+    {"model": "exemplar", "time_limit": "30m", "exemplar": {"bank": 8192}, "judge": {"rounds": 3}}
+
+A config file, sectioned or flat as written before the sections (one key per setting, e.g.
+"exemplars", "judge_rounds"), is read by run_folder.read_config (upgrade_config moves flat keys
+into their sections).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from tfrecords_tools.errors import UserInputError
-
-
 from tfrecords_tools.reader import NORMALIZATIONS, SCALINGS
 
 MODELS = ("exemplar", "film", "published")
@@ -23,19 +30,7 @@ MODELS = ("exemplar", "film", "published")
 MIN_CROP_SIZE = 32
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 STRATIFY = ("auto", "yes", "no")
-MODEL_DEFAULTS = {
-    "published": {"batch_size": 104, "decoder_lr": 0.01, "discriminator_lr": 0.001, "filters": 32,
-                  "jit_compile": True, "judge_rounds": 0},
-    # XLA was slower than plain graphs for the film step on a 2-core CPU (bench_train.py).
-    "film": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
-             "jit_compile": False, "pixel_weight": 100.0, "anchor_weight": 0.0, "log_view": False,
-             "reliability_weighted": False, "measurer_views": False, "judge_rounds": 0},
-    # The exemplar model edits a real cell: no pixel loss to the paired crop (exemplar.py).
-    "exemplar": {"batch_size": 32, "decoder_lr": 1e-3, "discriminator_lr": 2e-4, "filters": 16,
-                 "jit_compile": False, "pixel_weight": 0.0, "anchor_weight": 0.1,
-                 "log_view": True, "reliability_weighted": True, "measurer_views": True,
-                 "judge_rounds": 3},
-}
+SECTIONS = ("exemplar", "film", "published", "measurer", "judge")
 
 
 def parse_duration(text) -> float | None:
@@ -49,199 +44,222 @@ def parse_duration(text) -> float | None:
 
 
 @dataclass
-class FitConfig:
-    # Which network: exemplar (the default; exemplar.py), film (film.py) or published
-    # (model.py, as in the paper).
-    model: str = "exemplar"
-    # Steps and batches (published: batch 104, one cell per treatment, up to 680,000 steps).
-    # With time_limit (seconds), training stops at whichever comes first.
-    steps: int = 20000
-    time_limit: float | None = None
-    batch_size: int | None = None
-    stratify: str = "auto"  # auto: treatment-balanced batches when the data has treatments
-    scaling: str = "dataset"  # crop scaling, see tfrecords_tools.reader
-    normalization: str = "standard"
-    # Model.
-    filters: int | None = None
-    noise_dim: int = 0
-    # Published optimisation (decoder_lr and discriminator_lr: the model's default when None).
-    decoder_lr: float | None = None
-    decoder_beta1: float = 0.9
-    decoder_beta2: float = 0.999
-    decoder_epsilon: float = 1e-7
-    discriminator_lr: float | None = None
-    discriminator_momentum: float = 0.9
-    weight_decay: float = 1e-4  # kernels multiplied by (1 - weight_decay) after every step
-    perceptual_delay: float = 2500.0  # feature term k starts at delay * (k + 1)
-    perceptual_slope: float = 2500.0  # and reaches full weight `slope` steps later
-    # The film model's losses and schedule (fractions of the decoder's run; see film_trainer.py).
-    # The measurer trains first, for measurer_steps (default 4 x steps: a measurer step costs
-    # about a sixteenth of a decoder step), or for measurer_share of --time-limit.
-    measurer_steps: int | None = None
-    measurer_share: float = 0.2
-    measurer_lr: float = 1e-3
-    # The measurer learns from the eight turns and mirror images of each crop (symmetry.py);
-    # None: the model's default.
-    measurer_views: bool | None = None
-    # Every measurer_check_every steps its validation r is taken; the best weights are kept
-    # and the phase ends after measurer_patience checks without a better one (0: never early).
-    measurer_check_every: int = 500
-    measurer_patience: int = 4
-    # Judge rounds (judge.py): one per judge_every decoder steps of the run's plan, at most
-    # judge_rounds (None: the model's default; 0: none). In a round training profiles are
-    # drawn as training draws them (as many as decoder steps between rounds, at least 64, at
-    # most judge_cells), measured with cp-measure, and the measurer trains on what
-    # cp-measure saw them change (judge_steps steps for judge_cells cells, fewer in
-    # proportion; learning rate judge_lr). Exemplar model only.
-    judge_rounds: int | None = None
-    judge_every: int = 400
-    judge_cells: int = 768
-    judge_steps: int = 500
-    judge_lr: float = 3e-4
-    # After each round the consistency trusts a feature as far as the larger of the measurer's
-    # r on real crops and its r on the round's held-out edits' changes (judge.judged_reliability):
-    # a feature it reads poorly on real cells but follows on edits is one it can teach.
-    judge_reliability: bool = True
-    pixel_weight: float | None = None
-    # The exemplar model: training cells kept in the model (fewer for large crops, see
-    # exemplar.BANK_BYTES), how many nearest ones training picks from, the L1 weight that
-    # keeps an edit close to its exemplar, and whether the measurer's reading must move from
-    # the exemplar's by the profile's difference (relative) or equal the profile.
-    exemplars: int = 8192
-    exemplar_top_k: int = 16
+class ExemplarSettings:
+    """The exemplar model (exemplar/): the nearest training cell, edited towards the profile.
+    Why each default: docs/design/exemplar.md."""
+
+    BATCH_SIZE: ClassVar[int] = 32
+    filters: int = 16
+    decoder_lr: float = 1e-3
+    critic_lr: float = 2e-4
+    jit_compile: bool = False  # plain graphs ran the step faster than XLA on a CPU
+    # Training cells kept in the model (fewer for large crops, exemplar.bank.BANK_BYTES), and
+    # how many nearest ones training picks from.
+    bank: int = 8192
+    top_k: int = 16
     # The bank offers its cells turned and mirrored too, each with its profile as the view
-    # has it (texture directions permuted; exemplar.ExemplarBank).
-    exemplar_views: bool = True
-    # The lookup (training's picks and serving's) counts each shape feature (AreaShape but
-    # Zernike: size, elongation, form) this many times in its distance: the exemplar's shape
-    # is what an edit changes least, and where an edit must change it, it draws strokes
-    # (benchmarks/bench_edits.py). The one-view bank (exemplar_views false) counts every
-    # feature once: set 1 with it.
-    exemplar_shape_weight: float = 4.0
-    # The editor first warps its exemplar about the crop's centre (a symmetric linear map the
-    # embedding sets, exemplar.WarpCrop): the cell can grow, shrink and stretch, which the
-    # pixel correction alone cannot.
-    exemplar_warp: bool = True
-    anchor_weight: float | None = None
+    # has it (exemplar.bank.ExemplarBank).
+    views: bool = True
+    # The lookup counts each shape feature (AreaShape but Zernike) this many times in its
+    # distance. The one-view bank counts every feature once: set 1 with views false.
+    shape_weight: float = 4.0
+    # The editor first warps its exemplar about the crop's centre (exemplar.networks.WarpCrop).
+    warp: bool = True
+    # The L1 weight that keeps an edit close to its exemplar.
+    anchor_weight: float = 0.1
+    # The measurer's reading must move from the exemplar's by the profile's difference
+    # (true) or equal the profile.
     relative_consistency: bool = True
-    # The identity share: this fraction of each batch edits the cell itself towards its own
-    # profile, and identity_weight x mean |logit correction| asks for no edit there (an
-    # edit with nothing to change should change nothing; film_trainer.py).
+    # This share of each batch edits the cell itself towards its own profile, where
+    # identity_weight x mean |logit correction| asks for no edit.
     identity_share: float = 0.25
     identity_weight: float = 3.0
-    # The consistency term weights each feature by the measurer's validation r^2 (mean 1):
-    # what it cannot read, it cannot teach (film_trainer.FilmTrainer.set_reliability).
-    # None: the model's default.
-    reliability_weighted: bool | None = None
-    # Measurer and critic also see log intensities (film.LogView); None: the model's default.
-    log_view: bool | None = None
-    # The pixel loss compares pixel_pool x pixel_pool averages: layout, size and brightness,
-    # not the detail that the features leave open (see film_trainer.py).
-    pixel_pool: int = 1
-    # The measurer sees crops shifted by up to measurer_jitter px (a new shift every step), in
-    # its own training and when it scores generated crops: a pattern tuned to one pixel grid
-    # cannot fool it.
-    measurer_jitter: int = 0
-    pixel_noise: bool = False  # per-pixel noise inputs at full resolution (film.PixelNoise)
+    # The consistency term weights each feature by the measurer's validation r^2.
+    reliability_weighted: bool = True
+    # Measurer and critic also see log intensities (shared.layers.LogView); the measurer
+    # learns from the eight turns and mirror images of each crop (shared.symmetry).
+    log_view: bool = True
+    measurer_views: bool = True
+    # The loss weights, ramped in over fractions of the decoder's run (shared.critic_trainer).
     consistency_weight: float = 1.0
     consistency_ramp: float = 0.1
     adversarial_weight: float = 0.05
     matching_weight: float = 1.0
     adversarial_ramp: tuple = (0.05, 0.25)
-    # Running.
+
+
+@dataclass
+class FilmSettings:
+    """The film decoder (film/), a documented baseline: docs/design/film.md."""
+
+    BATCH_SIZE: ClassVar[int] = 32
+    filters: int = 16
+    decoder_lr: float = 1e-3
+    critic_lr: float = 2e-4
+    jit_compile: bool = False
+    pixel_weight: float = 100.0  # the mean squared error to the paired crop
+    reliability_weighted: bool = False
+    log_view: bool = False
+    measurer_views: bool = False
+    consistency_weight: float = 1.0
+    consistency_ramp: float = 0.1
+    adversarial_weight: float = 0.05
+    matching_weight: float = 1.0
+    adversarial_ramp: tuple = (0.05, 0.25)
+
+
+@dataclass
+class PublishedSettings:
+    """The published CP2Image model (published/), as in the paper: docs/design/published.md."""
+
+    BATCH_SIZE: ClassVar[int] = 104  # one cell per treatment of the paper's data
+    filters: int = 32
+    decoder_lr: float = 0.01
+    decoder_beta1: float = 0.9
+    decoder_beta2: float = 0.999
+    decoder_epsilon: float = 1e-7
+    discriminator_lr: float = 0.001
+    discriminator_momentum: float = 0.9
+    weight_decay: float = 1e-4  # kernels multiplied by (1 - weight_decay) after every step
+    perceptual_delay: float = 2500.0  # feature term k starts at delay * (k + 1)
+    perceptual_slope: float = 2500.0  # and reaches full weight `slope` steps later
+    jit_compile: bool = True
+
+
+@dataclass
+class MeasurerSettings:
+    """The exemplar and film models' measurer, trained first (shared.measurer.train_measurer):
+    docs/design/measurer-and-judge.md."""
+
+    # None: 4 x the run's steps (a measurer step costs a fraction of a decoder step); under
+    # --time-limit, `share` of the limit.
+    steps: int | None = None
+    share: float = 0.2
+    lr: float = 1e-3
+    # Every check_every steps its validation r is taken; the best weights are kept and the
+    # phase ends after `patience` checks without a better one (0: never early).
+    check_every: int = 500
+    patience: int = 4
+
+
+@dataclass
+class JudgeSettings:
+    """The exemplar model's judge rounds (shared.judge): one per `every` decoder steps of the
+    run's plan, at most `rounds` (0: none); a round of `cells` cells trains the measurer
+    `steps` steps at `lr` (fewer in proportion for a smaller round). With `reliability` the
+    consistency then trusts a feature as far as the measurer follows the judge on it."""
+
+    rounds: int = 3
+    every: int = 400
+    cells: int = 768
+    steps: int = 500
+    lr: float = 3e-4
+    reliability: bool = True
+
+
+SECTION_TYPES = {"exemplar": ExemplarSettings, "film": FilmSettings,
+                 "published": PublishedSettings, "measurer": MeasurerSettings,
+                 "judge": JudgeSettings}
+
+
+@dataclass
+class FitConfig:
+    # Which network: exemplar (the default; exemplar/), film (film/) or published (published/).
+    model: str = "exemplar"
+    # Training stops at `steps` decoder steps or after time_limit seconds, whichever first.
+    steps: int = 20000
+    time_limit: float | None = None
+    # The global batch; None: the model's (its section's BATCH_SIZE: exemplar and film 32,
+    # published 104).
+    batch_size: int | None = None
+    seed: int = 0
+    stratify: str = "auto"  # auto: treatment-balanced batches when the data has treatments
+    scaling: str = "dataset"  # crop scaling, see tfrecords_tools.reader
+    normalization: str = "standard"
+    noise_dim: int = 0
+    mixed_precision: bool = False
     strategy: str = "auto"
     # multiworker: seconds to wait for every worker of TF_CONFIG to start before giving up.
     peer_timeout: float = 300.0
-    seed: int = 0
-    jit_compile: bool | None = None
-    mixed_precision: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validate_every: int = 500
     val_cells: int = 1024  # validation metrics on at most this many val cells
     log_every: int = 25
     grid_cells: int = 8
+    exemplar: ExemplarSettings = field(default_factory=ExemplarSettings)
+    film: FilmSettings = field(default_factory=FilmSettings)
+    published: PublishedSettings = field(default_factory=PublishedSettings)
+    measurer: MeasurerSettings = field(default_factory=MeasurerSettings)
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
 
     def __post_init__(self):
         self.time_limit = parse_duration(self.time_limit)
-        self.adversarial_ramp = tuple(self.adversarial_ramp)
-        for name, value in MODEL_DEFAULTS.get(self.model, {}).items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        if self.measurer_steps is None and isinstance(self.steps, int):
-            self.measurer_steps = 4 * self.steps
+        for name, kind in SECTION_TYPES.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, kind(**value))
+        for section in (self.exemplar, self.film):
+            section.adversarial_ramp = tuple(section.adversarial_ramp)
+        if self.batch_size is None and self.model in MODELS:
+            self.batch_size = self.section.BATCH_SIZE
+
+    @property
+    def section(self):
+        """The chosen model's settings: self.exemplar, self.film or self.published."""
+        return getattr(self, self.model)
+
+    @property
+    def measurer_steps(self) -> int:
+        """The measurer's steps: its own setting, or 4 x the run's steps."""
+        return 4 * self.steps if self.measurer.steps is None else self.measurer.steps
+
+    @property
+    def judge_rounds(self) -> int:
+        """The judge rounds of this run at most: the exemplar model's only."""
+        return self.judge.rounds if self.model == "exemplar" else 0
+
+    def sections_used(self) -> tuple[str, ...]:
+        """The sections the chosen model reads (the others are left out of config.json)."""
+        return {"exemplar": ("exemplar", "measurer", "judge"), "film": ("film", "measurer"),
+                "published": ("published",)}[self.model]
 
     def validate(self) -> None:
-        check_types(dataclasses.asdict(self), "FitConfig")
+        for name in SECTIONS:
+            check_types(dataclasses.asdict(getattr(self, name)), "FitConfig", name)
+        check_types({k: v for k, v in dataclasses.asdict(self).items() if k not in SECTIONS},
+                    "FitConfig")
         if self.model not in MODELS:
             raise UserInputError(f"--model {self.model}: choose one of {', '.join(MODELS)}.")
-        if self.time_limit is not None and self.time_limit <= 0:
-            raise UserInputError(f"--time-limit {self.time_limit}: must be positive.")
-        positive = ("steps", "batch_size", "filters", "checkpoint_every", "validate_every",
-                    "measurer_check_every",
-                    "log_every", "val_cells", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserInputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1.")
         choices = {"stratify": STRATIFY, "strategy": STRATEGIES,
                    "scaling": SCALINGS, "normalization": NORMALIZATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise UserInputError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one of "
-                                     f"{', '.join(allowed)}.")
-        if self.peer_timeout <= 0:
-            raise UserInputError(f"--peer-timeout {self.peer_timeout}: must be positive.")
-        if not 0.0 <= self.identity_share < 1.0:
-            raise UserInputError(f"identity_share {self.identity_share}: must be at least 0 and "
-                                 f"below 1 (the share of each batch that edits the cell itself).")
-        if (self.judge_rounds < 0 or self.judge_every < 1 or self.judge_cells < 8
-                or self.judge_steps < 0):
-            raise UserInputError(f"judge_rounds {self.judge_rounds}, judge_every "
-                                 f"{self.judge_every}, judge_cells {self.judge_cells}, "
-                                 f"judge_steps {self.judge_steps}: rounds and steps must not be "
-                                 "negative, judge_every at least 1 and a round needs at least "
-                                 "8 cells.")
-        if self.judge_rounds and self.model != "exemplar":
-            raise UserInputError(f"judge_rounds {self.judge_rounds}: judge rounds measure the "
-                                 f"exemplar model's edits; --model {self.model} makes none (set "
-                                 "judge_rounds to 0).")
-        if self.measurer_patience < 0:
-            raise UserInputError(f"measurer_patience {self.measurer_patience}: must not be negative "
-                                 "(0: the measurer trains its full steps).")
-        if self.noise_dim < 0 or self.grid_cells < 0:
-            raise UserInputError("--noise-dim and --grid-cells must not be negative.")
-        if self.exemplar_shape_weight <= 0:
-            raise UserInputError(f"exemplar_shape_weight {self.exemplar_shape_weight}: must be "
-                                 "positive.")
-        if self.exemplar_shape_weight != 1.0 and not self.exemplar_views:
-            raise UserInputError(f"exemplar_shape_weight {self.exemplar_shape_weight} with "
-                                 "exemplar_views false: the one-view bank counts every feature "
-                                 "once; set exemplar_shape_weight to 1 as well.")
+                raise UserInputError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose "
+                                     f"one of {', '.join(allowed)}.")
+        check_ranges(self)
+        if self.judge_rounds and self.judge.cells < 8:
+            raise UserInputError(f"judge.cells {self.judge.cells}: a judge round needs at least 8 "
+                                 "cells.")
+        if self.model == "exemplar" and self.exemplar.top_k > self.exemplar.bank:
+            raise UserInputError(f"exemplar.top_k {self.exemplar.top_k}: larger than the bank "
+                                 f"(exemplar.bank {self.exemplar.bank}); training picks one of "
+                                 "the top_k nearest bank cells. Give a top_k of at most the bank.")
+        ex = self.exemplar
+        if self.model == "exemplar" and ex.shape_weight != 1.0 and not ex.views:
+            raise UserInputError(f"exemplar.shape_weight {ex.shape_weight} with exemplar.views "
+                                 "false: the one-view bank counts every feature once; set "
+                                 "exemplar.shape_weight to 1 as well.")
+
+    def to_dict(self) -> dict:
+        """The run's settings and the sections its model reads, as config.json holds them."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in SECTIONS}
+        data.update({name: dataclasses.asdict(getattr(self, name))
+                     for name in self.sections_used()})
+        return data
 
     def to_json(self, path) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
-
-    @classmethod
-    def from_file(cls, path, **overrides) -> "FitConfig":
-        """A config from a JSON file, with non-None overrides (e.g. from the command line)."""
-        data = {}
-        if path is not None:
-            try:
-                data = json.loads(Path(path).read_text())
-            except FileNotFoundError:
-                raise UserInputError(f"{path}: config file not found.") from None
-            except json.JSONDecodeError as err:
-                raise UserInputError(f"{path}: not valid JSON ({err}).") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserInputError(f"{path}: unknown setting(s) {', '.join(unknown)}; "
-                                 f"known: {', '.join(sorted(known))}.")
-        check_types(data, path)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        config = cls(**data)
-        config.validate()
-        return config
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
 
 _KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"),
@@ -249,13 +267,19 @@ _KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number")
           "tuple": ((list, tuple), "a list")}
 
 
-def check_types(data: dict, source) -> None:
-    """Each setting of a FitConfig (from `source`, a file or the CLI) has its field's type:
-    a UserInputError naming the setting and the type it needs otherwise."""
-    hints = typing.get_type_hints(FitConfig)
+def check_types(data: dict, source, section: str | None = None) -> None:
+    """Each setting (of FitConfig, or of its `section`) from `source`, a file or the CLI, has
+    its field's type: a UserInputError naming the setting and the type it needs otherwise.
+    Names not of the class are left to the caller."""
+    kind = FitConfig if section is None else SECTION_TYPES[section]
+    if not isinstance(data, dict):
+        raise UserInputError(f"{source}: \"{section}\" is {json.dumps(data)}; it must be an "
+                             "object of settings.")
+    hints = typing.get_type_hints(kind)
     for name, value in data.items():
-        if name not in hints:
+        if name not in hints or name in SECTIONS and section is None:
             continue
+        label = name if section is None else f"{section}.{name}"
         kinds = [k.__name__ for k in typing.get_args(hints[name]) if k is not type(None)] \
             or [getattr(hints[name], "__name__", str(hints[name]))]
         optional = type(None) in typing.get_args(hints[name])
@@ -264,8 +288,75 @@ def check_types(data: dict, source) -> None:
         if name == "time_limit" and isinstance(value, str):
             continue  # "30m": parsed by parse_duration
         ok = any(isinstance(value, _KINDS[k][0]) and not (isinstance(value, bool) and k != "bool")
+                 and not (isinstance(value, float) and not math.isfinite(value))
                  for k in kinds if k in _KINDS)
         if not ok:
             need = " or ".join(_KINDS[k][1] for k in kinds if k in _KINDS)
-            raise UserInputError(f"{source}: \"{name}\" is {json.dumps(value)}; it must be {need}"
-                                 + (" or null" if optional else "") + ".")
+            raise UserInputError(f"{source}: \"{label}\" is {json.dumps(value)}; it must be "
+                                 f"{need}" + (" or null" if optional else "") + ".")
+
+
+# Each setting's allowed range: (lowest, highest, whether lowest is allowed, what it is).
+POSITIVE, AT_LEAST_1, NOT_NEGATIVE, FRACTION, SHARE = ((0, None, False), (1, None, True),
+                                                       (0, None, True), (0, 1, True),
+                                                       (0, 1, "below"))
+RANGES = {
+    None: {"steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "checkpoint_every": AT_LEAST_1,
+           "validate_every": AT_LEAST_1, "log_every": AT_LEAST_1, "val_cells": AT_LEAST_1,
+           "keep_checkpoints": AT_LEAST_1, "noise_dim": NOT_NEGATIVE,
+           "grid_cells": NOT_NEGATIVE, "peer_timeout": POSITIVE, "time_limit": POSITIVE},
+    "exemplar": {"filters": AT_LEAST_1, "decoder_lr": POSITIVE, "critic_lr": POSITIVE,
+                 "bank": AT_LEAST_1, "top_k": AT_LEAST_1, "shape_weight": POSITIVE,
+                 "anchor_weight": NOT_NEGATIVE, "identity_share": SHARE,
+                 "identity_weight": NOT_NEGATIVE, "consistency_weight": NOT_NEGATIVE,
+                 "consistency_ramp": FRACTION, "adversarial_weight": NOT_NEGATIVE,
+                 "matching_weight": NOT_NEGATIVE},
+    "film": {"filters": AT_LEAST_1, "decoder_lr": POSITIVE, "critic_lr": POSITIVE,
+             "pixel_weight": NOT_NEGATIVE, "consistency_weight": NOT_NEGATIVE,
+             "consistency_ramp": FRACTION, "adversarial_weight": NOT_NEGATIVE,
+             "matching_weight": NOT_NEGATIVE},
+    "published": {"filters": AT_LEAST_1, "decoder_lr": POSITIVE, "discriminator_lr": POSITIVE,
+                  "decoder_beta1": SHARE, "decoder_beta2": SHARE, "decoder_epsilon": POSITIVE,
+                  "discriminator_momentum": SHARE, "weight_decay": SHARE,
+                  "perceptual_delay": NOT_NEGATIVE, "perceptual_slope": POSITIVE},
+    "measurer": {"steps": AT_LEAST_1, "share": SHARE, "lr": POSITIVE, "check_every": AT_LEAST_1,
+                 "patience": NOT_NEGATIVE},
+    "judge": {"rounds": NOT_NEGATIVE, "every": AT_LEAST_1, "cells": AT_LEAST_1,
+              "steps": NOT_NEGATIVE, "lr": POSITIVE},
+}
+
+
+def range_error(label: str, value, bounds) -> str | None:
+    """Why `value` is outside `bounds` (RANGES), or None."""
+    low, high, closed = bounds
+    if value is None:
+        return None
+    if high is not None:
+        below = closed == "below"
+        if not (low <= value and (value < high if below else value <= high)):
+            return (f"{label} {value}: must be at least {low} and "
+                    + (f"below {high}." if below else f"at most {high}."))
+        return None
+    if value < low or (value == low and not closed):
+        return f"{label} {value}: must be " + (f"at least {low}." if closed else "positive.")
+    return None
+
+
+def check_ranges(config: FitConfig) -> None:
+    """Every setting the run uses within its range: a UserInputError naming the first that is
+    not (top-level ones as their --option)."""
+    for section, ranges in RANGES.items():
+        if section is not None and section not in config.sections_used():
+            continue
+        holder = config if section is None else getattr(config, section)
+        for name, bounds in ranges.items():
+            label = f"--{name.replace('_', '-')}" if section is None else f"{section}.{name}"
+            problem = range_error(label, getattr(holder, name), bounds)
+            if problem:
+                raise UserInputError(problem)
+    for section in ("exemplar", "film"):
+        ramp = getattr(config, section).adversarial_ramp
+        if section in config.sections_used() and not (
+                len(ramp) == 2 and 0 <= ramp[0] <= ramp[1] <= 1):
+            raise UserInputError(f"{section}.adversarial_ramp {list(ramp)}: give [start, end] "
+                                 "with 0 <= start <= end <= 1 (fractions of the run).")

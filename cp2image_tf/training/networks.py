@@ -1,5 +1,5 @@
-"""The decoder a FitConfig names: the film model (film.py, the default) or the published one
-(model.py), for a dataset's manifest."""
+"""The decoder a FitConfig names, for a dataset's manifest: the exemplar model's (the
+default; exemplar/), the film decoder (film/) or the published one (published/)."""
 from __future__ import annotations
 
 
@@ -7,46 +7,38 @@ def build_model_decoder(manifest: dict, config):
     """The decoder of a FitConfig's model for a dataset's manifest (features, crop, channels)."""
     crop = manifest["crop"]
     args = (manifest["features"]["count"], crop["height"], crop["channels"])
+    settings = config.section
     if config.model == "exemplar":
-        return build_exemplar(manifest, config)[0]
+        from cp2image_tf.training.exemplar.networks import build_exemplar_networks
+
+        return build_exemplar_networks(*args, noise_dim=config.noise_dim, width=settings.filters,
+                                       bank=settings.bank, top_k=settings.top_k,
+                                       seed=config.seed, views=settings.views,
+                                       warp=settings.warp,
+                                       training_cells=manifest["counts"]["splits"]["train"])[0]
     if config.model == "film":
-        from cp2image_tf.training.film import build_film_decoder
+        from cp2image_tf.training.film.networks import build_film_decoder
 
-        return build_film_decoder(*args, noise_dim=config.noise_dim, width=config.filters,
-                                  pixel_noise=config.pixel_noise)
-    from cp2image_tf.training.model import build_decoder
+        return build_film_decoder(*args, noise_dim=config.noise_dim, width=settings.filters)
+    from cp2image_tf.training.published.networks import build_decoder
 
-    return build_decoder(*args, noise_dim=config.noise_dim, filters=config.filters)
-
-
-def build_exemplar(manifest: dict, config):
-    """(decoder, editor) of the exemplar model (exemplar.py) for a dataset's manifest."""
-    from cp2image_tf.training.exemplar import build_exemplar_networks
-
-    crop = manifest["crop"]
-    return build_exemplar_networks(manifest["features"]["count"], crop["height"], crop["channels"],
-                                   noise_dim=config.noise_dim, width=config.filters,
-                                   bank=config.exemplars, top_k=config.exemplar_top_k,
-                                   seed=config.seed, views=config.exemplar_views,
-                                   warp=config.exemplar_warp,
-                                   training_cells=manifest["counts"]["splits"]["train"])
+    return build_decoder(*args, noise_dim=config.noise_dim, filters=settings.filters)
 
 
 def check_crop(manifest: dict, config, data_dir=None) -> None:
     """A UserInputError, before any work, when the dataset's crops are too small for the model:
-    the film model draws crops from 32 px, the published one from 48 px."""
+    the exemplar and film models draw crops from 32 px, the published one from 48 px."""
+    from cp2image_tf.training.config import MIN_CROP_SIZE
     from tfrecords_tools.errors import UserInputError
 
     size = manifest["crop"]["height"]
     if config.model in ("film", "exemplar"):
-        from cp2image_tf.training.film import MIN_CROP
-
-        if size >= MIN_CROP:
+        if size >= MIN_CROP_SIZE:
             return
-        advice = f"convert again with --crop-size {MIN_CROP} or more"
-        least = MIN_CROP
+        advice = f"convert again with --crop-size {MIN_CROP_SIZE} or more"
+        least = MIN_CROP_SIZE
     else:
-        from cp2image_tf.training.model import decoder_sizes
+        from cp2image_tf.training.published.networks import decoder_sizes
 
         try:
             decoder_sizes(size)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from cp2image_tf.training.config import FitConfig
 from cp2image_tf.training.state import counter
 from tfrecords_tools.errors import UserInputError
 
@@ -22,19 +21,21 @@ class PublishedTrainer:
     distributed step."""
 
     needs_real_batch = True
+    total_steps = None  # its schedule counts steps: nothing to plan under --time-limit
     best_by_pixel_mse = True  # best/ holds the checkpoint of lowest validation pixel MSE
     loss_names = ("pixel", *(f"feature{k + 1}" for k in range(N_FEATURE_LAYERS)), "decoder",
                   "discriminator")
     weight_names = tuple(f"weight{k + 1}" for k in range(N_FEATURE_LAYERS))
 
-    def __init__(self, manifest: dict, config: FitConfig, strategy):
+    def __init__(self, manifest: dict, config, strategy):
         import keras
         import tensorflow as tf
 
-        from cp2image_tf.training.model import (build_decoder, build_discriminator, conv_kernels,
+        from cp2image_tf.training.published.networks import (build_decoder, build_discriminator, conv_kernels,
                                        training_decoder)
 
         self.manifest, self.config, self.strategy = manifest, config, strategy
+        self.settings = settings = config.published
         crop = manifest["crop"]
         self.crop_shape = (crop["height"], crop["width"], crop["channels"])
         self.image_size = int(np.prod(self.crop_shape))
@@ -45,15 +46,15 @@ class PublishedTrainer:
                                  f"{strategy.num_replicas_in_sync} replicas.")
         with strategy.scope():
             self.decoder = build_decoder(self.n_features, crop["height"], crop["channels"],
-                                         noise_dim=config.noise_dim, filters=config.filters)
+                                         noise_dim=config.noise_dim, filters=settings.filters)
             self.decoder_raw = training_decoder(self.decoder)
             self.discriminator = build_discriminator(crop["height"], crop["channels"],
-                                                     filters=config.filters)
+                                                     filters=settings.filters)
             self.decoder_optimizer = keras.optimizers.Adam(
-                config.decoder_lr, beta_1=config.decoder_beta1, beta_2=config.decoder_beta2,
-                epsilon=config.decoder_epsilon, name="decoder_adam")
+                settings.decoder_lr, beta_1=settings.decoder_beta1, beta_2=settings.decoder_beta2,
+                epsilon=settings.decoder_epsilon, name="decoder_adam")
             self.discriminator_optimizer = keras.optimizers.SGD(
-                config.discriminator_lr, momentum=config.discriminator_momentum,
+                settings.discriminator_lr, momentum=settings.discriminator_momentum,
                 name="discriminator_sgd")
             if config.mixed_precision:
                 self.decoder_optimizer = keras.optimizers.LossScaleOptimizer(self.decoder_optimizer)
@@ -100,7 +101,7 @@ class PublishedTrainer:
 
             # XLA fuses the forward and backward passes on one device. With several replicas
             # the synchronised batch norm all-reduces, which a nested tf.function cannot do.
-            if self.config.jit_compile and self.strategy.num_replicas_in_sync == 1:
+            if self.settings.jit_compile and self.strategy.num_replicas_in_sync == 1:
                 self._compiled_gradients = tf.function(self.losses_and_gradients, jit_compile=True)
             else:
                 self._compiled_gradients = self.losses_and_gradients
@@ -110,7 +111,7 @@ class PublishedTrainer:
         """Forward both networks once; loss terms and both networks' gradients."""
         import tensorflow as tf
 
-        from cp2image_tf.training.losses import (discriminator_loss, feature_loss, perceptual_weights,
+        from cp2image_tf.training.published.losses import (discriminator_loss, feature_loss, perceptual_weights,
                                         pixel_loss)
 
         cfg = self.config
@@ -127,8 +128,8 @@ class PublishedTrainer:
             features_terms = [feature_loss(tf.cast(a[n:2 * n], tf.float32),
                                            tf.cast(a[2 * n:], tf.float32),
                                            self.image_size, self.global_batch) for a in activations]
-            weights = perceptual_weights(self.step, N_FEATURE_LAYERS, cfg.perceptual_delay,
-                                         cfg.perceptual_slope)
+            weights = perceptual_weights(self.step, N_FEATURE_LAYERS, self.settings.perceptual_delay,
+                                         self.settings.perceptual_slope)
             decoder_loss = pixel + tf.add_n([weights[k] * features_terms[k]
                                              for k in range(N_FEATURE_LAYERS)])
             disc_loss = discriminator_loss(logit[:n], logit[n:2 * n], self.global_batch)
@@ -154,7 +155,7 @@ class PublishedTrainer:
         if self._train_step is not None:
             return self._train_step
         strategy = self.strategy
-        decay = 1.0 - self.config.weight_decay
+        decay = 1.0 - self.settings.weight_decay
 
         @tf.function
         def step(target_iterator, real_iterator):
@@ -179,8 +180,14 @@ class PublishedTrainer:
 
     def schedule_weights(self, step: int) -> dict:
         """The perceptual terms' weights in force at a step, for logs."""
-        from cp2image_tf.training.losses import perceptual_weights
+        from cp2image_tf.training.published.losses import perceptual_weights
 
-        weights = perceptual_weights(step, N_FEATURE_LAYERS, self.config.perceptual_delay,
-                                     self.config.perceptual_slope).numpy()
+        weights = perceptual_weights(step, N_FEATURE_LAYERS, self.settings.perceptual_delay,
+                                     self.settings.perceptual_slope).numpy()
         return {f"weight{k + 1}": float(w) for k, w in enumerate(weights)}
+
+    def before_steps(self, run) -> None:
+        """Nothing before its steps (trainer.Trainer)."""
+
+    def judge_rounds(self, run):
+        return None

@@ -31,6 +31,8 @@ import math
 import keras
 from keras import layers, ops
 
+from cp2image_tf.training.shared.layers import condition_inputs
+
 BN_EPSILON = 1e-8
 BN_MOMENTUM = 0.9
 LEAK = 0.01
@@ -114,16 +116,6 @@ def decoder_sizes(crop_size: int) -> tuple[list[int], list[int]]:
     if resize1 < 5:
         raise ValueError(f"crop size {crop_size} is too small for the decoder (at least 48 px)")
     return [5, conv2, conv3, crop_size], [resize1, resize2, resize3]
-
-
-def condition_inputs(n_features: int, noise_dim: int = 0):
-    """The decoder's inputs (features, and noise when noise_dim) and the condition they make:
-    (the Keras input or list of inputs, the condition tensor)."""
-    features = keras.Input((n_features,), name="features")
-    if not noise_dim:
-        return features, features
-    noise = keras.Input((noise_dim,), name="noise")
-    return [features, noise], layers.Concatenate(name="condition")([features, noise])
 
 
 def build_decoder(n_features: int, crop_size: int = 68, channels: int = 3, noise_dim: int = 0,

@@ -2,9 +2,7 @@
 
 The measurer learns CellProfiler's features from real crops; the decoder's edits are not
 real crops, and over a run the decoder learns edits that the measurer reads as the asked
-profile and cp-measure does not (on the sample data a 30-minute run's drawn cells carried
-75% of the features at r >= 0.7 in the measurer's reading and 51% in cp-measure's; real
-crops 77% and 75%). A judge round asks cp-measure, the judge `evaluate` uses, what the
+profile and cp-measure does not (docs/design/measurer-and-judge.md). A judge round asks cp-measure, the judge `evaluate` uses, what the
 edits really changed, and teaches the measurer that:
 
 1. Training profiles are drawn as the decoder trains them (`size()` of them): each an edit of one
@@ -23,14 +21,13 @@ edits really changed, and teaches the measurer that:
    frozen again. A quarter of the edits is held out to report how far the measurer's
    reading of an edit's change follows the judge's, before and after (judge.json).
 
-A run does one round per `judge_every` decoder steps of its plan (--steps, or what
---time-limit is expected to allow), at most `judge_rounds`: n rounds at 1/(n+1), 2/(n+1),
-... of the run (under --time-limit the rounds still to come are re-spaced after each
+A run does one round per `judge.every` decoder steps of its plan (--steps, or what
+--time-limit is expected to allow), at most `judge.rounds` (FitConfig's judge section):
+n rounds at 1/(n+1), 2/(n+1), ... of the run (under --time-limit the rounds still to come are re-spaced after each
 round over the steps the time left allows). A round is sized to the decoder steps between
-rounds: as many cells as those steps (at least 64), at most `judge_cells`, and measurer
-steps in proportion (`judge_steps` for a round of `judge_cells`), so rounds take about the
-same share of any run (on this CPU about a tenth: one round of ~380 cells in five minutes,
-three of 768 in 30). The labelled edits are not kept between rounds or in checkpoints: a
+rounds: as many cells as those steps (at least 64), at most `judge.cells`, and measurer
+steps in proportion (`judge.steps` for a round of `judge.cells`), so rounds take about the
+same share of any run (docs/design/measurer-and-judge.md). The labelled edits are not kept between rounds or in checkpoints: a
 resumed run does the rounds it had not done (judge_done in the checkpoint), with the
 decoder it has then.
 """
@@ -41,7 +38,7 @@ import time
 
 import numpy as np
 
-from cp2image_tf.training.exemplar import FEATURE_CLIP
+from cp2image_tf.training.shared.measurer import FEATURE_CLIP, defined_r, read_features
 
 
 def calibration_slopes(table: np.ndarray, measured: np.ndarray, min_cells: int = 20):
@@ -117,8 +114,6 @@ def judged_reliability(real_r, read_change: np.ndarray, judged_change: np.ndarra
     """Per feature, how far the consistency can trust the measurer after a round: the larger
     of its validation r on real crops (`real_r`, None or NaN where undefined) and change_r of
     its reading of held-out edits' changes with the judge's."""
-    from cp2image_tf.training.film_trainer import defined_r
-
     edit_r, _ = change_r(read_change, judged_change, weights, min_cells)
     return np.fmax(defined_r(real_r), edit_r).tolist()
 
@@ -149,8 +144,8 @@ class JudgeRounds:
         return int(self.trainer.judge_total.numpy()) or int(self.trainer.total_steps.numpy())
 
     def planned(self) -> int:
-        """The rounds of this run: one per judge_every steps of its plan, at most judge_rounds."""
-        return min(self.config.judge_rounds, self.total() // self.config.judge_every)
+        """The rounds of this run: one per judge.every steps of its plan, at most judge.rounds."""
+        return min(self.config.judge.rounds, self.total() // self.config.judge.every)
 
     def due(self, step: int) -> bool:
         done, rounds = int(self.trainer.judge_done.numpy()), self.planned()
@@ -160,11 +155,11 @@ class JudgeRounds:
 
     def size(self) -> tuple[int, int]:
         """(cells, measurer steps) of the next round: as many cells as decoder steps between
-        rounds (at least 64), at most judge_cells; judge_steps for judge_cells cells."""
+        rounds (at least 64), at most judge.cells; judge.steps for judge.cells cells."""
         config = self.config
         spacing = self.total() // (max(1, self.planned()) + 1)
-        cells = min(config.judge_cells, max(64, spacing))
-        return cells, int(round(config.judge_steps * cells / config.judge_cells))
+        cells = min(config.judge.cells, max(64, spacing))
+        return cells, int(round(config.judge.steps * cells / config.judge.cells))
 
     def replan(self, total: int) -> None:
         """Space the rounds still to come over `total` decoder steps (the loss ramps keep the
@@ -203,24 +198,22 @@ class JudgeRounds:
         raw = feats * scale + center
         return np.clip(feats, -FEATURE_CLIP, FEATURE_CLIP).astype(np.float32), crops, raw
 
-    def run(self, step: int) -> dict:
+    def _judged_edits(self, round_index: int, count: int):
+        """`count` training profiles drawn as edits and measured with cp-measure with their
+        exemplars: (edits, exemplars, the exemplars' features, labels, weights, the measured
+        feature columns)."""
         import os
 
         import tensorflow as tf
 
         from cp2image_tf.measuring.remeasure import dataset_segmentation, remeasure
-        from cp2image_tf.training.film_trainer import read_features
 
-        trainer, config = self.trainer, self.config
-        start = time.perf_counter()
-        round_index = int(trainer.judge_done.numpy())
-        count, steps = self.size()
         features, crops, raw = self._cells(round_index, count)
         if self.segmentation is None:
             self.segmentation, _ = dataset_segmentation(self.manifest, crops[:1000],
-                                                        config.scaling, self.plan.objects,
+                                                        self.config.scaling, self.plan.objects,
                                                         raw[:1000])
-        drawn = [trainer.judge_edits(tf.constant(features[i:i + 64]))
+        drawn = [self.trainer.judge_edits(tf.constant(features[i:i + 64]))
                  for i in range(0, len(features), 64)]
         edits, exemplars, exemplar_features = (np.concatenate([np.asarray(d[k]) for d in drawn])
                                                for k in range(3))
@@ -231,6 +224,18 @@ class JudgeRounds:
         columns = [self.names.index(c) for c in measured.columns]
         values = measured.to_numpy(np.float64)
         labels, weights = judge_labels(exemplar_features, values[:n], values[n:], columns)
+        return edits, exemplars, exemplar_features, labels, weights, columns
+
+    def run(self, step: int) -> dict:
+        import tensorflow as tf
+
+        trainer, config = self.trainer, self.config
+        start = time.perf_counter()
+        round_index = int(trainer.judge_done.numpy())
+        count, steps = self.size()
+        edits, exemplars, exemplar_features, labels, weights, columns = self._judged_edits(
+            round_index, count)
+        n = len(edits)
         # The last quarter is held out: how far the measurer's reading of an edit's change
         # follows the judge's, before and after the round.
         held = np.arange(n - max(1, n // 4), n)
@@ -264,7 +269,7 @@ class JudgeRounds:
         # Reliability from the judge: a feature whose edits' changes the measurer reads as
         # cp-measure does (held-out edits) is one it can teach, whatever its real-crop r.
         real_r = getattr(trainer, "reliability_r", None)
-        if real_r is not None and config.judge_reliability:
+        if real_r is not None and config.judge.reliability:
             trainer.set_reliability(judged_reliability(real_r, read, judged, weights[held]),
                                     keep=False)
         trainer.judge_done.assign_add(1)

@@ -24,7 +24,7 @@ deployment tool chains do:
   (598 x 4,837 float32, 11.6 MB at a full bank of the sample's shape). The profiles are first
   compared in the bank's first PROJECTION principal axes, then the CANDIDATES nearest there
   are measured exactly in all features; the nearest of those is the cell drawn.
-- With the warp (FitConfig.exemplar_warp), the exemplar is warped by
+- With the warp (FitConfig's exemplar.warp), the exemplar is warped by
   tf.raw_ops.ImageProjectiveTransformV3, which samples as exemplar.WarpCrop does, in one op.
 - The decoder blocks convolve [x upsampled x2, skip]: the sum of the two parts' convolutions,
   the upsampled part's a stride-2 transposed convolution of x itself (upsampling_kernel), so
@@ -39,13 +39,15 @@ draws what the Keras decoder draws.
 from __future__ import annotations
 
 import numpy as np
+import tensorflow as tf
 
-# The lookup's prefilter (make_folded): principal axes kept, candidates measured exactly. For
-# every test cell of the sample data (326) and of BBBC013 (400), the exact nearest view-cell of
-# the training cells was among the 32 nearest in 64 axes (in 96 axes, among the 8 nearest),
-# and with the shape-weighted lookup every one of them draws as the exact lookup draws
-# (48 axes: 325 of 326). 64 axes rather than 96: the product with the projected bank is the
-# largest in the lookup; batch-1 serving 0.95x the time with 96.
+from cp2image_tf.training.exemplar.bank import FEATURE_CLIP
+from cp2image_tf.training.exemplar.networks import LOGIT_EPS, exemplar_parts, warp_transforms
+from cp2image_tf.training.shared.layers import LEAK
+from cp2image_tf.training.shared.symmetry import view_order
+
+# The lookup's prefilter (make_folded): principal axes kept, candidates measured exactly; how
+# these were chosen (every test cell drawn as the exact lookup draws it): docs/design/serving.md.
 PROJECTION = 64
 CANDIDATES = 32
 BLOCKS = ("enc1", "enc2", "enc3", "mid1", "mid2", "dec2", "dec1")
@@ -59,8 +61,8 @@ def _np(variable) -> np.ndarray:
 def fold_block(decoder, name: str):
     """(W' [3, 3, in, out], the scale's kernel and bias [E, c], [c], the shift's [E, c], [c],
     strides) of one conv-batch-norm-FiLM block, folded as the module docstring says."""
-    conv, bn = decoder.get_layer(name), decoder.get_layer(f"{name}_bn")
-    film = decoder.get_layer(f"{name}_film")
+    conv, bn, film = decoder.get_layer(name), decoder.get_layer(f"{name}_bn"), \
+        decoder.get_layer(f"{name}_film")
     if conv.use_bias or bn.center or bn.scale:
         raise ValueError(f"{name}: a block with a bias or batch-norm scale does not fold")
     inv = 1.0 / np.sqrt(_np(bn.moving_variance) + bn.epsilon)
@@ -86,43 +88,42 @@ def upsampling_kernel(kernel: np.ndarray) -> np.ndarray:
     return np.transpose(along(along(kernel, 0), 1), (0, 1, 3, 2))
 
 
-def make_folded(decoder):
-    """A tf.Module whose draw(z, like=None, noise=None) draws what the exemplar `decoder` draws
-    for standardised features z [B, F], edited from the bank cell nearest `like` (default z);
-    noise [B, N] (zeros if None) when the decoder takes noise."""
-    import tensorflow as tf
+def f32(value, name):
+    return tf.Variable(np.asarray(value, np.float32), trainable=False, name=name)
 
-    from cp2image_tf.training.exemplar import FEATURE_CLIP, LOGIT_EPS, has_warp, warp_transforms
-    from cp2image_tf.training.film import LEAK
-    from cp2image_tf.training.symmetry import view_order
 
-    bank = decoder.get_layer("exemplars")
-    embed1, embed2 = decoder.get_layer("embed1"), decoder.get_layer("embed2")
-    delta = decoder.get_layer("delta")
-    noise_dim = sum(int(i.shape[-1]) for i in decoder.inputs if i.name.startswith("noise"))
+def fold_embedding(module, parts, noise_dim: int) -> np.ndarray:
+    """The embedding's weights on `module`; returns Kd, the first layer's kernel of the
+    profile difference.
 
-    module = tf.Module(name="folded_exemplar")
-
-    def f32(value, name):
-        return tf.Variable(np.asarray(value, np.float32), trainable=False, name=name)
-
-    # The embedding's first layer reads [z, noise, clip(z) - the exemplar's profile p]:
-    # z Kz + noise Kn + (clip(z) - p) Kd = z (Kz + Kd) + noise Kn - p Kd, plus (clip(z) - z) Kd
-    # where z is clipped. p Kd is a row of a table of the bank's cells in each view (below).
-    kernel1 = _np(embed1.kernel)
-    kd = kernel1[bank.n_features + noise_dim:]
-    module.embed1_kernel = f32(kernel1[:bank.n_features] + kd, "embed1_kernel")
+    The embedding's first layer reads [z, noise, clip(z) - the exemplar's profile p]:
+    z Kz + noise Kn + (clip(z) - p) Kd = z (Kz + Kd) + noise Kn - p Kd, plus (clip(z) - z) Kd
+    where z is clipped. p Kd is a row of a table of the bank's cells in each view (fold_bank)."""
+    n_features = parts.bank.n_features
+    kernel1 = _np(parts.embed1.kernel)
+    kd = kernel1[n_features + noise_dim:]
+    module.embed1_kernel = f32(kernel1[:n_features] + kd, "embed1_kernel")
     module.embed1_clipped = f32(kd, "embed1_clipped")
-    module.embed1_noise = f32(kernel1[bank.n_features:bank.n_features + noise_dim],
-                              "embed1_noise")
-    module.embed1_bias = f32(_np(embed1.bias), "embed1_bias")
-    module.embed2_kernel = f32(_np(embed2.kernel), "embed2_kernel")
-    module.embed2_bias = f32(_np(embed2.bias), "embed2_bias")
+    module.embed1_noise = f32(kernel1[n_features:n_features + noise_dim], "embed1_noise")
+    module.embed1_bias = f32(_np(parts.embed1.bias), "embed1_bias")
+    module.embed2_kernel = f32(_np(parts.embed2.kernel), "embed2_kernel")
+    module.embed2_bias = f32(_np(parts.embed2.bias), "embed2_bias")
+    if parts.warp is not None:
+        module.warp_kernel = f32(_np(parts.warp.kernel), "warp_kernel")
+        module.warp_bias = f32(_np(parts.warp.bias), "warp_bias")
+    module.delta_kernel = f32(_np(parts.delta.kernel), "delta_kernel")
+    module.delta_bias = f32(_np(parts.delta.bias), "delta_bias")
+    return kd
+
+
+def fold_blocks(module, decoder):
+    """The U-Net's blocks folded (fold_block) onto `module`: (kernels, FiLM sizes, strides).
+    An upsampled block's kernel is (the upsampled input's kernel, as a transposed one where
+    the upsampled map is not cropped; the skip connection's kernel; whether it is)."""
     kernels, film_kernels, film_biases, sizes, strides = [], [], [], [], []
     for name in BLOCKS:
         kernel, ks, bs, kt, bt, stride = fold_block(decoder, name)
         if name in UPSAMPLED:
-            # (the upsampled input's kernel as a transposed one, the skip connection's kernel)
             below = decoder.get_layer(f"{name}_up").input.shape
             exact = tuple(decoder.get_layer(name).input.shape[1:3]) == (2 * below[1], 2 * below[2])
             up = kernel[:, :, :below[-1]]
@@ -137,15 +138,13 @@ def make_folded(decoder):
     module.kernels = [v for k in kernels for v in (k[:2] if isinstance(k, tuple) else (k,))]
     module.film_kernel = f32(np.concatenate(film_kernels, axis=1), "film_kernel")
     module.film_bias = f32(np.concatenate(film_biases), "film_bias")
-    warp = has_warp(decoder)
-    if warp:
-        module.warp_kernel = f32(_np(decoder.get_layer("warp").kernel), "warp_kernel")
-        module.warp_bias = f32(_np(decoder.get_layer("warp").bias), "warp_bias")
-    module.delta_kernel = f32(_np(delta.kernel), "delta_kernel")
-    module.delta_bias = f32(_np(delta.bias), "delta_bias")
-    views = bank.views
-    size, n_features = bank.size, bank.n_features
-    side, channels = bank.crop_size, bank.channels
+    return kernels, sizes, strides
+
+
+def fold_bank(module, bank, kd: np.ndarray) -> None:
+    """The bank's lookup tables on `module`: each view's pixel order, the prefilter's
+    projection, and every bank cell's profile (in each view) through Kd."""
+    views, size, n_features, side = bank.views, bank.size, bank.n_features, bank.crop_size
     if views > 1:
         # pixel_order[v] lists, for each pixel of view v, the crop's pixel it shows (row-major).
         grid = np.arange(side * side).reshape(side, side)
@@ -155,7 +154,6 @@ def make_folded(decoder):
             orders.append((turned[:, ::-1] if mirror else turned).reshape(-1))
         module.pixel_order = tf.Variable(np.stack(orders).astype(np.int32), trainable=False,
                                          name="pixel_order")
-
     # The lookup's prefilter: the bank projected on its first PROJECTION principal axes
     # (uncentred: they keep inner products), where the CANDIDATES nearest are found, then
     # measured exactly.
@@ -168,13 +166,20 @@ def make_folded(decoder):
         module.projected = f32((cells @ axes).T, "projected")
         # The bank's features cell-major too: candidates' rows gather contiguously.
         module.cells = f32(cells, "cells")
-    norms = bank.norms if views == 1 else bank.view_norms
     # Each bank cell's profile, as each view has it, through the embedding: row view x size +
     # cell (the index nearest() returns).
     sources = (np.asarray(bank.view_sources.numpy()) if views > 1
                else np.arange(n_features)[None, :])
     module.embed1_bank = f32(np.concatenate([cells[:, source] @ kd for source in sources]),
                              "embed1_bank")
+
+
+def lookup_fn(module, bank):
+    """lookup(f): (crop [B, H, W, C] of the bank cell nearest f as its view shows it, the
+    index of that view and cell), through the tables of fold_bank."""
+    views, size, n_features = bank.views, bank.size, bank.n_features
+    side, channels = bank.crop_size, bank.channels
+    norms = bank.norms if views == 1 else bank.view_norms
 
     def nearest(queries):
         """The index (view x size + cell) of the nearest bank cell to queries [B, views, F]."""
@@ -192,8 +197,6 @@ def make_folded(decoder):
         return tf.gather(candidates, best, batch_dims=1)
 
     def lookup(f):
-        """(crop [B, H, W, C] of the bank cell nearest f as its view shows it, the index of
-        that view and cell)."""
         if views == 1:
             cell = nearest(f[:, None, :])
             return tf.cast(tf.gather(bank.crops, cell), tf.float32), cell
@@ -207,49 +210,57 @@ def make_folded(decoder):
                            [-1, side, side, channels])
         return tf.cast(crops, tf.float32), index
 
-    def block(x, kernel, scale, shift, stride, one):
-        if one:
-            # One cell: its FiLM scale folded into the kernel, the shift a bias (a convolution
-            # with bias and activation: one fused op on oneDNN).
-            y = tf.nn.bias_add(tf.nn.conv2d(x, kernel * scale[0, 0, 0], stride, "SAME"),
-                               shift[0, 0, 0])
-        else:
-            y = tf.nn.conv2d(x, kernel, stride, "SAME") * scale + shift
-        return tf.nn.leaky_relu(y, LEAK)
+    return lookup
 
-    def up_block(x, skip, kernel, scale, shift, stride, one):
-        """A decoder block on [x upsampled x2, skip]: the convolution of the concatenation is
-        the sum of its two parts', and the upsampled part's is a stride-2 transposed
-        convolution of x (upsampling_kernel): 16 taps at a quarter of the pixels, not 9 at
-        all of them, and no upsampled map. When the upsampled map is cropped (an odd skip
-        size), the crop's edge is not zero padding of x: there x is upsampled as drawn."""
-        up, across, exact = kernel
-        if one:
-            up = up * (scale[0, 0, 0][:, None] if exact else scale[0, 0, 0])
-            across = across * scale[0, 0, 0]
-        h, w = skip.shape[1], skip.shape[2]
-        if exact:
-            size = tf.stack([tf.shape(x)[0], h, w, up.shape[2]])
-            y = tf.nn.conv2d_transpose(x, up, size, 2, "SAME")
-        else:
-            y = tf.image.resize(x, [2 * x.shape[1], 2 * x.shape[2]], method="nearest")
-            y = tf.nn.conv2d(y[:, :h, :w, :], up, 1, "SAME")
-        if one:
-            # conv + bias + add + activation: one fused op on oneDNN.
-            return tf.nn.leaky_relu(
-                tf.nn.bias_add(tf.nn.conv2d(skip, across, 1, "SAME"), shift[0, 0, 0]) + y, LEAK)
-        return tf.nn.leaky_relu((tf.nn.conv2d(skip, across, 1, "SAME") + y) * scale + shift, LEAK)
 
-    def convolutions(exemplar, films, one):
-        """The editor's U-Net: the correction's last feature map."""
-        k = iter(zip(kernels, films[0::2], films[1::2], strides))
-        s1 = block(exemplar, *next(k), one)
-        s2 = block(s1, *next(k), one)
-        x = block(s2, *next(k), one)
-        x = block(x, *next(k), one)
-        x = block(x, *next(k), one)
-        x = up_block(x, s2, *next(k), one)
-        return up_block(x, s1, *next(k), one)
+def block(x, kernel, scale, shift, stride, one):
+    if one:
+        # One cell: its FiLM scale folded into the kernel, the shift a bias (a convolution
+        # with bias and activation: one fused op on oneDNN).
+        y = tf.nn.bias_add(tf.nn.conv2d(x, kernel * scale[0, 0, 0], stride, "SAME"),
+                           shift[0, 0, 0])
+    else:
+        y = tf.nn.conv2d(x, kernel, stride, "SAME") * scale + shift
+    return tf.nn.leaky_relu(y, LEAK)
+
+def up_block(x, skip, kernel, scale, shift, stride, one):
+    """A decoder block on [x upsampled x2, skip]: the convolution of the concatenation is
+    the sum of its two parts', and the upsampled part's is a stride-2 transposed
+    convolution of x (upsampling_kernel): 16 taps at a quarter of the pixels, not 9 at
+    all of them, and no upsampled map. When the upsampled map is cropped (an odd skip
+    size), the crop's edge is not zero padding of x: there x is upsampled as drawn."""
+    up, across, exact = kernel
+    if one:
+        up = up * (scale[0, 0, 0][:, None] if exact else scale[0, 0, 0])
+        across = across * scale[0, 0, 0]
+    h, w = skip.shape[1], skip.shape[2]
+    if exact:
+        size = tf.stack([tf.shape(x)[0], h, w, up.shape[2]])
+        y = tf.nn.conv2d_transpose(x, up, size, 2, "SAME")
+    else:
+        y = tf.image.resize(x, [2 * x.shape[1], 2 * x.shape[2]], method="nearest")
+        y = tf.nn.conv2d(y[:, :h, :w, :], up, 1, "SAME")
+    if one:
+        # conv + bias + add + activation: one fused op on oneDNN.
+        return tf.nn.leaky_relu(
+            tf.nn.bias_add(tf.nn.conv2d(skip, across, 1, "SAME"), shift[0, 0, 0]) + y, LEAK)
+    return tf.nn.leaky_relu((tf.nn.conv2d(skip, across, 1, "SAME") + y) * scale + shift, LEAK)
+
+def convolutions(exemplar, films, one, kernels, strides):
+    """The editor's U-Net: the correction's last feature map."""
+    k = iter(zip(kernels, films[0::2], films[1::2], strides))
+    s1 = block(exemplar, *next(k), one)
+    s2 = block(s1, *next(k), one)
+    x = block(s2, *next(k), one)
+    x = block(x, *next(k), one)
+    x = block(x, *next(k), one)
+    x = up_block(x, s2, *next(k), one)
+    return up_block(x, s1, *next(k), one)
+
+
+def draw_fn(module, parts, lookup, kernels, sizes, strides, noise_dim: int):
+    """draw(z, like=None, noise=None): the folded decoder's image (make_folded)."""
+    side, warp = parts.bank.crop_size, parts.warp is not None
 
     def draw(z, like=None, noise=None):
         z = tf.cast(z, tf.float32)
@@ -275,13 +286,29 @@ def make_folded(decoder):
                 interpolation="BILINEAR", fill_mode="NEAREST")
         films = tf.split(tf.reshape(tf.matmul(e, module.film_kernel) + module.film_bias,
                                     [-1, 1, 1, sum(sizes)]), sizes, axis=3)
-        x = tf.cond(tf.shape(z)[0] == 1, lambda: convolutions(exemplar, films, True),
-                    lambda: convolutions(exemplar, films, False))
+        x = tf.cond(tf.shape(z)[0] == 1,
+                    lambda: convolutions(exemplar, films, True, kernels, strides),
+                    lambda: convolutions(exemplar, films, False, kernels, strides))
         d = tf.nn.bias_add(tf.nn.conv2d(x, module.delta_kernel, 1, "SAME"), module.delta_bias)
         floor = tf.reduce_min(exemplar, axis=[1, 2], keepdims=True)
         span = tf.maximum(1.0 - floor, LOGIT_EPS)
         u = tf.clip_by_value((exemplar - floor) / span, LOGIT_EPS, 1.0 - LOGIT_EPS)
         return floor + span * tf.sigmoid(tf.math.log(u / (1.0 - u)) + d)
 
-    module.draw = draw
+    return draw
+
+
+def make_folded(decoder):
+    """A tf.Module whose draw(z, like=None, noise=None) draws what the exemplar `decoder` draws
+    for standardised features z [B, F], edited from the bank cell nearest `like` (default z);
+    noise [B, N] (zeros if None) when the decoder takes noise. The one function serving
+    (serving/export.py) folds the exemplar model with."""
+    parts = exemplar_parts(decoder)
+    noise_dim = sum(int(i.shape[-1]) for i in decoder.inputs if i.name.startswith("noise"))
+    module = tf.Module(name="folded_exemplar")
+    kd = fold_embedding(module, parts, noise_dim)
+    kernels, sizes, strides = fold_blocks(module, decoder)
+    fold_bank(module, parts.bank, kd)
+    module.draw = draw_fn(module, parts, lookup_fn(module, parts.bank), kernels, sizes, strides,
+                          noise_dim)
     return module

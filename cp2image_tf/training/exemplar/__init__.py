@@ -1,0 +1,1 @@
+"""The exemplar model (the default): its bank, networks, trainer and folded serving graph."""

@@ -1,0 +1,1 @@
+"""The film decoder, a documented baseline (docs/design/film.md): networks and trainer."""
