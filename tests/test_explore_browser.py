@@ -1,6 +1,7 @@
 """explore in a real browser: headless Chromium (Debian's chromium and chromium-driver) opens
-the page against a tiny model, moves a slider and sees the cell redrawn, with no errors in
-the browser's console.
+the page against a tiny model, moves a slider and sees the cell redrawn (its pixels, not only
+an answered request), switches the slider to "this feature alone", and reads the moved
+feature re-measured on the drawn cell, with no errors in the browser's console.
 
 Without /usr/bin/chromium and /usr/bin/chromedriver the tests are skipped, except under
 `make test` (CP2IMAGE_REQUIRE_BROWSER=1), which installs them, and in CI (CI=true): there their
@@ -24,6 +25,7 @@ from cp2image_tf.serving.local import load_model
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 AREA = "Nuclei_AreaShape_Area"
+DNA = "Nuclei_Intensity_MeanIntensity_DNA"
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",
          "--window-size=1400,1000")
@@ -105,6 +107,17 @@ def hash_params(driver) -> dict:
     return dict(parse_qsl(driver.execute_script("return location.hash").lstrip("#")))
 
 
+def changed_share(a: np.ndarray, b: np.ndarray) -> float:
+    """The share of pixels whose colour differs by more than 2 grey levels in any channel."""
+    return float((np.abs(a - b).max(axis=-1) > 2).mean())
+
+
+def readout(driver, name: str) -> str:
+    return driver.execute_script(
+        "const el = document.querySelector(`.row[data-name='${arguments[0]}'] .remeasured`);"
+        "return el && !el.hidden ? el.textContent : '';", name)
+
+
 def console_errors(driver) -> list:
     return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -131,7 +144,8 @@ def test_moving_a_slider_redraws_the_cell(browser, url, tmp_path):
     assert 0.5 < offset <= explore.OFFSET_LIMIT
     assert browser.find_element(By.ID, "changed-count").text == "1"
     after = composite_src(browser)
-    assert np.abs(decode(after) - decode(before)).max() > 0
+    # The picture itself changed: a visible share of its pixels, not a rounding step.
+    assert changed_share(decode(after), decode(before)) > 0.02
     # What the page shows is the model's generate_png picture for the profile in the URL
     # (composited in the browser from 8-bit channels: within one grey level).
     query = browser.execute_script("return location.hash").lstrip("#")
@@ -184,3 +198,78 @@ def test_a_server_that_stops_answering_is_a_message_not_a_crash(browser, model):
     # The browser reports the refused connections; nothing else (no script errors).
     errors = console_errors(browser)
     assert errors and all("net::ERR_CONNECTION_REFUSED" in e["message"] for e in errors), errors
+
+
+def test_sliders_move_correlated_features_unless_alone(browser, url):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, url, f"#base=small&{AREA}=2")
+    mode = browser.find_element(By.ID, "mode").text
+    assert "with the features correlated with it" in mode
+    assert not browser.find_element(By.ID, "alone").is_selected()
+    assert DNA in browser.find_element(By.ID, "moved-with").text  # moved with it, and said
+    assert "1 correlated feature with it" in browser.find_element(By.ID, "caption").text
+    correlated = decode(composite_src(browser))
+    with urlopen(f"{url}/api/render?base=small&{AREA}=2") as answer:
+        assert b"moved_with" in answer.read()
+
+    browser.find_element(By.ID, "alone").click()
+    idle(browser, lambda d: hash_params(d).get("alone") == "1")
+    assert hash_params(browser) == {"base": "small", "alone": "1", AREA: "2"}
+    assert "moves its feature alone" in browser.find_element(By.ID, "mode").text
+    assert not browser.find_element(By.ID, "moved-with").is_displayed()
+    assert browser.find_element(By.ID, "caption").text.endswith("changed alone")
+    alone = decode(composite_src(browser))
+    # The DNA intensity no longer moves with the area: another picture.
+    assert changed_share(alone, correlated) > 0.01
+    # What the page shows is the API's picture of the same profile.
+    with urlopen(f"{url}/api/image.png?base=small&alone=1&{AREA}=2") as answer:
+        served = np.asarray(Image.open(io.BytesIO(answer.read())).convert("RGB")).astype(int)
+    assert np.abs(alone - served).max() <= 1
+    # Undo brings the correlated mode back, picture and all.
+    browser.find_element(By.ID, "undo").click()
+    idle(browser, lambda d: "alone" not in hash_params(d))
+    assert not browser.find_element(By.ID, "alone").is_selected()
+    assert np.abs(decode(composite_src(browser)) - correlated).max() <= 1
+    assert console_errors(browser) == []
+
+
+def test_the_moved_feature_is_re_measured_beside_its_slider(browser, url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_page(browser, url, "#base=small")
+    assert readout(browser, AREA) == ""  # nothing moved, nothing re-measured
+    slider = browser.find_element(By.CSS_SELECTOR, f'.row[data-name="{AREA}"] input[type=range]')
+    drag(browser, slider, 70)
+    WebDriverWait(browser, 120).until(lambda d: readout(d, AREA).startswith("re-measured "))
+    idle(browser)
+    text = readout(browser, AREA)
+    query = browser.execute_script("return location.hash").lstrip("#")
+    with urlopen(f"{url}/api/remeasure?{query}") as answer:
+        import json
+
+        [reading] = json.loads(answer.read())["features"]
+    assert reading["feature"] == AREA and reading["measured"] is not None
+    # The value shown is the API's, in the feature's units (4 significant digits), beside the
+    # asked one, with how much of the asked change the picture made.
+    shown = browser.execute_script("return arguments[0].toPrecision(4)", reading["measured"])
+    asked = browser.execute_script("return arguments[0].toPrecision(4)", reading["asked"])
+    assert f"re-measured {float(shown):g}" in text and f"asked {float(asked):g}" in text
+    assert "% of the change" in text
+    changed = browser.find_element(By.CSS_SELECTOR, f'#changed-list .remeasured[data-name="{AREA}"]')
+    assert changed.text == text
+    assert console_errors(browser) == []
+
+
+def test_without_data_the_page_says_what_the_readout_and_correlated_moves_need(browser, model):
+    from selenium.webdriver.common.by import By
+
+    with explore.BackgroundServer(explore.create_app(model)) as address:
+        open_page(browser, address, f"#{AREA}=1")
+        assert browser.find_element(By.ID, "alone").get_attribute("disabled") is not None
+        assert "needs the dataset" in browser.find_element(By.ID, "mode").text
+        note = browser.find_element(By.ID, "remeasure-note").text
+        assert note.startswith("No re-measured values:") and "--data DATA_DIR" in note
+        assert readout(browser, AREA) == ""
+        assert console_errors(browser) == []

@@ -466,7 +466,12 @@
       el.textContent = shown.text;
       el.title = shown.title;
       el.classList.toggle("pending", entry === "pending");
-      el.classList.toggle("weak", entry !== "pending" && (entry.measured === null || !!entry.note));
+      // Amber where the picture moved the feature less than half (or over twice) as far as
+      // asked, or the reading itself is weak.
+      const share = entry === "pending" || entry.measured === null || entry.asked === entry.base
+        ? 1 : (entry.measured - entry.base) / (entry.asked - entry.base);
+      el.classList.toggle("weak", entry !== "pending" &&
+        (entry.measured === null || !!entry.note || share < 0.5 || share > 2));
     }
   }
 
