@@ -8,7 +8,8 @@ from cli.common import call, checkpoint_option, start_tensorflow
 @click.argument("model_path", metavar="[MODEL]", required=False, type=click.Path())
 @click.option("--data", "data_dir", type=click.Path(), default=None,
               help="The converted dataset the model was trained on: treatment means, cells "
-                   "by id and the nearest real cells.")
+                   "by id, the nearest real cells, the features' correlations (sliders move "
+                   "correlated features together) and re-measuring drawn cells.")
 @click.option("--server", default=None,
               help="Use a model served by TensorFlow Serving instead of MODEL: its REST "
                    "address (http://host:8501), or host:8500 with --grpc.")
@@ -34,10 +35,14 @@ def explore(model_path, data_dir, server, model_name, use_grpc, model_version, h
     versions; or give --server URL --model-name NAME to use a model TensorFlow
     Serving serves. The page: pick a base profile (the median cell, a
     treatment's mean or a cell by id, with --data), move feature sliders in
-    training SDs and see the generated cell redrawn (composite and channels),
-    the nearest real cells, traversal strips and interpolation between
-    treatments; download the image (PNG, TIFF) and the profile (CSV); share
-    the URL, which holds the profile.
+    training SDs and see that cell redrawn (composite and channels). With
+    --data a slider moves its feature with the features correlated with it,
+    as traverse does ("this feature alone" on the page holds the others), and
+    beside each moved slider the page shows the value re-measured on the
+    drawn cell with cp-measure next to the one asked. Also: the nearest real
+    cells, traversal strips and interpolation between treatments; download
+    the image (PNG, TIFF) and the profile (CSV); share the URL, which holds
+    the profile.
     """
     from cp2image_tf import explore as lib
 
