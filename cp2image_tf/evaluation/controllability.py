@@ -68,7 +68,6 @@ def choose_features(ceiling_r: pd.Series, channels, limit: int | None = None,
     chosen as dicts (feature, object, kind, channel, ceiling_r), every (object, kind)'s best
     channel before any second channel, cut to `limit`; skipped: "<object> <kind>[ <channel>]"
     -> why not."""
-    ceiling_r = ceiling_r.dropna()
     objects = list(dict.fromkeys(object_and_measurement(f)[0] for f in ceiling_r.index))
     chosen, skipped = [], {}
     for obj in objects:
@@ -79,6 +78,11 @@ def choose_features(ceiling_r: pd.Series, channels, limit: int | None = None,
                 pool = _candidates(ceiling_r, obj, category, preferred, channel)
                 if pool.empty:
                     continue
+                if pool.isna().all():
+                    skipped[label] = (f"no ceiling r for {', '.join(pool.index[:3])}: its "
+                                      "re-measured real crops did not vary (or too few did)")
+                    continue
+                pool = pool.dropna()
                 best = next(f for f in pool.index if pool[f] >= pool.max() - NEAR_BEST)
                 if pool[best] < min_r:
                     skipped[label] = (f"its best candidate {best} re-measures at r "
