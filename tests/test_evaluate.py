@@ -82,6 +82,35 @@ def test_report_agrees_with_independent_computation(evaluated, disc_dataset):
     assert report["treatments"]["model"]["chance"] == 0.5
 
 
+def test_controllability_section(evaluated):
+    """The discs' size and brightness, traversed on test cells and re-measured: the section in
+    report.json, its tables in report.md, a strip per feature, the summary line."""
+    out = evaluated.out
+    section = json.loads((out / "report.json").read_text())["controllability"]
+    features = [entry["feature"] for entry in section["features"]]
+    assert features == ["Nuclei_AreaShape_Area", "Nuclei_Intensity_MeanIntensity_DNA"]
+    assert section["steps"] == 5 and section["span"] == 1.5
+    assert section["cells"] == min(8, evaluated.report["cells"])
+    for entry in section["features"]:
+        assert entry["ceiling_r"] > 0.95 and entry["real_slope"] > 0
+        for way in ("correlated", "alone", "lookup"):
+            assert np.array(entry[way]["asked"]).shape == (section["cells"], 5)
+            assert np.array(entry[way]["measured"]).shape == (section["cells"], 5)
+            assert entry[way]["gain"] is not None, (entry["feature"], way)
+        png = out / "controllability" / f"{entry['feature']}.png"
+        assert png.stat().st_size > 5000
+    for way in ("correlated", "alone", "lookup"):
+        gains = [entry[way]["gain"] for entry in section["features"]]
+        assert section["summary"][way]["gain"] == pytest.approx(np.median(gains))
+    assert set(section["modules"]) == {"AreaShape", "Intensity"}
+    assert section["timing"]["measured_crops"] > 0
+    assert evaluated.report["timing"]["controllability_seconds"] > 0
+    markdown = (out / "report.md").read_text()
+    assert "## Controllability" in markdown and "| correlated |" in markdown
+    assert "![Nuclei_AreaShape_Area](controllability/Nuclei_AreaShape_Area.png)" in markdown
+    assert markdown.index("## Controllability") < markdown.index("## Time")
+
+
 def test_outputs_are_written(evaluated):
     out = evaluated.out
     report = json.loads((out / "report.json").read_text())
@@ -122,7 +151,8 @@ def test_bad_input(evaluated, disc_run, disc_dataset, cp_folder, tmp_path):
                                              ".*it has: Metadata_MoA"):
         evaluate(model, disc_dataset, tmp_path / "a", moa_column="Metadata_Nope", progress=False)
 
-    # One treatment: no classifier can be trained; a clear error, and --no-classifier works.
+    # One treatment (one control plate): legitimate data, evaluated without the classifier, and
+    # the report says why; --no-classifier says it was asked for.
     from conftest import make_disc_folder
 
     one = tmp_path / "one"
@@ -130,13 +160,32 @@ def test_bad_input(evaluated, disc_run, disc_dataset, cp_folder, tmp_path):
                           out_dir=str(one / "data"), channels=["DNA", "Actin"],
                           objects=["Nuclei"], crop_size=48, split_by=["Metadata_Well"],
                           split=(0.5, 0.0, 0.5)), progress=False)
-    with pytest.raises(UserInputError, match="has 1 treatment.*large.*--no-classifier"):
-        evaluate(model, one / "data", tmp_path / "a", progress=False)
     report = evaluate(model, one / "data", one / "out", progress=False, workers=1,
-                      classifier=False, max_cells=10, reference_cells=30, train_cells=20)
+                      max_cells=10, reference_cells=30, train_cells=20, controllability_cells=0)
     assert report["classification"] == {}
+    assert report["classifier_left_out"].startswith("the training split has 1 treatment (large)")
     assert "treatment_accuracy" not in report["headline"]["all"]["methods"]["model"]
-    assert "No treatment classifier" in (one / "out" / "report.md").read_text()
+    assert report["modules"]["all"]["ceiling"]["fraction"] > 0  # the rest is evaluated
+    markdown = (one / "out" / "report.md").read_text()
+    assert "No treatment classifier: the training split has 1 treatment (large)" in markdown
+    assert report["controllability"]["why"] == "left out (--controllability-cells 0)"
+    assert "Not measured: left out (--controllability-cells 0)." in markdown
+    report = evaluate(model, one / "data", one / "asked", progress=False, workers=1,
+                      classifier=False, max_cells=10, reference_cells=30, train_cells=20,
+                      controllability_cells=0)
+    assert report["classification"] == {} and report["classifier_left_out"] == "--no-classifier"
+    assert "No treatment classifier (--no-classifier)." in (one / "asked" / "report.md").read_text()
+    result = CliRunner().invoke(main, ["evaluate", str(disc_run), str(one / "data"),
+                                       str(one / "cli"), "--max-cells", "10", "--reference-cells",
+                                       "30", "--train-cells", "20", "--controllability-cells",
+                                       "2", "--controllability-features", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "No treatment classifier: the training split has 1 treatment (large)" in result.output
+    section = json.loads((one / "cli" / "report.json").read_text())["controllability"]
+    assert section["cells"] == 2 and len(section["features"]) == 1
+    gain = section["summary"]["correlated"]["gain"]
+    assert f"Controllability (2 cells, 1 features): median gain {gain:.2f} with correlated" \
+        in result.output
 
     # A dataset whose only features are CalculateMath results: nothing cp-measure re-measures.
     cp = tmp_path / "math" / "cp"
