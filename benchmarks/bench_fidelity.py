@@ -6,7 +6,9 @@ For each model and budget: `fit --time-limit BUDGET`, `export`, then `evaluate` 
 split (--max-cells, --reference-cells, --train-cells, --moa-column Metadata_MoA); with --unseen
 also the unseen-treatment protocol (data converted with --split-by Metadata_Treatment). Prints
 one table per protocol: share of re-measured features at r >= 0.7 (all and per module),
-treatment and MoA accuracy, mean-profile r, KID, training images/s and minutes.
+treatment and MoA accuracy, mean-profile r, KID, the median controllability gain (correlated
+features moving too, and the feature alone; the lookup's on the nearest neighbour's row),
+training images/s and minutes.
 
     python benchmarks/bench_fidelity.py [--sample DIR] [--models exemplar,film,published]
         [--budgets 5m,30m] [--unseen] [--max-cells 300] [--out DIR]
@@ -80,11 +82,25 @@ def rows_of(result: dict, label: str) -> list[dict]:
         row.update({"treatment acc": figures.get("treatment_accuracy"),
                     "MoA acc": figures.get("moa_accuracy"), "profile r": figures["profile_r"],
                     "KID": figures["kid"]})
+        row.update(gains_of(report.get("controllability") or {}, method))
         if method == "model":
             row.update({"img/s": result["images_per_s"], "steps": result["steps"],
                         "minutes": result["minutes"]})
         rows.append(row)
     return rows
+
+
+def gains_of(section: dict, method: str) -> dict:
+    """The controllability section's median gains: the model's, correlated and alone, on its
+    row; the lookup's (the nearest training cell at each step) on the nearest neighbour's."""
+    summary = section.get("summary")
+    if not summary:
+        return {}
+    if method == "model":
+        return {"gain corr": summary["correlated"]["gain"], "gain alone": summary["alone"]["gain"]}
+    if method == "nearest neighbour":
+        return {"gain corr": summary["lookup"]["gain"]}
+    return {}
 
 
 def print_table(title: str, rows: list[dict]) -> None:
