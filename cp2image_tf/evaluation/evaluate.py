@@ -27,12 +27,20 @@ For cells of one split (test by default, sampled evenly across treatments):
    telling the treatment (and, with moa_column, the mechanism) of each picture.
 5. Unseen treatments (data converted with --split-by on the treatment): every headline
    figure again for the treatments the training split lacks.
+6. Controllability (controllability.py): a few test cells moved along features chosen from
+   the data, with their correlated features and alone, drawn, re-measured the same way: does
+   the picture change as far as asked (gain), in order (Spearman), and leave unrelated
+   features be (specificity)? Beside it the lookup (the nearest training cell at each step).
+
+A training split with a single treatment (one control plate) is evaluated without the
+treatment classifier, and the report says so.
 
 Outputs in OUT_DIR: report.json (every figure), report.md (the headline table first),
 cells.png (real, generated, nearest neighbour and mean image per treatment),
 treatments/<treatment>.png (real, generated and nearest-neighbour cells side by side),
 modules.png (per-module agreement against the ceiling), scatter.png (input vs
-re-measured values of the best-reproduced features), features.csv (every feature's
+re-measured values of the best-reproduced features), controllability/<feature>.png (one
+traversal per feature, with the asked and re-measured values), features.csv (every feature's
 correlations) and remeasured.parquet (every re-measured feature of every picture).
 """
 from __future__ import annotations
