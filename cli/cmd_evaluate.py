@@ -99,8 +99,9 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
     control = report["controllability"]
     if control.get("cells"):
         summary = control["summary"]
-        click.echo(f"Controllability ({control['cells']} cells, {len(control['features'])} "
-                   f"features): median gain {fmt(summary['correlated']['gain'], 2)} with "
+        n = len(control["features"])
+        click.echo(f"Controllability ({control['cells']} cells, {n} feature{'s' * (n != 1)}): "
+                   f"median gain {fmt(summary['correlated']['gain'], 2)} with "
                    f"correlated features, {fmt(summary['alone']['gain'], 2)} alone; the lookup "
                    f"{fmt(summary['lookup']['gain'], 2)} (1: as a real cell would re-measure).")
     click.echo(f"{report['timing']['seconds_per_1000_cells'] / 60:.1f} min per 1,000 cells. "

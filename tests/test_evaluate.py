@@ -184,7 +184,7 @@ def test_bad_input(evaluated, disc_run, disc_dataset, cp_folder, tmp_path):
     section = json.loads((one / "cli" / "report.json").read_text())["controllability"]
     assert section["cells"] == 2 and len(section["features"]) == 1
     gain = section["summary"]["correlated"]["gain"]
-    assert f"Controllability (2 cells, 1 features): median gain {gain:.2f} with correlated" \
+    assert f"Controllability (2 cells, 1 feature): median gain {gain:.2f} with correlated" \
         in result.output
 
     # A dataset whose only features are CalculateMath results: nothing cp-measure re-measures.
