@@ -30,7 +30,7 @@ demo: $(STAMP)
 		--treatment-mean all --data $(DEMO_DIR)/tfrecords --overwrite
 	$(BIN)/cp2image-tf traverse $(DEMO_DIR)/models/cp2image $(DEMO_DIR)/traverse \
 		--feature Nuclei_AreaShape_Area --feature Cells_AreaShape_Area \
-		--feature Cells_Intensity_MeanIntensity_Actin --correlated --interpolate DMSO NucEnlarge \
+		--feature Cells_Intensity_MeanIntensity_Actin --interpolate DMSO NucEnlarge \
 		--data $(DEMO_DIR)/tfrecords --overwrite
 	$(BIN)/cp2image-tf evaluate $(DEMO_DIR)/models/cp2image $(DEMO_DIR)/tfrecords \
 		$(DEMO_DIR)/evaluate --max-cells 70 --reference-cells 1000 --train-cells 300 \
