@@ -104,7 +104,8 @@ def upgrade_config(data: dict, source="FitConfig", written_by_fit: bool = False)
                                  f"{', '.join(sorted(top | set(SECTIONS)))} (and in the sections: "
                                  + "; ".join(f"{s}: {', '.join(SECTION_TYPES[s].__dataclass_fields__)}"
                                              for s in SECTIONS) + ").")
-    if model != "exemplar" and sections.get("judge", {}).get("rounds") and "judge_rounds" in data:
+    if (model != "exemplar" and sections.get("judge", {}).get("rounds")
+            and "judge_rounds" in data and not written_by_fit):
         raise UserInputError(f"{source}: judge_rounds {data['judge_rounds']}: judge rounds measure "
                              f"the exemplar model's edits; --model {model} makes none (set "
                              "judge_rounds to 0).")

@@ -79,7 +79,7 @@ class WarpCrop(layers.Layer):
     but differentiable in the parameters (that op has no gradient for its transforms). Zero
     parameters give the crop back exactly: an edit can grow, shrink or stretch its exemplar's
     cell, which the pixel correction alone cannot (it draws strokes where a border should
-    move; benchmarks/bench_edits.py)."""
+    move; docs/design/exemplar.md)."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("dtype", "float32")

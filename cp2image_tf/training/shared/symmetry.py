@@ -9,9 +9,9 @@ in ways a permutation cannot say. So each of the eight turns and mirror images o
 training crop comes with the profile permuted for its texture directions and with those
 other features left out of the loss (a weight of 0).
 
-On the sample data (1,339 training cells) a measurer trained for two minutes on the eight
-views read 76% of the validation features at r >= 0.7, against 55% on the crops as they
-are (which over-fits: 57% after 30 seconds); only half-turns: 59%.
+A measurer trained on the eight views reads more of the validation features than one trained
+on the crops as they are, which over-fits, or on half-turns only
+(docs/design/measurer-and-judge.md).
 """
 from __future__ import annotations
 
