@@ -18,7 +18,7 @@ PACKAGES = ("cli", "cp2image_tf", "tfrecords_tools")
 
 # The cp2image_tf stages each stage may import besides itself.
 STAGE_MAY_IMPORT = {
-    # Judge rounds (training/judge.py) measure the decoder's edits with cp-measure.
+    # Judge rounds (training/shared/judge.py) measure the decoder's edits with cp-measure.
     "training": {"measuring"},
     "measuring": set(),
     "serving": {"training"},
