@@ -212,7 +212,7 @@ def test_treatment_means_and_traverse(disc_dataset, exported, tmp_path):
     assert abs(profiles["Nuclei_AreaShape_Area"][0] - large) < 0.05 * large
 
     result = traverse(model, tmp_path / "trav", ["areashape_area"], start=-1, stop=1, steps=3,
-                      interpolate=("small", "large"), data=disc_dataset)
+                      interpolate=("small", "large"), data=disc_dataset, alone=True)
     assert result["rows"] == ["Nuclei_AreaShape_Area", "small -> large"]
     values = pd.read_csv(tmp_path / "trav" / "traverse.csv")
     area = values["Nuclei_AreaShape_Area"][:3].to_numpy()
