@@ -77,6 +77,7 @@ def test_a_run_folder_with_a_flat_config_resumes_and_exports(disc_dataset, disc_
                 checkpoint_every=now.checkpoint_every, val_cells=now.val_cells,
                 grid_cells=now.grid_cells, measurer_steps=now.measurer_steps)
     (run / "config.json").write_text(json.dumps(flat, indent=1))
+    now.measurer.steps = now.measurer_steps  # the flat file names the measurer's steps
     assert saved_config(run) == now
     summary = export(run, tmp_path / "models")
     assert Path(summary["path"]).is_dir() and "edit" in summary["signatures"]
