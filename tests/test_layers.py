@@ -3,8 +3,8 @@ also the imports inside functions).
 
     cli -> cp2image_tf -> tfrecords_tools
     within cp2image_tf: training <- serving <- drawing <- evaluation / explore;
-                        measuring beside them (evaluation and training's judge rounds use
-                        it; it uses no other stage); viz and metrics below all.
+                        measuring beside them (evaluation, explore's readout and training's
+                        judge rounds use it; it uses no other stage); viz and metrics below all.
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ STAGE_MAY_IMPORT = {
     "serving": {"training"},
     "drawing": {"training", "serving"},
     "evaluation": {"training", "serving", "drawing", "measuring"},
-    "explore": {"training", "serving", "drawing"},
+    # explore's readout shows the drawn cell re-measured with cp-measure, as evaluate does
+    # (explore/readout.py): the same measurement, so the same stage.
+    "explore": {"training", "serving", "drawing", "measuring"},
 }
 # cp2image_tf's modules outside the stages, and the stages each may import. viz and metrics are
 # used by training (validation pictures and figures) as by evaluation, so they sit below all.
