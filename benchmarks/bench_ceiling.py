@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cp2image_tf import metrics  # noqa: E402
-from cp2image_tf.evaluation.evaluate import nearest_neighbours  # noqa: E402
+from cp2image_tf.evaluation.neighbours import nearest_neighbours  # noqa: E402
 from cp2image_tf.measuring.remeasure import (Segmentation, dataset_segmentation,  # noqa: E402
                                              plan_measurement, remeasure)
 from tfrecords_tools.manifest import load_manifest, measured_names, treatment_cells  # noqa: E402

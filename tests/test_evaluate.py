@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from scipy import stats
 
 from cli.main import main
-from cp2image_tf.evaluation.evaluate import evaluate, nearest_neighbours
+from cp2image_tf.evaluation.evaluate import evaluate
+from cp2image_tf.evaluation.neighbours import nearest_neighbours
 from tfrecords_tools.reader import stratified_quota
 from cp2image_tf.serving.local import load_model
 from tfrecords_tools.errors import UserInputError

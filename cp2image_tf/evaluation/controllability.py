@@ -361,7 +361,7 @@ def _draw(model, manifest, asked, origins, reference) -> tuple[np.ndarray, np.nd
     nearest training cell). The exemplar model draws each traversal as edits of the training
     cell nearest its cell's profile (`origins`: pinned); a profile asked twice (every way's
     step 0 SD) is drawn once."""
-    from cp2image_tf.evaluation.evaluate import nearest_neighbours
+    from cp2image_tf.evaluation.neighbours import nearest_neighbours
     from tfrecords_tools.reader import DEFAULT_NORMALIZATION
 
     n_features = asked.shape[-1]

@@ -1,5 +1,6 @@
 """evaluate: how much of a cell's CellProfiler profile survives generation. This module runs the
-steps; compare.py, classify.py, report.py and charts.py hold what each step computes or writes.
+steps; compare.py, classify.py, neighbours.py, report.py and charts.py hold what each step
+computes or writes.
 
 For cells of one split (test by default, sampled evenly across treatments):
 
@@ -51,7 +52,6 @@ import time
 
 import numpy as np
 import pandas as pd
-from sklearn.neighbors import NearestNeighbors
 
 from cp2image_tf import metrics
 from cp2image_tf.evaluation.charts import control_strips, draw_pictures
@@ -60,6 +60,7 @@ from cp2image_tf.evaluation.controllability import (DEFAULT_CELLS, DEFAULT_FEATU
                                                     controllability_section)
 from cp2image_tf.evaluation.compare import (MIN_CEILING, THRESHOLD, distribution_report, group_headline,
                                             split_half_profiles)
+from cp2image_tf.evaluation.neighbours import nearest_neighbours
 from cp2image_tf.evaluation.retrieval import add_to_headline, retrieval_report
 from cp2image_tf.evaluation.report import (module_report, pixel_report, report_markdown,
                                            write_json, write_remeasured)
@@ -69,8 +70,8 @@ from tfrecords_tools.atomic import OutputFolder
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import matching_manifest, measured_names, treatment_cells
 from tfrecords_tools.parts import check_options, client_for
-from tfrecords_tools.reader import (DEFAULT_NORMALIZATION, DEFAULT_SCALING, feature_normalizer,
-                                    sample_cells, stratified_quota)
+from tfrecords_tools.reader import (DEFAULT_NORMALIZATION, DEFAULT_SCALING, sample_cells,
+                                    stratified_quota)
 
 
 def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 1000,
@@ -138,17 +139,6 @@ def _sample(model, data, manifest, split, counts, max_cells, reference_cells, se
     ref_quota = stratified_quota(treatment_cells(manifest, "train"), reference_cells)
     reference = sample_cells(data, manifest, "train", ref_quota, scaling, seed + 1)
     return quota, cells, reference
-
-
-def nearest_neighbours(query_raw, reference_raw, manifest: dict, normalization: str) -> np.ndarray:
-    """Index of the reference cell whose normalised features are nearest each query cell."""
-    median, center, scale = feature_normalizer(manifest, normalization)
-
-    def normalise(raw):
-        return (np.where(np.isfinite(raw), raw, median) - center) / scale
-
-    index = NearestNeighbors(n_neighbors=1).fit(normalise(reference_raw))
-    return index.kneighbors(normalise(query_raw), return_distance=False)[:, 0]
 
 
 def _predict(model, manifest, cells, reference):
