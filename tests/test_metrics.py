@@ -34,7 +34,7 @@ def test_known_scaling_gives_expected_psnr():
 def test_ssim_is_tensorflows_and_the_training_loops(monkeypatch):
     import tensorflow as tf
 
-    from cp2image_tf.training.train import pixel_metrics as train_pixel_metrics
+    from cp2image_tf.training.validation import pixel_metrics as train_pixel_metrics
 
     monkeypatch.setattr(metrics, "SSIM_BATCH", 4)  # several batches, the last one short
     real = random_crops(n=10, size=9, seed=1)  # filter_size min(11, 9)

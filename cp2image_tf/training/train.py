@@ -28,8 +28,6 @@ from cp2image_tf.training.run_folder import (History, check_run_dir, check_steps
                                              read_json, restore_latest, resume_point)
 from cp2image_tf.training.trainer import Run, make_trainer
 from cp2image_tf.training.validation import Validator, validate_and_keep_best
-# Re-exported: callers compare the loop's pixel metrics with evaluate's.
-from cp2image_tf.training.validation import pixel_metrics  # noqa: F401
 from tfrecords_tools.manifest import load_manifest, treatment_cells
 from tfrecords_tools.shards import check_shards, named_read_errors
 
