@@ -171,3 +171,70 @@ def test_out_of_range_settings_stop_fit_before_anything_is_written(tmp_path):
 def test_the_settings_of_an_unused_section_are_not_checked():
     # A film run ignores the exemplar section (its defaults, or a flat film config's keys).
     assert config_from_dict({"model": "film", "exemplar": {"bank": 0}}).model == "film"
+
+
+def files_of(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def run_with_read_only(folders, commands, tmp_path):
+    """Run the CLI `commands` with `folders` unwritable: by their mode for a normal user; for
+    root, whom modes do not stop, as read-only bind mounts in a private mount namespace
+    (unshare), gone with the command. [(exit code, stderr)] per command."""
+    import os
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-c", "from cli.main import main; main()"]
+    root = Path(__file__).resolve().parent.parent
+    if os.geteuid() != 0:
+        for folder in folders:
+            folder.chmod(0o555)
+        try:
+            done = [subprocess.run(cli + list(map(str, args)), cwd=root, capture_output=True,
+                                   text=True) for args in commands]
+        finally:
+            for folder in folders:
+                folder.chmod(0o755)
+        return [(d.returncode, d.stderr) for d in done]
+    script = "".join(f'mount --bind "{f}" "{f}" && mount -o remount,bind,ro "{f}" "{f}" || exit 97\n'
+                     for f in folders)
+    for i, args in enumerate(commands):
+        quoted = " ".join(f"'{a}'" for a in cli[1:] + list(map(str, args)))
+        script += f'"{cli[0]}" {quoted} 2>"{tmp_path}/err{i}"; echo $? >"{tmp_path}/rc{i}"\n'
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=root, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, f"could not mount read-only: {done.stderr}"
+    return [(int((tmp_path / f"rc{i}").read_text()), (tmp_path / f"err{i}").read_text())
+            for i in range(len(commands))]
+
+
+def test_fit_into_a_folder_it_cannot_write_is_one_line_and_writes_nothing(disc_dataset, disc_run,
+                                                                          tmp_path):
+    run, parent = tmp_path / "run", tmp_path / "read_only"
+    shutil.copytree(disc_run, run)
+    parent.mkdir()
+    before = files_of(run)
+    steps = str(saved_config(run).steps + 2)
+    results = run_with_read_only(
+        [parent, run / "checkpoints"],
+        [["fit", disc_dataset, parent / "new_run", "--steps", "2", "--quiet"],
+         ["fit", disc_dataset, run, "--steps", steps, "--quiet"]], tmp_path)
+    for (code, stderr), folder in zip(results, [parent, run / "checkpoints"]):
+        errors = [line for line in stderr.splitlines() if line.startswith("Error")]
+        assert code != 0 and "Traceback" not in stderr, stderr
+        assert len(errors) == 1 and f"cannot write in {folder}" in errors[0], stderr
+        assert "writable" in errors[0]
+    assert list(parent.iterdir()) == []
+    assert files_of(run) == before  # the resume rewrote neither config.json nor history.csv
+
+
+def test_fit_under_a_file_is_one_line(disc_dataset, tmp_path):
+    from cli.main import main as cli
+
+    (tmp_path / "a_file").write_text("not a folder\n")
+    result = CliRunner().invoke(cli, ["fit", str(disc_dataset), str(tmp_path / "a_file" / "run"),
+                                      "--steps", "2", "--quiet"])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert f"{tmp_path / 'a_file'} is a file" in result.output

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from cp2image_tf.training.config import SECTION_TYPES, SECTIONS, FitConfig, check_types
@@ -203,6 +205,38 @@ def check_run_dir(run_dir: Path, manifest: dict, config, new_data: bool = False)
         if isinstance(old, dict):
             check_same_model(run_dir, upgrade_config(old, saved_config, written_by_fit=True),
                              config)
+
+
+# What fit writes into an existing run folder: the folders it adds files to and the files it
+# rewrites or appends to in place.
+WRITTEN_FOLDERS = (".", "checkpoints", "best", "logs", "samples")
+WRITTEN_FILES = ("config.json", "manifest.json", "history.csv", "best/best.json",
+                 "measurer.json", "judge.json")
+
+
+def check_writable(run_dir: Path) -> None:
+    """fit can write RUN_DIR: refused before anything is written when it cannot (a read-only
+    disk or folder, a file where a folder must be). A new RUN_DIR is made with its missing
+    parents, so its nearest existing parent must take a new entry."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError(f"{run_dir}: {existing} is a file, so RUN_DIR cannot be made under "
+                             "it. Give a RUN_DIR under a folder.")
+    folders = ([run_dir / name for name in WRITTEN_FOLDERS if (run_dir / name).is_dir()]
+               if existing == run_dir else [existing])
+    for folder in folders:
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as err:
+            raise UserInputError(f"{run_dir}: cannot write in {folder} ({err.strerror}). Make it "
+                                 "writable, or give a RUN_DIR on a writable disk.") from None
+    for name in WRITTEN_FILES:
+        path = run_dir / name
+        if path.is_file() and not os.access(path, os.W_OK):
+            raise UserInputError(f"{run_dir}: cannot write {path} (read-only). Make it "
+                                 "writable, or give a new RUN_DIR.")
 
 
 def check_same_data(run_dir: Path, saved_manifest: dict, manifest: dict, new_data: bool) -> None:

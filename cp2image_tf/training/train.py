@@ -25,7 +25,8 @@ import numpy as np
 
 from cp2image_tf.training.config import FitConfig
 from cp2image_tf.training.run_folder import (History, check_run_dir, check_steps_left,
-                                             read_json, restore_latest, resume_point)
+                                             check_writable, read_json, restore_latest,
+                                             resume_point)
 from cp2image_tf.training.trainer import Run, make_trainer
 from cp2image_tf.training.validation import Validator, validate_and_keep_best
 from tfrecords_tools.manifest import load_manifest, treatment_cells
@@ -185,6 +186,7 @@ def fit(data_dir, run_dir, config: FitConfig | None = None, progress: bool = Tru
     manifest = load_manifest(data_dir)
     run_dir = Path(run_dir)
     check_run_dir(run_dir, manifest, config, new_data)
+    check_writable(run_dir)
     from cp2image_tf.training.networks import check_crop
 
     check_crop(manifest, config, data_dir)
