@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cp2image_tf.serving.export import load_run, model_description, serving_module
+from cp2image_tf.tflog import without_harmless_lines
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.manifest import channel_label
 
@@ -113,7 +114,8 @@ def load_model(path, checkpoint: str = "best"):
     if saved is None:
         raise UserInputError(f"{path}: neither a run folder (config.json) nor a SavedModel "
                              "(saved_model.pb, or numbered versions holding one).")
-    loaded = tf.saved_model.load(str(saved))
+    with without_harmless_lines():  # the bank's float16 crops: TensorFlow's line (tflog)
+        loaded = tf.saved_model.load(str(saved))
     missing = {"serving_default", "generate_png", "describe"} - set(loaded.signatures)
     if missing:
         raise UserInputError(f"{saved}: a SavedModel without the signature(s) "

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from cp2image_tf.tflog import without_harmless_lines
 from cp2image_tf.training.shared.measurer import FEATURE_CLIP
 from cp2image_tf.training.shared.symmetry import view_maps, view_order
 
@@ -71,9 +72,12 @@ class ExemplarBank(layers.Layer):
                                         trainable=False, name="features")
         self.norms = self.add_weight(shape=(self.size,), initializer="zeros", trainable=False,
                                      name="norms")
-        self.crops = self.add_weight(shape=(self.size, self.crop_size, self.crop_size, self.channels),
-                                     initializer="zeros", trainable=False, dtype="float16",
-                                     name="crops")
+        # The process's first float16 operation: TensorFlow's harmless line about it kept
+        # from the user (tflog).
+        with without_harmless_lines():
+            self.crops = self.add_weight(
+                shape=(self.size, self.crop_size, self.crop_size, self.channels),
+                initializer="zeros", trainable=False, dtype="float16", name="crops")
         self.filled = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                       name="filled")
         if self.views > 1:

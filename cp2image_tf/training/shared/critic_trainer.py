@@ -11,8 +11,8 @@ Phase 2, decoder and critic update from the same forward pass every step:
                    reading of the generated crop and the input profile
                  + adversarial_weight(t) x hinge generator loss of the projection critic
                  + matching_weight(t) x mean |critic activations(generated) - (target)|
-                 + the model's own terms (model_terms: the exemplar model's anchor and
-                   identity terms; none for the film decoder)
+                 + the model's own terms (model_terms: the exemplar model's anchor,
+                   identity and geometry terms; none for the film decoder)
     critic loss  = hinge loss, the target crop with its own profile real, the generated
                    crop with the same profile fake.
 A subclass draws the training batch (draw_for_training) and adds its terms (model_terms).
@@ -31,14 +31,15 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from cp2image_tf.tflog import quiet_first_call
 from cp2image_tf.training.shared.critic import build_critic
 from cp2image_tf.training.shared.measurer import FEATURE_CLIP, build_measurer, defined_r
 from cp2image_tf.training.shared.symmetry import random_views, view_maps
 from cp2image_tf.training.state import counter
 from tfrecords_tools.errors import UserInputError
 
-LOSS_NAMES = ("pixel", "consistency", "adversarial", "matching", "anchor", "identity", "decoder",
-              "critic")
+LOSS_NAMES = ("pixel", "consistency", "adversarial", "matching", "anchor", "identity", "geometry",
+              "decoder", "critic")
 WEIGHT_NAMES = ("w_consistency", "w_adversarial", "w_matching")
 
 
@@ -274,8 +275,9 @@ class CriticTrainer:
             counter.assign_add(1)
             return losses
 
-        self._steps[key] = step
-        return step
+        # Its first call is where grappler prints its harmless remapper line (tflog).
+        self._steps[key] = quiet_first_call(step)
+        return self._steps[key]
 
     def measurer_step_fn(self):
         """A tf.function: (iterator) -> {"measurer": loss}; advances measurer_step."""
