@@ -74,6 +74,9 @@ class ExemplarSettings:
     # identity_weight x mean |logit correction| asks for no edit.
     identity_share: float = 0.25
     identity_weight: float = 3.0
+    # The size-and-shape reading (exemplar.geometry: soft masks at the dataset's segmentation
+    # thresholds) of each edit must move from its exemplar's as the profile asks.
+    geometry_weight: float = 1.0
     # The consistency term weights each feature by the measurer's validation r^2.
     reliability_weighted: bool = True
     # Measurer and critic also see log intensities (shared.layers.LogView); the measurer
@@ -308,7 +311,8 @@ RANGES = {
     "exemplar": {"filters": AT_LEAST_1, "decoder_lr": POSITIVE, "critic_lr": POSITIVE,
                  "bank": AT_LEAST_1, "top_k": AT_LEAST_1, "shape_weight": POSITIVE,
                  "anchor_weight": NOT_NEGATIVE, "identity_share": SHARE,
-                 "identity_weight": NOT_NEGATIVE, "consistency_weight": NOT_NEGATIVE,
+                 "identity_weight": NOT_NEGATIVE, "geometry_weight": NOT_NEGATIVE,
+                 "consistency_weight": NOT_NEGATIVE,
                  "consistency_ramp": FRACTION, "adversarial_weight": NOT_NEGATIVE,
                  "matching_weight": NOT_NEGATIVE},
     "film": {"filters": AT_LEAST_1, "decoder_lr": POSITIVE, "critic_lr": POSITIVE,

@@ -10,16 +10,23 @@ keeps the edit small and smooth, and in the identity share of each batch (the fi
 identity_share of its rows) the exemplar is the cell itself with its own profile:
     + identity_weight x mean |logit correction| there
 asks for no edit when there is nothing to change, and the critic does not count those rows
-as fakes. Why each term, with the runs that decided it: docs/design/exemplar.md.
+as fakes. Every edit's size and shape, read by a differentiable segmentation
+(geometry.py), must move from its exemplar's as the profile asks:
+    + geometry_weight x mean squared (the reading's change - the asked change), in SDs
+where the measurer alone is pleased by a nucleus dimmed instead of grown.
+Why each term, with the runs that decided it: docs/design/exemplar.md.
 
 Before its steps the bank is filled from the training split; the judge rounds
 (shared/judge.py) teach the measurer how cp-measure reads the edits.
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
+from cp2image_tf.tflog import quiet_first_call
 from cp2image_tf.training.exemplar.bank import bank_layer
+from cp2image_tf.training.exemplar.geometry import shape_readings
 from cp2image_tf.training.shared.critic_trainer import CriticTrainer
 from cp2image_tf.training.shared.measurer import FEATURE_CLIP
 from cp2image_tf.training.shared.symmetry import random_views
@@ -61,6 +68,7 @@ class ExemplarTrainer(CriticTrainer):
         # --time-limit re-planned after each round, leaving the loss ramps' total_steps.
         self.judge_total = counter("judge_total")
         self.judge_optimizer = None
+        self.geometry = None  # the size-and-shape reading, fitted before the steps
 
     def checkpointed(self) -> dict:
         # The exemplar picks' random state: a resumed run picks what the uninterrupted one
@@ -81,7 +89,23 @@ class ExemplarTrainer(CriticTrainer):
                                                  run.config)
         else:
             run.summary["exemplars"] = bank.size
+        self.geometry = self.fit_geometry(run) if self.settings.geometry_weight > 0 else None
         super().before_steps(run)
+
+    def fit_geometry(self, run):
+        """The size-and-shape reading (geometry.py) fitted on the bank's first cells."""
+        from cp2image_tf.measuring.remeasure import dataset_segmentation, plan_measurement
+        from cp2image_tf.training.exemplar.geometry import fit_geometry
+        from tfrecords_tools.manifest import measured_names
+
+        bank = bank_layer(self.decoder)
+        count = min(bank.size, 1024)
+        crops = bank.crops[:count].numpy().astype(np.float32)
+        features = bank.bank_features().numpy()[:count]
+        names = run.manifest["features"]["names"]
+        roles = plan_measurement(names, measured_names(run.manifest)).objects
+        segmentation, _ = dataset_segmentation(run.manifest, crops, run.config.scaling, roles)
+        return fit_geometry(crops, features, names, roles, segmentation)
 
     def judge_rounds(self, run):
         if not self.config.judge_rounds:
@@ -105,12 +129,13 @@ class ExemplarTrainer(CriticTrainer):
         generated, delta = self.editor(
             [*(inputs if isinstance(inputs, list) else [inputs]), exemplar, exemplar_features],
             training=True)
-        return generated, (identity, exemplar, exemplar_features, delta)
+        return generated, (identity, asked, exemplar, exemplar_features, delta, generated)
 
     def model_terms(self, measured, drawn, batch: float):
-        identity, exemplar, exemplar_features, delta = drawn
+        identity, clipped, exemplar, exemplar_features, delta, generated = drawn
+        ex = self.settings
         fake = 1.0 - tf.cast(identity, tf.float32)
-        if self.settings.relative_consistency:
+        if ex.relative_consistency:
             # The reading must move from the exemplar's by the profile's difference: the
             # measurer's own error on the exemplar is not the edit's business.
             start = self.measurer(exemplar, training=False)
@@ -118,8 +143,23 @@ class ExemplarTrainer(CriticTrainer):
         delta = tf.cast(delta, tf.float32)
         anchor = tf.reduce_sum(edit_size(delta)) / batch
         unchanged = tf.reduce_sum((1.0 - fake) * tf.reduce_mean(tf.abs(delta), [1, 2, 3])) / batch
-        return measured, {"anchor": (anchor, self.settings.anchor_weight),
-                          "identity": (unchanged, self.settings.identity_weight)}, fake
+        return measured, {"anchor": (anchor, ex.anchor_weight),
+                          "identity": (unchanged, ex.identity_weight),
+                          "geometry": (self.geometry_term(generated, exemplar,
+                                                          clipped - exemplar_features, fake,
+                                                          batch), ex.geometry_weight)}, fake
+
+    def geometry_term(self, generated, exemplar, asked_change, fake, batch: float):
+        """Over the edits (not the identity rows): the mean squared difference between how far
+        the size-and-shape reading (geometry.py) moved from the exemplar's and how far the
+        profile asks, in SDs. Zero without a reading."""
+        geometry = self.geometry
+        if geometry is None:
+            return tf.zeros(())
+        drawn = (shape_readings(tf.cast(generated, tf.float32), geometry)
+                 - shape_readings(tf.cast(exemplar, tf.float32), geometry))
+        asked = tf.gather(asked_change, geometry.features, axis=1)
+        return tf.reduce_sum(fake * tf.reduce_mean(tf.square(drawn - asked), 1)) / batch
 
     # -- judge rounds (shared/judge.py) -------------------------------------------------------
     def judge_edits(self, features):
@@ -177,5 +217,5 @@ class ExemplarTrainer(CriticTrainer):
             return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                     for k, v in per_replica.items()}
 
-        self._steps["judge"] = step
-        return step
+        self._steps["judge"] = quiet_first_call(step)  # grappler's harmless line (tflog)
+        return self._steps["judge"]

@@ -25,6 +25,8 @@ class FilmTrainer(CriticTrainer):
         return self.decoder(self.decoder_inputs(features), training=True), tf.shape(target)[0]
 
     def model_terms(self, measured, drawn, batch: float):
-        """No terms of its own (the anchor and identity columns stay 0); every row a fake."""
+        """No terms of its own (the anchor, identity and geometry columns stay 0); every row a
+        fake."""
         zero = tf.zeros(())
-        return measured, {"anchor": (zero, 0.0), "identity": (zero, 0.0)}, tf.ones([drawn])
+        return (measured, {"anchor": (zero, 0.0), "identity": (zero, 0.0), "geometry": (zero, 0.0)},
+                tf.ones([drawn]))
