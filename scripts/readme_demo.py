@@ -66,12 +66,28 @@ def render(report: dict) -> str:
         cells = [number(row.get(key)) for _, row in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " | "
                      + ("" if chance.get(key) is None else number(chance[key])) + " |")
+    lines += controllability_rows(report)
     treatments = len(report.get("cells_per_treatment") or {})
     features = (report.get("features") or {}).get("remeasured")
     lines += ["", f"*{report['cells']} test cells of {treatments} treatments, "
               f"{features} CellProfiler features re-measured with cp-measure; for the real crops, "
               "the treatment means' r compares two random halves of the real cells.*"]
     return "\n".join(lines)
+
+
+def controllability_rows(report: dict) -> list[str]:
+    """The controllability section's median gains (traversals re-measured; 1 for real cells by
+    its definition, 0 for a picture that does not change), when the report has them."""
+    summary = (report.get("controllability") or {}).get("summary") or {}
+    if "correlated" not in summary:
+        return []
+    lookup = (summary.get("lookup") or {}).get("gain")
+    rows = [("how far a traversal moves its feature (gain), correlated features too",
+             summary["correlated"].get("gain"), lookup)]
+    if "alone" in summary:
+        rows.append(("... the feature alone", summary["alone"].get("gain"), None))
+    return [f"| {label} | {number(model)} | {'' if near is None else number(near)} | 1.00 | 0.00 |"
+            for label, model, near in rows]
 
 
 def replace_block(text: str, block: str) -> str:

@@ -159,3 +159,14 @@ def test_the_readme_has_the_demo_block():
     assert text.count(readme_demo.START) == 1 and text.count(readme_demo.END) == 1
     block = text.split(readme_demo.START)[1].split(readme_demo.END)[0]
     assert "| features re-measured at r >= 0.7 |" in block
+
+
+def test_render_adds_the_controllability_gains_when_the_report_has_them():
+    report = small_report()
+    assert "gain" not in readme_demo.render(report)
+    report["controllability"] = {"summary": {"correlated": {"gain": 0.612}, "alone": {"gain": 0.014},
+                                             "lookup": {"gain": 0.45}}}
+    lines = readme_demo.render(report).splitlines()
+    assert ("| how far a traversal moves its feature (gain), correlated features too | 0.61 | 0.45 "
+            "| 1.00 | 0.00 |") in lines
+    assert "| ... the feature alone | 0.01 |  | 1.00 | 0.00 |" in lines
