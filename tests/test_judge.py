@@ -144,8 +144,56 @@ def test_a_judge_round_measures_edits_and_trains_the_measurer_once(disc_dataset,
     assert "judge" not in again and len(json.loads((run / "judge.json").read_text())) == 1
 
 
+class SimulatedClock:
+    """Seconds that pass only when the run does something: `per_step` for each decoder,
+    measurer or judge step, whatever the machine's load (the time limit's test)."""
+
+    def __init__(self, per_step: float):
+        self.now, self.per_step = 0.0, per_step
+
+    def __call__(self) -> float:
+        return self.now
+
+    def ticking(self, make_step):
+        """A trainer's step-function maker whose steps advance the clock."""
+        def made():
+            step_fn = make_step()
+
+            def step(*args):
+                self.now += self.per_step
+                return step_fn(*args)
+            return step
+        return made
+
+
+@pytest.fixture
+def simulated_clock(monkeypatch):
+    """fit's time limit, schedule planning and judge rounds timed by a SimulatedClock."""
+    import time
+    from types import SimpleNamespace
+
+    import cp2image_tf.training.train as train_module
+    from cp2image_tf.training.shared.judge import JudgeRounds
+
+    clock = SimulatedClock(per_step=0.2)
+    fake_time = SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fake_time.perf_counter = clock
+    monkeypatch.setattr(train_module, "time", fake_time)
+    monkeypatch.setattr(JudgeRounds, "clock", staticmethod(clock))
+    make_trainer = train_module.make_trainer
+
+    def ticking_trainer(*args, **kwargs):
+        trainer = make_trainer(*args, **kwargs)
+        for name in ("train_step_fn", "measurer_step_fn", "judge_step_fn"):
+            setattr(trainer, name, clock.ticking(getattr(trainer, name)))
+        return trainer
+
+    monkeypatch.setattr(train_module, "make_trainer", ticking_trainer)
+    return clock
+
+
 def test_under_a_time_limit_the_rounds_still_to_come_are_spaced_over_the_time_left(
-        disc_dataset, tmp_path):
+        disc_dataset, tmp_path, simulated_clock):
     run = tmp_path / "run"
     config = FitConfig(model="exemplar", steps=100000, time_limit=40, batch_size=8,
                        val_cells=16, grid_cells=0,
@@ -165,6 +213,10 @@ def test_under_a_time_limit_the_rounds_still_to_come_are_spaced_over_the_time_le
     assert 0.75 * steps < rounds[1]["planned_steps"] < 1.25 * steps
     assert 0.5 * steps < second < 0.8 * steps
     assert [(r["cells"], r["steps"]) for r in rounds] == [(48, 20), (48, 20)]
+    # Timed by the simulated clock: each round took its 20 judge steps' seconds, and the run
+    # ended at the limit.
+    assert [r["seconds"] for r in rounds] == [pytest.approx(20 * simulated_clock.per_step)] * 2
+    assert 40 <= simulated_clock.now < 40 + simulated_clock.per_step + 1e-9
 
 
 def test_after_a_round_a_feature_is_trusted_as_far_as_the_measurer_follows_the_judge():

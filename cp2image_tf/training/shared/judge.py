@@ -122,6 +122,9 @@ class JudgeRounds:
     """The judge rounds of one fit: `due(step)` says whether a round is due before decoder step
     step + 1; `run()` does it and returns its record (also appended to RUN_DIR/judge.json)."""
 
+    # The seconds the rounds and the decoder's pace are timed in: a test sets a simulated clock.
+    clock = staticmethod(time.perf_counter)
+
     def __init__(self, trainer, batches, data_dir, manifest: dict, config, run_dir, chief: bool,
                  progress: bool):
         from cp2image_tf.measuring.remeasure import plan_measurement
@@ -169,7 +172,7 @@ class JudgeRounds:
     def start_pace(self, step: int) -> None:
         """Decoder step `step` has just ended: the pace for re-planning counts from here (call
         it after the run's first step in this process, which includes compiling)."""
-        self._pace = {"step": step, "time": time.perf_counter(), "judged": 0.0, "rounds": 0}
+        self._pace = {"step": step, "time": self.clock(), "judged": 0.0, "rounds": 0}
 
     def replan_after_round(self, step: int, seconds_left: float, max_steps: int) -> None:
         """After a round under --time-limit: the rounds' minutes were not in the first plan,
@@ -179,7 +182,7 @@ class JudgeRounds:
         pace = self._pace
         if pace is None or not pace["rounds"] or step <= pace["step"]:
             return
-        per_step = (time.perf_counter() - pace["time"] - pace["judged"]) / (step - pace["step"])
+        per_step = (self.clock() - pace["time"] - pace["judged"]) / (step - pace["step"])
         per_round = pace["judged"] / pace["rounds"]
         to_come = max(0, self.planned() - int(self.trainer.judge_done.numpy()))
         left = max(0.0, seconds_left - to_come * per_round)
@@ -230,7 +233,7 @@ class JudgeRounds:
         import tensorflow as tf
 
         trainer, config = self.trainer, self.config
-        start = time.perf_counter()
+        start = self.clock()
         round_index = int(trainer.judge_done.numpy())
         count, steps = self.size()
         edits, exemplars, exemplar_features, labels, weights, columns = self._judged_edits(
@@ -273,7 +276,7 @@ class JudgeRounds:
             trainer.set_reliability(judged_reliability(real_r, read, judged, weights[held]),
                                     keep=False)
         trainer.judge_done.assign_add(1)
-        seconds = time.perf_counter() - start
+        seconds = self.clock() - start
         if self._pace is not None:  # a round due at the pace's first step is not counted
             self._pace["judged"] += seconds
             self._pace["rounds"] += 1
