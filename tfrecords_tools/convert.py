@@ -51,7 +51,8 @@ from tfrecords_tools.atomic import STALE_SECONDS, partial_path, pid_alive, write
 from tfrecords_tools.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
 from tfrecords_tools.parts import (PARTS, check_options, client_for, parse_part, part_label,
                                    run_parts, select_part, verify_part, write_partition)
-from tfrecords_tools.records import encode_example
+from tfrecords_tools.records import encode_examples
+from tfrecords_tools.stages import StageTimer
 from tfrecords_tools.tfrecord_io import TFRecordWriter
 from tfrecords_tools.splits import parse_fractions
 from tfrecords_tools.streaming import CHUNK_ROWS
@@ -186,6 +187,26 @@ def cut_crop(stack: np.ndarray, x: float, y: float, size: int, edge: str):
     return crop
 
 
+def cut_crops(stack: np.ndarray, xs, ys, size: int, edge: str) -> np.ndarray:
+    """cut_crop for every centre (xs[i], ys[i]) of one field, into one [n, size, size, C]
+    array; the planner has already rejected the cells whose crop would leave the field when
+    edge='skip'."""
+    height, width = stack.shape[:2]
+    tops = np.floor(np.asarray(ys, dtype=np.float64) + 0.5).astype(np.int64) - size // 2
+    lefts = np.floor(np.asarray(xs, dtype=np.float64) + 0.5).astype(np.int64) - size // 2
+    crops = np.empty((len(tops), size, size, stack.shape[2]), dtype=stack.dtype)
+    inside = (tops >= 0) & (lefts >= 0) & (tops + size <= height) & (lefts + size <= width)
+    for i, (top, left) in enumerate(zip(tops.tolist(), lefts.tolist())):
+        if inside[i]:
+            crops[i] = stack[top:top + size, left:left + size]
+            continue
+        crop = cut_crop(stack, xs[i], ys[i], size, edge)
+        if crop is None:
+            raise ValueError(f"a crop at ({xs[i]}, {ys[i]}) leaves the field (edge='skip')")
+        crops[i] = crop
+    return crops
+
+
 def fit_table_crop(crop: np.ndarray, n_channels: int, size: int, path: str) -> np.ndarray:
     """A crop file as (size, size, C): CHW is transposed, larger crops centre-cut."""
     if crop.ndim == 2 and n_channels == 1:
@@ -230,21 +251,24 @@ def pixel_histogram(crops: np.ndarray, bins: int) -> np.ndarray:
     return hist
 
 
-def read_array(path: str):
+def read_array(path: str, timer: StageTimer | None = None):
     """A TIFF or .npy file as an array, read once, with the file's size and sha256."""
+    timer = timer or StageTimer()
     try:
-        with open(path, "rb") as handle:
+        with timer.stage("read"), open(path, "rb") as handle:
             data = handle.read()
     except OSError as err:  # e.g. a worker of a cluster that does not see the file system
         raise UserInputError(f"{path}: cannot be read here ({err.strerror or err}; host "
                              f"{_host()}). Every worker must see the input files at the same "
                              "paths (a shared file system).") from None
-    info = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with timer.stage("checksum"):
+        info = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     try:
-        if path.endswith(".npy"):
-            return np.load(io.BytesIO(data)), info
-        import tifffile
-        return tifffile.imread(io.BytesIO(data)), info
+        with timer.stage("read"):
+            if path.endswith(".npy"):
+                return np.load(io.BytesIO(data)), info
+            import tifffile
+            return tifffile.imread(io.BytesIO(data)), info
     except Exception as err:
         raise UserInputError(f"{path}: cannot be read as an image ({err}). {cp.DAMAGED_IMAGE}") from None
 
@@ -267,7 +291,7 @@ def _host() -> str:
 
 
 def read_field(paths: list[str], illum: list | None = None, scaling: list | None = None,
-               rescale: list | None = None):
+               rescale: list | None = None, timer: StageTimer | None = None):
     """The channels of one field as an (H, W, C) stack, with each file's size and sha256.
 
     With `scaling` (a list, one entry per channel: CellProfiler's scale or None for the bit
@@ -275,27 +299,33 @@ def read_field(paths: list[str], illum: list | None = None, scaling: list | None
     illumination function: float32, as CellProfiler measured the image. Else `rescale` (one
     entry per channel: true for a channel of mixed bit depths) brings an 8-bit file of such a
     channel to the 16-bit range (x257: 255 -> 65535, as CellProfiler scales each file)."""
+    timer = timer or StageTimer()
     planes, files = [], {}
     for k, path in enumerate(paths):
-        plane, files[path] = read_array(path)
-        if plane.ndim == 3 and 1 in (plane.shape[0], plane.shape[-1]):
-            plane = np.squeeze(plane)
-        if scaling is None and rescale and rescale[k] and plane.dtype == np.uint8:
-            plane = plane.astype(np.uint16) * np.uint16(257)
-        if scaling is not None:
-            function = illum[k] if illum else None
-            if function:
-                files[function] = _file_info(function)
-            plane = ms.correct(plane, ms.full_scale(plane.dtype, scaling[k]),
-                               _illumination(function) if function else None, path)
+        plane, files[path] = read_array(path, timer)
+        with timer.stage("scale"):
+            if plane.ndim == 3 and 1 in (plane.shape[0], plane.shape[-1]):
+                plane = np.squeeze(plane)
+            if scaling is None and rescale and rescale[k] and plane.dtype == np.uint8:
+                plane = plane.astype(np.uint16) * np.uint16(257)
+            if scaling is not None:
+                function = illum[k] if illum else None
+                if function:
+                    files[function] = _file_info(function)
+                plane = ms.correct(plane, ms.full_scale(plane.dtype, scaling[k]),
+                                   _illumination(function) if function else None, path)
         planes.append(plane)
-    dtype = np.result_type(*[p.dtype for p in planes])
-    return np.stack([p.astype(dtype, copy=False) for p in planes], axis=-1), files
+    with timer.stage("scale"):
+        dtype = np.result_type(*[p.dtype for p in planes])
+        return np.stack([p.astype(dtype, copy=False) for p in planes], axis=-1), files
 
 
 def shard_cells(task: dict):
-    """The fields of one shard, each with its cells (feature values [n, F], numbers, centres,
-    ids, crop files), read from the plan's segments."""
+    """The fields of one shard, each with its cells as one batch of columns: cell_id, group
+    (lists), image_number, object_number (arrays), features [n, F] (C order: the training
+    moments' sums depend on it) and, for a field, the
+    centres x and y, for a table's cells each one's crop file (crop_path). Read from the
+    plan's segments."""
     work = Path(task["plan_dir"])
     keep = np.asarray(task["keep"], dtype=np.int64)
     sizes = planning.segment_sizes(str(work))
@@ -308,106 +338,148 @@ def shard_cells(task: dict):
         order = np.argsort(cells["image"], kind="stable")
         for number in np.unique(cells["image"]):
             rows = order[cells["image"][order] == number]
-            yield {}, [{"cell_id": text["cell_id"][r], "image_number": int(cells["image"][r]),
-                        "object_number": int(cells["object"][r]),
-                        "group": groups[cells["group"][r]],
-                        "crop_path": text["crop"][r], "features": values[r, keep]}
-                       for r in rows]
+            yield {}, {"cell_id": [text["cell_id"][r] for r in rows],
+                       "image_number": cells["image"][rows], "object_number": cells["object"][rows],
+                       "group": [groups[g] for g in cells["group"][rows]],
+                       "crop_path": [text["crop"][r] for r in rows],
+                       "features": np.ascontiguousarray(values[rows][:, keep])}
         return
     for fld in task["fields"]:
         values, cells, _ = planning.rows_of(work, sizes, [fld["rows"]], opened)
-        values = values[:, keep]
-        yield fld, [{"cell_id": f"{cells['image'][r]}-{cells['object'][r]}",
-                     "image_number": int(cells["image"][r]),
-                     "object_number": int(cells["object"][r]), "group": fld["group"],
-                     "x": float(cells["x"][r]), "y": float(cells["y"][r]),
-                     "features": values[r]} for r in range(len(cells))]
+        yield fld, {"cell_id": [f"{i}-{o}" for i, o in zip(cells["image"], cells["object"])],
+                    "image_number": cells["image"], "object_number": cells["object"],
+                    "group": [fld["group"]] * len(cells), "x": cells["x"], "y": cells["y"],
+                    "features": np.ascontiguousarray(values[:, keep])}
 
 
 def write_part(task: dict) -> dict:
-    """Write one shard and its summary. Pure and idempotent: the same task gives the same bytes."""
+    """Write one shard and its summary. Pure and idempotent: the same task gives the same bytes.
+    The summary's `stages` are the seconds each stage took (see tfrecords_tools.stages)."""
     out_dir = Path(task["out_dir"])
     final = out_dir / task["file"]
     tmp = partial_path(final)
+    timer = StageTimer()
     try:
-        hist, crop_dtype, files, records, features = _write_records(task, tmp)
+        hist, crop_dtype, files, records, features, sha256 = _write_records(task, tmp, timer)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a shard stopped by bad input is not left half-written
         raise
     os.replace(tmp, final)
     summary = {
         "file": task["file"], "split": task["split"], "treatment": task["treatment"],
-        "records": records, "bytes": final.stat().st_size, "sha256": sha256_file(final),
+        "records": records, "bytes": final.stat().st_size, "sha256": sha256,
         "plan_hash": task["plan_hash"], "dtype": str(crop_dtype), "source_files": files,
     }
     parts = out_dir / PARTS
-    summary["hist_sha256"] = _save_npy(parts / f"{task['file']}.hist.npy", hist)
-    if task["split"] == "train":  # what the training-split statistics are merged from
-        values = np.asarray(features, dtype=np.float32).reshape(records, -1)
-        summary["moments"] = part_moments(values)
-        summary["values_sha256"] = _save_npy(parts / f"{task['file']}.values.npy",
-                                             sorted_part_values(values))
+    with timer.stage("statistics"):
+        if task["split"] == "train":  # what the manifest's intensities and statistics are from
+            summary["hist_sha256"] = _save_npy(parts / f"{task['file']}.hist.npy", hist)
+            values = features.reshape(records, -1)
+            summary["moments"] = part_moments(values)
+            summary["values_sha256"] = _save_npy(parts / f"{task['file']}.values.npy",
+                                                 sorted_part_values(values))
+    summary["stages"] = timer.ordered()
     write_json(parts / f"{task['file']}.json", summary)
     return summary
 
 
-def _write_records(task: dict, tmp: Path):
-    """A shard's records into `tmp`: (pixel histogram, crop dtype, files read, records,
-    feature rows)."""
-    hist, crop_dtype, files, records, features, crops = None, None, {}, 0, [], []
-    with TFRecordWriter(tmp, task["compression"]) as writer:
-        for fld, cells in shard_cells(task):
-            if not task["table"]:
-                stack, fld_files = read_field(fld["paths"], fld.get("illum"), task.get("scaling"),
-                                              task.get("rescale"))
-                files.update(fld_files)
-                if stack.shape[:2] != tuple(fld["shape"]):
-                    raise UserInputError(f"{fld['paths'][0]}: image is {stack.shape[1]}x{stack.shape[0]} px "
-                                         "but its header said otherwise; the file may be corrupt.")
-            for cell in cells:
-                if task["table"]:
-                    raw, files[cell["crop_path"]] = read_array(cell["crop_path"])
-                    crop = fit_table_crop(np.asarray(raw), len(task["channels"]), task["crop_size"],
-                                          cell["crop_path"])
-                else:
-                    crop = cut_crop(stack, cell["x"], cell["y"], task["crop_size"], task["edge"])
-                crop_dtype = crop_dtype or crop.dtype
-                if crop.dtype != crop_dtype:
-                    raise UserInputError(f"{cell['cell_id']}: crop dtype {crop.dtype} differs from "
-                                         f"{crop_dtype} of other cells; use images of one bit depth.")
-                crops.append(crop)
-                features.append(cell["features"])
-                writer.write(encode_example(cell["features"], crop, cell["cell_id"],
-                                            cell["image_number"], cell["object_number"],
-                                            task["treatment"], task["treatment_index"],
-                                            cell["group"]))
-                records += 1
-            # One histogram per HISTOGRAM_CROPS crops, not per crop or per field: bincount's
-            # 65,536 bins cost more than a field of 24 crops.
-            if len(crops) >= HISTOGRAM_CROPS:
-                hist = _add_histogram(hist, crops, crop_dtype)
-                crops = []
-        if crops:
-            hist = _add_histogram(hist, crops, crop_dtype)
-    return hist, crop_dtype, files, records, features
+def _write_records(task: dict, tmp: Path, timer: StageTimer):
+    """A shard's records into `tmp`, a field (or a table's image) at a time: (pixel histogram
+    of a training shard, crop dtype, files read, records, features [n, F], the file's sha256)."""
+    files, records, features, crop_dtype = {}, 0, [], None
+    hist = _Histogram(timer) if task["split"] == "train" else None
+    with TFRecordWriter(tmp, task["compression"], timer=timer) as writer:
+        for fld, batch in shard_cells(task):
+            crops = _batch_crops(task, fld, batch, files, timer)
+            crop_dtype = crop_dtype or crops.dtype
+            if crops.dtype != crop_dtype:
+                raise UserInputError(f"{batch['cell_id'][0]}: crop dtype {crops.dtype} differs "
+                                     f"from {crop_dtype} of other cells; use images of one bit "
+                                     "depth.")
+            if hist is not None:
+                hist.add(crops)
+            with timer.stage("serialize"):
+                examples = encode_examples(batch["features"], crops, batch["cell_id"],
+                                           batch["image_number"], batch["object_number"],
+                                           task["treatment"], task["treatment_index"],
+                                           batch["group"])
+            writer.write_many(examples)
+            features.append(np.asarray(batch["features"], dtype=np.float32))
+            records += len(crops)
+    values = np.concatenate(features) if features else np.zeros((0, len(task["keep"])),
+                                                                 np.float32)
+    return (hist.total() if hist else None), crop_dtype, files, records, values, writer.sha256
+
+
+def _batch_crops(task: dict, fld: dict, batch: dict, files: dict, timer: StageTimer):
+    """The crops of one field's cells (or of a table's image), [n, size, size, C]."""
+    size = task["crop_size"]
+    if task["table"]:
+        crops = []
+        for path in batch["crop_path"]:
+            raw, files[path] = read_array(path, timer)
+            with timer.stage("crop"):
+                crops.append(fit_table_crop(np.asarray(raw), len(task["channels"]), size, path))
+        with timer.stage("crop"):
+            odd = next((k for k, c in enumerate(crops) if c.dtype != crops[0].dtype), None)
+            if odd is not None:
+                raise UserInputError(f"{batch['cell_id'][odd]}: crop dtype {crops[odd].dtype} "
+                                     f"differs from {crops[0].dtype} of other cells; use images "
+                                     "of one bit depth.")
+            return np.stack(crops)
+    stack, fld_files = read_field(fld["paths"], fld.get("illum"), task.get("scaling"),
+                                  task.get("rescale"), timer)
+    files.update(fld_files)
+    if stack.shape[:2] != tuple(fld["shape"]):
+        raise UserInputError(f"{fld['paths'][0]}: image is {stack.shape[1]}x{stack.shape[0]} px "
+                             "but its header said otherwise; the file may be corrupt.")
+    with timer.stage("crop"):
+        return cut_crops(stack, batch["x"], batch["y"], size, task["edge"])
+
+
+class _Histogram:
+    """A training shard's pixel histogram, taken HISTOGRAM_CROPS crops at a time: bincount's
+    65,536 bins cost more than a field of 24 crops, so fields are gathered first."""
+
+    def __init__(self, timer: StageTimer):
+        self.timer = timer
+        self.hist, self.pending, self.count = None, [], 0
+
+    def add(self, crops: np.ndarray) -> None:
+        self.pending.append(crops)
+        self.count += len(crops)
+        if self.count >= HISTOGRAM_CROPS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.count:
+            return
+        with self.timer.stage("histogram"):
+            crops = np.concatenate(self.pending)
+            if self.hist is None:
+                self.hist = np.zeros((crops.shape[-1], histogram_bins(crops.dtype)), np.int64)
+            self.hist += pixel_histogram(crops, self.hist.shape[1])
+        self.pending, self.count = [], 0
+
+    def total(self):
+        self._flush()
+        return self.hist
 
 
 HISTOGRAM_CROPS = 512
 
 
-def _add_histogram(hist, crops: list, dtype):
-    if hist is None:
-        hist = np.zeros((crops[0].shape[-1], histogram_bins(dtype)), dtype=np.int64)
-    return hist + pixel_histogram(np.stack(crops), hist.shape[1])
-
-
 def _save_npy(path: Path, array) -> str:
-    """np.save under a temporary name, renamed when complete; the file's sha256."""
+    """np.save under a temporary name, renamed when complete; the file's sha256 (of the bytes
+    written, not read back)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    data = buffer.getvalue()
     tmp = partial_path(path)
     with open(tmp, "wb") as handle:
-        np.save(handle, array)
+        handle.write(data)
     os.replace(tmp, path)
-    return sha256_file(path)
+    return hashlib.sha256(data).hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -493,7 +565,7 @@ def check_part(out_dir: Path, task: dict) -> tuple[dict | None, str | None]:
     """(summary, None) for a part an earlier run completed, verified by checksum; else
     (None, what is wrong with it)."""
     parts = out_dir / PARTS
-    aux = ["hist"] + (["values"] if task["split"] == "train" else [])
+    aux = ["hist", "values"] if task["split"] == "train" else []
 
     def checksums(summary):
         return ([(out_dir / task["file"], summary.get("sha256"))]
@@ -505,6 +577,19 @@ def check_part(out_dir: Path, task: dict) -> tuple[dict | None, str | None]:
     if summary is not None and task["split"] == "train" and "moments" not in summary:
         return None, "its summary holds no moments (corrupt)"
     return summary, problem
+
+
+def _known_part(out_dir: Path, task: dict, known: dict) -> tuple[dict | None, str | None]:
+    """check_part for a part whose summary this run holds: its files are there at their sizes."""
+    summary = known[task["file"]]
+    shard = out_dir / task["file"]
+    if not shard.is_file() or shard.stat().st_size != summary["bytes"]:
+        return None, f"{task['file']} is missing or not the size it was written at"
+    aux = ["hist", "values"] if task["split"] == "train" else []
+    missing = [k for k in aux if not (out_dir / PARTS / f"{task['file']}.{k}.npy").is_file()]
+    if missing:
+        return None, f"{task['file']}.{missing[0]}.npy is missing"
+    return summary, None
 
 
 def write_parts(tasks: list[dict], workers: int, progress: bool, scheduler: str | None = None,
@@ -548,7 +633,7 @@ def intensity_ranges(summaries, out_dir: Path, channels, dtype: str, percentile:
 
 def convert(config: ConvertConfig, progress: bool = True, command: list[str] | None = None,
             part: tuple[int, int] | str | None = None, finalize: bool = False,
-            client=None) -> dict:
+            client=None, timings: dict | None = None) -> dict:
     """Convert CellProfiler outputs (or a single-cell table with crops) into a TFRecord dataset.
 
     Returns the manifest. Safe to interrupt: re-running the same call finishes
@@ -561,16 +646,23 @@ def convert(config: ConvertConfig, progress: bool = True, command: list[str] | N
     returns a summary of that part, not a manifest; `finalize=True` then
     gathers the completed parts into the manifest, with a clear error naming
     any part that is missing or corrupt.
+
+    `timings`: a dict to fill with the seconds each stage took, summed over the parts written
+    (tfrecords_tools.stages; what benchmarks/bench_convert.py prints).
     """
     started = time.time()
     part = parse_part(part)
     check_options(config.scheduler, config.workers, part, finalize)
     with client_for(config.scheduler, config.workers, client, finalize,
                     quiet=not progress) as client:
-        return _convert(config, progress, command, part, finalize, client, started)
+        timer = StageTimer()
+        result = _convert(config, progress, command, part, finalize, client, started, timer)
+    if timings is not None:
+        timings.update(timer.ordered())
+    return result
 
 
-def _convert(config, progress, command, part, finalize, client, started):
+def _convert(config, progress, command, part, finalize, client, started, timer):
     if part is not None and config.overwrite:
         raise UserInputError("--overwrite with --part: parts of one job run at the same time and "
                              "must not remove each other's shards. Remove OUT_DIR (or run "
@@ -584,19 +676,19 @@ def _convert(config, progress, command, part, finalize, client, started):
     config.validate()
     make_parent(out_dir)
     with run_lock(out_dir) if part is None else contextlib.nullcontext():
-        return _write_dataset(config, progress, command, part, finalize, client, started)
+        return _write_dataset(config, progress, command, part, finalize, client, started, timer)
 
 
-def _write_dataset(config, progress, command, part, finalize, client, started):
+def _write_dataset(config, progress, command, part, finalize, client, started, timer):
     out_dir = Path(config.out_dir)
     remove_dead_plans(out_dir)
-    with PlanLock(config, out_dir, progress) as lock:
+    with PlanLock(config, out_dir, progress) as lock, timer.stage("plan"):
         plan, plan_dir = load_or_plan(config, out_dir, progress, lock)
         resuming = prepare_output(out_dir, config.overwrite and not finalize)
         plan_dir = adopt_plan(plan_dir, out_dir)
     tasks = build_tasks(plan, plan_dir, config, out_dir)
     if finalize:
-        return finish(config, plan, plan_dir, tasks, out_dir, command, started)
+        return finish(config, plan, plan_dir, tasks, out_dir, command, started, timer=timer)
     if part is None:
         planned = {t["file"] for t in tasks}
         for stale in out_dir.glob("*.tfrecord"):
@@ -612,12 +704,16 @@ def _write_dataset(config, progress, command, part, finalize, client, started):
     if resuming and progress and done:
         print(f"Resuming: {len(done)} of {len(selected)} shards already complete.", file=sys.stderr)
     written = write_parts(todo, config.workers, progress, config.scheduler, client)
+    for summary in written:
+        timer.add(summary.get("stages"))
     if part is not None:
         return {"part": list(part), "shards": [t["file"] for t in selected],
                 "written": len(written), "already_complete": len(done),
                 "cells": sum(s["records"] for s in done + written),
                 "total_shards": len(tasks), "seconds": round(time.time() - started, 2)}
-    return finish(config, plan, plan_dir, tasks, out_dir, command, started)
+    # Parts this run wrote, or verified by checksum a moment ago, are not read again.
+    known = {s["file"]: s for s in done + written}
+    return finish(config, plan, plan_dir, tasks, out_dir, command, started, known, timer)
 
 
 class PlanLock:
@@ -758,11 +854,16 @@ def adopt_plan(plan_dir: Path, out_dir: Path) -> Path:
     return final
 
 
-def finish(config, plan, plan_dir: Path, tasks, out_dir: Path, command, started) -> dict:
-    """Gather every part's summary (verified) into rejects.csv and the manifest."""
+def finish(config, plan, plan_dir: Path, tasks, out_dir: Path, command, started,
+           known: dict | None = None, timer: StageTimer | None = None) -> dict:
+    """Gather every part's summary (verified) into rejects.csv and the manifest. `known`: the
+    summaries of parts this run wrote or verified (file -> summary), checked by size only."""
+    timer = timer or StageTimer()
     summaries, problems = [], []
     for position, task in enumerate(tasks):
-        summary, problem = check_part(out_dir, task)
+        with timer.stage("finish"):
+            summary, problem = _known_part(out_dir, task, known) if task["file"] in (known or {}) \
+                else check_part(out_dir, task)
         if problem:
             problems.append((position, task, problem))
         summaries.append(summary)
@@ -779,10 +880,12 @@ def finish(config, plan, plan_dir: Path, tasks, out_dir: Path, command, started)
                              "convert each kind separately or save them at one bit depth.")
     dtype = dtypes.pop()
     train = [s for s in summaries if s["split"] == "train"]
-    plan = dict(plan, stats=statistics_from_parts(
-        [s["moments"] for s in train],
-        [out_dir / PARTS / f"{s['file']}.values.npy" for s in train], len(plan["names"])))
-    manifest = build_manifest(config, plan, summaries, out_dir, dtype, command, started)
+    with timer.stage("statistics"):
+        plan = dict(plan, stats=statistics_from_parts(
+            [s["moments"] for s in train],
+            [out_dir / PARTS / f"{s['file']}.values.npy" for s in train], len(plan["names"])))
+    with timer.stage("finish"):
+        manifest = build_manifest(config, plan, summaries, out_dir, dtype, command, started)
     tmp = partial_path(out_dir / REJECTS)
     shutil.copyfile(plan_dir / REJECTS, tmp)
     os.replace(tmp, out_dir / REJECTS)

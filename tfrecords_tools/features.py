@@ -206,10 +206,12 @@ def feature_statistics(values: np.ndarray) -> dict:
 # numpy's nanmean/nanstd over all values to rounding (about 1e-15 relative).
 # Median, MAD, min and max: exact. Each part keeps its training values sorted per feature,
 # feature-major ([features, cells]: a block of features is one contiguous run of the file); the
-# final step reads one block of features of every part at a time, those bytes only (memory: 8
-# bytes x training cells x block; at least one feature), and takes the median of the finite
-# values, then the median of their absolute deviation from it: the very numbers
-# feature_statistics gives.
+# final step reads one block of features of every part at a time, those bytes only, into one
+# float32 buffer of at most `memory_bytes` (at least one feature: 4 bytes x training cells),
+# and takes the median of each feature's finite values (as float64), then the median of their
+# absolute deviation from it: the very numbers feature_statistics gives. Memory is that buffer
+# plus a few float64 copies of one feature's column, whatever the screen's size up to where one
+# feature's column outgrows the buffer; docs/results/2026-12-06-convert-speed.md measures it.
 
 
 def part_moments(values: np.ndarray) -> dict:
@@ -257,35 +259,52 @@ def sorted_part_values(values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.sort(values, axis=0).T)
 
 
-def _feature_rows(part, lo: int, hi: int) -> np.ndarray:
-    """Features lo:hi of a part's sorted_part_values (an array or a .npy path), [hi - lo,
-    cells]; from a file, only those bytes are read (the mapping closes on return)."""
-    if isinstance(part, np.ndarray):
-        return part[lo:hi]
-    return np.array(np.load(part, mmap_mode="r")[lo:hi])
+class _SortedValues:
+    """Features lo:hi of one part's sorted_part_values (an array, or a .npy file whose header is
+    read once), as float32 [hi - lo, cells]; from a file, only those bytes are read."""
+
+    def __init__(self, part):
+        self.part = part
+        if isinstance(part, np.ndarray):
+            self.cells = part.shape[1]
+            return
+        with open(part, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(handle)
+            self.offset = handle.tell()
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{part}: not a [features, cells] C-order array")
+        self.dtype, self.cells = np.dtype(dtype), shape[1]
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        if isinstance(self.part, np.ndarray):
+            return self.part[lo:hi]
+        return np.fromfile(self.part, dtype=self.dtype, count=(hi - lo) * self.cells,
+                           offset=self.offset + lo * self.cells * self.dtype.itemsize
+                           ).reshape(hi - lo, self.cells)
 
 
-def merged_quantiles(arrays: list, n_features: int, memory_bytes: int = 1 << 28) -> dict:
+def merged_quantiles(arrays: list, n_features: int, memory_bytes: int = 1 << 25) -> dict:
     """Exact median, MAD, min and max per feature from parts' sorted_part_values (arrays or .npy
-    paths), one block of features at a time."""
-    rows = sum((a.shape[1] if isinstance(a, np.ndarray) else np.load(a, mmap_mode="r").shape[1])
-               for a in arrays)
-    block = max(1, int(memory_bytes // max(1, rows * 8)))
+    paths), one block of features at a time in at most `memory_bytes` (see the notes above)."""
+    parts = [_SortedValues(a) for a in arrays]
+    rows = sum(p.cells for p in parts)
+    block = max(1, min(n_features, int(memory_bytes // max(1, rows * 4))))
     median = np.full(n_features, np.nan)
     mad = np.full(n_features, np.nan)
     low, high = np.full(n_features, np.nan), np.full(n_features, np.nan)
-    buffer = np.empty((rows, min(block, n_features)))  # one block's values, reused
+    buffer = np.empty((block, rows), dtype=np.float32)  # one block's values, reused
     for lo in range(0, n_features, block):
         hi = min(n_features, lo + block)
-        columns = buffer[:, :hi - lo]
         at = 0
-        for part in arrays:
-            piece = _feature_rows(part, lo, hi)
-            columns[at:at + piece.shape[1]] = piece.T
-            at += piece.shape[1]
+        for part in parts:
+            buffer[:hi - lo, at:at + part.cells] = part.rows(lo, hi)
+            at += part.cells
         for j in range(hi - lo):
-            column = columns[:, j]
-            finite = column[np.isfinite(column)]
+            column = buffer[j]
+            finite = column[np.isfinite(column)].astype(np.float64)
             if finite.size:
                 median[lo + j] = np.median(finite)
                 mad[lo + j] = np.median(np.abs(finite - median[lo + j]))
@@ -294,7 +313,7 @@ def merged_quantiles(arrays: list, n_features: int, memory_bytes: int = 1 << 28)
 
 
 def statistics_from_parts(moments: list[dict], value_arrays: list, n_features: int,
-                          memory_bytes: int = 1 << 28) -> dict:
+                          memory_bytes: int = 1 << 25) -> dict:
     """feature_statistics' dict, gathered from parts (see the notes above)."""
     merged = merge_moments(moments)
     quantiles = merged_quantiles(value_arrays, n_features, memory_bytes)

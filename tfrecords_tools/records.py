@@ -38,6 +38,27 @@ def encode_example(features: np.ndarray, crop: np.ndarray, cell_id: str, image_n
     })
 
 
+def encode_examples(features: np.ndarray, crops: np.ndarray, cell_ids, image_numbers,
+                    object_numbers, treatment: str, treatment_index: int, groups) -> list[bytes]:
+    """The records of a batch of cells (features [n, F], crops [n, H, W, C]): the very bytes
+    encode_example gives each cell, made with one conversion of each array for the batch."""
+    features = np.ascontiguousarray(features, dtype="<f4").reshape(len(crops), -1)
+    crops = np.ascontiguousarray(crops, dtype=crops.dtype.newbyteorder("<"))
+    feature_rows, crop_rows = memoryview(features).cast("B"), memoryview(crops).cast("B")
+    row_f, row_c = features[0].nbytes if len(features) else 0, crops[0].nbytes if len(crops) else 0
+    treatment = str(treatment).encode()
+    return [serialize_example({
+        "features": feature_rows[i * row_f:(i + 1) * row_f],
+        "crop": crop_rows[i * row_c:(i + 1) * row_c],
+        "cell_id": str(cell_ids[i]).encode(),
+        "image_number": int(image_numbers[i]),
+        "object_number": int(object_numbers[i]),
+        "treatment": treatment,
+        "treatment_index": int(treatment_index),
+        "group": str(groups[i]).encode(),
+    }) for i in range(len(crops))]
+
+
 def feature_spec():
     import tensorflow as tf
 

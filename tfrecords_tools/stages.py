@@ -1,0 +1,41 @@
+"""Seconds spent in each stage of convert, for benchmarks/bench_convert.py's stage table.
+
+A part (one shard) times its own stages and returns them in its summary; `convert(...,
+timings={})` adds up the parts' figures with its own (planning, statistics, finishing). Stages
+are timed per field or per batch of records, never per record, so timing costs nothing that
+shows. See docs/results/2026-12-06-convert-speed.md for what the stages cost.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+# In the order a cell meets them.
+STAGES = ("plan", "read", "checksum", "scale", "crop", "histogram", "serialize", "compress",
+          "write", "statistics", "finish")
+
+
+class StageTimer:
+    """Seconds per stage name, added up over the `with timer.stage(name):` blocks."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add({name: time.perf_counter() - start})
+
+    def add(self, seconds: dict) -> None:
+        for name, value in (seconds or {}).items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + float(value)
+
+    def ordered(self) -> dict:
+        """The stages in STAGES order (others after them), rounded to microseconds."""
+        names = [s for s in STAGES if s in self.seconds] + \
+            [s for s in self.seconds if s not in STAGES]
+        return {name: round(self.seconds[name], 6) for name in names}
+
