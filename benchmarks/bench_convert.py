@@ -9,11 +9,17 @@ fresh process (peak RSS is that process's, with its workers'):
     crops hold (68 x 68 x 3 16-bit pixels a cell), what a converter cannot avoid either
   - planning alone (the streaming planner: tables read, joined, checked, split, shards laid
     out) at every size
-  - convert end to end with 1 and 2 workers (reading the tables, planning, worker start-up,
-    writing) at sizes up to --write-up-to
-Prints cells/s, each one's speed as a fraction of the floor's and the peak RSS.
+  - convert end to end with 1 worker (reading the tables, planning, worker start-up, writing)
+    at sizes up to --write-up-to, and with 2 (--workers) at the smallest size
+Prints cells/s, each one's speed as a fraction of the floor's and the peak RSS; then where one
+worker's time goes, stage by stage (tfrecords_tools.stages: plan, read, checksum, scale, crop,
+histogram, serialize, compress, write, statistics, finish), a planned peak RSS for --plan-cells
+and the compression choices side by side (size, compress and decompress speed on one shard's
+records). `--profile` adds a cProfile run of one worker's convert at each size written (top
+functions by own time; cProfile slows Python code, so its seconds are not the table's).
 
-    python benchmarks/bench_convert.py --cells 20000 [--sizes 200000,2000000] [--sample DIR]
+    python benchmarks/bench_convert.py --cells 20000 [--sizes 200000] [--write-up-to 200000]
+        [--sample DIR] [--profile] [--workers 1,2] [--plan-cells 7000000] [--baseline DIR]
 """
 import argparse
 import json
@@ -22,6 +28,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -36,12 +44,13 @@ SPLIT_BY = ["Metadata_Plate", "Metadata_Well"]
 
 # Run in a child process: one measurement, its peak RSS (with its own children's) as JSON.
 CHILD = r"""
-import json, resource, sys, time
+import cProfile, io, json, pstats, resource, sys, time
 from pathlib import Path
 import pandas as pd, tifffile
 from tfrecords_tools.convert import ConvertConfig, convert, plan_dataset
 kind, cp_dir, out, workers = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 start = time.perf_counter()  # imports done: the same for every measurement
+stages, profile = {}, None
 if kind.startswith("floor"):
     image = pd.read_csv(Path(cp_dir) / "Image.csv")
     for ch in %(channels)r:
@@ -62,22 +71,163 @@ else:
         plan = plan_dataset(config, out)
         cells = plan["counts"]["cells"] + plan["rejects"]["count"]
     else:
-        manifest = convert(config, progress=False)
+        profiler = cProfile.Profile() if kind == "profile" else None
+        if profiler:
+            profiler.enable()
+        try:
+            manifest = convert(config, progress=False, timings=stages)
+        except TypeError:  # --baseline code, from before convert took timings
+            manifest = convert(config, progress=False)
         cells = manifest["counts"]["cells"] + manifest["counts"]["rejected"]
+        if profiler:
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+            profile = text.getvalue()
 seconds = time.perf_counter() - start
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-print(json.dumps({"seconds": seconds, "cells": cells, "peak_gb": peak / 1e6}))
+print(json.dumps({"seconds": seconds, "cells": cells, "peak_gb": peak / 1e6, "stages": stages,
+                  "profile": profile}))
 """ % {"channels": CHANNELS, "split_by": SPLIT_BY}
 
 
-def measure(kind: str, cp_dir: Path, out: Path, workers: int = 1, cells: int = 0) -> dict:
+def measure(kind: str, cp_dir: Path, out: Path, workers: int = 1, cells: int = 0,
+            code: Path | None = None) -> dict:
+    """One measurement in a fresh process; `code`: a folder holding another version's
+    tfrecords_tools, imported instead of this one."""
+    path = ([str(code)] if code else []) + sys.path
     result = subprocess.run([sys.executable, "-c", CHILD, kind, str(cp_dir), str(out),
                              str(workers), str(cells)], capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)))
     if result.returncode:
         raise RuntimeError(result.stderr[-2000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure_size(size, cp_dir, root, args, rows, first: bool) -> dict:
+    """Every measurement at one size, appended to rows as (size, name, result); the 1-worker
+    convert's result (for the stage table), if one was made."""
+    if first:
+        rows.append((size, "read every TIFF once (I/O floor)", measure("floor", cp_dir,
+                                                                        root / "none")))
+        rows.append((size, "  the same + write the crops' bytes",
+                     measure("floor+write", cp_dir, root / "bytes", cells=size)))
+        (root / "bytes").unlink()
+    rows.append((size, "plan (streaming)", measure("plan", cp_dir, root / f"plan{size}")))
+    shutil.rmtree(root / f"plan{size}", ignore_errors=True)
+    one = None
+    if size <= args.write_up_to:
+        for workers in args.workers if first else [1]:  # the speed-up at the smallest size
+            out = root / f"out{size}-{workers}"
+            result = measure("convert", cp_dir, out, workers)
+            rows.append((size, f"convert, {workers} worker(s)", result))
+            if workers == 1:
+                one = result
+                if first:  # one shard kept for the compression table
+                    shard = next(iter(sorted(out.glob("train-*.tfrecord"))))
+                    shutil.copyfile(shard, root / "shard.tfrecord")
+            shutil.rmtree(out, ignore_errors=True)
+        if args.baseline:
+            out = root / f"base{size}"
+            rows.append((size, "convert, 1 worker, --baseline code",
+                         measure("convert", cp_dir, out, 1, code=args.baseline)))
+            shutil.rmtree(out, ignore_errors=True)
+        if args.profile:
+            result = measure("profile", cp_dir, root / f"prof{size}", 1)
+            shutil.rmtree(root / f"prof{size}", ignore_errors=True)
+            print(f"\ncProfile of convert, 1 worker, {size} cells ({result['seconds']:.1f} s "
+                  f"profiled):\n{result['profile']}", flush=True)
+    return one
+
+
+def print_rows(rows, floor_rate):
+    print(f"\n{'cells':>9} {'':<34} {'seconds':>8} {'cells/s':>9} {'us/cell':>8} "
+          f"{'x floor':>8} {'peak RSS GB':>12}")
+    for size, name, r in rows:
+        rate = r["cells"] / r["seconds"] if r["cells"] else size / r["seconds"]
+        print(f"{size:>9} {name:<34} {r['seconds']:>8.1f} {rate:>9.0f} "
+              f"{1e6 / rate:>8.1f} {rate / floor_rate:>8.2f} {r['peak_gb']:>12.2f}")
+
+
+def print_stages(ones: dict):
+    """One worker's seconds per stage at each size, and per cell."""
+    sizes = sorted(ones)
+    names = list(dict.fromkeys(n for s in sizes for n in ones[s]["stages"]))
+    print("\nWhere one worker's convert goes (seconds, and us a cell), tfrecords_tools.stages:")
+    print(f"{'stage':<12}" + "".join(f"{f'{s} s':>12}{'us/cell':>9}" for s in sizes))
+    for name in names + ["(other)", "total"]:
+        line = f"{name:<12}"
+        for s in sizes:
+            timed = ones[s]["stages"]
+            value = ones[s]["seconds"] if name == "total" else \
+                ones[s]["seconds"] - sum(timed.values()) if name == "(other)" else \
+                timed.get(name, 0.0)
+            line += f"{value:>12.2f}{1e6 * value / s:>9.1f}"
+        print(line)
+    print("(other): imports-free start-up, worker start-up, the parent's bookkeeping.")
+
+
+def print_plan(rows, cells: int):
+    """Peak RSS at `cells` from the whole-convert figures (else planning's), a straight line
+    through the two largest sizes measured."""
+    for name in ("convert, 1 worker(s)", "plan (streaming)"):
+        points = sorted((s, r["peak_gb"]) for s, n, r in rows if n == name)
+        if len(points) >= 2:
+            (s0, g0), (s1, g1) = points[-2], points[-1]
+            slope = (g1 - g0) / (s1 - s0)
+            print(f"\nPlanned peak RSS of {name.split(',')[0]} at {cells:,} cells: "
+                  f"{g1 + slope * (cells - s1):.2f} GB ({1e9 * slope:.0f} bytes a cell beyond "
+                  f"{g1:.2f} GB at {s1:,}; {g1 / g0:.2f}x from {s0:,} to {s1:,} cells).")
+            return
+
+
+def records_of(path: Path) -> list:
+    """The records of an uncompressed TFRecord file (framing only; no TensorFlow)."""
+    data, records, at = path.read_bytes(), [], 0
+    while at < len(data):
+        length = int.from_bytes(data[at:at + 8], "little")
+        records.append(data[at + 12:at + 12 + length])
+        at += 12 + length + 4
+    return records
+
+
+def _seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def compression_table(shard: Path, folder: Path):
+    """Each compression TFRecordWriter offers, on one shard's records: size, write and read."""
+    from tfrecords_tools.stages import StageTimer
+    from tfrecords_tools.tfrecord_io import TFRecordWriter
+
+    records = records_of(shard)
+    raw = sum(len(r) + 16 for r in records)
+    print(f"\nCompression of one training shard ({len(records)} records, {raw / 1e6:.1f} MB "
+          "uncompressed), TFRecordWriter; read = zlib's decompression, as TensorFlow's reader:")
+    print(f"{'choice':<10} {'size':>7} {'compress MB/s':>14} {'write s':>8} {'us/cell':>8} "
+          f"{'decompress MB/s':>16}")
+    for kind, level in [("", 0), ("GZIP", 1), ("GZIP", 6), ("GZIP", 9), ("ZLIB", 1),
+                        ("ZLIB", 6)]:
+        path, best, squeeze = folder / "choice.tfrecord", float("inf"), float("inf")
+        for _ in range(3):  # the best of three: the machine is shared
+            timer, start = StageTimer(), time.perf_counter()
+            with TFRecordWriter(path, kind, level=level or 9, timer=timer) as writer:
+                writer.write_many(records)
+            best = min(best, time.perf_counter() - start)
+            squeeze = min(squeeze, timer.seconds.get("compress", float("inf")))
+        seconds = best
+        data = path.read_bytes()
+        unpack = min(_seconds(zlib.decompress, data, 31 if kind == "GZIP" else 15)
+                     for _ in range(3)) if kind else 0.0
+        name = f"{kind or 'none'}{f'-{level}' if kind else ''}"
+        squeezed = f"{raw / 1e6 / squeeze:.0f}" if kind else "-"
+        unpacked = f"{raw / 1e6 / unpack:.0f}" if kind else "-"
+        print(f"{name:<10} {len(data) / raw:>7.2f} {squeezed:>14} {seconds:>8.2f} "
+              f"{1e6 * seconds / len(records):>8.1f} {unpacked:>16}")
+        path.unlink()
 
 
 def main():
@@ -87,49 +237,48 @@ def main():
     parser.add_argument("--write-up-to", type=int, default=20000,
                         help="convert end to end (writing shards) up to this size; larger "
                              "sizes are planned only")
+    parser.add_argument("--workers", default="1,2", help="worker counts to convert with")
+    parser.add_argument("--profile", action="store_true",
+                        help="also a cProfile run of one worker's convert at each size written")
+    parser.add_argument("--plan-cells", type=int, default=7_000_000,
+                        help="the screen size to plan peak RSS for")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a folder holding an earlier tfrecords_tools (e.g. from `git "
+                             "archive <commit> tfrecords_tools | tar -x -C DIR`): its 1-worker "
+                             "convert is measured beside this one's")
     parser.add_argument("--sample", type=Path, default=None,
                         help="an existing sample-data folder (else one of 2,000 cells is made)")
     parser.add_argument("--work", type=Path, default=None,
                         help="folder for the replicated tables and outputs (else a temporary "
                              "one; 2M cells need ~15 GB)")
     args = parser.parse_args()
+    args.workers = [int(w) for w in args.workers.split(",") if w]
 
     root = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.work))
     sizes = [args.cells] + [int(s) for s in args.sizes.split(",") if s]
-    rows = []
+    rows, ones = [], {}
     try:
         sample = sample_folder(args.sample, root, 2000)
-        floor_rate = None
         for size in sizes:
             cp_dir = replicate(sample / "cellprofiler", root / f"cp{size}", size)
             n_fields = len(pd.read_csv(cp_dir / "Image.csv", usecols=["ImageNumber"]))
-            if floor_rate is None:
-                floor = measure("floor", cp_dir, root / "none")
-                floor_rate = size / floor["seconds"]
-                rows.append((size, "read every TIFF once (I/O floor)", floor))
-                rows.append((size, "  the same + write the crops' bytes",
-                             measure("floor+write", cp_dir, root / "bytes", cells=size)))
-                (root / "bytes").unlink()
-            rows.append((size, "plan (streaming)", measure("plan", cp_dir, root / f"plan{size}")))
-            if size <= args.write_up_to:
-                for workers in (1, 2):
-                    rows.append((size, f"convert, {workers} worker(s)",
-                                 measure("convert", cp_dir, root / f"out{size}-{workers}",
-                                         workers)))
-                    shutil.rmtree(root / f"out{size}-{workers}", ignore_errors=True)
-            shutil.rmtree(root / f"plan{size}", ignore_errors=True)
+            one = measure_size(size, cp_dir, root, args, rows, size == sizes[0])
+            if one:
+                ones[size] = one
             if size != sizes[0]:
                 shutil.rmtree(cp_dir, ignore_errors=True)
             print(f"... {size} cells ({n_fields} fields) done", file=sys.stderr, flush=True)
-        print(f"\n{'cells':>9} {'':<34} {'seconds':>8} {'cells/s':>9} {'us/cell':>8} "
-              f"{'x floor':>8} {'peak RSS GB':>12}")
-        for size, name, r in rows:
-            rate = r["cells"] / r["seconds"] if r["cells"] else size / r["seconds"]
-            print(f"{size:>9} {name:<34} {r['seconds']:>8.1f} {rate:>9.0f} "
-                  f"{1e6 / rate:>8.1f} {rate / floor_rate:>8.2f} {r['peak_gb']:>12.2f}")
+        floor = rows[0][2]
+        print_rows(rows, sizes[0] / floor["seconds"])
         print(f"\nThe sample's tables repeated to each size (2,000 cells per copy, 84 fields of "
-              f"~24 cells, 656 columns per cell in two tables); {os.cpu_count()} CPUs. The "
-              "floor is measured at the smallest size; per cell it is the same at every size.")
+              f"~24 cells, 656 columns per cell in two tables); {os.cpu_count()} CPUs, load "
+              f"average {os.getloadavg()[0]:.1f} at the end. The floor is measured at the "
+              "smallest size; per cell it is the same at every size.")
+        if ones:
+            print_stages(ones)
+        print_plan(rows, args.plan_cells)
+        if (root / "shard.tfrecord").exists():
+            compression_table(root / "shard.tfrecord", root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -240,8 +240,8 @@ def pixel_histogram(crops: np.ndarray, bins: int) -> np.ndarray:
     exact = crops.dtype.kind in "ui" and crops.dtype.itemsize <= 2
     for c in range(channels):
         values = crops[..., c].ravel()
-        if exact and crops.dtype.kind == "u":  # every value is a bin already
-            hist[c] = np.bincount(values, minlength=bins)
+        if exact and crops.dtype.kind == "u":  # every value is a bin already (bincount
+            hist[c] = np.bincount(values.astype(np.intp), minlength=bins)  # is faster on intp)
             continue
         if exact:
             index = np.clip(values.astype(np.int64), 0, bins - 1)
