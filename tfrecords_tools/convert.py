@@ -187,20 +187,26 @@ def cut_crop(stack: np.ndarray, x: float, y: float, size: int, edge: str):
     return crop
 
 
-def cut_crops(stack: np.ndarray, xs, ys, size: int, edge: str) -> np.ndarray:
+def cut_crops(stack, xs, ys, size: int, edge: str) -> np.ndarray:
     """cut_crop for every centre (xs[i], ys[i]) of one field, into one [n, size, size, C]
-    array; the planner has already rejected the cells whose crop would leave the field when
-    edge='skip'."""
-    height, width = stack.shape[:2]
+    array. `stack`: the field as an (H, W, C) array or as its C planes (H, W), which spares
+    stacking the whole field. The planner has already rejected the cells whose crop would leave
+    the field when edge='skip'."""
+    planes = [stack[..., c] for c in range(stack.shape[2])] if isinstance(stack, np.ndarray) \
+        else list(stack)
+    height, width = planes[0].shape
     tops = np.floor(np.asarray(ys, dtype=np.float64) + 0.5).astype(np.int64) - size // 2
     lefts = np.floor(np.asarray(xs, dtype=np.float64) + 0.5).astype(np.int64) - size // 2
-    crops = np.empty((len(tops), size, size, stack.shape[2]), dtype=stack.dtype)
+    crops = np.empty((len(tops), size, size, len(planes)), dtype=planes[0].dtype)
     inside = (tops >= 0) & (lefts >= 0) & (tops + size <= height) & (lefts + size <= width)
+    whole = None
     for i, (top, left) in enumerate(zip(tops.tolist(), lefts.tolist())):
         if inside[i]:
-            crops[i] = stack[top:top + size, left:left + size]
+            for c, plane in enumerate(planes):
+                crops[i, :, :, c] = plane[top:top + size, left:left + size]
             continue
-        crop = cut_crop(stack, xs[i], ys[i], size, edge)
+        whole = np.stack(planes, axis=-1) if whole is None else whole
+        crop = cut_crop(whole, xs[i], ys[i], size, edge)
         if crop is None:
             raise ValueError(f"a crop at ({xs[i]}, {ys[i]}) leaves the field (edge='skip')")
         crops[i] = crop
@@ -299,6 +305,13 @@ def read_field(paths: list[str], illum: list | None = None, scaling: list | None
     illumination function: float32, as CellProfiler measured the image. Else `rescale` (one
     entry per channel: true for a channel of mixed bit depths) brings an 8-bit file of such a
     channel to the 16-bit range (x257: 255 -> 65535, as CellProfiler scales each file)."""
+    planes, files = read_planes(paths, illum, scaling, rescale, timer)
+    return np.stack(planes, axis=-1), files
+
+
+def read_planes(paths: list[str], illum: list | None = None, scaling: list | None = None,
+                rescale: list | None = None, timer: StageTimer | None = None):
+    """read_field's channels as a list of (H, W) planes of one dtype, not stacked."""
     timer = timer or StageTimer()
     planes, files = [], {}
     for k, path in enumerate(paths):
@@ -317,7 +330,7 @@ def read_field(paths: list[str], illum: list | None = None, scaling: list | None
         planes.append(plane)
     with timer.stage("scale"):
         dtype = np.result_type(*[p.dtype for p in planes])
-        return np.stack([p.astype(dtype, copy=False) for p in planes], axis=-1), files
+        return [p.astype(dtype, copy=False) for p in planes], files
 
 
 def shard_cells(task: dict):
@@ -354,7 +367,8 @@ def shard_cells(task: dict):
 
 def write_part(task: dict) -> dict:
     """Write one shard and its summary. Pure and idempotent: the same task gives the same bytes.
-    The summary's `stages` are the seconds each stage took (see tfrecords_tools.stages)."""
+    The summary returned also holds `stages`, the seconds each stage took (see
+    tfrecords_tools.stages)."""
     out_dir = Path(task["out_dir"])
     final = out_dir / task["file"]
     tmp = partial_path(final)
@@ -378,9 +392,9 @@ def write_part(task: dict) -> dict:
             summary["moments"] = part_moments(values)
             summary["values_sha256"] = _save_npy(parts / f"{task['file']}.values.npy",
                                                  sorted_part_values(values))
-    summary["stages"] = timer.ordered()
-    write_json(parts / f"{task['file']}.json", summary)
-    return summary
+    with timer.stage("write"):
+        write_json(parts / f"{task['file']}.json", summary)
+    return dict(summary, stages=timer.ordered())
 
 
 def _write_records(task: dict, tmp: Path, timer: StageTimer):
@@ -389,7 +403,7 @@ def _write_records(task: dict, tmp: Path, timer: StageTimer):
     files, records, features, crop_dtype = {}, 0, [], None
     hist = _Histogram(timer) if task["split"] == "train" else None
     with TFRecordWriter(tmp, task["compression"], timer=timer) as writer:
-        for fld, batch in shard_cells(task):
+        for fld, batch in _timed(shard_cells(task), timer, "rows"):
             crops = _batch_crops(task, fld, batch, files, timer)
             crop_dtype = crop_dtype or crops.dtype
             if crops.dtype != crop_dtype:
@@ -411,6 +425,17 @@ def _write_records(task: dict, tmp: Path, timer: StageTimer):
     return (hist.total() if hist else None), crop_dtype, files, records, values, writer.sha256
 
 
+def _timed(items, timer: StageTimer, name: str):
+    """The items of an iterator, the time taken to make each added to stage `name`."""
+    items = iter(items)
+    while True:
+        with timer.stage(name):
+            item = next(items, None)
+        if item is None:
+            return
+        yield item
+
+
 def _batch_crops(task: dict, fld: dict, batch: dict, files: dict, timer: StageTimer):
     """The crops of one field's cells (or of a table's image), [n, size, size, C]."""
     size = task["crop_size"]
@@ -427,14 +452,16 @@ def _batch_crops(task: dict, fld: dict, batch: dict, files: dict, timer: StageTi
                                      f"differs from {crops[0].dtype} of other cells; use images "
                                      "of one bit depth.")
             return np.stack(crops)
-    stack, fld_files = read_field(fld["paths"], fld.get("illum"), task.get("scaling"),
-                                  task.get("rescale"), timer)
+    planes, fld_files = read_planes(fld["paths"], fld.get("illum"), task.get("scaling"),
+                                    task.get("rescale"), timer)
     files.update(fld_files)
-    if stack.shape[:2] != tuple(fld["shape"]):
-        raise UserInputError(f"{fld['paths'][0]}: image is {stack.shape[1]}x{stack.shape[0]} px "
+    shapes = {p.shape for p in planes}
+    if shapes != {tuple(fld["shape"])}:
+        height, width = max(shapes - {tuple(fld["shape"])}, default=fld["shape"])[:2]
+        raise UserInputError(f"{fld['paths'][0]}: image is {width}x{height} px "
                              "but its header said otherwise; the file may be corrupt.")
     with timer.stage("crop"):
-        return cut_crops(stack, batch["x"], batch["y"], size, task["edge"])
+        return cut_crops(planes, batch["x"], batch["y"], size, task["edge"])
 
 
 class _Histogram:

@@ -848,11 +848,9 @@ def training_ranges(work: Path, sizes: list, train_groups: np.ndarray) -> dict:
             rows = np.argmax(finite[:, new], axis=0)
             first[new] = values[rows, np.flatnonzero(new)]
         found |= present
-        masked = np.where(finite, values, np.nan)
-        with np.errstate(all="ignore"):
-            low = np.fmin(low, np.nanmin(np.where(finite, values, np.inf), axis=0))
-            high = np.fmax(high, np.nanmax(np.where(finite, values, -np.inf), axis=0))
-        del masked
+        # Non-finite values replaced by +-inf leave no NaN: min and max, not nanmin and nanmax.
+        low = np.fmin(low, np.where(finite, values, np.inf).min(axis=0))
+        high = np.fmax(high, np.where(finite, values, -np.inf).max(axis=0))
     return {"found": found, "first": first, "low": low, "high": high}
 
 

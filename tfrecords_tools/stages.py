@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import time
 
-# In the order a cell meets them.
-STAGES = ("plan", "read", "checksum", "scale", "crop", "histogram", "serialize", "compress",
+# In the order a cell meets them; "rows" is a part reading its cells' rows of the plan.
+STAGES = ("plan", "rows", "read", "checksum", "scale", "crop", "histogram", "serialize", "compress",
           "write", "statistics", "finish")
 
 

@@ -73,7 +73,14 @@ def _entry(key: str, value) -> list:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return [_bytes_entry_head(key, len(value) if not isinstance(value, memoryview)
                                   else value.nbytes), value]
-    return [_field(1, _key_field(key) + _field(2, encode_feature(value)))]
+    return [_int_entry(key, value)]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _int_entry(key: str, value: int) -> bytes:
+    """A map entry of an Int64List of one value (object numbers and treatment indices repeat
+    from field to field: made once each)."""
+    return _field(1, _key_field(key) + _field(2, encode_feature(value)))
 
 
 def serialize_example(features: dict) -> bytes:
