@@ -124,6 +124,30 @@ def test_outputs_are_written(evaluated):
     assert report["timing"]["seconds_per_1000_cells"] > 0
 
 
+STAGES = ("sample", "draw", "lookup", "segmentation", "remeasure", "compare", "distributions",
+          "classifier", "retrieval", "controllability", "outputs", "other")
+
+
+def test_timing_gives_each_stage_and_they_add_up(evaluated):
+    timing = evaluated.report["timing"]
+    stages = timing["stages"]
+    assert set(stages) == set(STAGES)
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert sum(stages.values()) == pytest.approx(timing["seconds"], rel=1e-9)
+    for stage in ("draw", "segmentation", "remeasure", "classifier", "retrieval", "outputs"):
+        assert stages[stage] > 0, stage
+    # The re-measurement's wall time is the segmentation settings' and the remeasure call's.
+    assert timing["measure_seconds"] == pytest.approx(
+        stages["segmentation"] + stages["remeasure"], rel=0.02, abs=0.02)
+    assert stages["controllability"] >= timing["controllability_seconds"]
+    # In the workers: the CPU seconds of segmenting every crop and of measuring them.
+    assert timing["in_workers"]["segment_seconds"] > 0
+    assert timing["in_workers"]["measure_seconds"] > 0
+    on_disk = json.loads((evaluated.out / "report.json").read_text())["timing"]
+    assert on_disk["stages"] == pytest.approx(stages)
+    assert "classifier" in (evaluated.out / "report.md").read_text().split("## Time")[1]
+
+
 def test_stratified_quota():
     assert stratified_quota({"a": 10, "b": 3, "c": 50}, 21) == {"a": 9, "b": 3, "c": 9}
     assert stratified_quota({"a": 10, "b": 3}, None) == {"a": 10, "b": 3}

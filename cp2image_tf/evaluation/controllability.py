@@ -199,8 +199,9 @@ def controllability_section(model, data, manifest, cells, reference, plan, segme
     unique_lookup, lookup_inverse = np.unique(lookup_index, return_inverse=True)
     stack = np.concatenate([drawn, reference["crops"][unique_lookup]]).astype(np.float32)
     measure_start = time.perf_counter()
-    values = remeasure(stack, quick, channels, workers=workers, progress=progress,
-                       segmentation=segmentation, client=client).to_numpy()
+    frame = remeasure(stack, quick, channels, workers=workers, progress=progress,
+                      segmentation=segmentation, client=client)
+    values, in_workers = frame.to_numpy(), dict(frame.attrs.get("seconds", {}))
     measure_seconds = time.perf_counter() - measure_start
     shape = asked.shape[:-1]  # [cells, features, 2 ways, steps]
     measured = np.concatenate([values[:len(drawn)][inverse].reshape(*shape, -1),
@@ -213,7 +214,7 @@ def controllability_section(model, data, manifest, cells, reference, plan, segme
                "features": scores, "skipped": skipped, **summarise(scores),
                "timing": {"seconds": time.perf_counter() - started, "draw_seconds": draw_seconds,
                           "measure_seconds": measure_seconds, "measured_crops": len(stack),
-                          "workers": workers}}
+                          "workers": workers, "in_workers": in_workers}}
     pictures = drawn[inverse].reshape(*shape, *drawn.shape[1:])[0]  # the first cell's
     lookups = reference["crops"][lookup_index.reshape(*shape[:2], shape[3])[0]]
     strips = {entry["feature"]: {

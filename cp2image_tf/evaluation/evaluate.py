@@ -46,6 +46,7 @@ correlations) and remeasured.parquet (every re-measured feature of every picture
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -90,7 +91,7 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
     scheduler's address (see tfrecords_tools.parts). `controllability_cells` test cells are
     traversed along up to `controllability_features` features (controllability.py; 0 cells:
     not at all)."""
-    started = time.perf_counter()
+    watch = Stopwatch()
     if data is None:
         raise UserInputError("DATA_DIR is needed: the dataset the model was trained on.")
     manifest = matching_manifest(data, model.feature_names)
@@ -108,24 +109,31 @@ def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 
         if scheduler is not None:  # connect first: a wrong address fails before any work
             check_options(scheduler, workers)
         with client_for(scheduler, workers, quiet=not progress) as client, one_blas_thread():
-            quota, cells, reference = _sample(model, data, manifest, split, counts, max_cells,
-                                              reference_cells, seed)
+            with watch.stage("sample"):
+                quota, cells, reference = _sample(model, data, manifest, split, counts,
+                                                  max_cells, reference_cells, seed)
             _say(progress, f"Evaluating {len(cells['raw'])} {split} cells of {len(quota)} "
                            f"treatment(s) against {len(reference['raw'])} training cells.")
-            predictions, neighbour = _predict(model, manifest, cells, reference)
+            predictions, neighbour = _predict(model, manifest, cells, reference, watch)
             measured = _remeasure_all(cells, predictions, reference, neighbour, plan, manifest,
                                       train_cells, seed, workers, progress, client,
-                                      model.description.get("scaling", DEFAULT_SCALING))
+                                      model.description.get("scaling", DEFAULT_SCALING), watch)
             found = _compare(model, plan, manifest, cells, predictions, measured, seed,
-                             moa if classifier else None, classifier, moa_column)
+                             moa if classifier else None, classifier, moa_column, watch)
             found["classifier_left_out"] = left_out
-            found["controllability"], strips = _controllability(
-                model, data, manifest, cells, reference, plan, measured, found,
-                controllability_cells, controllability_features, seed, workers, progress, client)
+            with watch.stage("controllability"):
+                found["controllability"], strips = _controllability(
+                    model, data, manifest, cells, reference, plan, measured, found,
+                    controllability_cells, controllability_features, seed, workers, progress,
+                    client)
             report = _report(model, data, split, quota, cells, reference, manifest, plan,
-                             measured, found, workers, time.perf_counter() - started)
-            _write_outputs(folder.path, report, cells, predictions, neighbour, reference,
-                           measured, found, strips)
+                             measured, found)
+            with watch.stage("outputs"):
+                _write_outputs(folder.path, report, cells, predictions, neighbour, reference,
+                               measured, found, strips)
+            report["timing"] = _timing(watch, measured, found, workers, len(cells["raw"]))
+            write_json(folder.path / "report.json", report)
+            (folder.path / "report.md").write_text(report_markdown(report))
     report["out_dir"] = str(folder.out_dir)
     return report
 
@@ -141,19 +149,21 @@ def _sample(model, data, manifest, split, counts, max_cells, reference_cells, se
     return quota, cells, reference
 
 
-def _predict(model, manifest, cells, reference):
+def _predict(model, manifest, cells, reference, watch):
     """The model's pictures of the cells' profiles and the two baselines' (the nearest training
     cell by profile, the mean training image); the neighbours' indices."""
     normalization = model.description.get("normalization", DEFAULT_NORMALIZATION)
-    generated = model.images(cells["raw"])
-    neighbour = nearest_neighbours(cells["raw"], reference["raw"], manifest, normalization)
-    mean_image = reference["crops"].astype(np.float64).mean(0).astype(np.float32)
+    with watch.stage("draw"):
+        generated = model.images(cells["raw"])
+    with watch.stage("lookup"):
+        neighbour = nearest_neighbours(cells["raw"], reference["raw"], manifest, normalization)
+        mean_image = reference["crops"].astype(np.float64).mean(0).astype(np.float32)
     return ({"model": generated, "nearest neighbour": reference["crops"][neighbour],
              "mean image": mean_image}, neighbour)
 
 
 def _remeasure_all(cells, predictions, reference, neighbour, plan, manifest, train_cells, seed,
-                   workers, progress, client, scaling) -> dict:
+                   workers, progress, client, scaling, watch) -> dict:
     """Every picture segmented and re-measured in one pool: real, generated, the neighbours
     used plus a random sample of training cells (for standardising and the classifier), the
     mean image. Returns each method's features and the training cells', and the segmentation."""
@@ -168,10 +178,13 @@ def _remeasure_all(cells, predictions, reference, neighbour, plan, manifest, tra
     measure_start = time.perf_counter()
     # One segmentation for every picture, as a pipeline has: CellProfiler's nucleus threshold
     # where Image.csv gave it, else thresholds pooled over real training crops.
-    segmentation, origin = dataset_segmentation(manifest, reference["crops"], scaling,
-                                                plan.objects, reference["raw"])
-    measured_all = remeasure(stack, plan, channels, workers=workers, progress=progress,
-                             segmentation=segmentation, client=client)
+    with watch.stage("segmentation"):
+        segmentation, origin = dataset_segmentation(manifest, reference["crops"], scaling,
+                                                    plan.objects, reference["raw"])
+    with watch.stage("remeasure"):
+        measured_all = remeasure(stack, plan, channels, workers=workers, progress=progress,
+                                 segmentation=segmentation, client=client)
+    in_workers = dict(measured_all.attrs.get("seconds", {}))
     measure_seconds = time.perf_counter() - measure_start
     measured_all = measured_all.reset_index(drop=True)
     real_m = measured_all.iloc[:n].reset_index(drop=True)
@@ -186,15 +199,22 @@ def _remeasure_all(cells, predictions, reference, neighbour, plan, manifest, tra
                         "ceiling": real_m},
             "train": train_m, "train_pick": train_pick,
             "train_treatments": [reference["treatments"][j] for j in train_pick],
-            "seconds": measure_seconds, "crops": len(stack),
+            "seconds": measure_seconds, "crops": len(stack), "in_workers": in_workers,
             "segmentation": {**{k: v for k, v in vars(segmentation).items()},
                              "from": origin},
             "settings": segmentation}
 
 
 def _compare(model, plan, manifest, cells, predictions, measured, seed, moa, classifier,
-             moa_column) -> dict:
+             moa_column, watch) -> dict:
     """Every comparison of the re-measured features with the input and with the real cells'."""
+    with watch.stage("compare"):
+        return _comparisons(model, plan, manifest, cells, predictions, measured, seed, moa,
+                            classifier, moa_column, watch)
+
+
+def _comparisons(model, plan, manifest, cells, predictions, measured, seed, moa, classifier,
+                 moa_column, watch) -> dict:
     remeasured = measured["methods"]
     pixels = {name: metrics.pixel_metrics(pred, cells["crops"])
               for name, pred in predictions.items()}
@@ -211,10 +231,12 @@ def _compare(model, plan, manifest, cells, predictions, measured, seed, moa, cla
                        for name in ("model", "nearest neighbour", "mean image")}
     treatment_level["ceiling"] = split_half_profiles(standardized["ceiling"],
                                                      cells["treatments"], seed)
-    distributions = distribution_report(standardized, cells["treatments"], seed)
+    with watch.stage("distributions"):
+        distributions = distribution_report(standardized, cells["treatments"], seed)
     test_treatments = np.asarray(cells["treatments"])
-    classification, correct = (_classify_all(measured, standardized, test_treatments, seed, moa,
-                                             moa_column) if classifier else ({}, {}))
+    with watch.stage("classifier"):
+        classification, correct = (_classify_all(measured, standardized, test_treatments, seed,
+                                                 moa, moa_column) if classifier else ({}, {}))
     seen = np.isin(test_treatments, list(treatment_cells(manifest, "train")))
     groups = {"all": np.ones(len(test_treatments), bool)}
     if not seen.all():
@@ -224,7 +246,9 @@ def _compare(model, plan, manifest, cells, predictions, measured, seed, moa, cla
                                       test_treatments, correct, seed,
                                       known_distances=pooled if group == "all" else None)
                 for group, mask in groups.items() if mask.any()}
-    retrieval, per_cell = retrieval_report(standardized, inputs, manifest, test_treatments, seed)
+    with watch.stage("retrieval"):
+        retrieval, per_cell = retrieval_report(standardized, inputs, manifest, test_treatments,
+                                               seed)
     add_to_headline(headline, groups, per_cell, len(test_treatments))
     return {"pixels": pixels, "inputs": inputs, "correlations": correlations,
             "modules": metrics.module_summary(correlations, THRESHOLD), "dropped": dropped,
@@ -248,9 +272,10 @@ def _classify_all(measured, standardized, test_treatments, seed, moa, moa_column
     return classification, correct
 
 
-def _report(model, data, split, quota, cells, reference, manifest, plan, measured, found,
-            workers, elapsed) -> dict:
-    """report.json's content: every figure, with what was evaluated and how long it took."""
+def _report(model, data, split, quota, cells, reference, manifest, plan, measured,
+            found) -> dict:
+    """report.json's content but its timing (`_timing`): every figure, with what was
+    evaluated."""
     n = len(cells["raw"])
     return {
         "model": model.source,
@@ -282,24 +307,35 @@ def _report(model, data, split, quota, cells, reference, manifest, plan, measure
         "unseen_treatments": found["unseen"],
         "training_cells_measured": len(measured["train_pick"]),
         "standardization_dropped": found["dropped"],
-        "timing": {"seconds": elapsed, "measure_seconds": measured["seconds"],
-                   "measured_crops": measured["crops"], "workers": workers,
-                   "controllability_seconds": found["controllability"]["timing"]["seconds"],
-                   "seconds_per_1000_cells": elapsed / n * 1000},
     }
+
+
+def _timing(watch, measured, found, workers, n) -> dict:
+    """report.json's timing: the wall seconds in all and of each stage (`stages`: their own
+    time, a nested stage's taken out of the stage around it, so that they add up to `seconds`
+    with `other`), this process's CPU seconds, and the re-measurement's split into segmenting
+    and measuring in its workers (CPU seconds summed over them)."""
+    elapsed = watch.elapsed()
+    stages = dict(watch.stages)
+    stages["other"] = max(0.0, elapsed - sum(stages.values()))
+    return {"seconds": elapsed, "stages": stages, "cpu_seconds": watch.cpu(),
+            "measure_seconds": measured["seconds"],
+            "measured_crops": measured["crops"], "workers": workers,
+            "in_workers": measured["in_workers"],
+            "controllability_seconds": found["controllability"]["timing"]["seconds"],
+            "seconds_per_1000_cells": elapsed / n * 1000}
 
 
 def _write_outputs(folder, report, cells, predictions, neighbour, reference, measured, found,
                    strips):
-    """features.csv, report.json, report.md, the pictures (controllability/<feature>.png: one
-    strip per traversed feature) and remeasured.parquet."""
+    """features.csv, the pictures (controllability/<feature>.png: one strip per traversed
+    feature) and remeasured.parquet (report.json and report.md are written after, with the
+    time this took)."""
     table = pd.concat({name: c for name, c in found["correlations"].items()}, axis=1)
     table.columns = [f"{method} {stat}" for method, stat in table.columns]
     table.index.name = "feature"
     table.insert(0, "module", [metrics.module_of(f) for f in table.index])
     table.to_csv(folder / "features.csv")
-    write_json(folder / "report.json", report)
-    (folder / "report.md").write_text(report_markdown(report))
     draw_pictures(folder, cells, predictions, neighbour, reference, found["correlations"],
                   found["inputs"], measured["methods"], report["channels"], report["modules"],
                   set(report["unseen_treatments"]))
@@ -337,6 +373,35 @@ def ceiling_check(modules: pd.DataFrame) -> dict:
                 "not reproduce CellProfiler here, so no comparison of the model with the "
                 "baselines means anything. Check that the features were measured on the images "
                 "cropped (convert --measured-as, --illum) and the segmentation in report.json.")}
+
+
+class Stopwatch:
+    """Wall seconds since it was made and of named stages (report.json's timing): a stage's
+    own time, without the stages timed inside it, so that the stages never count twice."""
+
+    def __init__(self):
+        self.started, self.stages, self._inside = time.perf_counter(), {}, []
+        self.cpu_started = time.process_time()
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        self._inside.append(0.0)
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            nested = self._inside.pop()
+            self.stages[name] = self.stages.get(name, 0.0) + seconds - nested
+            if self._inside:
+                self._inside[-1] += seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def cpu(self) -> float:
+        """CPU seconds of this process (its threads too) since it was made."""
+        return time.process_time() - self.cpu_started
 
 
 def _split_counts(manifest: dict, data, split: str) -> dict:

@@ -95,6 +95,10 @@ def report_markdown(report: dict) -> str:
               f"{timing['seconds']:.0f} s in all ({timing['measure_seconds']:.0f} s measuring "
               f"{timing['measured_crops']} crops on {timing['workers']} worker(s)): "
               f"{timing['seconds_per_1000_cells'] / 60:.1f} min per 1,000 cells.", ""]
+    if timing.get("stages"):
+        lines += ["| stage | seconds | share |", "|---|---|---|"] + [
+            f"| {stage} | {seconds:.1f} | {seconds / timing['seconds']:.0%} |"
+            for stage, seconds in timing["stages"].items()] + [""]
     failures = {k: v for k, v in report["segmentation_failures"].items() if v}
     if failures:
         lines += [f"Segmentation found no object in: "
