@@ -76,6 +76,15 @@ def fit(data_dir, run_dir, model, steps, time_limit, batch_size, strategy, confi
         click.echo(f"Error: stopped by {stopped.signal} {saved}. Run the same command to resume.",
                    err=True)
         sys.exit(143 if stopped.signal == "SIGTERM" else 130)
+    if summary.get("chief", True) and config.model == "exemplar" and config.exemplar.calibrate:
+        from cp2image_tf.evaluation.calibration import calibrate_after_fit
+
+        found = calibrate_after_fit(run_dir, data_dir, progress=not quiet)
+        if "error" not in found:
+            click.echo(f"Edit strength {found['strength']:.2f}: pinned edits (traverse, explore) "
+                       f"moved {found['median_gain']:.2f} of the asked change (median over "
+                       f"{found['features']} features re-measured on {found['cells']} validation "
+                       f"cells; {run_dir}/calibration.json).")
     best = summary["best"]
     rate = summary.get("images_per_s")
     click.echo(f"Stopped by the {summary['stopped_by']} after {summary['seconds'] / 60:.1f} min"

@@ -87,3 +87,38 @@ def test_the_geometry_term_asks_the_reading_to_move_as_the_profile(moved, disc_d
     term = float(trainer.geometry_term(tf.constant(large), tf.constant(small),
                                        tf.constant(asked), fake, 4.0))
     assert term == pytest.approx(3 * (grown - moved * grown) ** 2 / 4, rel=1e-4, abs=1e-6)
+
+
+def test_the_intensity_reading_follows_each_objects_mean_intensity_per_channel():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    crops, dna_in_nucleus, tubulin_in_cell = [], [], []
+    for k in range(24):
+        crop = ellipse(5 + k % 3, 5)
+        bright, tubulin = rng.uniform(0.5, 1.0), rng.uniform(0.2, 0.6)
+        crop[..., 0] = np.where(crop[..., 0] > 0.5, bright, crop[..., 0])
+        crop[..., 1] = np.where(crop[..., 1] > 0.3, tubulin, crop[..., 1])
+        crops.append(crop)
+        dna_in_nucleus.append(bright)
+        tubulin_in_cell.append(tubulin)
+    crops = np.stack(crops)
+    z = lambda v: (np.array(v) - np.mean(v)) / np.std(v)  # noqa: E731
+    names = ["Nuclei_Intensity_MeanIntensity_DNA", "Cells_Intensity_MeanIntensity_Tubulin",
+             "Cytoplasm_Intensity_MeanIntensity_Tubulin", "Nuclei_Intensity_MeanIntensity_Tubulin"]
+    features = np.stack([z(dna_in_nucleus), z(tubulin_in_cell), z(tubulin_in_cell),
+                         rng.normal(size=24)], 1)
+    segmentation = Segmentation(dna=0, nucleus_threshold=0.3, cell_threshold=0.15,
+                                nucleus_diameter=12.0)
+    roles = {"Nuclei": "nucleus", "Cells": "cell", "Cytoplasm": "cytoplasm"}
+    geometry = fit_geometry(crops, features, names, roles, segmentation, ["DNA", "Tubulin"])
+    # The nucleus's tubulin is a constant 0.02 here: unrelated to its (random) feature.
+    assert geometry.parts == [("nucleus", "Intensity_MeanIntensity_DNA"),
+                              ("cell", "Intensity_MeanIntensity_Tubulin"),
+                              ("cytoplasm", "Intensity_MeanIntensity_Tubulin")]
+    assert geometry.features == [0, 1, 2]
+    readings = raw_readings(tf.constant(crops), geometry).numpy()
+    assert np.corrcoef(readings[:, 0], dna_in_nucleus)[0, 1] > 0.95
+    assert np.corrcoef(readings[:, 2], tubulin_in_cell)[0, 1] > 0.95
+    # Without channels, no intensity reading (nor any other here): None.
+    assert fit_geometry(crops, features, names, roles, segmentation) is None

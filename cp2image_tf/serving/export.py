@@ -37,10 +37,14 @@ from tfrecords_tools.errors import UserInputError
 WARMUP_FILE = "tf_serving_warmup_requests"
 WARMUP_BATCHES = (1, 8, 64)
 DESCRIBE_KEYS = ("model", "manifest")
+# The exemplar model's edit strength per checkpoint, written by evaluation/calibration.py.
+CALIBRATION = "calibration.json"
 
 
-def load_run(run_dir, checkpoint: str = "best"):
-    """(decoder with restored weights, manifest, FitConfig, checkpoint info) of a run folder."""
+def load_run(run_dir, checkpoint: str = "best", calibrated: bool = True):
+    """(decoder with restored weights, manifest, FitConfig, checkpoint info) of a run folder.
+    `calibrated`: the info carries the exemplar model's edit strength calibrated after fit for
+    this checkpoint (evaluation/calibration.py), which its `edit` signature applies."""
     import tensorflow as tf
 
     from cp2image_tf.training.networks import build_model_decoder
@@ -78,10 +82,23 @@ def load_run(run_dir, checkpoint: str = "best"):
     restore_matching(tf.train.Checkpoint(decoder=decoder), path, partial=True)
     step = int(path.rsplit("-", 1)[1])
     info = {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint, "step": step}
+    if calibrated and config.model == "exemplar":
+        strength = saved_strength(run_dir, step)
+        if strength is not None:
+            info["edit_strength"] = strength
     best = run_dir / "best" / "best.json"
     if checkpoint == "best" and best.is_file():
         info["validation"] = json.loads(best.read_text())
     return decoder, manifest, config, info
+
+
+def saved_strength(run_dir, step: int) -> float | None:
+    """The edit strength calibrated for the checkpoint at `step` of a run folder, or None."""
+    path = Path(run_dir) / CALIBRATION
+    if not path.is_file():
+        return None
+    found = json.loads(path.read_text())
+    return float(found["strength"]) if int(found.get("step", -1)) == step else None
 
 
 def model_description(manifest: dict, normalization: str, scaling: str,
@@ -126,7 +143,8 @@ def serving_module(decoder, manifest: dict, normalization: str, noise_dim: int =
                                  name="colours")
     description = model_description(manifest, normalization, scaling, info)
     functions = add_signatures(module, decoder, manifest["features"]["count"], noise_dim,
-                               [json.dumps(description), json.dumps(manifest)])
+                               [json.dumps(description), json.dumps(manifest)],
+                               (info or {}).get("edit_strength", 1.0))
     # Track the tf.Variables the traced functions read, not the Keras objects that wrap
     # them: TF1-style loaders (TensorFlow Serving, saved_model_cli run) restore only
     # variables that the object graph holds as tf.Variables.
@@ -150,9 +168,11 @@ def normaliser(module):
     return normalise
 
 
-def add_signatures(module, decoder, n_features: int, noise_dim: int, describe_values) -> list:
+def add_signatures(module, decoder, n_features: int, noise_dim: int, describe_values,
+                   edit_strength: float = 1.0) -> list:
     """module.serve, .generate_png, .describe and .edit (None but for the exemplar model);
-    the list of the functions that draw."""
+    the list of the functions that draw. `edit` moves its profile `edit_strength` times as far
+    from `like` as asked (evaluation/calibration.py)."""
     import tensorflow as tf
 
     from cp2image_tf.training.exemplar.bank import is_exemplar_decoder
@@ -189,12 +209,18 @@ def add_signatures(module, decoder, n_features: int, noise_dim: int, describe_va
     module.describe = describe_fn(describe_values)
     module.edit = None
     if exemplar:
+        module.edit_strength = tf.Variable(edit_strength, trainable=False, dtype=tf.float32,
+                                           name="edit_strength")
+
         @tf.function(input_signature=[features_spec, tf.TensorSpec([None, n_features], tf.float32,
                                                                    name="like")])
         def edit(features, like):
             """The features drawn as an edit of the training cell nearest `like` (a pinned
-            exemplar: one cell changing along a traversal)."""
-            return {"images": module.folded.draw(normalise(features), normalise(like))}
+            exemplar: one cell changing along a traversal), the change from `like` taken
+            module.edit_strength times (calibrated after fit)."""
+            z, pinned = normalise(features), normalise(like)
+            z = pinned + module.edit_strength * (z - pinned)
+            return {"images": module.folded.draw(z, pinned)}
 
         module.edit = edit
     return [serve, generate_png] + ([module.edit] if exemplar else [])

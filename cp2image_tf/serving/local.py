@@ -92,8 +92,9 @@ def resolve_saved_model(path: Path) -> Path | None:
     return versions[-1][1] if versions else None
 
 
-def load_model(path, checkpoint: str = "best"):
-    """A run folder, a SavedModel or a model base of numbered versions, ready to draw cells."""
+def load_model(path, checkpoint: str = "best", calibrated: bool = True):
+    """A run folder, a SavedModel or a model base of numbered versions, ready to draw cells.
+    `calibrated` (run folders): with the edit strength calibrated after fit (load_run)."""
     import tensorflow as tf
 
     path = Path(path)
@@ -101,7 +102,7 @@ def load_model(path, checkpoint: str = "best"):
         raise UserInputError(f"{path}: no such folder. MODEL is a run folder of `cp2image-tf fit` "
                              "or a SavedModel written by `cp2image-tf export`.")
     if (path / "config.json").is_file():
-        decoder, manifest, config, info = load_run(path, checkpoint)
+        decoder, manifest, config, info = load_run(path, checkpoint, calibrated)
         module = serving_module(decoder, manifest, config.normalization, config.noise_dim, info,
                                 config.scaling)
         signatures = {"serving_default": module.serve, "generate_png": module.generate_png}

@@ -77,6 +77,12 @@ class ExemplarSettings:
     # The size-and-shape reading (exemplar.geometry: soft masks at the dataset's segmentation
     # thresholds) of each edit must move from its exemplar's as the profile asks.
     geometry_weight: float = 1.0
+    # The reading also takes each object's mean intensity in every channel (off: see
+    # docs/design/exemplar.md).
+    intensity_readings: bool = False
+    # After the steps, the edit strength is calibrated on re-measured traversals of validation
+    # cells (evaluation/calibration.py; `cp2image-tf fit` runs it).
+    calibrate: bool = True
     # The consistency term weights each feature by the measurer's validation r^2.
     reliability_weighted: bool = True
     # Measurer and critic also see log intensities (shared.layers.LogView); the measurer

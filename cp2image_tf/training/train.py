@@ -253,6 +253,7 @@ def _fit(data_dir, run_dir: Path, manifest: dict, config: FitConfig, progress: b
             shutil.rmtree(write_dir, ignore_errors=True)
     run.summary.update(steps=step, run_dir=str(run_dir), seconds=run.clock.seconds(),
                        weights_sha256=weights_digest(*trainer.models))
+    run.summary["chief"] = run.chief
     return run.summary
 
 

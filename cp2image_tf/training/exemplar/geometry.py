@@ -19,7 +19,10 @@ import tensorflow as tf
 EDGE = 0.15
 # A reading is used for a feature only where it follows CellProfiler's values on real crops.
 MIN_R = 0.5
-READINGS = ("AreaShape_Area", "AreaShape_Eccentricity")
+SHAPE_READINGS = ("AreaShape_Area", "AreaShape_Eccentricity")
+# Per channel: the object's mean intensity, named as CellProfiler names it
+# ("Intensity_MeanIntensity_<image>").
+INTENSITY = "Intensity_MeanIntensity_"
 # The window about the centre, in typical nucleus diameters (the cell's is twice as wide).
 WINDOW = 0.5
 
@@ -27,7 +30,8 @@ WINDOW = 0.5
 @dataclass
 class Geometry:
     """What shape_readings needs: the nucleus channel, the two thresholds on the crops' scale,
-    and per reading (object role, reading) the feature index and the fitted slope."""
+    the images each channel is measured as (channel order), and per reading (object role,
+    reading) the feature index and the fitted slope."""
 
     dna: int
     nucleus_threshold: float
@@ -37,6 +41,7 @@ class Geometry:
     features: list[int]
     slopes: list[float]
     parts: list[tuple[str, str]]
+    channels: tuple = ()
 
 
 def _blur(images, sigma: float):
@@ -62,7 +67,8 @@ def _window(h: int, w: int, sigma: float | None):
 
 
 def soft_masks(images, geometry: Geometry) -> dict:
-    """{"nucleus": [B, H, W], "cell": [B, H, W]} in [0, 1] (no cell without a cell threshold),
+    """{"nucleus", "cell", "cytoplasm": [B, H, W]} in [0, 1] (no cell or cytoplasm without a
+    cell threshold; the cytoplasm is the cell less the nucleus),
     each weighted by a window about the centre as wide as the object (WINDOW x the typical
     nucleus diameter, twice that for the cell)."""
     images = tf.cast(images, tf.float32)
@@ -80,10 +86,11 @@ def soft_masks(images, geometry: Geometry) -> dict:
         c = geometry.cell_threshold
         cell = tf.maximum(tf.sigmoid((smooth[..., 1] - c) / (EDGE * c)), nucleus)
         masks["cell"] = cell * _window(h, w, 2 * sigma if sigma else None)
+        masks["cytoplasm"] = tf.maximum(masks["cell"] - masks["nucleus"], 0.0)
     return masks
 
 
-def _area_and_eccentricity(mask):
+def _shape(mask):
     """Each soft mask's area and the eccentricity of its second moments (as an ellipse's)."""
     h, w = mask.shape[1], mask.shape[2]
     ys, xs = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
@@ -101,11 +108,24 @@ def _area_and_eccentricity(mask):
                                                          0.0) + 1e-8)}
 
 
+def _reading(images, masks: dict, found: dict, role: str, reading: str, channels) -> tf.Tensor:
+    """[B]: one (role, reading) of the images."""
+    if reading.startswith(INTENSITY):
+        channel = list(channels).index(reading[len(INTENSITY):])
+        mask = masks[role]
+        return (tf.reduce_sum(mask * images[..., channel], [1, 2])
+                / tf.maximum(tf.reduce_sum(mask, [1, 2]), 1e-3))
+    if role not in found:
+        found[role] = _shape(masks[role])
+    return found[role][reading]
+
+
 def raw_readings(images, geometry: Geometry, parts=None):
     """[B, len(parts)]: each (role, reading) of the images, before the slopes."""
-    masks = soft_masks(images, geometry)
-    found = {role: _area_and_eccentricity(mask) for role, mask in masks.items()}
-    return tf.stack([found[role][reading] for role, reading in (parts or geometry.parts)], 1)
+    images = tf.cast(images, tf.float32)
+    masks, found = soft_masks(images, geometry), {}
+    return tf.stack([_reading(images, masks, found, role, reading, geometry.channels)
+                     for role, reading in (parts or geometry.parts)], 1)
 
 
 def shape_readings(images, geometry: Geometry):
@@ -114,13 +134,14 @@ def shape_readings(images, geometry: Geometry):
     return raw_readings(images, geometry) * tf.constant(geometry.slopes, tf.float32)[None]
 
 
-def fit_geometry(crops: np.ndarray, features: np.ndarray, names, roles: dict, segmentation
-                 ) -> Geometry | None:
+def fit_geometry(crops: np.ndarray, features: np.ndarray, names, roles: dict, segmentation,
+                 channels=()) -> Geometry | None:
     """The Geometry of a dataset: `crops` [N, H, W, C] real training crops, `features` [N, F]
     their standardised profiles, `roles` object set -> role (measuring's Plan.objects),
-    `segmentation` its Segmentation. Each reading whose object has the feature (e.g.
-    Nuclei_AreaShape_Area) and follows it at r >= MIN_R gets the slope of the feature on it.
-    None when no reading does."""
+    `segmentation` its Segmentation, `channels` the image each channel is measured as. Each
+    reading whose object has the feature (e.g. Nuclei_AreaShape_Area,
+    Cells_Intensity_MeanIntensity_DNA) and follows it at r >= MIN_R gets the slope of the
+    feature on it. None when no reading does."""
     from cp2image_tf.measuring.remeasure import SMOOTHING
 
     if segmentation.nucleus_threshold is None:
@@ -130,10 +151,12 @@ def fit_geometry(crops: np.ndarray, features: np.ndarray, names, roles: dict, se
                         cell_threshold=(float(segmentation.cell_threshold)
                                         if segmentation.cell_threshold else None),
                         smoothing=SMOOTHING, diameter=segmentation.nucleus_diameter,
-                        features=[], slopes=[], parts=[])
+                        features=[], slopes=[], parts=[], channels=tuple(channels))
+    readings = SHAPE_READINGS + tuple(INTENSITY + c for c in channels)
     candidates = [(f"{obj}_{reading}", role, reading) for obj, role in roles.items()
-                  if role in ("nucleus", "cell") for reading in READINGS
-                  if role == "nucleus" or geometry.cell_threshold]
+                  if role in ("nucleus", "cell", "cytoplasm") for reading in readings
+                  if role == "nucleus" or geometry.cell_threshold
+                  if role != "cytoplasm" or reading.startswith(INTENSITY)]
     candidates = [c for c in candidates if c[0] in names]
     if not candidates:
         return None

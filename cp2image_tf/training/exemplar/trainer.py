@@ -105,7 +105,8 @@ class ExemplarTrainer(CriticTrainer):
         names = run.manifest["features"]["names"]
         roles = plan_measurement(names, measured_names(run.manifest)).objects
         segmentation, _ = dataset_segmentation(run.manifest, crops, run.config.scaling, roles)
-        return fit_geometry(crops, features, names, roles, segmentation)
+        channels = measured_names(run.manifest) if self.settings.intensity_readings else ()
+        return fit_geometry(crops, features, names, roles, segmentation, channels)
 
     def judge_rounds(self, run):
         if not self.config.judge_rounds:

@@ -1,0 +1,157 @@
+"""The exemplar model's edit strength, calibrated on re-measured traversals after `fit`
+(`cp2image-tf fit` calls `calibrate_after_fit`; from Python, call `calibrate(run_dir, data_dir)`
+after `fit`).
+
+The editor's response to an asked change is close to linear in the change but smaller than
+asked, by a factor that depends on the data and the run (docs/design/exemplar.md). After the
+steps, `calibrate` measures it as evaluate's controllability section does, on validation cells:
+features chosen from the data (`choose_features`), each moved with its correlated features
+-SPAN..+SPAN training SDs from each cell, pinned, every picture re-measured with cp-measure, and
+the gain (the within-cell slope of the re-measured value on the asked one, over the slope of the
+re-measured value on CellProfiler's over real crops) taken per feature. The edit strength is
+1 / the median gain, within STRENGTH_RANGE; calibration.json in the run folder keeps it with
+the checkpoint it was measured on. `load_run` (export, and every command that draws from a run
+folder) passes it to the served `edit` signature, which takes the asked change from the pinned
+profile that many times: traverse, explore and evaluate's controllability draw through it.
+Drawing a profile on its own (generate, reconstruction) is not changed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cp2image_tf.serving.export import CALIBRATION
+from tfrecords_tools.atomic import write_json
+
+STRENGTH_RANGE = (0.5, 2.0)
+SPAN = 1.5
+STEPS = 5
+CELLS = 16
+FEATURES = 16
+REAL_CELLS = 200
+
+
+def calibrate(run_dir, data_dir, checkpoint: str = "best", cells: int = CELLS,
+              features: int = FEATURES, seed: int = 0, progress: bool = False) -> dict:
+    """Measure the run's gains (module doc) at `checkpoint` with strength 1, write
+    calibration.json and return it: strength, step, median_gain and per feature its gain."""
+    from cp2image_tf.serving.local import load_model
+
+    started = time.perf_counter()
+    model = load_model(run_dir, checkpoint, calibrated=False)
+    gains = measured_gains(model, data_dir, cells, features, seed)
+    strength, median = strength_of(gains)
+    found = {"strength": strength, "step": int(model.description["source"]["step"]),
+             "checkpoint": checkpoint, "median_gain": _finite(median),
+             "gains": {name: _finite(g) for name, g in gains.items()},
+             "features": int(sum(np.isfinite(g) for g in gains.values())),
+             "cells": cells, "span": SPAN, "steps": STEPS,
+             "seconds": round(time.perf_counter() - started, 1)}
+    write_json(Path(run_dir) / CALIBRATION, found)
+    return found
+
+
+def strength_of(gains: dict) -> tuple[float, float]:
+    """(strength, median gain) of feature -> gain: 1 / the median within STRENGTH_RANGE; 1 where
+    the edits do not move the features at all (nothing to scale)."""
+    finite = [g for g in gains.values() if np.isfinite(g)]
+    median = float(np.median(finite)) if finite else float("nan")
+    if not np.isfinite(median) or median <= 0:
+        return 1.0, median
+    return float(np.clip(1.0 / median, *STRENGTH_RANGE)), median
+
+
+def calibrate_after_fit(run_dir, data_dir, progress: bool) -> dict:
+    """`calibrate` at the end of fit: the finished run is kept whatever happens; a calibration
+    that cannot be measured leaves the strength at 1 and says why."""
+    if progress:
+        print("Calibrating the edit strength on validation cells ...", file=sys.stderr)
+    try:
+        return calibrate(run_dir, data_dir, progress=progress)
+    except Exception as err:  # noqa: BLE001 - the run is done; say why, draw at strength 1
+        (Path(run_dir) / CALIBRATION).unlink(missing_ok=True)
+        print(f"Warning: the edit strength was not calibrated ({type(err).__name__}: {err}); "
+              "the model draws at strength 1.", file=sys.stderr)
+        return {"strength": 1.0, "error": f"{type(err).__name__}: {err}"}
+
+
+def measured_gains(model, data_dir, cells: int, features: int, seed: int) -> dict:
+    """feature -> gain of the model's correlated, pinned traversals of validation cells."""
+    from cp2image_tf.evaluation.controllability import (choose_features, fast_plan,
+                                                        regression_slope, within_cell_slope)
+    from cp2image_tf.measuring.remeasure import dataset_segmentation, plan_measurement, remeasure
+    from cp2image_tf.metrics import feature_correlations
+    from tfrecords_tools.manifest import matching_manifest, measured_names, treatment_cells
+    from tfrecords_tools.reader import DEFAULT_SCALING, sample_cells, stratified_quota
+
+    manifest = matching_manifest(data_dir, model.feature_names)
+    scaling = model.description.get("scaling", DEFAULT_SCALING)
+    real = sample_cells(data_dir, manifest, "val", stratified_quota(
+        treatment_cells(manifest, "val"), REAL_CELLS), scaling, seed)
+    reference = sample_cells(data_dir, manifest, "train", stratified_quota(
+        treatment_cells(manifest, "train"), 1000), scaling, seed + 1)
+    channels = measured_names(manifest)
+    plan = fast_plan(plan_measurement(model.feature_names, channels), channels)
+    segmentation, _ = dataset_segmentation(manifest, reference["crops"], scaling, plan.objects,
+                                           reference["raw"])
+    real_measured = remeasure(real["crops"], plan, channels, segmentation=segmentation)
+    inputs = _frame(real["raw"], model.feature_names)[plan.measurable]
+    chosen, _ = choose_features(feature_correlations(inputs, real_measured)["pearson"],
+                                channels, features)
+    if not chosen or not len(real["raw"]):
+        return {}
+    columns = [model.feature_names.index(c["feature"]) for c in chosen]
+    origins = _origins(real["raw"], model.median, cells, seed)
+    asked = traversals(model, data_dir, manifest, origins, columns)
+    like = np.repeat(origins, len(columns) * STEPS, axis=0)
+    drawn = model.edits(asked.reshape(-1, asked.shape[-1]).astype(np.float32),
+                        like.astype(np.float32))
+    measured = remeasure(drawn, plan, channels, segmentation=segmentation)
+    gains = {}
+    for k, (entry, j) in enumerate(zip(chosen, columns)):
+        name = entry["feature"]
+        y = measured[name].to_numpy(np.float64).reshape(len(origins), len(columns), STEPS)[:, k]
+        slope = float(within_cell_slope(asked[:, k, :, j][..., None], y[..., None])[0])
+        real_slope = regression_slope(real["raw"][:, j], real_measured[name].to_numpy())
+        gains[name] = slope / real_slope if real_slope else float("nan")
+    return gains
+
+
+def traversals(model, data_dir, manifest, origins, columns) -> np.ndarray:
+    """[cells, features, STEPS, F]: each feature moved -SPAN..+SPAN training SDs from each
+    origin with its correlated features, within the training range (as traverse moves it)."""
+    from cp2image_tf.drawing.traverse import (feature_correlations_with, training_range,
+                                              traversal_profiles, within_range)
+
+    correlations = feature_correlations_with(data_dir, model, columns)
+    bounds = training_range(getattr(model, "manifest", None), manifest)
+    sd = np.asarray(model.sd, np.float64)
+    zs = np.linspace(-SPAN, SPAN, STEPS)
+    out = np.empty((len(origins), len(columns), STEPS, origins.shape[1]))
+    for i, origin in enumerate(origins):
+        for k, j in enumerate(columns):
+            profiles = traversal_profiles(origin, j, correlations[k], sd, zs)
+            out[i, k] = profiles if bounds is None else within_range(profiles, bounds, origin)[0]
+    return out
+
+
+def _finite(value):
+    return None if value is None or not math.isfinite(value) else round(float(value), 4)
+
+
+def _origins(raw: np.ndarray, median, cells: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed + 5)
+    picks = np.sort(rng.choice(len(raw), min(cells, len(raw)), replace=False))
+    origins = raw[picks].astype(np.float64)
+    return np.where(np.isfinite(origins), origins, median)
+
+
+def _frame(raw, names):
+    import pandas as pd
+
+    return pd.DataFrame(raw, columns=names)
