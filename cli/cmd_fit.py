@@ -82,9 +82,10 @@ def fit(data_dir, run_dir, model, steps, time_limit, batch_size, strategy, confi
         found = calibrate_after_fit(run_dir, data_dir, progress=not quiet)
         if "error" not in found:
             click.echo(f"Edit strength {found['strength']:.2f}: pinned edits (traverse, explore) "
-                       f"moved {found['median_gain']:.2f} of the asked change (median over "
-                       f"{found['features']} features re-measured on {found['cells']} validation "
-                       f"cells; {run_dir}/calibration.json).")
+                       f"moved {found['gain'] or 0:.2f} of the asked change (geometric mean over "
+                       f"the {found['moved_features']} of {found['features']} features they move, "
+                       f"re-measured on {found['cells']} validation cells; "
+                       f"{run_dir}/calibration.json).")
     best = summary["best"]
     rate = summary.get("images_per_s")
     click.echo(f"Stopped by the {summary['stopped_by']} after {summary['seconds'] / 60:.1f} min"

@@ -31,13 +31,16 @@ def test_the_gains_measured_are_the_edits_response_and_the_strength_undoes_it(di
                              "Nuclei_Intensity_MeanIntensity_DNA"]
     for name, gain in gains.items():
         assert gain == pytest.approx(response, abs=0.1), name
-    strength, median = strength_of(gains)
-    assert strength * median == pytest.approx(1.0)
+    strength, gain, moved = strength_of(gains)
+    assert moved == 3 and strength == pytest.approx(min(1 / gain, STRENGTH_RANGE[1]))
     assert strength == pytest.approx(1 / response, rel=0.2)
 
 
-def test_the_strength_stays_within_its_range_and_is_1_without_a_response():
-    assert strength_of({"a": 0.1, "b": 0.2, "c": 0.05}) == (STRENGTH_RANGE[1], 0.1)
+def test_the_strength_undoes_the_moved_features_gain_within_its_range():
+    # Features the edits do not move (gain < MOVED) are left out: no scale moves them.
+    assert strength_of({"a": 0.4, "b": 0.9, "c": 0.05, "d": -0.3}) == (
+        pytest.approx(1 / 0.6), pytest.approx(0.6), 2)
+    assert strength_of({"a": 0.3, "b": 0.3})[0] == STRENGTH_RANGE[1]
     assert strength_of({"a": 3.0})[0] == STRENGTH_RANGE[0]
     assert strength_of({"a": 0.0, "b": -0.2, "c": 0.1})[0] == 1.0
     assert strength_of({"a": float("nan")})[0] == 1.0
@@ -59,6 +62,7 @@ def test_calibrate_writes_the_checkpoints_strength_and_the_edit_signature_alone_
     best_step = int(json.loads((run / "best" / "best.json").read_text())["step"])
     assert found["step"] == best_step and found["checkpoint"] == "best"
     assert found["features"] == len(found["gains"]) > 0
+    assert found["moved_features"] <= found["features"]
     assert found["strength"] == pytest.approx(strength_of(found["gains"])[0], rel=1e-3)
     assert saved_strength(run, best_step) == found["strength"]
     assert saved_strength(run, best_step + 1) is None  # another checkpoint: not calibrated

@@ -9,7 +9,8 @@ features chosen from the data (`choose_features`), each moved with its correlate
 -SPAN..+SPAN training SDs from each cell, pinned, every picture re-measured with cp-measure, and
 the gain (the within-cell slope of the re-measured value on the asked one, over the slope of the
 re-measured value on CellProfiler's over real crops) taken per feature. The edit strength is
-1 / the median gain, within STRENGTH_RANGE; calibration.json in the run folder keeps it with
+1 / the geometric mean gain of the features the edits move (`strength_of`), within
+STRENGTH_RANGE; calibration.json in the run folder keeps it with
 the checkpoint it was measured on. `load_run` (export, and every command that draws from a run
 folder) passes it to the served `edit` signature, which takes the asked change from the pinned
 profile that many times: traverse, explore and evaluate's controllability draw through it.
@@ -29,6 +30,7 @@ from cp2image_tf.serving.export import CALIBRATION
 from tfrecords_tools.atomic import write_json
 
 STRENGTH_RANGE = (0.5, 2.0)
+MOVED = 0.25  # a feature whose gain is below this does not move with its ask: not calibrated on
 SPAN = 1.5
 STEPS = 5
 CELLS = 16
@@ -45,25 +47,27 @@ def calibrate(run_dir, data_dir, checkpoint: str = "best", cells: int = CELLS,
     started = time.perf_counter()
     model = load_model(run_dir, checkpoint, calibrated=False)
     gains = measured_gains(model, data_dir, cells, features, seed)
-    strength, median = strength_of(gains)
+    strength, gain, moved = strength_of(gains)
     found = {"strength": strength, "step": int(model.description["source"]["step"]),
-             "checkpoint": checkpoint, "median_gain": _finite(median),
-             "gains": {name: _finite(g) for name, g in gains.items()},
+             "checkpoint": checkpoint, "gain": _finite(gain), "moved_features": moved,
              "features": int(sum(np.isfinite(g) for g in gains.values())),
+             "gains": {name: _finite(g) for name, g in gains.items()},
              "cells": cells, "span": SPAN, "steps": STEPS,
              "seconds": round(time.perf_counter() - started, 1)}
     write_json(Path(run_dir) / CALIBRATION, found)
     return found
 
 
-def strength_of(gains: dict) -> tuple[float, float]:
-    """(strength, median gain) of feature -> gain: 1 / the median within STRENGTH_RANGE; 1 where
-    the edits do not move the features at all (nothing to scale)."""
-    finite = [g for g in gains.values() if np.isfinite(g)]
-    median = float(np.median(finite)) if finite else float("nan")
-    if not np.isfinite(median) or median <= 0:
-        return 1.0, median
-    return float(np.clip(1.0 / median, *STRENGTH_RANGE)), median
+def strength_of(gains: dict) -> tuple[float, float, int]:
+    """(strength, gain, n) of feature -> gain: the gain is the geometric mean over the n
+    features the edits move (gain >= MOVED; a scale cannot move the others, and counting them
+    would overshoot the rest), the strength 1 / that gain within STRENGTH_RANGE; 1 when no
+    feature moves."""
+    moved = np.array([g for g in gains.values() if np.isfinite(g) and g >= MOVED])
+    if not len(moved):
+        return 1.0, float("nan"), 0
+    gain = float(np.exp(np.mean(np.log(moved))))
+    return float(np.clip(1.0 / gain, *STRENGTH_RANGE)), gain, len(moved)
 
 
 def calibrate_after_fit(run_dir, data_dir, progress: bool) -> dict:
