@@ -81,10 +81,13 @@ def fit(data_dir, run_dir, model, steps, time_limit, batch_size, strategy, confi
 
         found = calibrate_after_fit(run_dir, data_dir, progress=not quiet)
         if "error" not in found:
-            click.echo(f"Edit strength {found['strength']:.2f}: pinned edits (traverse, explore) "
-                       f"moved {found['gain'] or 0:.2f} of the asked change (geometric mean over "
-                       f"the {found['moved_features']} of {found['features']} features they move, "
-                       f"re-measured on {found['cells']} validation cells; "
+            groups = sorted(found["groups"].values())
+            spread = (f"{len(groups)} feature groups at {groups[0]:.2f}-{groups[-1]:.2f}, "
+                      if groups else "")
+            click.echo(f"Edit strength: {spread}the rest {found['default']:.2f} (pinned edits, as "
+                       f"traverse and explore draw them, had moved {found['gain'] or 0:.2f} of the "
+                       f"asked change over the {found['moved_features']} of {found['features']} "
+                       f"features they move, on {found['cells']} validation cells; "
                        f"{run_dir}/calibration.json).")
     best = summary["best"]
     rate = summary.get("images_per_s")

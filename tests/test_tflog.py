@@ -48,5 +48,5 @@ def test_fit_and_export_print_no_tensorflow_error_line(disc_dataset, tmp_path):
         errors = [line for line in done.stderr.splitlines() if line.startswith("E0000")]
         assert errors == [], errors
         if args[0] == "fit":  # the exemplar model's edit strength, calibrated after the steps
-            strength = json.loads((run / "calibration.json").read_text())["strength"]
-            assert f"Edit strength {strength:.2f}" in done.stdout
+            default = json.loads((run / "calibration.json").read_text())["default"]
+            assert f"the rest {default:.2f}" in done.stdout

@@ -28,8 +28,13 @@ import numpy as np
 
 from cp2image_tf.serving.export import CALIBRATION
 from tfrecords_tools.atomic import write_json
+from tfrecords_tools.features import object_and_measurement
 
 STRENGTH_RANGE = (0.5, 2.0)
+# AreaShape measurements that grow with an object's size (its "size" group; the rest "shape").
+SIZES = frozenset({"Area", "ConvexArea", "FilledArea", "BoundingBoxArea", "Perimeter",
+                   "MajorAxisLength", "MinorAxisLength", "MaxFeretDiameter", "MinFeretDiameter",
+                   "EquivalentDiameter", "MaximumRadius", "MeanRadius", "MedianRadius"})
 MOVED = 0.25  # a feature whose gain is below this does not move with its ask: not calibrated on
 SPAN = 1.5
 STEPS = 5
@@ -40,18 +45,31 @@ REAL_CELLS = 200
 
 def calibrate(run_dir, data_dir, checkpoint: str = "best", cells: int = CELLS,
               features: int = FEATURES, seed: int = 0, progress: bool = False) -> dict:
-    """Measure the run's gains (module doc) at `checkpoint` with strength 1, write
-    calibration.json and return it: strength, step, median_gain and per feature its gain."""
+    """Measure the run's gains (module doc) at `checkpoint`, write calibration.json and return
+    it: the per-feature strength vector ("strength"), the strength of each feature group
+    measured ("groups"; the rest take "default"), and the gains before ("gains") and after the
+    first correction ("gains_corrected")."""
     from cp2image_tf.serving.local import load_model
 
     started = time.perf_counter()
     model = load_model(run_dir, checkpoint, calibrated=False)
-    gains = measured_gains(model, data_dir, cells, features, seed)
-    strength, gain, moved = strength_of(gains)
-    found = {"strength": strength, "step": int(model.description["source"]["step"]),
-             "checkpoint": checkpoint, "gain": _finite(gain), "moved_features": moved,
+    probe = Probe(model, data_dir, cells, features, seed)
+    names = model.feature_names
+    ones = np.ones(len(names))
+    gains = probe.gains(ones)
+    default, gain, moved = strength_of(gains)
+    groups = group_strengths(gains, probe.channels)
+    vector = strength_vector(names, probe.channels, groups, default)
+    corrected = probe.gains(vector) if groups else {}
+    groups = group_strengths(corrected, probe.channels, groups) if groups else groups
+    vector = strength_vector(names, probe.channels, groups, default)
+    found = {"strength": [round(float(v), 4) for v in vector],
+             "step": int(model.description["source"]["step"]),
+             "checkpoint": checkpoint, "default": default, "groups": groups,
+             "gain": _finite(gain), "moved_features": moved,
              "features": int(sum(np.isfinite(g) for g in gains.values())),
              "gains": {name: _finite(g) for name, g in gains.items()},
+             "gains_corrected": {name: _finite(g) for name, g in corrected.items()},
              "cells": cells, "span": SPAN, "steps": STEPS,
              "seconds": round(time.perf_counter() - started, 1)}
     write_json(Path(run_dir) / CALIBRATION, found)
@@ -70,6 +88,40 @@ def strength_of(gains: dict) -> tuple[float, float, int]:
     return float(np.clip(1.0 / gain, *STRENGTH_RANGE)), gain, len(moved)
 
 
+def feature_group(name: str, channels) -> str:
+    """The group a feature's strength is shared with: its object, kind (AreaShape's sizes
+    apart from its other measurements; otherwise the measurement category) and channel, e.g.
+    "Nuclei size", "Cells Intensity DNA"."""
+    obj, column = object_and_measurement(name)
+    parts = column.split("_")
+    kind = parts[0]
+    if kind == "AreaShape":
+        kind = "size" if len(parts) > 1 and parts[1] in SIZES else "shape"
+    channel = next((c for c in channels if f"_{c}_" in f"_{column}_"), None)
+    return " ".join(p for p in (obj, kind, channel) if p)
+
+
+def group_strengths(gains: dict, channels, before: dict | None = None) -> dict:
+    """group -> strength for the groups with a measured feature the edits move (gain >= MOVED):
+    `before` (1 for each group when None) over the group's geometric mean gain, within
+    STRENGTH_RANGE. A group none of whose features moves keeps `before`'s strength, if any."""
+    found = {}
+    for name, g in gains.items():
+        if np.isfinite(g) and g >= MOVED:
+            found.setdefault(feature_group(name, channels), []).append(np.log(g))
+    before = before or {}
+    strengths = dict(before)
+    for group, logs in found.items():
+        start = before.get(group, 1.0)
+        strengths[group] = float(np.clip(start / np.exp(np.mean(logs)), *STRENGTH_RANGE))
+    return strengths
+
+
+def strength_vector(names, channels, groups: dict, default: float) -> np.ndarray:
+    """[F]: each feature's group strength, `default` for a feature of no measured group."""
+    return np.array([groups.get(feature_group(n, channels), default) for n in names], np.float64)
+
+
 def calibrate_after_fit(run_dir, data_dir, progress: bool) -> dict:
     """`calibrate` at the end of fit: the finished run is kept whatever happens; a calibration
     that cannot be measured leaves the strength at 1 and says why."""
@@ -84,46 +136,67 @@ def calibrate_after_fit(run_dir, data_dir, progress: bool) -> dict:
         return {"strength": 1.0, "error": f"{type(err).__name__}: {err}"}
 
 
-def measured_gains(model, data_dir, cells: int, features: int, seed: int) -> dict:
-    """feature -> gain of the model's correlated, pinned traversals of validation cells."""
-    from cp2image_tf.evaluation.controllability import (choose_features, fast_plan,
-                                                        regression_slope, within_cell_slope)
-    from cp2image_tf.measuring.remeasure import dataset_segmentation, plan_measurement, remeasure
-    from cp2image_tf.metrics import feature_correlations
-    from tfrecords_tools.manifest import matching_manifest, measured_names, treatment_cells
-    from tfrecords_tools.reader import DEFAULT_SCALING, sample_cells, stratified_quota
+class Probe:
+    """A model's correlated, pinned traversals of validation cells, set up once (cells, their
+    real crops re-measured, the features chosen from the data, the profiles) and re-measured
+    with cp-measure at any strength vector (`gains`)."""
 
-    manifest = matching_manifest(data_dir, model.feature_names)
-    scaling = model.description.get("scaling", DEFAULT_SCALING)
-    real = sample_cells(data_dir, manifest, "val", stratified_quota(
-        treatment_cells(manifest, "val"), REAL_CELLS), scaling, seed)
-    reference = sample_cells(data_dir, manifest, "train", stratified_quota(
-        treatment_cells(manifest, "train"), 1000), scaling, seed + 1)
-    channels = measured_names(manifest)
-    plan = fast_plan(plan_measurement(model.feature_names, channels), channels)
-    segmentation, _ = dataset_segmentation(manifest, reference["crops"], scaling, plan.objects,
-                                           reference["raw"])
-    real_measured = remeasure(real["crops"], plan, channels, segmentation=segmentation)
-    inputs = _frame(real["raw"], model.feature_names)[plan.measurable]
-    chosen, _ = choose_features(feature_correlations(inputs, real_measured)["pearson"],
-                                channels, features)
-    if not chosen or not len(real["raw"]):
-        return {}
-    columns = [model.feature_names.index(c["feature"]) for c in chosen]
-    origins = _origins(real["raw"], model.median, cells, seed)
-    asked = traversals(model, data_dir, manifest, origins, columns)
-    like = np.repeat(origins, len(columns) * STEPS, axis=0)
-    drawn = model.edits(asked.reshape(-1, asked.shape[-1]).astype(np.float32),
-                        like.astype(np.float32))
-    measured = remeasure(drawn, plan, channels, segmentation=segmentation)
-    gains = {}
-    for k, (entry, j) in enumerate(zip(chosen, columns)):
-        name = entry["feature"]
-        y = measured[name].to_numpy(np.float64).reshape(len(origins), len(columns), STEPS)[:, k]
-        slope = float(within_cell_slope(asked[:, k, :, j][..., None], y[..., None])[0])
-        real_slope = regression_slope(real["raw"][:, j], real_measured[name].to_numpy())
-        gains[name] = slope / real_slope if real_slope else float("nan")
-    return gains
+    def __init__(self, model, data_dir, cells: int, features: int, seed: int):
+        from cp2image_tf.evaluation.controllability import choose_features, fast_plan
+        from cp2image_tf.measuring.remeasure import (dataset_segmentation, plan_measurement,
+                                                     remeasure)
+        from cp2image_tf.metrics import feature_correlations
+        from tfrecords_tools.manifest import matching_manifest, measured_names, treatment_cells
+        from tfrecords_tools.reader import DEFAULT_SCALING, sample_cells, stratified_quota
+
+        self.model = model
+        manifest = matching_manifest(data_dir, model.feature_names)
+        scaling = model.description.get("scaling", DEFAULT_SCALING)
+        self.real = sample_cells(data_dir, manifest, "val", stratified_quota(
+            treatment_cells(manifest, "val"), REAL_CELLS), scaling, seed)
+        reference = sample_cells(data_dir, manifest, "train", stratified_quota(
+            treatment_cells(manifest, "train"), 1000), scaling, seed + 1)
+        self.channels = measured_names(manifest)
+        self.plan = fast_plan(plan_measurement(model.feature_names, self.channels), self.channels)
+        self.segmentation, _ = dataset_segmentation(manifest, reference["crops"], scaling,
+                                                    self.plan.objects, reference["raw"])
+        self.real_measured = self.measure(self.real["crops"])
+        inputs = _frame(self.real["raw"], model.feature_names)[self.plan.measurable]
+        self.chosen, _ = choose_features(
+            feature_correlations(inputs, self.real_measured)["pearson"], self.channels, features)
+        self.columns = [model.feature_names.index(c["feature"]) for c in self.chosen]
+        self.origins = _origins(self.real["raw"], model.median, cells, seed)
+        self.asked = (traversals(model, data_dir, manifest, self.origins, self.columns)
+                      if self.chosen and len(self.origins) else None)
+
+    def measure(self, crops):
+        from cp2image_tf.measuring.remeasure import remeasure
+
+        return remeasure(crops, self.plan, self.channels, segmentation=self.segmentation)
+
+    def gains(self, strength) -> dict:
+        """feature -> gain of the traversals drawn with the change from each pinned profile
+        taken `strength` ([F]) times."""
+        from cp2image_tf.evaluation.controllability import regression_slope, within_cell_slope
+
+        if self.asked is None:
+            return {}
+        n_features = self.asked.shape[-1]
+        like = np.repeat(self.origins, len(self.columns) * STEPS, axis=0)
+        flat = self.asked.reshape(-1, n_features)
+        drawn = self.model.edits((like + strength[None] * (flat - like)).astype(np.float32),
+                                 like.astype(np.float32))
+        measured = self.measure(drawn)
+        gains = {}
+        for k, (entry, j) in enumerate(zip(self.chosen, self.columns)):
+            name = entry["feature"]
+            y = measured[name].to_numpy(np.float64).reshape(
+                len(self.origins), len(self.columns), STEPS)[:, k]
+            slope = float(within_cell_slope(self.asked[:, k, :, j][..., None], y[..., None])[0])
+            real_slope = regression_slope(self.real["raw"][:, j],
+                                          self.real_measured[name].to_numpy())
+            gains[name] = slope / real_slope if real_slope else float("nan")
+        return gains
 
 
 def traversals(model, data_dir, manifest, origins, columns) -> np.ndarray:

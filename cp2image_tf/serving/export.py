@@ -92,13 +92,14 @@ def load_run(run_dir, checkpoint: str = "best", calibrated: bool = True):
     return decoder, manifest, config, info
 
 
-def saved_strength(run_dir, step: int) -> float | None:
-    """The edit strength calibrated for the checkpoint at `step` of a run folder, or None."""
+def saved_strength(run_dir, step: int):
+    """The edit strength calibrated for the checkpoint at `step` of a run folder (a number, or
+    one per feature), or None."""
     path = Path(run_dir) / CALIBRATION
     if not path.is_file():
         return None
     found = json.loads(path.read_text())
-    return float(found["strength"]) if int(found.get("step", -1)) == step else None
+    return found["strength"] if int(found.get("step", -1)) == step else None
 
 
 def model_description(manifest: dict, normalization: str, scaling: str,
@@ -171,8 +172,8 @@ def normaliser(module):
 def add_signatures(module, decoder, n_features: int, noise_dim: int, describe_values,
                    edit_strength: float = 1.0) -> list:
     """module.serve, .generate_png, .describe and .edit (None but for the exemplar model);
-    the list of the functions that draw. `edit` moves its profile `edit_strength` times as far
-    from `like` as asked (evaluation/calibration.py)."""
+    the list of the functions that draw. `edit` moves its profile `edit_strength` (a number or
+    one per feature) times as far from `like` as asked (evaluation/calibration.py)."""
     import tensorflow as tf
 
     from cp2image_tf.training.exemplar.bank import is_exemplar_decoder
@@ -209,8 +210,8 @@ def add_signatures(module, decoder, n_features: int, noise_dim: int, describe_va
     module.describe = describe_fn(describe_values)
     module.edit = None
     if exemplar:
-        module.edit_strength = tf.Variable(edit_strength, trainable=False, dtype=tf.float32,
-                                           name="edit_strength")
+        strength = np.broadcast_to(np.asarray(edit_strength, np.float32), [n_features])
+        module.edit_strength = tf.Variable(strength, trainable=False, name="edit_strength")
 
         @tf.function(input_signature=[features_spec, tf.TensorSpec([None, n_features], tf.float32,
                                                                    name="like")])
