@@ -8,17 +8,19 @@ steps, `calibrate` measures it as evaluate's controllability section does, on va
 features chosen from the data (`choose_features`), each moved with its correlated features
 -SPAN..+SPAN training SDs from each cell, pinned, every picture re-measured with cp-measure, and
 the gain (the within-cell slope of the re-measured value on the asked one, over the slope of the
-re-measured value on CellProfiler's over real crops) taken per feature. The edit strength is
-1 / the geometric mean gain of the features the edits move (`strength_of`), within
-STRENGTH_RANGE; calibration.json in the run folder keeps it with
-the checkpoint it was measured on. `load_run` (export, and every command that draws from a run
-folder) passes it to the served `edit` signature, which takes the asked change from the pinned
-profile that many times: traverse, explore and evaluate's controllability draw through it.
-Drawing a profile on its own (generate, reconstruction) is not changed.
+re-measured value on CellProfiler's over real crops) taken per feature. Each feature group
+(`feature_group`: object, kind and channel) with a chosen feature the edits move gets the
+strength that undoes its gain, corrected once from a second measurement at those strengths
+(`group_strengths`); every other feature takes 1 / the geometric mean gain of the features the
+edits move (`strength_of`); all within STRENGTH_RANGE. calibration.json in the run folder keeps
+the per-feature strengths with the checkpoint they were measured on. `load_run` (export, and every
+command that draws from a run folder) passes them to the served `edit` signature, which takes the
+asked change from the pinned profile that many times, feature by feature: traverse, explore and
+evaluate's controllability draw through it. Drawing a profile on its own (generate,
+reconstruction) is not changed.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -44,7 +46,7 @@ REAL_CELLS = 200
 
 
 def calibrate(run_dir, data_dir, checkpoint: str = "best", cells: int = CELLS,
-              features: int = FEATURES, seed: int = 0, progress: bool = False) -> dict:
+              features: int = FEATURES, seed: int = 0) -> dict:
     """Measure the run's gains (module doc) at `checkpoint`, write calibration.json and return
     it: the per-feature strength vector ("strength"), the strength of each feature group
     measured ("groups"; the rest take "default"), and the gains before ("gains") and after the
@@ -128,7 +130,7 @@ def calibrate_after_fit(run_dir, data_dir, progress: bool) -> dict:
     if progress:
         print("Calibrating the edit strength on validation cells ...", file=sys.stderr)
     try:
-        return calibrate(run_dir, data_dir, progress=progress)
+        return calibrate(run_dir, data_dir)
     except Exception as err:  # noqa: BLE001 - the run is done; say why, draw at strength 1
         (Path(run_dir) / CALIBRATION).unlink(missing_ok=True)
         print(f"Warning: the edit strength was not calibrated ({type(err).__name__}: {err}); "
