@@ -103,13 +103,10 @@ def test_a_run_does_one_round_per_judge_every_planned_steps_sized_to_the_steps_b
     assert judge.planned() == min(3, (planned_steps // 2) // 400)
 
 
-def test_after_a_round_the_rounds_to_come_are_spaced_over_the_steps_the_time_left_allows(
-        monkeypatch):
-    from cp2image_tf.training.shared import judge as judge_module
-
+def test_after_a_round_the_rounds_to_come_are_spaced_over_the_steps_the_time_left_allows():
     judge = _planning_judge(4000)
     now = [100.0]
-    monkeypatch.setattr(judge_module.time, "perf_counter", lambda: now[0])
+    judge.clock = lambda: now[0]  # the rounds' clock (JudgeRounds.clock), set by hand
     judge.replan_after_round(1000, 600.0, 10**6)  # no pace yet: the first plan stands
     assert judge.total() == 4000
     judge.start_pace(1)
