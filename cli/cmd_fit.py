@@ -76,19 +76,7 @@ def fit(data_dir, run_dir, model, steps, time_limit, batch_size, strategy, confi
         click.echo(f"Error: stopped by {stopped.signal} {saved}. Run the same command to resume.",
                    err=True)
         sys.exit(143 if stopped.signal == "SIGTERM" else 130)
-    if summary.get("chief", True) and config.model == "exemplar" and config.exemplar.calibrate:
-        from cp2image_tf.evaluation.calibration import calibrate_after_fit
-
-        found = calibrate_after_fit(run_dir, data_dir, progress=not quiet)
-        if "error" not in found:
-            groups = sorted(found["groups"].values())
-            spread = (f"{len(groups)} feature groups at {groups[0]:.2f}-{groups[-1]:.2f}, "
-                      if groups else "")
-            click.echo(f"Edit strength: {spread}the rest {found['default']:.2f} (pinned edits, as "
-                       f"traverse and explore draw them, had moved {found['gain'] or 0:.2f} of the "
-                       f"asked change over the {found['moved_features']} of {found['features']} "
-                       f"features they move, on {found['cells']} validation cells; "
-                       f"{run_dir}/calibration.json).")
+    calibrated = calibration_line(config, summary, run_dir, data_dir, quiet)
     best = summary["best"]
     rate = summary.get("images_per_s")
     click.echo(f"Stopped by the {summary['stopped_by']} after {summary['seconds'] / 60:.1f} min"
@@ -111,3 +99,24 @@ def fit(data_dir, run_dir, model, steps, time_limit, batch_size, strategy, confi
                f"best at step {best.get('step')}.")
     click.echo(f"Pictures: {run_dir}/samples/latest.png; history: {run_dir}/history.csv; "
                f"TensorBoard: tensorboard --logdir {run_dir}/logs")
+    if calibrated:
+        click.echo(calibrated)
+
+
+def calibration_line(config, summary: dict, run_dir, data_dir, quiet: bool) -> str | None:
+    """The exemplar model's edit strength calibrated after the steps (chief only;
+    evaluation/calibration.py), as the line fit prints; None when not calibrated."""
+    if not (summary.get("chief", True) and config.model == "exemplar"
+            and config.exemplar.calibrate):
+        return None
+    from cp2image_tf.evaluation.calibration import calibrate_after_fit
+
+    found = calibrate_after_fit(run_dir, data_dir, progress=not quiet)
+    if "error" in found:
+        return None
+    groups = sorted(found["groups"].values())
+    spread = f"{len(groups)} feature groups at {groups[0]:.2f}-{groups[-1]:.2f}, " if groups else ""
+    return (f"Edit strength: {spread}the rest {found['default']:.2f} (pinned edits, as traverse "
+            f"and explore draw them, had moved {found['gain'] or 0:.2f} of the asked change over "
+            f"the {found['moved_features']} of {found['features']} features they move, on "
+            f"{found['cells']} validation cells; {run_dir}/calibration.json).")
