@@ -144,9 +144,9 @@ class Probe:
     with cp-measure at any strength vector (`gains`)."""
 
     def __init__(self, model, data_dir, cells: int, features: int, seed: int):
-        from cp2image_tf.evaluation.controllability import choose_features, fast_plan
-        from cp2image_tf.measuring.remeasure import (dataset_segmentation, plan_measurement,
-                                                     remeasure)
+        from cp2image_tf.evaluation.controllability import (asked_profiles, choose_features,
+                                                            fast_plan)
+        from cp2image_tf.measuring.remeasure import dataset_segmentation, plan_measurement
         from cp2image_tf.metrics import feature_correlations
         from tfrecords_tools.manifest import matching_manifest, measured_names, treatment_cells
         from tfrecords_tools.reader import DEFAULT_SCALING, sample_cells, stratified_quota
@@ -168,7 +168,9 @@ class Probe:
             feature_correlations(inputs, self.real_measured)["pearson"], self.channels, features)
         self.columns = [model.feature_names.index(c["feature"]) for c in self.chosen]
         self.origins = _origins(self.real["raw"], model.median, cells, seed)
-        self.asked = (traversals(model, data_dir, manifest, self.origins, self.columns)
+        # [cells, features, STEPS, F]: the correlated way of controllability's traversals.
+        self.asked = (asked_profiles(model, data_dir, manifest, self.origins, self.columns,
+                                     np.linspace(-SPAN, SPAN, STEPS))[0][:, :, 0]
                       if self.chosen and len(self.origins) else None)
 
     def measure(self, crops):
@@ -199,24 +201,6 @@ class Probe:
                                           self.real_measured[name].to_numpy())
             gains[name] = slope / real_slope if real_slope else float("nan")
         return gains
-
-
-def traversals(model, data_dir, manifest, origins, columns) -> np.ndarray:
-    """[cells, features, STEPS, F]: each feature moved -SPAN..+SPAN training SDs from each
-    origin with its correlated features, within the training range (as traverse moves it)."""
-    from cp2image_tf.drawing.traverse import (feature_correlations_with, training_range,
-                                              traversal_profiles, within_range)
-
-    correlations = feature_correlations_with(data_dir, model, columns)
-    bounds = training_range(getattr(model, "manifest", None), manifest)
-    sd = np.asarray(model.sd, np.float64)
-    zs = np.linspace(-SPAN, SPAN, STEPS)
-    out = np.empty((len(origins), len(columns), STEPS, origins.shape[1]))
-    for i, origin in enumerate(origins):
-        for k, j in enumerate(columns):
-            profiles = traversal_profiles(origin, j, correlations[k], sd, zs)
-            out[i, k] = profiles if bounds is None else within_range(profiles, bounds, origin)[0]
-    return out
 
 
 def _finite(value):

@@ -192,7 +192,7 @@ def controllability_section(model, data, manifest, cells, reference, plan, segme
     columns = [model.feature_names.index(entry["feature"]) for entry in chosen]
     origins = cells["raw"][picks].astype(np.float64)
     origins = np.where(np.isfinite(origins), origins, model.median)
-    asked, correlations = _asked_profiles(model, data, manifest, origins, columns,
+    asked, correlations = asked_profiles(model, data, manifest, origins, columns,
                                           np.linspace(-span, span, steps))
     drawn, inverse, lookup_index = _draw(model, manifest, asked, origins, reference)
     draw_seconds = time.perf_counter() - started
@@ -334,7 +334,7 @@ def _pick_cells(n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, min(k, n), replace=False)) if k > 0 else np.zeros(0, int)
 
 
-def _asked_profiles(model, data, manifest, origins, columns, zs) -> tuple[np.ndarray, np.ndarray]:
+def asked_profiles(model, data, manifest, origins, columns, zs) -> tuple[np.ndarray, np.ndarray]:
     """(profiles [cells, features, 2, steps, F], training correlations [features, F]): each
     chosen feature moved zs training SDs from each cell's profile, with its correlated features
     (way 0) and alone (way 1), within the training range as traverse keeps them."""
