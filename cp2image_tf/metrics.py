@@ -276,7 +276,9 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 100, 
 
     Requirements: both samples finite (ValueError; the caller drops non-finite rows), the same
     number of features, and m >= 2 (ValueError otherwise). Costs `subsets` x 3 matrix products
-    of m x d by d x m.
+    of m x d by d x m, but one when m is both samples' size: every subset then holds every row
+    of each sample, and MMD^2 does not depend on the rows' order, so the subsets are one value
+    (std 0; computed once, it differs from the mean of the reordered copies in rounding alone).
     """
     a, b = _two_samples(a, b)
     if subsets < 1:
@@ -284,6 +286,8 @@ def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 100, 
     m = min(int(subset_size), len(a), len(b))
     if m < 2:
         raise ValueError(f"subset size must be >= 2, got {m}")
+    if m == len(a) == len(b):
+        return _mmd2_unbiased(a, b), 0.0
     rng = np.random.default_rng(seed)
     values = np.empty(subsets)
     for i in range(subsets):

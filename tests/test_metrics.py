@@ -278,6 +278,23 @@ def test_kid_same_distribution_near_zero_and_shift_positive():
     assert shifted > 0 and shifted > 10 * abs(same)
 
 
+def test_kid_of_subsets_holding_every_row_is_the_whole_samples_mmd_once():
+    # m = both samples' size: each of the 100 subsets is the whole of each sample, reordered;
+    # the value is the whole samples' MMD^2, as the mean over the reordered copies gives it.
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(size=(40, 4)), rng.normal(0.2, 1.1, size=(40, 4))
+    mean, std = metrics.kernel_inception_distance(a, b, subsets=100, subset_size=1000)
+    assert mean == pytest.approx(naive_kid(a, b), rel=1e-12) and std == 0.0
+    draw, copies = np.random.default_rng(0), []
+    for _ in range(100):
+        copies.append(naive_kid(a[draw.permutation(40)], b[draw.permutation(40)]))
+    assert mean == pytest.approx(np.mean(copies), rel=1e-12)
+    assert np.std(copies) < 1e-12 * abs(mean)
+    # One sample larger: subsets of the smaller size are drawn, and they differ.
+    mean, std = metrics.kernel_inception_distance(a, b[:30], subsets=20, subset_size=1000)
+    assert std > 1e-6
+
+
 def test_kid_is_deterministic_for_a_seed():
     rng = np.random.default_rng(7)
     a, b = rng.normal(size=(300, 5)), rng.normal(size=(250, 5))
