@@ -213,3 +213,50 @@ def test_costes_equal_cp_measure_and_leave_it_as_it_was():
     assert ours["Correlation_Costes_A_B"].tolist() == theirs["Correlation_Costes_1"]
     assert ours["Correlation_Costes_B_A"].tolist() == theirs["Correlation_Costes_2"]
     assert np.isfinite(ours["Correlation_Costes_A_B"]).sum() >= 5
+
+
+def _crop_objects(rng, n, size=48):
+    """n crops [n, size, size] of a bright blob on noise, each with a nucleus (label 1) and,
+    in most, a cell around it (label 1 of the second set)."""
+    yy, xx = np.mgrid[:size, :size]
+    crops, labels = np.empty((n, size, size)), []
+    for j in range(n):
+        cy, cx = rng.uniform(size * 0.4, size * 0.6, 2)
+        r = rng.uniform(5, 9)
+        dist = np.hypot(yy - cy, xx - cx)
+        crops[j] = np.clip(0.6 * np.exp(-(dist / r) ** 2) + rng.uniform(0, 0.2, (size, size)),
+                           0, 1)
+        found = {"Nuclei": (dist < r).astype(np.int32)}
+        if j % 3:
+            found["Cells"] = (dist < 2 * r).astype(np.int32)
+        labels.append(found)
+    return crops, labels
+
+
+def test_granularity_of_stacked_crops_is_granularity_crop_by_crop_to_the_bit():
+    rng = np.random.default_rng(11)
+    dna, labels = _crop_objects(rng, 12)
+    actin = np.clip(dna[::-1] * 0.5 + rng.uniform(0, 0.3, dna.shape), 0, 1)
+    for spectrum in (4, 16):
+        stacked = measure.granularity_of_crops({"DNA": dna, "Actin": actin}, labels, spectrum)
+        for j in range(len(dna)):
+            alone = measure.granularity({"DNA": dna[j], "Actin": actin[j]}, labels[j], spectrum)
+            assert stacked[j].keys() == alone.keys() == labels[j].keys()
+            for name in alone:
+                assert len(alone[name]) == 2 * spectrum
+                for column, values in alone[name].items():
+                    assert np.array_equal(stacked[j][name][column], values, equal_nan=True)
+
+
+def test_reconstruction_by_repeated_dilation_is_skimages():
+    import skimage.morphology
+
+    rng = np.random.default_rng(12)
+    mask = rng.uniform(0, 1, (5, 17, 17))
+    seed = np.minimum(mask, rng.uniform(0, 1, mask.shape) ** 4)
+    cross = skimage.morphology.disk(1, dtype=bool)
+    mine = measure._reconstruct_by_dilation(seed, mask, cross[None])
+    for j in range(len(mask)):
+        theirs = skimage.morphology.reconstruction(seed[j], mask[j], footprint=cross)
+        assert np.array_equal(mine[j], theirs)
+    assert not np.array_equal(mine, seed)  # it did grow the seed

@@ -315,3 +315,22 @@ def test_declumping_is_chosen_by_cellprofilers_own_areas():
     chosen, said = rm.choose_declumping(settings, np.stack(spotted), areas, "Nuclei_AreaShape_Area")
     assert chosen.nucleus_diameter is None or chosen.seam > 0, said
     assert "training crops" in said
+
+
+def test_granularity_falls_back_crop_by_crop_when_the_stack_raises(full_plan, monkeypatch):
+    assert "granularity" in {m for found in full_plan.modules.values() for m in found} or \
+        "granularity4" in {m for found in full_plan.modules.values() for m in found}
+    crops = crops_to_measure()
+    stacked = rm.remeasure(crops, full_plan, CHANNELS, workers=1, chunk=4)
+    calls = []
+
+    def fails(*args, **kwargs):
+        calls.append(1)
+        raise ValueError("a stack cp-measure chokes on")
+
+    monkeypatch.setattr(rm, "granularity_of_crops", fails)
+    one_by_one = rm.remeasure(crops, full_plan, CHANNELS, workers=1, chunk=4)
+    assert calls  # the stacked path was taken, and failed
+    pd.testing.assert_frame_equal(stacked, one_by_one, check_exact=True)
+    granularity = [c for c in stacked.columns if "Granularity" in c]
+    assert granularity and stacked[granularity].iloc[:-1].notna().all().all()

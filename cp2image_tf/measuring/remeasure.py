@@ -51,7 +51,8 @@ import scipy.ndimage
 from skimage.filters import threshold_li, threshold_otsu
 from skimage.segmentation import watershed
 
-from cp2image_tf.measuring.measure import MODULES, TEXTURE_SCALE, measure_objects
+from cp2image_tf.measuring.measure import (GRANULARITY_SPECTRUM, MODULES, TEXTURE_SCALE,
+                                           granularity_of_crops, measure_objects)
 from tfrecords_tools.errors import UserInputError
 from tfrecords_tools.features import object_and_measurement
 from tfrecords_tools.parts import check_options, run_parts
@@ -64,6 +65,9 @@ GAP = 2  # zero pixels around each crop when crops are tiled for measuring
 # image's background and spectrum; Zernike: the enclosing circle, to rounding), so are not
 # measured on tiled crops.
 PER_CROP = ("zernike", "radial_zernikes", "granularity", "granularity4")
+# Of those, the ones measured for a chunk's crops at once, stacked (the same numbers as crop by
+# crop): the number of granularity terms of each.
+STACKED = {"granularity": GRANULARITY_SPECTRUM, "granularity4": 4}
 SCALE_MAX = 65535  # only sets Costes' threshold step (1 / SCALE_MAX); float pixels are not scaled
 
 # CellProfiler measurement categories: the first one in a feature name ends the object name.
@@ -648,7 +652,8 @@ def _measure_batch(crops: np.ndarray, masks: list[Mapping[str, np.ndarray]], pla
     Most modules measure an object from its own pixels alone, so the crops are tiled, GAP zero
     pixels apart, into one image (crop j's objects labelled j + 1) and measured in one
     measure_objects call; a lone crop (measure_masks) is measured in the same zero frame.
-    The PER_CROP modules are measured crop by crop, on the crop as it is. A module that raises
+    The PER_CROP modules are measured crop by crop, on the crop as it is (granularity for the
+    chunk's crops stacked, measure.granularity_of_crops: the same numbers). A module that raises
     on a crop (cp-measure on a degenerate object) leaves that crop's features of it NaN, with
     a RuntimeWarning.
     """
@@ -658,7 +663,8 @@ def _measure_batch(crops: np.ndarray, masks: list[Mapping[str, np.ndarray]], pla
         needed.discard("granularity4")  # the same first four terms
     tiled = [m for m in MODULES if m in needed and m not in PER_CROP] + sorted(
         m for m in needed if m not in MODULES)  # texture:<scale>
-    single = [m for m in MODULES if m in needed and m in PER_CROP]
+    single = [m for m in MODULES if m in needed and m in PER_CROP and m not in STACKED]
+    stacked = [m for m in MODULES if m in needed and m in STACKED]
     targets = {obj: [] for obj in plan.objects}  # object set -> [(output column, its column)]
     for k, feature in enumerate(plan.measurable):
         obj, column = object_and_measurement(feature)
@@ -683,9 +689,51 @@ def _measure_batch(crops: np.ndarray, masks: list[Mapping[str, np.ndarray]], pla
             if single and present:
                 images = {ch: crops[j, :, :, i] for i, ch in enumerate(channels)}
                 failed.update(_measure((images, present), single, out, targets, np.array([j])))
+        for module in stacked:
+            failed.update(_measure_stacked(crops, masks, module, plan, channels, out, targets))
     for message in failed.values():
         warnings.warn(message, RuntimeWarning)
     return out
+
+
+def _measure_stacked(crops: np.ndarray, masks: list[Mapping[str, np.ndarray]], module: str,
+                     plan: Plan, channels: list[str], out: np.ndarray, targets: dict
+                     ) -> dict[str, str]:
+    """A STACKED module of every crop with an object, at once, into `out`; if that raises,
+    crop by crop as _measure does (only the crops it fails on lose it)."""
+    rows, labels = [], []
+    for j, found in enumerate(masks):
+        present = {obj: _contiguous_one(found[obj]) for obj in plan.objects if np.any(found[obj])}
+        if present:
+            rows.append(j)
+            labels.append(present)
+    if not rows:
+        return {}
+    try:
+        values = granularity_of_crops(
+            {ch: np.ascontiguousarray(crops[rows, :, :, i]) for i, ch in enumerate(channels)},
+            labels, STACKED[module])
+    except Exception:  # noqa: BLE001 - as _measure: the crops that fail, found one by one
+        failed = {}
+        for j, present in zip(rows, labels):
+            images = {ch: crops[j, :, :, i] for i, ch in enumerate(channels)}
+            failed.update(_measure((images, present), [module], out, targets, np.array([j])))
+        return failed
+    for j, found in zip(rows, values):
+        for obj, columns in found.items():
+            for k, column in targets[obj]:
+                if column in columns:
+                    out[j, k] = columns[column][0]
+    return {}
+
+
+def _contiguous_one(mask: np.ndarray) -> np.ndarray:
+    """A crop's mask of one object set as measure_objects labels it: int32, the object 1."""
+    mask = np.asarray(mask, np.int32)
+    if mask.max() != 1 or mask.min() < 0:
+        raise ValueError(f"a crop's mask must hold its one object as label 1, got labels "
+                         f"{np.unique(mask).tolist()}")
+    return mask
 
 
 def _tile(crops: np.ndarray, masks: list[Mapping[str, np.ndarray]], channels: list[str],
