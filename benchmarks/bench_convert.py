@@ -20,6 +20,7 @@ functions by own time; cProfile slows Python code, so its seconds are not the ta
 
     python benchmarks/bench_convert.py --cells 20000 [--sizes 200000] [--write-up-to 200000]
         [--sample DIR] [--profile] [--workers 1,2] [--plan-cells 7000000] [--baseline DIR]
+        [--repeats 6]
 """
 import argparse
 import json
@@ -134,12 +135,34 @@ def measure_size(size, cp_dir, root, args, rows, first: bool) -> dict:
             rows.append((size, "convert, 1 worker, --baseline code",
                          measure("convert", cp_dir, out, 1, code=args.baseline)))
             shutil.rmtree(out, ignore_errors=True)
+            if first and args.repeats:
+                interleaved(cp_dir, root, size, args)
         if args.profile:
             result = measure("profile", cp_dir, root / f"prof{size}", 1)
             shutil.rmtree(root / f"prof{size}", ignore_errors=True)
             print(f"\ncProfile of convert, 1 worker, {size} cells ({result['seconds']:.1f} s "
                   f"profiled):\n{result['profile']}", flush=True)
     return one
+
+
+def interleaved(cp_dir: Path, root: Path, size: int, args) -> None:
+    """The 1-worker convert of this code and of --baseline, alternately, --repeats times each
+    (which goes first alternating too): on a shared machine the load moves between two
+    measurements, so a comparison is only as good as its interleaving."""
+    import statistics
+
+    seconds = {"this code": [], "--baseline code": []}
+    for k in range(args.repeats):
+        order = [("this code", None), ("--baseline code", args.baseline)]
+        for name, code in order[::-1] if k % 2 else order:
+            seconds[name].append(measure("convert", cp_dir, root / "inter", 1, code=code)["seconds"])
+            shutil.rmtree(root / "inter", ignore_errors=True)
+    print(f"\nInterleaved, 1 worker, {size} cells, {args.repeats} runs each (us a cell):")
+    for name, values in seconds.items():
+        print(f"  {name:<16} median {1e6 * statistics.median(values) / size:6.0f}   "
+              + ", ".join(f"{1e6 * v / size:.0f}" for v in values))
+    ratio = statistics.median(seconds["--baseline code"]) / statistics.median(seconds["this code"])
+    print(f"  this code is {ratio:.2f}x the speed of the baseline", flush=True)
 
 
 def print_rows(rows, floor_rate):
@@ -251,6 +274,9 @@ def main():
                         help="a folder holding an earlier tfrecords_tools (e.g. from `git "
                              "archive <commit> tfrecords_tools | tar -x -C DIR`): its 1-worker "
                              "convert is measured beside this one's")
+    parser.add_argument("--repeats", type=int, default=0,
+                        help="with --baseline: also convert with each code this many times, "
+                             "alternately, at the smallest size, and print the medians")
     parser.add_argument("--sample", type=Path, default=None,
                         help="an existing sample-data folder (else one of 2,000 cells is made)")
     parser.add_argument("--work", type=Path, default=None,
