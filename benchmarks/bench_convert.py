@@ -39,6 +39,7 @@ import pandas as pd
 
 from _replicate import replicate
 from _sample import sample_folder
+from tfrecords_tools.stages import OVERLAPPED
 
 CHANNELS = ["DNA", "Tubulin", "Actin"]
 SPLIT_BY = ["Metadata_Plate", "Metadata_Well"]
@@ -177,6 +178,7 @@ def print_stages(ones: dict):
     """One worker's seconds per stage at each size, and per cell."""
     sizes = sorted(ones)
     names = list(dict.fromkeys(n for s in sizes for n in ones[s]["stages"]))
+    names = [n for n in names if n not in OVERLAPPED] + [n for n in names if n in OVERLAPPED]
     print("\nWhere one worker's convert goes (seconds, and us a cell), tfrecords_tools.stages:")
     print(f"{'stage':<12}" + "".join(f"{f'{s} s':>12}{'us/cell':>9}" for s in sizes))
     for name in names + ["(other)", "total"]:
@@ -184,11 +186,14 @@ def print_stages(ones: dict):
         for s in sizes:
             timed = ones[s]["stages"]
             value = ones[s]["seconds"] if name == "total" else \
-                ones[s]["seconds"] - sum(timed.values()) if name == "(other)" else \
-                timed.get(name, 0.0)
+                ones[s]["seconds"] - sum(v for n, v in timed.items() if n not in OVERLAPPED) \
+                if name == "(other)" else timed.get(name, 0.0)
             line += f"{value:>12.2f}{1e6 * value / s:>9.1f}"
         print(line)
     print("(other): imports-free start-up, worker start-up, the parent's bookkeeping.")
+    if any(n in OVERLAPPED for n in names):
+        print("read-ahead: the next field's files read and hashed in a thread, beside the stages "
+              "above (not in the total); \"read\" is then the wait for them and the decoding.")
 
 
 def print_plan(rows, cells: int):

@@ -4,16 +4,18 @@ import gzip
 import hashlib
 import io
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from test_convert import config_for, read_all
-from tfrecords_tools.convert import convert, cut_crop, cut_crops
+from tfrecords_tools.convert import _ReadAhead, convert, cut_crop, cut_crops, fetch
 from tfrecords_tools.features import feature_statistics, merged_quantiles, sorted_part_values
 from tfrecords_tools.records import encode_example, encode_examples
-from tfrecords_tools.stages import STAGES
+from tfrecords_tools.errors import UserInputError
+from tfrecords_tools.stages import OVERLAPPED, STAGES, StageTimer
 from tfrecords_tools.tfrecord_io import TFRecordWriter, frame_records
 
 
@@ -101,7 +103,35 @@ def test_convert_reports_its_stages_and_exact_statistics(cp_folder, tmp_path):
     np.testing.assert_array_equal(stats["median"], expected["median"])
     np.testing.assert_array_equal(stats["mad"], expected["mad"])
     assert stats["median"][0] == pd.Series(train[:, 0].astype(np.float64)).median()
-    assert {"plan", "read", "checksum", "crop", "histogram", "serialize", "write",
-            "statistics"} <= set(timings) <= set(STAGES)
+    assert {"plan", "read", "read-ahead", "checksum", "crop", "histogram", "serialize", "write",
+            "statistics"} <= set(timings) <= set(STAGES) | set(OVERLAPPED)
     assert all(seconds >= 0 for seconds in timings.values())
     assert "compress" not in timings  # uncompressed: nothing was compressed
+
+
+def test_the_read_ahead_gives_each_field_its_own_files_in_order_and_fails_at_its_turn(tmp_path):
+    # Three fields of two files each; the third field's second file is missing. The first two
+    # come out with exactly the bytes and sha256 of their own files, in order, before the
+    # third's turn raises the error naming the missing file.
+    paths = []
+    for k in range(6):
+        path = tmp_path / f"f{k}.bin"
+        path.write_bytes(bytes([k]) * (1000 + k))
+        paths.append(str(path))
+    (tmp_path / "f5.bin").unlink()
+    items = [({"paths": paths[2 * i:2 * i + 2]}, {"i": i}) for i in range(3)]
+    timer = StageTimer()
+    seen = []
+    with _ReadAhead({"table": False}, timer) as ahead:
+        with pytest.raises(UserInputError, match=f"{paths[5]}: cannot be read here"):
+            for fld, batch, fetched in ahead.fields(items):
+                assert list(fetched) == fld["paths"]
+                for path in fld["paths"]:
+                    data, info = fetched[path]
+                    assert data == Path(path).read_bytes()
+                    assert info == {"bytes": len(data),
+                                    "sha256": hashlib.sha256(data).hexdigest()}
+                    assert (data, info) == fetch(path)
+                seen.append(batch["i"])
+    assert seen == [0, 1]
+    assert timer.seconds["read-ahead"] > 0

@@ -22,6 +22,7 @@ draw treatment-balanced batches without reading anything twice.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -257,8 +258,9 @@ def pixel_histogram(crops: np.ndarray, bins: int) -> np.ndarray:
     return hist
 
 
-def read_array(path: str, timer: StageTimer | None = None):
-    """A TIFF or .npy file as an array, read once, with the file's size and sha256."""
+def fetch(path: str, timer: StageTimer | None = None) -> tuple[bytes, dict]:
+    """A file's bytes, with its size and sha256: the part of reading an image that releases the
+    GIL (the file read and the hash), so that _ReadAhead can do it in a thread."""
     timer = timer or StageTimer()
     try:
         with timer.stage("read"), open(path, "rb") as handle:
@@ -268,7 +270,14 @@ def read_array(path: str, timer: StageTimer | None = None):
                              f"{_host()}). Every worker must see the input files at the same "
                              "paths (a shared file system).") from None
     with timer.stage("checksum"):
-        info = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return data, {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_array(path: str, timer: StageTimer | None = None, fetched: tuple | None = None):
+    """A TIFF or .npy file as an array, read once, with the file's size and sha256.
+    `fetched`: what fetch(path) gave, if the file was read already (by _ReadAhead)."""
+    timer = timer or StageTimer()
+    data, info = fetched if fetched is not None else fetch(path, timer)
     try:
         with timer.stage("read"):
             if path.endswith(".npy"):
@@ -310,12 +319,14 @@ def read_field(paths: list[str], illum: list | None = None, scaling: list | None
 
 
 def read_planes(paths: list[str], illum: list | None = None, scaling: list | None = None,
-                rescale: list | None = None, timer: StageTimer | None = None):
-    """read_field's channels as a list of (H, W) planes of one dtype, not stacked."""
+                rescale: list | None = None, timer: StageTimer | None = None,
+                fetched: dict | None = None):
+    """read_field's channels as a list of (H, W) planes of one dtype, not stacked.
+    `fetched`: {path: fetch(path)} for files read already."""
     timer = timer or StageTimer()
-    planes, files = [], {}
+    planes, files, fetched = [], {}, fetched or {}
     for k, path in enumerate(paths):
-        plane, files[path] = read_array(path, timer)
+        plane, files[path] = read_array(path, timer, fetched.get(path))
         with timer.stage("scale"):
             if plane.ndim == 3 and 1 in (plane.shape[0], plane.shape[-1]):
                 plane = np.squeeze(plane)
@@ -402,9 +413,10 @@ def _write_records(task: dict, tmp: Path, timer: StageTimer):
     of a training shard, crop dtype, files read, records, features [n, F], the file's sha256)."""
     files, records, features, crop_dtype = {}, 0, [], None
     hist = _Histogram(timer) if task["split"] == "train" else None
-    with TFRecordWriter(tmp, task["compression"], timer=timer) as writer:
-        for fld, batch in _timed(shard_cells(task), timer, "rows"):
-            crops = _batch_crops(task, fld, batch, files, timer)
+    with TFRecordWriter(tmp, task["compression"], timer=timer) as writer, \
+            _ReadAhead(task, timer) as ahead:
+        for fld, batch, fetched in ahead.fields(_timed(shard_cells(task), timer, "rows")):
+            crops = _batch_crops(task, fld, batch, files, timer, fetched)
             crop_dtype = crop_dtype or crops.dtype
             if crops.dtype != crop_dtype:
                 raise UserInputError(f"{batch['cell_id'][0]}: crop dtype {crops.dtype} differs "
@@ -436,13 +448,62 @@ def _timed(items, timer: StageTimer, name: str):
         yield item
 
 
-def _batch_crops(task: dict, fld: dict, batch: dict, files: dict, timer: StageTimer):
-    """The crops of one field's cells (or of a table's image), [n, size, size, C]."""
+class _ReadAhead:
+    """A shard's fields with their image files (or a table image's crop files) read and hashed
+    one field ahead, in a thread, while the field before is cut, encoded and written.
+
+    File reads and sha256 release the GIL, so on a machine with a core to spare they cost
+    little more than waiting for them; from a network file system the reads overlap the work
+    too. At most two fields' files are held. Results and their order are what reading each
+    field in turn gives; a file that cannot be read raises when its field's turn comes. The
+    thread's own seconds are the stage "read-ahead", outside the wall-clock stages (see
+    tfrecords_tools.stages.OVERLAPPED); "read" is then the wait for the bytes and the decoding.
+    """
+
+    def __init__(self, task: dict, timer: StageTimer):
+        self.task, self.timer = task, timer
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _paths(self, fld: dict, batch: dict) -> list[str]:
+        return list(batch["crop_path"]) if self.task["table"] else list(fld["paths"])
+
+    @staticmethod
+    def _fetch_all(paths: list[str]) -> tuple[dict, float]:
+        start = time.perf_counter()
+        return {path: fetch(path) for path in dict.fromkeys(paths)}, time.perf_counter() - start
+
+    def fields(self, items):
+        """(fld, batch, {path: fetch(path)}) for each (fld, batch) of `items`."""
+        items = iter(items)
+        item = next(items, None)
+        pending = self.pool.submit(self._fetch_all, self._paths(*item)) if item else None
+        while item is not None:
+            following = next(items, None)
+            ahead = (self.pool.submit(self._fetch_all, self._paths(*following))
+                     if following is not None else None)
+            with self.timer.stage("read"):
+                fetched, busy = pending.result()
+            self.timer.add({"read-ahead": busy})
+            yield item[0], item[1], fetched
+            item, pending = following, ahead
+
+
+def _batch_crops(task: dict, fld: dict, batch: dict, files: dict, timer: StageTimer,
+                 fetched: dict | None = None):
+    """The crops of one field's cells (or of a table's image), [n, size, size, C].
+    `fetched`: {path: fetch(path)} of its files, read already."""
     size = task["crop_size"]
+    fetched = fetched or {}
     if task["table"]:
         crops = []
         for path in batch["crop_path"]:
-            raw, files[path] = read_array(path, timer)
+            raw, files[path] = read_array(path, timer, fetched.get(path))
             with timer.stage("crop"):
                 crops.append(fit_table_crop(np.asarray(raw), len(task["channels"]), size, path))
         with timer.stage("crop"):
@@ -453,7 +514,7 @@ def _batch_crops(task: dict, fld: dict, batch: dict, files: dict, timer: StageTi
                                      "of one bit depth.")
             return np.stack(crops)
     planes, fld_files = read_planes(fld["paths"], fld.get("illum"), task.get("scaling"),
-                                    task.get("rescale"), timer)
+                                    task.get("rescale"), timer, fetched)
     files.update(fld_files)
     shapes = {p.shape for p in planes}
     if shapes != {tuple(fld["shape"])}:

@@ -13,6 +13,9 @@ import time
 # In the order a cell meets them; "rows" is a part reading its cells' rows of the plan.
 STAGES = ("plan", "rows", "read", "checksum", "scale", "crop", "histogram", "serialize", "compress",
           "write", "statistics", "finish")
+# Stages a thread runs beside the others (convert's _ReadAhead: the next field's files read and
+# hashed): their seconds are not part of the wall-clock total the STAGES add up to.
+OVERLAPPED = ("read-ahead",)
 
 
 class StageTimer:
