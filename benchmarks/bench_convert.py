@@ -89,8 +89,9 @@ else:
 seconds = time.perf_counter() - start
 peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+import tfrecords_tools
 print(json.dumps({"seconds": seconds, "cells": cells, "peak_gb": peak / 1e6, "stages": stages,
-                  "profile": profile}))
+                  "profile": profile, "code": tfrecords_tools.__file__}))
 """ % {"channels": CHANNELS, "split_by": SPLIT_BY}
 
 
@@ -99,12 +100,16 @@ def measure(kind: str, cp_dir: Path, out: Path, workers: int = 1, cells: int = 0
     """One measurement in a fresh process; `code`: a folder holding another version's
     tfrecords_tools, imported instead of this one."""
     path = ([str(code)] if code else []) + sys.path
-    result = subprocess.run([sys.executable, "-c", CHILD, kind, str(cp_dir), str(out),
+    # -P: not the current folder first on the path, where a checkout would shadow `code`
+    result = subprocess.run([sys.executable, "-P", "-c", CHILD, kind, str(cp_dir), str(out),
                              str(workers), str(cells)], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)))
     if result.returncode:
         raise RuntimeError(result.stderr[-2000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    if code and not Path(measured["code"]).resolve().is_relative_to(Path(code).resolve()):
+        raise RuntimeError(f"the --baseline run imported {measured['code']}, not {code}'s")
+    return measured
 
 
 def measure_size(size, cp_dir, root, args, rows, first: bool) -> dict:
