@@ -55,19 +55,34 @@ def evaluate(model: Path, data: Path, out: Path, args, code: Path | None) -> dic
     return report
 
 
-def differences(a, b, path="") -> list[str]:
-    """The paths at which two reports differ, timing left out."""
+def differences(a, b, path="") -> list[tuple[str, object, object]]:
+    """(path, a's value, b's value) wherever two reports differ, timing left out."""
     if "timing" in path or path.endswith("seconds") or path.endswith("_wall"):
         return []
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b)) for d in
                 (differences(a.get(k), b.get(k), f"{path}/{k}") if k in a and k in b
-                 else [f"{path}/{k}: only in one"])]
+                 else [(f"{path}/{k}", a.get(k), b.get(k))])]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
     same = a == b or (isinstance(a, float) and isinstance(b, float)
                       and math.isnan(a) and math.isnan(b))
-    return [] if same else [f"{path}: {a!r} against {b!r}"]
+    return [] if same else [(path, a, b)]
+
+
+def summary(diffs: list) -> str:
+    """The differing values grouped by their name (the last key of the path), each with its
+    largest relative difference where both are numbers."""
+    groups = {}
+    for path, a, b in diffs:
+        groups.setdefault(path.rsplit("/", 1)[-1].split("[")[0], []).append((a, b))
+    lines = []
+    for name, pairs in groups.items():
+        rel = [abs(a - b) / max(abs(a), abs(b)) for a, b in pairs
+               if isinstance(a, (int, float)) and isinstance(b, (int, float)) and (a or b)]
+        lines.append(f"{name}: {len(pairs)} values" + (f", largest relative difference "
+                                                       f"{max(rel):.1e}" if rel else ""))
+    return "\n  ".join(lines)
 
 
 def main():
@@ -132,7 +147,7 @@ def main():
     for name, k, diffs in found:
         if diffs:
             print(f"\nreport.json of {name}, run {k + 1}: {len(diffs)} values differ from the "
-                  f"first run's, e.g.\n  " + "\n  ".join(diffs[:8]))
+                  f"first run's:\n  {summary(diffs)}")
 
 
 if __name__ == "__main__":
