@@ -104,5 +104,5 @@ def evaluate(model_path, data_dir, out_dir, split, max_cells, reference_cells, t
                    f"median gain {fmt(summary['correlated']['gain'], 2)} with "
                    f"correlated features, {fmt(summary['alone']['gain'], 2)} alone; the lookup "
                    f"{fmt(summary['lookup']['gain'], 2)} (1: as a real cell would re-measure).")
-    click.echo(f"{report['timing']['seconds_per_1000_cells'] / 60:.1f} min per 1,000 cells. "
+    click.echo(f"{report['timing']['seconds']:.0f} s for {report['cells']} cells. "
                f"Tables: {report['out_dir']}/report.md; pictures: {report['out_dir']}/cells.png")

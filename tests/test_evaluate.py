@@ -211,6 +211,8 @@ def test_bad_input(evaluated, disc_run, disc_dataset, cp_folder, tmp_path):
     gain = section["summary"]["correlated"]["gain"]
     assert f"Controllability (2 cells, 1 feature): median gain {gain:.2f} with correlated" \
         in result.output
+    seconds = json.loads((one / "cli" / "report.json").read_text())["timing"]["seconds"]
+    assert f"{seconds:.0f} s for 10 cells. Tables: {one / 'cli'}/report.md" in result.output
 
     # A dataset whose only features are CalculateMath results: nothing cp-measure re-measures.
     cp = tmp_path / "math" / "cp"
