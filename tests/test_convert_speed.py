@@ -135,3 +135,22 @@ def test_the_read_ahead_gives_each_field_its_own_files_in_order_and_fails_at_its
                 seen.append(batch["i"])
     assert seen == [0, 1]
     assert timer.seconds["read-ahead"] > 0
+
+
+def test_a_stage_timed_inside_another_is_taken_out_of_it(monkeypatch):
+    import itertools
+
+    import tfrecords_tools.stages as stages
+
+    clock = itertools.count()  # each reading of the clock one second later
+    monkeypatch.setattr(stages.time, "perf_counter", lambda: float(next(clock)))
+    timer = StageTimer()
+    with timer.stage("outer"):          # 0
+        with timer.stage("inner"):      # 1
+            pass                        # 2: inner took 1
+        with timer.stage("inner"):      # 3
+            pass                        # 4: inner took 1 more
+    # 5: outer took 5, of which 2 inside
+    with timer.stage("outer"):          # 6
+        pass                            # 7
+    assert timer.seconds == {"inner": 2.0, "outer": 4.0}

@@ -1,4 +1,5 @@
-"""Seconds spent in each stage of convert, for benchmarks/bench_convert.py's stage table.
+"""Seconds spent in each stage of convert (benchmarks/bench_convert.py's stage table) and of
+evaluate (report.json's timing).
 
 A part (one shard) times its own stages and returns them in its summary; `convert(...,
 timings={})` adds up the parts' figures with its own (planning, statistics, finishing). Stages
@@ -19,18 +20,25 @@ OVERLAPPED = ("read-ahead",)
 
 
 class StageTimer:
-    """Seconds per stage name, added up over the `with timer.stage(name):` blocks."""
+    """Seconds per stage name, added up over the `with timer.stage(name):` blocks: a stage's own
+    time, a stage timed inside it taken out, so that no second counts twice (evaluate nests its
+    stages; convert's do not nest). One thread's: another thread keeps a timer of its own."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self._inside: list[float] = []  # per open stage, the seconds of the stages inside it
 
     @contextlib.contextmanager
     def stage(self, name: str):
         start = time.perf_counter()
+        self._inside.append(0.0)
         try:
             yield
         finally:
-            self.add({name: time.perf_counter() - start})
+            took = time.perf_counter() - start
+            self.add({name: took - self._inside.pop()})
+            if self._inside:
+                self._inside[-1] += took
 
     def add(self, seconds: dict) -> None:
         for name, value in (seconds or {}).items():

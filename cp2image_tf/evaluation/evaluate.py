@@ -46,7 +46,6 @@ correlations) and remeasured.parquet (every re-measured feature of every picture
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -73,6 +72,7 @@ from tfrecords_tools.manifest import matching_manifest, measured_names, treatmen
 from tfrecords_tools.parts import check_options, client_for
 from tfrecords_tools.reader import (DEFAULT_NORMALIZATION, DEFAULT_SCALING, sample_cells,
                                     stratified_quota)
+from tfrecords_tools.stages import StageTimer
 
 
 def evaluate(model, data, out_dir, split: str = "test", max_cells: int | None = 1000,
@@ -316,7 +316,7 @@ def _timing(watch, measured, found, workers, n) -> dict:
     with `other`), this process's CPU seconds, and the re-measurement's split into segmenting
     and measuring in its workers (CPU seconds summed over them)."""
     elapsed = watch.elapsed()
-    stages = dict(watch.stages)
+    stages = dict(watch.seconds)
     stages["other"] = max(0.0, elapsed - sum(stages.values()))
     return {"seconds": elapsed, "stages": stages, "cpu_seconds": watch.cpu(),
             "measure_seconds": measured["seconds"],
@@ -375,26 +375,13 @@ def ceiling_check(modules: pd.DataFrame) -> dict:
                 "cropped (convert --measured-as, --illum) and the segmentation in report.json.")}
 
 
-class Stopwatch:
-    """Wall seconds since it was made and of named stages (report.json's timing): a stage's
-    own time, without the stages timed inside it, so that the stages never count twice."""
+class Stopwatch(StageTimer):
+    """A StageTimer (each stage's own wall seconds, report.json's timing.stages) that also gives
+    the wall and CPU seconds since it was made."""
 
     def __init__(self):
-        self.started, self.stages, self._inside = time.perf_counter(), {}, []
-        self.cpu_started = time.process_time()
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter()
-        self._inside.append(0.0)
-        try:
-            yield
-        finally:
-            seconds = time.perf_counter() - start
-            nested = self._inside.pop()
-            self.stages[name] = self.stages.get(name, 0.0) + seconds - nested
-            if self._inside:
-                self._inside[-1] += seconds
+        super().__init__()
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
