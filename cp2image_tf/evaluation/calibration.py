@@ -145,7 +145,8 @@ class Probe:
 
     def __init__(self, model, data_dir, cells: int, features: int, seed: int):
         from cp2image_tf.evaluation.controllability import (asked_profiles, choose_features,
-                                                            fast_plan)
+                                                            fast_plan, pick_cells,
+                                                            traversal_origins)
         from cp2image_tf.measuring.remeasure import dataset_segmentation, plan_measurement
         from cp2image_tf.metrics import feature_correlations
         from tfrecords_tools.manifest import matching_manifest, measured_names, treatment_cells
@@ -167,7 +168,9 @@ class Probe:
         self.chosen, _ = choose_features(
             feature_correlations(inputs, self.real_measured)["pearson"], self.channels, features)
         self.columns = [model.feature_names.index(c["feature"]) for c in self.chosen]
-        self.origins = _origins(self.real["raw"], model.median, cells, seed)
+        raw = self.real["raw"]
+        self.origins = traversal_origins(raw, pick_cells(len(raw), cells, seed + 5),
+                                         model.median)
         # [cells, features, STEPS, F]: the correlated way of controllability's traversals.
         self.asked = (asked_profiles(model, data_dir, manifest, self.origins, self.columns,
                                      np.linspace(-SPAN, SPAN, STEPS))[0][:, :, 0]
@@ -205,13 +208,6 @@ class Probe:
 
 def _finite(value):
     return None if value is None or not math.isfinite(value) else round(float(value), 4)
-
-
-def _origins(raw: np.ndarray, median, cells: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed + 5)
-    picks = np.sort(rng.choice(len(raw), min(cells, len(raw)), replace=False))
-    origins = raw[picks].astype(np.float64)
-    return np.where(np.isfinite(origins), origins, median)
 
 
 def _frame(raw, names):

@@ -181,7 +181,7 @@ def controllability_section(model, data, manifest, cells, reference, plan, segme
     channels = measured_names(manifest)
     quick = fast_plan(plan, channels)
     chosen, skipped = choose_features(ceiling_r.reindex(quick.measurable), channels, n_features)
-    picks = _pick_cells(len(cells["raw"]), n_cells, seed)
+    picks = pick_cells(len(cells["raw"]), n_cells, seed + 3)
     if not chosen or not len(picks):
         return {"cells": 0, "features": [], "skipped": skipped,
                 "why": "no feature of the fast modules re-measures well enough on real crops"
@@ -190,8 +190,7 @@ def controllability_section(model, data, manifest, cells, reference, plan, segme
     _say(progress, f"Controllability: {len(picks)} cells x {len(chosen)} features x "
                    f"{steps} steps, correlated and alone.")
     columns = [model.feature_names.index(entry["feature"]) for entry in chosen]
-    origins = cells["raw"][picks].astype(np.float64)
-    origins = np.where(np.isfinite(origins), origins, model.median)
+    origins = traversal_origins(cells["raw"], picks, model.median)
     asked, correlations = asked_profiles(model, data, manifest, origins, columns,
                                           np.linspace(-span, span, steps))
     drawn, inverse, lookup_index = _draw(model, manifest, asked, origins, reference)
@@ -328,10 +327,17 @@ def summarise(scores: list[dict]) -> dict:
     return {"modules": modules, "summary": summary}
 
 
-def _pick_cells(n: int, k: int, seed: int) -> np.ndarray:
-    """k of n test cells, at random (seeded), in order."""
-    rng = np.random.default_rng(seed + 3)
+def pick_cells(n: int, k: int, seed: int) -> np.ndarray:
+    """k of n cells, at random (np.random.default_rng(seed)), in order."""
+    rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n, min(k, n), replace=False)) if k > 0 else np.zeros(0, int)
+
+
+def traversal_origins(raw: np.ndarray, picks: np.ndarray, median) -> np.ndarray:
+    """[cells, F] float64: the picked cells' profiles, where traversals start (a missing value
+    at the training median)."""
+    origins = raw[picks].astype(np.float64)
+    return np.where(np.isfinite(origins), origins, median)
 
 
 def asked_profiles(model, data, manifest, origins, columns, zs) -> tuple[np.ndarray, np.ndarray]:
