@@ -102,11 +102,11 @@ class ExemplarTrainer(CriticTrainer):
         count = min(bank.size, 1024)
         crops = bank.crops[:count].numpy().astype(np.float32)
         features = bank.bank_features().numpy()[:count]
-        names = run.manifest["features"]["names"]
-        roles = plan_measurement(names, measured_names(run.manifest)).objects
+        names, channels = run.manifest["features"]["names"], measured_names(run.manifest)
+        roles = plan_measurement(names, channels).objects
         segmentation, _ = dataset_segmentation(run.manifest, crops, run.config.scaling, roles)
-        channels = measured_names(run.manifest) if self.settings.intensity_readings else ()
-        return fit_geometry(crops, features, names, roles, segmentation, channels)
+        return fit_geometry(crops, features, names, roles, segmentation,
+                            channels if self.settings.intensity_readings else ())
 
     def judge_rounds(self, run):
         if not self.config.judge_rounds:
